@@ -1,0 +1,372 @@
+"""The one typed config tree of a bigtrain run.
+
+A run is configured by an optional YAML file plus dotted ``key=value`` overrides from the command
+line (``train.max_steps=50 lora.targets=[q_proj,k_proj]``). Every field is declared here with its
+type and meaning; unknown keys and values of the wrong type are errors that name the key, raised
+before any process group or model is built. The resolved tree is written next to every run's
+outputs as ``config.yaml`` (secrets such as a W&B key are never part of it: they come from the
+environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny-opt"
+    """Built-in architecture (see ``bigtrain presets``); ignored when ``path`` is set."""
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint directory (config.json + safetensors, possibly sharded)."""
+    dtype: str = "float32"
+    """Storage dtype of the frozen base: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa or eager."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer in backward (keeps only layer inputs)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; default: ``path`` if it holds one, else the built-in byte-level BPE."""
+
+    def validate(self, p: str) -> None:
+        _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice(p + ".attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if self.path is not None and not Path(self.path).is_dir():
+            raise ConfigError(f"{p}.path: {self.path!r} is not a directory")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    """Rank of the update BA (paper: 1..8; GPT-3 175B used 4)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (not on the frozen path)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module-name suffixes to adapt (paper: W_q, W_v), or ["all-linear"]."""
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)."""
+    dtype: str = "float32"
+    """Adapter weights and their Adam state; kept fp32 while the base may be bf16."""
+
+    def validate(self, p: str) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"{p}.r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"{p}.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{p}.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError(f"{p}.targets is empty: name at least one module, or all-linear")
+        _choice(p + ".dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin:e2e"
+    """jsonl file ({prompt, completion} or {text}), a saved `datasets` directory, or builtin:e2e."""
+    eval: Optional[str] = "builtin:e2e-eval"
+    """Held-out set in the same forms; null disables eval."""
+    max_length: int = 128
+    """Tokens per example (or per packed row); longer examples are truncated from the left of
+    the prompt, keeping the completion."""
+    pack: bool = False
+    """Concatenate examples into rows of exactly max_length tokens."""
+    on_bad_line: str = "error"
+    """error: stop naming file and line; skip: drop it and count it."""
+    num_proc: int = 1
+    """Processes for tokenisation."""
+
+    def validate(self, p: str) -> None:
+        if self.max_length < 8:
+            raise ConfigError(f"{p}.max_length must be >= 8, got {self.max_length}")
+        _choice(p + ".on_bad_line", self.on_bad_line, ("error", "skip"))
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    """Everything of the run goes here: config.yaml, checkpoints/, logs."""
+    seed: int = 0
+    max_steps: int = 300
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Examples per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum * world."""
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20
+    schedule: str = "cosine"
+    """cosine, linear or constant decay after warm-up."""
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    """Clip the global adapter gradient norm; 0 disables."""
+    precision: str = "auto"
+    """auto (bf16 autocast on a bf16-capable GPU, fp32 on CPU), bf16 or fp32."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    max_bad_steps: int = 10
+    """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
+
+    def validate(self, p: str) -> None:
+        for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"{p}.{k} must be > 0, got {getattr(self, k)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{p}.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{p}.betas must be two numbers in [0, 1), got {self.betas}")
+        _choice(p + ".schedule", self.schedule, ("cosine", "linear", "constant"))
+        _choice(p + ".precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice(p + ".device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 3
+    """3: the frozen base is partitioned with DeepSpeed ZeRO-3 over all ranks; 0: every rank holds
+    the whole base (plain PyTorch, no DeepSpeed). Adapters are replicated either way."""
+    ds_config: Optional[str] = None
+    """A DeepSpeed JSON config of your own (see ds_configs/); bigtrain fills in what it owns."""
+    leaf_blocks: bool = True
+    """Gather whole decoder layers as one ZeRO-3 fetch unit (fewer, larger all-gathers)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    timeout_s: int = 600
+    """Collective timeout: a dead rank makes the others fail after this, never hang."""
+    persistence_threshold: int = 100000
+    """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
+    stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory."""
+
+    def validate(self, p: str) -> None:
+        _choice(p + ".stage", self.stage, (0, 3))
+        _choice(p + ".backend", self.backend, ("auto", "nccl", "gloo"))
+        if self.ds_config is not None and not Path(self.ds_config).is_file():
+            raise ConfigError(f"{p}.ds_config: no such file {self.ds_config!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100
+    """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
+    keep: int = 2
+    """Checkpoints kept (>= 2, so one good checkpoint survives a crash during a save)."""
+    resume: str = "auto"
+    """auto: resume from output_dir's latest good checkpoint if any; never; or a checkpoint path."""
+    force_base_mismatch: bool = False
+    """Resume even if the base model's fingerprint differs from the checkpoint's."""
+
+    def validate(self, p: str) -> None:
+        if self.every < 0:
+            raise ConfigError(f"{p}.every must be >= 0, got {self.every}")
+        if self.keep < 2:
+            raise ConfigError(f"{p}.keep must be >= 2 (one good checkpoint must survive a crash "
+                              f"during a save), got {self.keep}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    """Log to Weights & Biases (online if WANDB_API_KEY is set, else offline into output_dir)."""
+    wandb_project: str = "bigtrain"
+    wandb_run_name: Optional[str] = None
+    wandb_tags: list[str] = field(default_factory=list)
+    wandb_mode: str = "auto"
+    """auto, online, offline or disabled."""
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+    def validate(self, p: str) -> None:
+        _choice(p + ".wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from a dict, a YAML file and dotted overrides, with typed checks.
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats. Names ``key`` on error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_tname(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        (elem,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", elem, v) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the types above are declared
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_tname(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _tname(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_tname(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list of {_tname(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key {where!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name], key)
+        else:
+            kwargs[f.name] = _coerce(key, tp, data[f.name])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", value) with value parsed as YAML (so 3, 1e-4, true, [a,b], null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                validate: bool = True) -> Config:
+    """YAML file (optional) + ``key=value`` overrides -> validated Config."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
+    for o in overrides:
+        k, v = parse_override(o)
+        _set_dotted(tree, k, v)
+    cfg = _build(Config, tree, "")
+    return cfg.validate() if validate else cfg
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field: the config reference in the README and
+    ``bigtrain train --help`` are generated from this, so they cannot drift from the code."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    try:  # attribute docstrings: a string literal right after the field
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+    except (OSError, TypeError):
+        pass
+    rows = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, key)
+        else:
+            rows.append((key, _tname(tp), repr(getattr(inst, f.name)), docs.get(f.name, "")))
+    return rows

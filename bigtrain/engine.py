@@ -1,0 +1,408 @@
+"""The only module that touches DeepSpeed: a ZeRO-3-partitioned frozen base, replicated adapters.
+
+Design (REFERENCE §4):
+
+* The frozen base is built under ``deepspeed.zero.Init`` (through ``HfDeepSpeedConfig``, which makes
+  ``transformers`` initialise weights on the full tensors before partitioning them), so no rank ever
+  holds the whole model. A local checkpoint is then read *partition by partition*: each rank reads
+  from the safetensors files only the byte range of each tensor that it owns.
+* ``DeepSpeedZeRoOffload`` alone (not ``deepspeed.initialize``) installs ZeRO-3's fetch/release hooks
+  on the base. It needs no optimizer: backward is a plain ``loss.backward()``. Frozen parameters get no
+  gradient, no fp32 master and no Adam state.
+* The adapters are never handed to DeepSpeed. They are ordinary tensors, identical on every rank:
+  broadcast once from rank 0, their gradients summed with one flat all-reduce per optimizer step,
+  then stepped by a local torch AdamW. ZeRO-3 would otherwise partition them and their Adam state and
+  re-gather them after every step (it has no per-module opt-out, DeepSpeed #7271).
+* ``zero.stage=0`` keeps the whole base on every rank with plain PyTorch (no DeepSpeed import): the
+  reference the ZeRO-3 path is tested against. Both run the same training loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import ConfigError, ZeroConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Keys of the DeepSpeed config that bigtrain owns and fills in (a user file's values are replaced,
+# and the replacement is reported).
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+              "bf16", "fp16", "zero_optimization.stage")
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for n in names:
+        if os.environ.get(n, "") != "":
+            return int(os.environ[n])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def detect_world() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun / deepspeed launcher variables, else Slurm's
+    (one task per process started by ``srun``), else a single process."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                _env_int("LOCAL_RANK", default=0))
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                _env_int("SLURM_LOCALID", default=0))
+    return 0, 1, 0
+
+
+class Engine:
+    """Process group, frozen base and adapter collectives for one run."""
+
+    def __init__(self, zero: ZeroConfig, device: str = "auto", micro_batch_size: int = 1,
+                 grad_accum: int = 1):
+        self.zero = zero
+        self.stage = zero.stage
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum = grad_accum
+        self._ds_hf_config = None  # HfDeepSpeedConfig must stay referenced while models are built
+        self._offload = None
+        self.ds_config: dict | None = None
+        self.ds_config_notes: list[str] = []
+        self.info = self._init_distributed(device)
+
+    # -- process group ---------------------------------------------------------------------------
+    def _init_distributed(self, device_pref: str) -> DistInfo:
+        rank, world, local_rank = detect_world()
+        if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device: 'cuda' requested but no CUDA device is visible")
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        backend = self.zero.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1 or self.stage == 3:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                if world > 1:
+                    raise ConfigError("MASTER_PORT is not set: start multi-process runs with torchrun, "
+                                      "the deepspeed launcher or the scripts in slurm/")
+                os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+            timeout = datetime.timedelta(seconds=self.zero.timeout_s)
+            if not dist.is_initialized():
+                if self.stage == 3:
+                    import deepspeed
+
+                    deepspeed.init_distributed(dist_backend=backend, timeout=timeout,
+                                               rank=rank, world_size=world, verbose=False)
+                else:
+                    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                            timeout=timeout)
+        return DistInfo(rank, world, local_rank, device)
+
+    def close(self) -> None:
+        if self._offload is not None:
+            self._offload.destroy()
+            self._offload = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- DeepSpeed config ------------------------------------------------------------------------
+    def build_ds_config(self, base_dtype: torch.dtype) -> dict:
+        """Defaults <- the user's JSON (zero.ds_config) <- the keys bigtrain owns."""
+        ds: dict = {"zero_optimization": {"stage": 3,
+                                          "stage3_param_persistence_threshold": self.zero.persistence_threshold}}
+        notes = []
+        if self.zero.ds_config:
+            try:
+                user = json.loads(Path(self.zero.ds_config).read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"zero.ds_config: {self.zero.ds_config} is not valid JSON "
+                                  f"(line {e.lineno}): {e.msg}") from None
+            zo = user.get("zero_optimization", {})
+            if zo.get("stage", 3) != 3:
+                raise ConfigError(f"zero.ds_config: {self.zero.ds_config} sets zero_optimization.stage="
+                                  f"{zo.get('stage')}; bigtrain partitions the frozen base with stage 3")
+            ds.update({k: v for k, v in user.items() if k != "zero_optimization"})
+            ds["zero_optimization"].update(zo)
+            if "optimizer" in user or "scheduler" in user:
+                notes.append("optimizer/scheduler in the DeepSpeed config are ignored: the adapters "
+                             "are stepped by bigtrain's AdamW (train.lr, train.schedule)")
+        owned = {"train_micro_batch_size_per_gpu": self.micro_batch_size,
+                 "gradient_accumulation_steps": self.grad_accum,
+                 "train_batch_size": self.micro_batch_size * self.grad_accum * self.info.world_size,
+                 "bf16": {"enabled": base_dtype == torch.bfloat16},
+                 "fp16": {"enabled": base_dtype == torch.float16}}
+        for k, v in owned.items():
+            if k in ds and ds[k] != v:
+                notes.append(f"{k}: {ds[k]!r} in {self.zero.ds_config} replaced by {v!r} (from bigtrain's config)")
+            ds[k] = v
+        ds["zero_optimization"]["stage"] = 3
+        self.ds_config, self.ds_config_notes = ds, notes
+        return ds
+
+    # -- the frozen base -------------------------------------------------------------------------
+    def build_base(self, hf_config=None, path: str | None = None, dtype: str = "float32",
+                   attn_implementation: str = "sdpa") -> nn.Module:
+        """The causal LM, frozen, on this rank's device: whole (stage 0) or partitioned (stage 3).
+        From ``hf_config`` (random init) or from a local checkpoint directory ``path``."""
+        import transformers as tf
+
+        torch_dtype = DTYPES[dtype]
+        if path is not None:
+            hf_config = tf.AutoConfig.from_pretrained(path)
+        if self.stage == 0:
+            if path is not None:
+                model = tf.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch_dtype, attn_implementation=attn_implementation)
+            else:
+                model = tf.AutoModelForCausalLM.from_config(
+                    hf_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+            model.to(self.info.device)
+        else:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            ds = self.build_ds_config(torch_dtype)
+            self._ds_hf_config = HfDeepSpeedConfig(ds)  # before from_config: zero.Init + proper init
+            model = tf.AutoModelForCausalLM.from_config(
+                hf_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+            if path is not None:
+                load_partitions(model, path, self.info.rank)
+            self._install_offload(model, ds)
+        model.requires_grad_(False)
+        model.eval()  # no dropout in the frozen base; LoRA dropout is the adapters' own
+        return model
+
+    def _install_offload(self, model: nn.Module, ds: dict) -> None:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+        from deepspeed.utils import groups
+
+        zc = DeepSpeedZeroConfig(**ds["zero_optimization"])
+        if self.zero.leaf_blocks:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            classes = decoder_layer_classes(model)
+            if classes:
+                set_z3_leaf_modules(model, classes)
+        param_group = None
+        if zc.zero_hpz_partition_size > 1:
+            groups._create_zero_param_parallel_group(zc.zero_hpz_partition_size)
+            param_group = groups._get_zero_param_intra_parallel_group()
+        self._offload = DeepSpeedZeRoOffload(
+            model, timers=None, ds_config=ds, overlap_comm=zc.overlap_comm,
+            prefetch_bucket_size=zc.prefetch_bucket_size, max_reuse_distance=zc.max_reuse_distance,
+            max_live_parameters=zc.max_live_parameters,
+            param_persistence_threshold=zc.param_persistence_threshold,
+            model_persistence_threshold=zc.model_persistence_threshold,
+            offload_param_config=zc.offload_param, zero_param_parallel_group=param_group,
+            zero_quantized_weights=zc.zero_quantized_weights,
+            zero_quantized_nontrainable_weights=zc.zero_quantized_nontrainable_weights,
+            zero_module_granularity_threshold=zc.module_granularity_threshold)
+
+    def after_backward(self) -> None:
+        """Return every ZeRO-3 parameter gathered for this step to its partition."""
+        if self._offload is not None:
+            self._offload.release_backward_leftovers()
+
+    # -- gathering (merge, export, tests) --------------------------------------------------------
+    def gather(self, params, modify: bool = False):
+        """Context in which ``params`` are whole on every rank; with ``modify``, changes made on
+        rank 0 are written back to the partitions. A no-op at stage 0."""
+        if self.stage == 0:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    def full_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """A CPU copy of the whole parameter."""
+        with self.gather(p):
+            return p.detach().to("cpu", copy=True)
+
+    # -- per-rank storage ------------------------------------------------------------------------
+    @staticmethod
+    def local_param_bytes(model: nn.Module) -> int:
+        """Bytes of base-parameter storage held by this rank (the partition under ZeRO-3; the whole
+        tensor too while a parameter is gathered, as persistent ones stay)."""
+        total, seen = 0, set()
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor while gathered/persistent
+                total += (p.ds_tensor.numel() + p.data.numel()) * p.ds_tensor.element_size()
+            else:
+                total += p.numel() * p.element_size()
+        return total
+
+    # -- collectives on replicated tensors -------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.info.world_size > 1
+
+    def broadcast_(self, tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Make ``tensors`` identical on every rank (rank ``src``'s values), flattened into one call."""
+        if not self.distributed:
+            return
+        tensors = list(tensors)
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        dist.broadcast(flat, src)
+        self._unflatten_into(flat, tensors)
+
+    def all_reduce_sum_(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Sum ``tensors`` over ranks in place with one flat all-reduce (fp32)."""
+        if not self.distributed:
+            return
+        tensors = list(tensors)
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        self._unflatten_into(flat, tensors)
+
+    @staticmethod
+    def _unflatten_into(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        off = 0
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[off:off + n].view_as(t))
+                off += n
+
+    def all_reduce_scalars(self, values: list[float], op: str = "sum") -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                               "min": dist.ReduceOp.MIN}[op])
+        return t.tolist()
+
+    def all_gather_objects(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.info.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _comm_device(self) -> torch.device:
+        return self.info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def decoder_layer_classes(model: nn.Module) -> list[type]:
+    """The transformer-block classes of a ``transformers`` model (its ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    seen: dict[str, type] = {}
+    for m in model.modules():
+        if type(m).__name__ in names:
+            seen[type(m).__name__] = type(m)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a checkpoint straight into ZeRO-3 partitions.
+
+
+def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
+    """tensor name -> safetensors file of a local HF checkpoint (single file or sharded with an
+    index). Errors name the directory and what is missing."""
+    d = Path(path)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        return {k: d / f for k, f in weight_map.items()}
+    single = d / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {k: single for k in f.keys()}
+    raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json "
+                            "(bigtrain loads safetensors checkpoints only; convert .bin with save_pretrained)")
+
+
+def _resolve_key(name: str, available: dict) -> str | None:
+    if name in available:
+        return name
+    # A base-model checkpoint (no LM head wrapper) or a wrapper around one: try one prefix off/on.
+    head, _, rest = name.partition(".")
+    if rest in available:
+        return rest
+    for prefix in ("model.", "transformer."):
+        if prefix + name in available:
+            return prefix + name
+    return None
+
+
+@torch.no_grad()
+def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int) -> int:
+    """Fill each ZeRO-3 parameter's local partition from the checkpoint at ``path``, reading only
+    the rows of each tensor that cover this rank's slice of the flattened tensor. Returns the number
+    of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once."""
+    from safetensors import safe_open
+
+    files = checkpoint_files(path)
+    handles: dict[Path, object] = {}
+    read = 0
+    with contextlib.ExitStack() as stack:
+        for name, p in model.named_parameters():
+            key = _resolve_key(name, files)
+            if key is None:
+                raise KeyError(f"{path}: parameter {name!r} is not in the checkpoint")
+            f = files[key]
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(str(f), "pt"))
+            sl = handles[f].get_slice(key)
+            shape = tuple(sl.get_shape())
+            want = tuple(p.ds_shape)
+            if shape != want:
+                raise ValueError(f"{f.name}: tensor {key!r} has shape {shape}, the model expects {want}")
+            numel = p.ds_numel
+            part = p.ds_tensor.numel()
+            prank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else rank
+            start, end = part * prank, min(part * (prank + 1), numel)
+            local = p.ds_tensor.data.view(-1)
+            local.zero_()  # padding past the end of the tensor
+            if start >= numel:
+                continue
+            row = 1
+            for s in shape[1:]:
+                row *= s
+            r0, r1 = start // row, -(-end // row)
+            chunk = sl[r0:r1].reshape(-1)[start - r0 * row:end - r0 * row]
+            local[:end - start].copy_(chunk.to(local.dtype))
+            read += chunk.numel()
+    return read

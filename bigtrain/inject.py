@@ -1,0 +1,73 @@
+"""Find the modules LoRA adapts in a ``transformers`` model, freeze the base, attach adapters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora import LoRAModel, is_conv1d
+
+ALL_LINEAR = "all-linear"
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """The LM head (never adapted by all-linear, as in PEFT: it is tied to the embeddings in many
+    models and maps to the vocabulary, not between hidden states)."""
+    names = set()
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get else None
+    for name, m in model.named_modules():
+        if m is head or name.split(".")[-1] in ("lm_head", "embed_out"):
+            names.add(name)
+    return names
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """Modules whose dotted name equals a target or ends with ``.<target>``. ``all-linear`` picks every
+    linear layer except the output head. A target that matches nothing is an error that lists the
+    linear-layer names the model does have."""
+    linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
+    if targets == [ALL_LINEAR]:
+        heads = output_layer_names(model)
+        found = {n: m for n, m in linear.items() if n not in heads}
+    else:
+        if ALL_LINEAR in targets:
+            raise ValueError(f"lora.targets: {ALL_LINEAR!r} cannot be combined with other names")
+        found, unmatched = {}, []
+        for t in targets:
+            hits = {n: m for n, m in linear.items() if n == t or n.endswith("." + t)}
+            if not hits:
+                unmatched.append(t)
+            found.update(hits)
+        if unmatched:
+            avail = sorted({n.split(".")[-1] for n in linear})
+            raise ValueError(f"lora.targets: {', '.join(map(repr, unmatched))} matched no linear layer of "
+                             f"{type(model).__name__}; its linear layers are named: {', '.join(avail)}")
+    # keep the model's own order
+    return {n: found[n] for n in linear if n in found}
+
+
+def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float = 0.0,
+                rslora: bool = False, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> LoRAModel:
+    """Freeze every base parameter and attach adapters to the targets. The adapters live in the
+    returned :class:`LoRAModel`, not in ``model``."""
+    model.requires_grad_(False)
+    return LoRAModel(find_targets(model, targets), r, alpha, dropout, rslora, dtype, device)
+
+
+def parameter_report(model: nn.Module, lora: LoRAModel) -> dict:
+    """Trainable (adapter) and total parameter counts; the base counted from ZeRO-3's full shapes
+    when partitioned, tied weights once."""
+    base, seen = 0, set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            base += getattr(p, "ds_numel", p.numel())
+    trainable = lora.num_parameters()
+    return {"trainable": trainable, "base": base, "total": base + trainable,
+            "trainable_pct": 100.0 * trainable / (base + trainable)}

@@ -239,7 +239,8 @@ class _Tokenize:
         self.eos = tokenizer.eos_token_id
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return self.tok(texts, add_special_tokens=False, return_attention_mask=False,
+                        verbose=False)["input_ids"]
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         if "prompt" in batch:

@@ -133,6 +133,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    stop_at_step: Optional[int] = None
+    """Save and stop after this step as a preemption would, keeping the schedule of max_steps
+    (time-boxed jobs; a rerun resumes)."""
     max_bad_steps: int = 10
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import socket
@@ -30,10 +31,10 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
-from .inject import inject_lora, parameter_report
+from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
-from .presets import hf_config_for
+from .presets import hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
 
 
@@ -69,13 +70,24 @@ def lr_lambda(cfg, step: int) -> float:
 
 def train(cfg: Config) -> dict:
     t = cfg.train
+    # -- 0. everything that can fail on bad input, before any process group or model exists --------
+    model_path = cfg.model.local_path
+    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
+    hf_config = _hf_config(cfg, model_path, len(tokenizer))
+    try:
+        find_targets(meta_model(hf_config), cfg.lora.targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    train_ds, train_stats = load_examples(cfg.data.train, tokenizer, cfg.data)
+    eval_ds = load_examples(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.data.eval else None
+
     # -- 1. process group and frozen base --------------------------------------------------------
     engine = Engine(cfg.zero, t.device, t.micro_batch_size, t.grad_accum)
     info, dev = engine.info, engine.info.device
     out_dir = Path(t.output_dir)
     ckpt_root = out_dir / "checkpoints"
     say = print if info.is_main else (lambda *a, **k: None)
-    host = __import__("os").environ.get("SLURMD_NODENAME") or socket.gethostname()
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {host} device {dev}", flush=True)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,19 +95,10 @@ def train(cfg: Config) -> dict:
         for name in ckpt.clean_partial(ckpt_root):
             say(f"[bigtrain] removed {name}: left by a save that did not finish")
     engine.barrier()
+    say(f"[bigtrain] train data {cfg.data.train}: {train_stats['examples']} examples, "
+        f"{train_stats.get('skipped', 0)} skipped, {train_stats.get('truncated', 0)} truncated")
 
     set_seed(t.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(cfg.model.local_path))
-    model_path = cfg.model.local_path
-    if model_path:
-        import transformers as tf
-
-        hf_config = tf.AutoConfig.from_pretrained(model_path)
-    else:
-        hf_config = hf_config_for(cfg.model.preset, vocab_size=len(tokenizer))
-    if len(tokenizer) > hf_config.vocab_size:
-        raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, more than the model's vocab_size "
-                          f"{hf_config.vocab_size}; use the model's own tokenizer")
     model = engine.build_base(hf_config, model_path, cfg.model.dtype, cfg.model.attn_implementation)
     for note in engine.ds_config_notes:
         say(f"[bigtrain] DeepSpeed config: {note}")
@@ -120,10 +123,6 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
 
     # -- 3. data and resume ----------------------------------------------------------------------
-    train_ds, train_stats = load_examples(cfg.data.train, tokenizer, cfg.data)
-    eval_ds = load_examples(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.data.eval else None
-    say(f"[bigtrain] train data {cfg.data.train}: {train_stats['examples']} examples, "
-        f"{train_stats.get('skipped', 0)} skipped, {train_stats.get('truncated', 0)} truncated")
     sampler = GlobalSampler(len(train_ds), t.seed)
     global_batch = t.micro_batch_size * t.grad_accum * info.world_size
     pad_id = tokenizer.pad_token_id
@@ -194,7 +193,7 @@ def train(cfg: Config) -> dict:
         for p, g in zip(params, grads):
             p.grad = g
         step_loss = extras[0].item() / max(global_targets, 1)
-        stop_requested = extras[1].item() > 0
+        stop_requested = extras[1].item() > 0 or state["step"] + 1 == t.stop_at_step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         state["position"] += global_batch
         state["tokens"] += int(global_tokens)
@@ -243,7 +242,7 @@ def train(cfg: Config) -> dict:
             bar.close()
             if info.is_main:
                 (out_dir / "preempted").write_text(f"{step}\n")
-            say(f"[bigtrain] preempted (signal received): saved step {step}; rerun the same command to resume")
+            say(f"[bigtrain] stopped early ({'signal' if preempt.signum else 'train.stop_at_step'}): saved step {step}; rerun the same command to resume")
             loggers.close()
             engine.close()
             return {"step": step, "preempted": True, "checkpoint": str(last_save)}
@@ -315,6 +314,19 @@ def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
     choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
     choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
     return Path(choice) if choice else None
+
+
+def _hf_config(cfg: Config, model_path: str | None, vocab: int):
+    if model_path:
+        import transformers as tf
+
+        hf_config = tf.AutoConfig.from_pretrained(model_path)
+    else:
+        hf_config = hf_config_for(cfg.model.preset, vocab_size=vocab)
+    if vocab > hf_config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {vocab} tokens, more than the model's vocab_size "
+                          f"{hf_config.vocab_size}; use the model's own tokenizer")
+    return hf_config
 
 
 def _tokenizer_dir(model_path: str | None) -> str | None:

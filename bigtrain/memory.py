@@ -353,7 +353,9 @@ def _components_lora(shape: ModelShape, st: Setup) -> dict:
     if st.lora_stage == 3:
         if st.offload_param:
             c["frozen_weights"] = 0
-        if N > 1 or st.offload_param:  # world 1 without offload: every partition is the whole tensor
+        # the gathered fetch unit is a separate allocation even with one rank (DeepSpeed all-gathers
+        # into a new buffer; it has no single-rank shortcut)
+        if True:
             unit = shape.layer_params or shape.largest_module_params
             buffers += DTYPE_BYTES[st.dtype] * (unit + min(unit, PREFETCH_BUCKET))
     if N > 1:

@@ -211,3 +211,17 @@ def test_local_config_directory(tmp_path):
     e = estimate(str(tmp_path), Setup(world_size=2, seq_len=64))
     assert e["lora_params"] == 2 * 4 * (64 + 64) * 2
     assert math.isfinite(e["ratio_job"]) and e["ratio_job"] > 1
+
+
+def test_bench_smoke_cpu(tmp_path):
+    """bench/memory_gpu.py runs end to end on CPU with a tiny preset (nothing is measured on CPU)."""
+    out = tmp_path / "mem"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_gpu.py"), "--device", "cpu",
+                        "--presets", "tiny-opt", "--seq-len", "32", "--steps", "1", "--checkpointing", "on",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "mem.json").read_text())["rows"]
+    assert [(x["mode"], x["checkpointing"]) for x in rows] == [("full", True), ("lora", True)]
+    for x in rows:
+        assert x["predicted_bytes"] > 0 and math.isfinite(x["loss"]) and x["measured_bytes"] is None
+    assert "| tiny-opt |" in (tmp_path / "mem.md").read_text()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bigtrain.memory import GiB, Setup, model_shape, per_gpu  # noqa: E402
+from bigtrain.memory import GiB, Setup, model_shape, peak_bytes, per_gpu  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
 
 LORA_R, LORA_ALPHA, TARGETS = 8, 16.0, ("q_proj", "v_proj")
@@ -115,7 +115,7 @@ def run_one(preset: str, mode: str, checkpointing: bool, args, device: torch.dev
     shape = model_shape(preset)
     st = setup_for(mode, args, checkpointing)
     pred = per_gpu(shape, st, mode)
-    predicted = sum(pred.values())
+    predicted = peak_bytes(pred, st, mode)
     return {"preset": preset, "mode": mode, "checkpointing": checkpointing, "seq_len": args.seq_len,
             "micro_batch": args.micro_batch, "params": shape.total_params,
             "predicted_bytes": predicted, "predicted": pred, "measured_bytes": measured,

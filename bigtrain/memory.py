@@ -303,17 +303,13 @@ class Setup:
 
 def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int) -> int:
     """One decoder layer's stored activations without recomputation: 34·s·b·h (bf16, sdpa; scaled by
-    act/2 for other widths) plus, with LoRA, per adapted matrix its input copy and r-dim output."""
-    h = shape.hidden
-    base = 34 * s * b * h * act // 2
-    extra = 0
-    if lora:
-        per_layer = [v for n, v in lora.items()]
-        nl = max(shape.layers, 1)
-        for d_in, _ in per_layer:
-            extra += act * s * b * (d_in + r)
-        extra //= nl
-    return base + extra
+    act/2 for other widths) plus, with LoRA, per adapted matrix its input copy (act·s·b·d_in) and its
+    r-dim intermediate (act·s·b·r), averaged over the layers."""
+    base = 34 * s * b * shape.hidden * act // 2
+    if not lora:
+        return base
+    extra = sum(act * s * b * (d_in + r) for d_in, _ in lora.values())
+    return base + extra // max(shape.layers, 1)
 
 
 def _components_full(shape: ModelShape, st: Setup) -> dict:
@@ -357,11 +353,10 @@ def _components_lora(shape: ModelShape, st: Setup) -> dict:
     if st.lora_stage == 3:
         if st.offload_param:
             c["frozen_weights"] = 0
-        # the gathered fetch unit is a separate allocation even with one rank (DeepSpeed all-gathers
-        # into a new buffer; it has no single-rank shortcut)
-        if True:
-            unit = shape.layer_params or shape.largest_module_params
-            buffers += DTYPE_BYTES[st.dtype] * (unit + min(unit, PREFETCH_BUCKET))
+        # the gathered fetch unit (a decoder layer) is a separate allocation even with one rank:
+        # DeepSpeed all-gathers into a new buffer and has no single-rank shortcut
+        unit = shape.layer_params or shape.largest_module_params
+        buffers += DTYPE_BYTES[st.dtype] * (unit + min(unit, PREFETCH_BUCKET))
     if N > 1:
         buffers += pred["trainable_weights"]  # the flat fp32 all-reduce of the adapter gradients
     c["zero_buffers"] = buffers
@@ -506,7 +501,9 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
 
     * accelerate: ``calculate_maximum_sizes`` on the meta model (fp32 sizes), then
       ``estimate_training_usage(bytes=16-bit size, "float16")``: whole-job totals for full fine-tuning
-      at batch 1, with no notion of LoRA, sharding or activations.
+      at batch 1, with no notion of LoRA, sharding or activations (model 2Ψ, gradients 3Ψ, optimizer
+      and step 4Ψ). The ``accelerate estimate-memory`` command (which needs the Hub) passes the fp32
+      size to the same function, so its float16 row says 8Ψ (1.40 TB for 175B): ``cli_float16_row_peak``.
     * DeepSpeed: ``estimate_zero3_model_states_mem_needs_all_live`` prints and returns nothing, and its
       ``model_to_params`` de-duplicates parameters by ``data_ptr()``, which is 0 for every meta tensor
       (it then sees only one parameter). We run it for real and report what it printed, then call the
@@ -530,9 +527,12 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
 
         total_size, largest = calculate_maximum_sizes(mm)  # bytes, in the meta model's fp32
         sizes = estimate_training_usage(total_size // 2, "float16")
+        # the `accelerate estimate-memory` command itself passes the fp32 size for every dtype row
+        cli = estimate_training_usage(total_size, "float16")
         out["accelerate"] = {"ran": True, "model_bytes_fp32": int(total_size),
                              "params_counted": int(total_size // 4), **{k: int(v) for k, v in sizes.items()},
                              "peak": int(max(sizes.values())),
+                             "cli_float16_row_peak": int(max(cli.values())),
                              "note": "whole job, full fine-tuning, no sharding/LoRA/activations"}
     except Exception as e:  # pragma: no cover - depends on the installed accelerate
         out["accelerate"] = {"ran": False, "error": repr(e)}
@@ -626,6 +626,8 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
             lines.append(f"  accelerate estimate_training_usage (fp16, whole job, batch 1): model {_gb(a['model'])}, "
                          f"gradients {_gb(a['gradients'])}, optimizer {_gb(a['optimizer'])}, step "
                          f"{_gb(a['step'])} GB; no LoRA, no sharding, no activations")
+            lines.append(f"    (the `accelerate estimate-memory` command passes the fp32 size: its float16 row "
+                         f"says {_gb(a['cli_float16_row_peak'])} GB)")
         else:
             lines.append(f"  accelerate: could not run ({a.get('error')})")
         lines.append(f"  DeepSpeed estimate_zero3_model_states_mem_needs ({d.get('formula')}): "

@@ -227,6 +227,14 @@ class Engine:
             zero_quantized_nontrainable_weights=zc.zero_quantized_nontrainable_weights,
             zero_module_granularity_threshold=zc.module_granularity_threshold)
 
+    @property
+    def persistence_threshold(self) -> int:
+        """The effective stage3_param_persistence_threshold (a user DeepSpeed config may set it)."""
+        if self.ds_config is not None:
+            return int(self.ds_config["zero_optimization"].get("stage3_param_persistence_threshold",
+                                                               self.zero.persistence_threshold))
+        return self.zero.persistence_threshold
+
     def after_backward(self) -> None:
         """Return every ZeRO-3 parameter gathered for this step to its partition."""
         if self._offload is not None:

@@ -4,6 +4,7 @@ GPT-3 shapes come from Brown et al. 2020, Table 2.1 (context 2048, FFN 4·d_mode
 50257). They are carried by ``transformers``' OPT architecture: OPT (Zhang et al. 2022) reproduces
 GPT-3's shapes with separate q/k/v/out projections, which is what LoRA on W_q, W_v needs.
 The 13B row uses d_model 5120 (the paper prints 5140; 5120 = 40 heads × 128 is the real width).
+The XL row uses 16 heads: the table's 24 heads × d_head 128 does not equal its d_model 2048.
 
 Parameter counts are exact: :func:`count_parameters` builds the model on the meta device (no memory
 is allocated) and counts its tensors, tied weights once.
@@ -74,7 +75,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _gpt3("gpt3-small", 12, 768, 12),
     _gpt3("gpt3-medium", 24, 1024, 16),
     _gpt3("gpt3-large", 24, 1536, 16),
-    _gpt3("gpt3-xl", 24, 2048, 24),
+    _gpt3("gpt3-xl", 24, 2048, 16),  # Table 2.1 prints 24 heads × d_head 128 = 3072 ≠ 2048: 16 × 128
     _gpt3("gpt3-2.7b", 32, 2560, 32),
     _gpt3("gpt3-6.7b", 32, 4096, 32),
     _gpt3("gpt3-13b", 40, 5120, 40),

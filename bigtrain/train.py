@@ -33,6 +33,7 @@ from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
+from .memory import measure_states, predict_states
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
@@ -118,6 +119,9 @@ def train(cfg: Config) -> dict:
         f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
         f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
         f"{engine.local_param_bytes(model):,}")
+    predicted = predict_states(hf_config, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
+                               engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype)
+    say("[bigtrain] predicted model states per rank: " + _fmt_bytes(predicted))
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=dev.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -164,10 +168,14 @@ def train(cfg: Config) -> dict:
         return path
 
     # -- 4. the loop -----------------------------------------------------------------------------
+    if eval_ds is not None and state["step"] == 0:  # the base model's own score, for reference
+        base_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
+        loggers.log({"eval_loss": base_eval}, 0)
+        say(f"[bigtrain] step 0 (adapters are zero: the base model): eval loss {base_eval:.4f}")
     preempt = Preemption()
     bar = _progress(cfg, state["step"], info.is_main)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-    last_eval, last_save = None, None
+    last_eval, last_save, measured = None, None, None
     while state["step"] < t.max_steps:
         step_idx = sampler.take(state["position"], global_batch)
         micro = [collate([train_ds[i] for i in idx], pad_id)
@@ -194,6 +202,8 @@ def train(cfg: Config) -> dict:
         engine.all_reduce_sum_(grads + [extras])
         for p, g in zip(params, grads):
             p.grad = g
+        if state["step"] + 1 == t.max_steps:  # steady state: grads and Adam moments all live
+            measured = measure_states(model, lora, optimizer)
         step_loss = extras[0].item() / max(global_targets, 1)
         stop_requested = extras[1].item() > 0 or state["step"] + 1 == t.stop_at_step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
@@ -251,6 +261,11 @@ def train(cfg: Config) -> dict:
     bar.close()
 
     # -- 5. the end ------------------------------------------------------------------------------
+    if measured is not None:
+        say("[bigtrain] model states on rank 0, predicted vs measured: " + ", ".join(
+            f"{k} {predicted[k]:,}/{measured[k]:,}" for k in measured))
+        loggers.summary({f"memory/{k}_{w}": d[k] for k in measured
+                         for w, d in (("predicted", predicted), ("measured", measured))})
     ranks = rank_report(engine, model, params, optimizer, host)
     if info.is_main:
         (out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
@@ -316,6 +331,10 @@ def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
     choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
     choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
     return Path(choice) if choice else None
+
+
+def _fmt_bytes(d: dict) -> str:
+    return ", ".join(f"{k} {v / 2**20:,.2f} MiB" for k, v in d.items())
 
 
 def _inject_nan(step: int, rank: int) -> bool:

@@ -224,7 +224,7 @@ def _weight_key(module: str, keys: set[str]) -> str | None:
 
 
 def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
-                     max_shard_size: str | int = "2GB", dtype: str | None = None, log=None) -> dict:
+                     max_shard_size: str | int = "2GB", dtype: str | None = None) -> dict:
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
     from safetensors import safe_open
 
@@ -241,56 +241,63 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
         key = _weight_key(m, set(files))
         if key is None:
             raise ValueError(f"{bdir}: no weight for adapted module {m!r} in the checkpoint files "
-                           "(a tied output head cannot be merged without untying it)")
+                             "(a tied output head cannot be merged without untying it)")
         targets[key] = m
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out}: output directory exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
     to_dtype = _dtype(dtype) if dtype else None
-    writer = _ShardWriter(out, parse_size(max_shard_size))
-    by_file: dict[Path, list[str]] = {}
-    for k, f in files.items():
-        by_file.setdefault(f, []).append(k)
-    merged = 0
-    for f, keys in by_file.items():  # one input file open at a time
-        with safe_open(str(f), "pt") as h:
-            for k in keys:
-                t = h.get_tensor(k)
-                if k in targets:
-                    m = targets[k]
-                    A, B = tensors[f"{m}.lora_A"].float(), tensors[f"{m}.lora_B"].float()
-                    delta = (B @ A) * scale  # (d_out, d_in)
-                    if m in conv:
-                        delta = delta.t()
-                    if tuple(delta.shape) != tuple(t.shape):
-                        raise ValueError(f"{f.name}: {k} has shape {tuple(t.shape)}, the adapter of {m} "
-                                         f"gives {tuple(delta.shape)}")
-                    # add in fp32, round once to the output dtype
-                    t = (t.float() + delta).to(to_dtype or t.dtype)
-                    merged += 1
-                elif to_dtype is not None and t.is_floating_point():
-                    t = t.to(to_dtype)
-                writer.add(k, t)
-                del t
-    shards = writer.finish()
-    hf_cfg = json.loads((bdir / "config.json").read_text())
-    if to_dtype is not None:
-        for key in ("dtype", "torch_dtype"):
-            if key in hf_cfg or key == "dtype":
-                hf_cfg[key] = _HF_DTYPE[to_dtype]
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-    if (bdir / "generation_config.json").is_file():
-        shutil.copy2(bdir / "generation_config.json", out / "generation_config.json")
-    tok_files = [n for n in TOKENIZER_FILES if (bdir / n).is_file()]
-    if tok_files:
-        for n in tok_files:
-            shutil.copy2(bdir / n, out / n)
-    else:
-        from .data import load_tokenizer
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _ShardWriter(out, parse_size(max_shard_size))
+        by_file: dict[Path, list[str]] = {}
+        for k, f in files.items():
+            by_file.setdefault(f, []).append(k)
+        merged = 0
+        for f, keys in by_file.items():  # one input file open at a time
+            with safe_open(str(f), "pt") as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    if k in targets:
+                        m = targets[k]
+                        A, B = tensors[f"{m}.lora_A"].float(), tensors[f"{m}.lora_B"].float()
+                        delta = (B @ A) * scale  # (d_out, d_in)
+                        if m in conv:
+                            delta = delta.t()
+                        if tuple(delta.shape) != tuple(t.shape):
+                            raise ValueError(f"{f.name}: {k} has shape {tuple(t.shape)}, the adapter of {m} "
+                                             f"gives {tuple(delta.shape)}")
+                        # add in fp32, round once to the output dtype
+                        t = (t.float() + delta).to(to_dtype or t.dtype)
+                        merged += 1
+                    elif to_dtype is not None and t.is_floating_point():
+                        t = t.to(to_dtype)
+                    writer.add(k, t)
+                    del t
+        shards = writer.finish()
+        hf_cfg = json.loads((bdir / "config.json").read_text())
+        if to_dtype is not None:
+            for key in ("dtype", "torch_dtype"):
+                if key in hf_cfg or key == "dtype":
+                    hf_cfg[key] = _HF_DTYPE[to_dtype]
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+        if (bdir / "generation_config.json").is_file():
+            shutil.copy2(bdir / "generation_config.json", out / "generation_config.json")
+        tok_files = [n for n in TOKENIZER_FILES if (bdir / n).is_file()]
+        if tok_files:
+            for n in tok_files:
+                shutil.copy2(bdir / n, out / n)
+        else:
+            from .data import load_tokenizer
 
-        load_tokenizer(None).save_pretrained(str(out))
-        tok_files = ["(built-in tokenizer)"]
+            load_tokenizer(None).save_pretrained(str(out))
+            tok_files = ["(built-in tokenizer)"]
+    except BaseException:
+        # leave no half-written checkpoint that from_pretrained could mistake for a good one
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     stats = {"out": str(out), "base": str(bdir), "shards": shards, "merged_weights": merged,
              "total_bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
              "tokenizer": tok_files}

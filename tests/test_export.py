@@ -264,6 +264,10 @@ def test_cli_errors_are_one_line_and_name_the_path(tiny_models, tmp_path, capsys
     assert str(tmp_path / "nowhere") in e
     e = err(["merge", str(tmp_path / "missing"), str(tmp_path / "o3")])
     assert str(tmp_path / "missing") in e
+    # a checkpoints/ root (or run dir) means its latest checkpoint
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "o0")]) == 0
+    assert (tmp_path / "o0" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
     bad = ckpt / "adapter_model.safetensors"
     data = bytearray(bad.read_bytes())
     data[-1] ^= 0xFF

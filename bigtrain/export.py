@@ -1,0 +1,368 @@
+"""Getting trained adapters out of bigtrain: ``bigtrain export`` (PEFT format) and ``bigtrain merge``.
+
+* :func:`export_peft` rewrites a bigtrain checkpoint as a PEFT LoRA adapter directory
+  (``adapter_config.json`` + ``adapter_model.safetensors``) that ``peft.PeftModel.from_pretrained``
+  loads. The tensors are the same A (r × d_in) and B (d_out × r); only the key names change.
+* :func:`merge_checkpoint` writes a plain Hugging Face checkpoint whose targeted weights are
+  W0 + s·B·A. It streams: the base is read tensor by tensor (``safe_open``) and the output shards
+  are written as they fill, so the memory it holds is about one output shard plus one tensor, never
+  the whole model. GPT-2's Conv1D stores W transposed (d_in × d_out); its delta is transposed too.
+
+Both read the checkpoint's ``adapter_config.json`` (written by ``bigtrain train``) and check the
+checkpoint against its ``manifest.json`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ADAPTER_FILE, CheckpointError, LATEST, verify
+from .config import resolve_model_path
+
+PEFT_PREFIX = "base_model.model."
+FORMATS = ("peft",)
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json")
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+# -- reading a bigtrain checkpoint -------------------------------------------------------------
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory; a run's output dir or its ``checkpoints/`` dir resolves to the
+    checkpoint named by ``latest``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if (p / "adapter_config.json").is_file() or (p / "manifest.json").is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    raise CheckpointError(f"{p}: not a bigtrain checkpoint (no adapter_config.json, manifest.json "
+                          f"or checkpoints/{LATEST})")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor]]:
+    """Verify the checkpoint against its manifest; return (dir, adapter_config, {key: tensor})."""
+    from safetensors.torch import load_file
+
+    p = resolve_checkpoint(path)
+    verify(p)
+    try:
+        cfg = json.loads((p / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p / 'adapter_config.json'}: {e}") from None
+    missing = [k for k in ("r", "alpha", "modules", "base_model") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{p / 'adapter_config.json'}: missing {', '.join(missing)}")
+    tensors = load_file(str(p / ADAPTER_FILE))
+    want = {f"{m}.{part}" for m in cfg["modules"] for part in ("lora_A", "lora_B")}
+    if set(tensors) != want:
+        extra, lack = sorted(set(tensors) - want), sorted(want - set(tensors))
+        raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match adapter_config.json modules "
+                              f"(missing {lack[:3]}, unexpected {extra[:3]})")
+    return p, cfg, tensors
+
+
+def lora_scale(cfg: dict) -> float:
+    r = cfg["r"]
+    return cfg["alpha"] / (math.sqrt(r) if cfg.get("rslora") else r)
+
+
+def base_dir(cfg: dict, override: str | None, ckpt: Path) -> Path:
+    """The base model directory: ``override`` (--base) or the checkpoint's ``base_model``."""
+    spec = override or cfg["base_model"]
+    if spec.startswith("preset:"):
+        raise FileNotFoundError(f"{ckpt}: base_model is {spec!r}, a randomly initialised preset with "
+                                f"no weights on disk; pass --base DIR")
+    d = Path(resolve_model_path(spec))
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"base model {str(d)!r} (from {'--base' if override else ckpt / 'adapter_config.json'}): "
+                                "no config.json there; pass --base DIR")
+    return d
+
+
+def conv1d_modules(base: Path, modules: list[str]) -> set[str]:
+    """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on a model
+    built on the meta device from the base's config.json (no weights are read)."""
+    import transformers as tf
+
+    from .lora import is_conv1d
+    from .presets import meta_model
+
+    model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
+    named = dict(model.named_modules())
+    absent = [m for m in modules if m not in named]
+    if absent:
+        raise ValueError(f"{base}: the checkpoint adapts modules this model does not have: {absent[:3]}")
+    return {m for m in modules if is_conv1d(named[m])}
+
+
+# -- PEFT export --------------------------------------------------------------------------------
+def peft_config(cfg: dict, base_name: str, fan_in_fan_out: bool) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg.get("dropout", 0.0),
+        "use_rslora": bool(cfg.get("rslora", False)),
+        # exact dotted names: PEFT matches a target when the module name equals it
+        "target_modules": list(cfg["modules"]),
+        # PEFT's flag for GPT-2 Conv1D, whose *base* weight is (d_in, d_out); lora_A / lora_B keep
+        # the nn.Linear orientation (r, d_in) / (d_out, r) either way
+        "fan_in_fan_out": fan_in_fan_out, "bias": "none", "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "revision": None,
+    }
+
+
+def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
+                base: str | None = None) -> Path:
+    """Write ``out/adapter_config.json`` and ``out/adapter_model.safetensors`` in PEFT's format."""
+    from safetensors.torch import save_file
+
+    p, cfg, tensors = read_checkpoint(ckpt)
+    bdir = base_dir(cfg, base, p)
+    conv = conv1d_modules(bdir, cfg["modules"])
+    if conv and len(conv) != len(cfg["modules"]):
+        raise ValueError(f"{p}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is one flag")
+    tdtype = _dtype(dtype) if dtype else None
+    peft_tensors = {}
+    for m in cfg["modules"]:
+        for part in ("lora_A", "lora_B"):
+            t = tensors[f"{m}.{part}"]
+            peft_tensors[f"{PEFT_PREFIX}{m}.{part}.weight"] = (t.to(tdtype) if tdtype else t).contiguous()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base_name = base or (str(bdir) if cfg["base_model"].startswith("builtin:") else cfg["base_model"])
+    save_file(peft_tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_name, bool(conv)), indent=2))
+    return out
+
+
+# -- streaming merge ----------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """'2GB', '200KB', '5MiB' or a byte count -> bytes (decimal units, as transformers uses)."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    if not num or unit not in _SIZE_UNITS:
+        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)")
+    return int(float(num) * _SIZE_UNITS[unit])
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+class _ShardWriter:
+    """Collects tensors and writes a shard whenever the next tensor would overflow it."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[str, list[str]]] = []  # temporary file name, keys
+        self.total_bytes = 0
+        self.peak_bytes = 0  # most tensor bytes held at once (pending shard + the tensor in hand)
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.peak_bytes = max(self.peak_bytes, self.pending_bytes + nbytes)
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[key] = t.contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f".partial-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        self.shards.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out / self.shards[0][0], self.out / "model.safetensors")
+            return ["model.safetensors"]
+        weight_map, names = {}, []
+        for i, (tmp, keys) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / tmp, self.out / final)
+            names.append(final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def _weight_key(module: str, keys: set[str]) -> str | None:
+    from .engine import _resolve_key
+
+    return _resolve_key(module + ".weight", dict.fromkeys(keys))
+
+
+def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
+                     max_shard_size: str | int = "2GB", dtype: str | None = None) -> dict:
+    """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
+    from safetensors import safe_open
+
+    from .engine import checkpoint_files
+
+    p, cfg, tensors = read_checkpoint(ckpt)
+    bdir = base_dir(cfg, base, p)
+    files = checkpoint_files(bdir)
+    modules = list(cfg["modules"])
+    conv = conv1d_modules(bdir, modules)
+    scale = lora_scale(cfg)
+    targets: dict[str, str] = {}  # weight key in the base files -> module
+    for m in modules:
+        key = _weight_key(m, set(files))
+        if key is None:
+            raise ValueError(f"{bdir}: no weight for adapted module {m!r} in the checkpoint files "
+                             "(a tied output head cannot be merged without untying it)")
+        targets[key] = m
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out}: output directory exists and is not empty")
+    to_dtype = _dtype(dtype) if dtype else None
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        writer = _ShardWriter(out, parse_size(max_shard_size))
+        by_file: dict[Path, list[str]] = {}
+        for k, f in files.items():
+            by_file.setdefault(f, []).append(k)
+        merged = 0
+        for f, keys in by_file.items():  # one input file open at a time
+            with safe_open(str(f), "pt") as h:
+                for k in keys:
+                    t = h.get_tensor(k)
+                    if k in targets:
+                        m = targets[k]
+                        A, B = tensors[f"{m}.lora_A"].float(), tensors[f"{m}.lora_B"].float()
+                        delta = (B @ A) * scale  # (d_out, d_in)
+                        if m in conv:
+                            delta = delta.t()
+                        if tuple(delta.shape) != tuple(t.shape):
+                            raise ValueError(f"{f.name}: {k} has shape {tuple(t.shape)}, the adapter of {m} "
+                                             f"gives {tuple(delta.shape)}")
+                        # add in fp32, round once to the output dtype
+                        t = (t.float() + delta).to(to_dtype or t.dtype)
+                        merged += 1
+                    elif to_dtype is not None and t.is_floating_point():
+                        t = t.to(to_dtype)
+                    writer.add(k, t)
+                    del t
+        shards = writer.finish()
+        hf_cfg = json.loads((bdir / "config.json").read_text())
+        if to_dtype is not None:
+            for key in ("dtype", "torch_dtype"):
+                if key in hf_cfg or key == "dtype":
+                    hf_cfg[key] = _HF_DTYPE[to_dtype]
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+        if (bdir / "generation_config.json").is_file():
+            shutil.copy2(bdir / "generation_config.json", out / "generation_config.json")
+        tok_files = [n for n in TOKENIZER_FILES if (bdir / n).is_file()]
+        if tok_files:
+            for n in tok_files:
+                shutil.copy2(bdir / n, out / n)
+        else:
+            from .data import load_tokenizer
+
+            load_tokenizer(None).save_pretrained(str(out))
+            tok_files = ["(built-in tokenizer)"]
+    except BaseException:
+        # leave no half-written checkpoint that from_pretrained could mistake for a good one
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    stats = {"out": str(out), "base": str(bdir), "shards": shards, "merged_weights": merged,
+             "total_bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
+             "tokenizer": tok_files}
+    return stats
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+EXPORT_EPILOG = """\
+examples:
+  bigtrain export runs/demo/checkpoints/step-00000500 --format peft out/peft-adapter
+  bigtrain export runs/demo --format peft out/peft-adapter --dtype bf16     # latest checkpoint of a run
+
+then, with PEFT:
+  base = AutoModelForCausalLM.from_pretrained(BASE); model = PeftModel.from_pretrained(base, "out/peft-adapter")
+"""
+
+MERGE_EPILOG = """\
+examples:
+  bigtrain merge runs/demo/checkpoints/step-00000500 out/merged
+  bigtrain merge runs/demo out/merged --base /models/opt-1.3b --max-shard-size 5GB --dtype bf16
+
+The result loads with plain transformers: AutoModelForCausalLM.from_pretrained("out/merged").
+The base is streamed tensor by tensor; memory held is about one output shard.
+"""
+
+
+def cmd_export(args) -> int:
+    if args.format not in FORMATS:
+        raise ValueError(f"--format {args.format!r}: unknown export format (known: {', '.join(FORMATS)})")
+    out = export_peft(args.checkpoint, args.out, dtype=args.dtype, base=args.base)
+    print(f"PEFT adapter written to {out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    st = merge_checkpoint(args.checkpoint, args.out, base=args.base, max_shard_size=args.max_shard_size,
+                          dtype=args.dtype)
+    print(f"merged {st['merged_weights']} weights of {st['base']} into {st['out']}: "
+          f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
+    return 0
+
+
+def add_export_parsers(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    e = subparsers.add_parser("export", help="convert a bigtrain checkpoint to a PEFT LoRA adapter",
+                              description="Convert a bigtrain adapter checkpoint to another format "
+                                          "(PEFT: adapter_config.json + adapter_model.safetensors).",
+                              epilog=EXPORT_EPILOG, formatter_class=fmt)
+    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (step-N), or a run dir (uses its latest)")
+    e.add_argument("out", metavar="OUT", help="output directory")
+    e.add_argument("--format", default="peft", help="output format (only: peft)")
+    e.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="adapter tensor dtype (default: as stored in the checkpoint)")
+    e.add_argument("--base", metavar="DIR", default=None,
+                   help="base model dir (default: the checkpoint's base_model); read for its config only")
+    e.set_defaults(func=cmd_export)
+    m = subparsers.add_parser("merge", help="merge adapters into the base, write a Hugging Face checkpoint",
+                              description="Write W0 + s·B·A for every adapted weight as a plain Hugging "
+                                          "Face checkpoint (sharded safetensors, config, tokenizer).",
+                              epilog=MERGE_EPILOG, formatter_class=fmt)
+    m.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (step-N), or a run dir (uses its latest)")
+    m.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
+    m.add_argument("--base", metavar="DIR", default=None,
+                   help="base model dir (default: the checkpoint's base_model)")
+    m.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
+    m.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
+                   help="dtype of the written weights (default: the base's)")
+    m.set_defaults(func=cmd_merge)

@@ -45,7 +45,7 @@ write_conf() {
   if [[ -e $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
     log "$CONF exists and was not written by this script; refusing to overwrite it"; return 1
   fi
-  local host; host=$(hostname -s)
+  local host; host=$(hostname -s 2>/dev/null || uname -n)
   mkdir -p /etc/slurm "$STATE/ctld"
   local new; new=$(cat <<CONF
 $MARKER

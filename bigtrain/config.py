@@ -27,10 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    path: Optional[str] = "builtin:tiny-opt"
+    """Local Hugging Face checkpoint directory (config.json + safetensors, possibly sharded), or
+    builtin:tiny-opt (a tiny OPT the project pretrained, shipped with it). null: build ``preset``
+    with random weights (benchmarks, memory tests)."""
     preset: str = "tiny-opt"
-    """Built-in architecture (see ``bigtrain presets``); ignored when ``path`` is set."""
-    path: Optional[str] = None
-    """Local Hugging Face checkpoint directory (config.json + safetensors, possibly sharded)."""
+    """Built-in architecture (see ``bigtrain presets``), used only when ``path`` is null."""
     dtype: str = "float32"
     """Storage dtype of the frozen base: float32, bfloat16 or float16."""
     attn_implementation: str = "sdpa"
@@ -43,8 +45,16 @@ class ModelConfig:
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice(p + ".attn_implementation", self.attn_implementation, ("sdpa", "eager"))
-        if self.path is not None and not Path(self.path).is_dir():
+        if self.path is not None and not Path(resolve_model_path(self.path)).is_dir():
             raise ConfigError(f"{p}.path: {self.path!r} is not a directory")
+        if self.path is None:
+            from .presets import PRESETS
+
+            _choice(p + ".preset", self.preset, tuple(PRESETS))
+
+    @property
+    def local_path(self) -> Optional[str]:
+        return resolve_model_path(self.path) if self.path is not None else None
 
 
 @dataclass
@@ -123,6 +133,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 10
+    stop_at_step: Optional[int] = None
+    """Save and stop after this step as a preemption would, keeping the schedule of max_steps
+    (time-boxed jobs; a rerun resumes)."""
     max_bad_steps: int = 10
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
 
@@ -222,6 +235,16 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def resolve_model_path(path: str) -> str:
+    """``builtin:NAME`` -> the shipped checkpoint directory; anything else unchanged."""
+    if path.startswith("builtin:"):
+        return str(ASSETS / path[len("builtin:"):])
+    return path
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
@@ -254,6 +277,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

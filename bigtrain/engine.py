@@ -311,6 +311,16 @@ class Engine:
         dist.all_gather_object(out, obj)
         return out
 
+    def replica_digests(self, tensors: Iterable[torch.Tensor]) -> list[str]:
+        """sha256 of the bytes of ``tensors`` on every rank (rank order): equal digests prove the
+        replicated adapters (or their optimizer state) are bit-identical across ranks."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return self.all_gather_objects(h.hexdigest())
+
     def _comm_device(self) -> torch.device:
         return self.info.device if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -1,0 +1,347 @@
+"""Adapter-only checkpoints that a crash at any moment cannot corrupt.
+
+Layout of ``<output_dir>/checkpoints/``::
+
+    step-00000100/
+        adapter_model.safetensors   A and B of every adapted module (the only weights saved)
+        adapter_config.json         rank, alpha, targets, ... (what is needed to rebuild the adapters)
+        optimizer.safetensors       AdamW moments of the adapters
+        trainer_state.json          step, data position, scheduler, optimizer hyper-parameters, ...
+        rng/rank00000.json          Python / NumPy / torch (/ CUDA) RNG state of each rank
+        base.json                   identity of the base model (config hash, weight-file sizes)
+        config.yaml                 the resolved run config
+        manifest.json               size and sha256 of every file above: written last
+    latest                          name of the newest complete checkpoint
+
+A save goes to ``.tmp-step-…``, every file is fsynced, the manifest is written last, the directory is
+renamed into place and only then ``latest`` is replaced (write + rename). Loading verifies the
+manifest and falls back, with a warning, to the previous good checkpoint. Nothing here unpickles:
+tensors are safetensors, everything else JSON/YAML.
+
+Adapters are replicated, so rank 0 writes them; the base model is never gathered. Each rank writes
+its own RNG file (the output directory must be shared by all nodes, as it is on clusters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .lora import LoRAModel
+
+LATEST = "latest"
+PREFIX = "step-"
+MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+# -- fault injection (tests of crashes during a save) ------------------------------------------
+def _fault(point: str) -> None:
+    """With BIGTRAIN_CRASH_AT=<point>, die here as abruptly as kill -9 would."""
+    if os.environ.get("BIGTRAIN_CRASH_AT") == point:
+        os._exit(137)
+
+
+# -- small durable-write helpers ---------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    _fsync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
+              metadata={k: str(v) for k, v in (meta or {}).items()})
+    _fsync_file(path)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+
+
+# -- RNG state as JSON -------------------------------------------------------------------------
+def rng_state() -> dict:
+    py = random.getstate()
+    npst = np.random.get_state()
+    out = {"python": [py[0], list(py[1]), py[2]],
+           "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# -- optimizer state ---------------------------------------------------------------------------
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# -- listing and verifying ---------------------------------------------------------------------
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Renamed-into-place checkpoints, newest first (complete or not: verify() decides)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+             and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def verify(path: Path) -> dict:
+    """Check every file against the manifest; returns the manifest or raises CheckpointError."""
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {want['size']}")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{f}: checksum differs from the manifest (corrupt)")
+    return manifest
+
+
+def find_resumable(root: Path, log=print) -> Path | None:
+    """The newest checkpoint that verifies: ``latest`` first, then the others by step. Each one
+    skipped is reported with its reason."""
+    candidates = list_checkpoints(root)
+    latest = root / LATEST
+    if latest.is_file():
+        name = latest.read_text().strip()
+        pointed = [p for p in candidates if p.name == name]
+        candidates = pointed + [p for p in candidates if p.name != name]
+    for p in candidates:
+        try:
+            verify(p)
+            return p
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {p.name}: {e}; falling back to an older one")
+    return None
+
+
+# -- save --------------------------------------------------------------------------------------
+def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, trainer_state: dict,
+                    adapter_config: dict, base_fingerprint: dict, config_yaml: str, keep: int) -> Path | None:
+    """Collective: every rank calls it. Returns the checkpoint path (on every rank)."""
+    rank, world = engine.info.rank, engine.info.world_size
+    root = Path(root)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    engine.barrier()
+    rng_file = tmp / "rng" / f"rank{rank:05d}.json"
+    _write_json(rng_file, rng_state())
+    engine.barrier()
+    if rank == 0:
+        _fault("save:start")
+        _save_tensors(tmp / ADAPTER_FILE, lora.adapter_state_dict(), {"format": "bigtrain-lora"})
+        _write_json(tmp / "adapter_config.json", adapter_config)
+        _fault("save:after_weights")
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+        _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
+        _write_json(tmp / "base.json", base_fingerprint)
+        (tmp / "config.yaml").write_text(config_yaml)
+        _fsync_file(tmp / "config.yaml")
+        _fault("save:before_manifest")
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
+                                                "sha256": _sha256(tmp / f)} for f in files}}
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp / "rng")
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _fault("save:before_latest")
+        ptr = root / (LATEST + ".tmp")
+        ptr.write_text(final.name + "\n")
+        _fsync_file(ptr)
+        os.replace(ptr, root / LATEST)
+        _fsync_dir(root)
+        _prune(root, keep, protect=final)
+    engine.barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, protect: Path) -> None:
+    """Keep the newest ``keep`` good checkpoints; remove leftovers of interrupted saves. Never
+    removes ``protect`` (the one just written)."""
+    for p in root.iterdir():
+        if p.name.startswith(".tmp-") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    good = 0
+    for p in list_checkpoints(root):
+        if p == protect:
+            good += 1
+            continue
+        if (p / MANIFEST).is_file() and good < keep:
+            good += 1
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_partial(root: Path) -> list[str]:
+    """Remove directories left by saves that died before their rename (rank 0, at start)."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-") and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+# -- load --------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_adapters(path: Path, lora: LoRAModel) -> None:
+    try:
+        lora.load_adapter_state_dict(_load_tensors(path / ADAPTER_FILE))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / ADAPTER_FILE}: {e}") from None
+
+
+def load_checkpoint(path: Path, lora: LoRAModel, optimizer, rank: int) -> dict:
+    """Restore adapters, optimizer and this rank's RNG; return the trainer state."""
+    load_adapters(path, lora)
+    state = read_json(path / "trainer_state.json")
+    opt = optimizer_from_files(_load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    try:
+        optimizer.load_state_dict(opt)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path / 'optimizer.safetensors'}: does not fit the adapters ({e})") from None
+    rng_file = path / "rng" / f"rank{rank:05d}.json"
+    if rng_file.is_file():
+        set_rng_state(read_json(rng_file))
+    else:  # resumed with more ranks than saved: new ranks start from rank 0's stream
+        warnings.warn(f"{rng_file} missing (resumed at a larger world size); using rank 0's RNG state")
+        set_rng_state(read_json(path / "rng" / "rank00000.json"))
+    return state
+
+
+def check_base(path: Path, current: dict, force: bool) -> None:
+    saved = read_json(path / "base.json")
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        msg = (f"{path}: was trained on a different base model ({', '.join(diffs)} differ: "
+               f"checkpoint {[saved.get(k) for k in diffs]!r} vs now {[current.get(k) for k in diffs]!r})")
+        if not force:
+            raise CheckpointError(msg + "; set checkpoint.force_base_mismatch=true to resume anyway")
+        warnings.warn(msg + " (forced)")
+
+
+def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int) -> dict:
+    """What identifies the frozen base: its config (hash) and, for a checkpoint on disk, its weight
+    files and sizes; for a random-initialised preset, the seed that built it."""
+    cfg = {k: v for k, v in hf_config.to_dict().items()
+           if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures")}
+    fp = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()}
+    if model_path:
+        d = Path(model_path)
+        fp["source"] = "path"
+        fp["weights"] = {p.name: p.stat().st_size for p in sorted(d.glob("*.safetensors"))}
+    else:
+        fp["source"] = f"preset:{preset}"
+        fp["init_seed"] = seed
+    return fp
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

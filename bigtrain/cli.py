@@ -1,0 +1,112 @@
+"""Command line: ``bigtrain train | presets | estimate | export | merge`` (also ``python -m bigtrain``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from .config import ConfigError, describe, load_config
+
+TRAIN_EPILOG = """\
+examples:
+  bigtrain train                                   # built-in demo: tiny OPT, built-in data, CPU
+  bigtrain train --config my.yaml train.max_steps=500 lora.r=4
+  bigtrain train model.path=/models/opt-1.3b model.dtype=bfloat16 lora.targets=[q_proj,v_proj]
+  torchrun --nproc_per_node 8 -m bigtrain train --config my.yaml      # ZeRO-3 over 8 ranks
+  launch/torchrun.sh, launch/deepspeed.sh, slurm/*.sbatch              # multi-GPU / multi-node
+
+Overrides are dotted keys with YAML values; they apply on top of --config. A rerun with the same
+train.output_dir resumes from its last good checkpoint (checkpoint.resume=auto).
+
+config keys (key, type, default):
+"""
+
+
+def _config_reference(width: int = 100) -> str:
+    lines = []
+    for key, tp, default, doc in describe():
+        lines.append(f"  {key} ({tp}, default {default})")
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .presets import PRESETS, count_parameters, hf_config_for, meta_model
+
+    print(f"{'name':<12} {'arch':<9} {'layers':>6} {'d_model':>7} {'heads':>5} {'params':>18}  source")
+    for name, p in PRESETS.items():
+        n = count_parameters(meta_model(hf_config_for(name, vocab_size=1024)))
+        print(f"{name:<12} {p.arch:<9} {p.layers:>6} {p.d_model:>7} {p.heads:>5} {n:>18,}  {p.source}")
+    print("(tiny presets take the built-in tokenizer's vocabulary; counted here with 1024)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bigtrain",
+        description="LoRA fine-tuning of large causal LMs: the frozen base is partitioned with "
+                    "DeepSpeed ZeRO-3, the LoRA adapters and their Adam state are replicated.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    t = sub.add_parser("train", help="fine-tune LoRA adapters",
+                       description="Fine-tune LoRA adapters on a frozen base model.",
+                       epilog=TRAIN_EPILOG + _config_reference(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", metavar="FILE", help="YAML config file (see ds_configs/ and the README)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
+    t.set_defaults(func=cmd_train)
+    pr = sub.add_parser("presets", help="list built-in model presets with exact parameter counts")
+    pr.set_defaults(func=cmd_presets)
+    for register in _optional_commands():
+        register(sub)
+    return p
+
+
+def _optional_commands():
+    """Subcommands that live in their own modules."""
+    out = []
+    try:
+        from .memory import add_estimate_parser
+        out.append(add_estimate_parser)
+    except ImportError:
+        pass
+    try:
+        from .export import add_export_parsers
+        out.append(add_export_parsers)
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except ConfigError as e:
+        print(f"bigtrain: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line, then the trace
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        if isinstance(e, (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError)):
+            print(f"bigtrain: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The training loop: one loop for a ZeRO-3-partitioned (or whole) frozen base with replicated adapters.
+
+Read top to bottom, :func:`train` does:
+  1. start the process group and build the frozen base (engine: the only DeepSpeed user);
+  2. attach LoRA adapters beside it, make them identical on every rank, AdamW over them;
+  3. load data; resume from the last good checkpoint if there is one;
+  4. per optimizer step: count the step's target tokens on all ranks, forward/backward each
+     micro-batch with loss_sum / global_tokens, one flat all-reduce of the adapter gradients (plus
+     the loss and a preemption flag), clip, step (or skip a non-finite step on every rank together);
+  5. log, evaluate, checkpoint; on SIGTERM/SIGUSR1 save at the step boundary and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError
+from .data import DataError, collate, load_examples, load_tokenizer
+from .engine import DTYPES, Engine
+from .inject import find_targets, inject_lora, parameter_report
+from .losses import token_loss_sum
+from .metrics import Loggers, lora_flops_per_token, peak_tflops
+from .presets import hf_config_for, meta_model
+from .sampler import GlobalSampler, rank_micro_batches
+
+
+class Preemption:
+    """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg, step: int) -> float:
+    """Multiplier of train.lr at optimizer step ``step``: linear warm-up, then decay to min_lr_ratio."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+def train(cfg: Config) -> dict:
+    t = cfg.train
+    # -- 0. everything that can fail on bad input, before any process group or model exists --------
+    model_path = cfg.model.local_path
+    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
+    hf_config = _hf_config(cfg, model_path, len(tokenizer))
+    try:
+        find_targets(meta_model(hf_config), cfg.lora.targets)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    train_ds, train_stats = load_examples(cfg.data.train, tokenizer, cfg.data)
+    eval_ds = load_examples(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.data.eval else None
+
+    # -- 1. process group and frozen base --------------------------------------------------------
+    engine = Engine(cfg.zero, t.device, t.micro_batch_size, t.grad_accum)
+    info, dev = engine.info, engine.info.device
+    out_dir = Path(t.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    say = print if info.is_main else (lambda *a, **k: None)
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {host} device {dev}", flush=True)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out_dir / "config.yaml")
+        for name in ckpt.clean_partial(ckpt_root):
+            say(f"[bigtrain] removed {name}: left by a save that did not finish")
+    engine.barrier()
+    say(f"[bigtrain] train data {cfg.data.train}: {train_stats['examples']} examples, "
+        f"{train_stats.get('skipped', 0)} skipped, {train_stats.get('truncated', 0)} truncated")
+
+    set_seed(t.seed)
+    model = engine.build_base(hf_config, model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    for note in engine.ds_config_notes:
+        say(f"[bigtrain] DeepSpeed config: {note}")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # transformers only recomputes in training mode; the base has no dropout left
+
+    # -- 2. adapters, identical on every rank ----------------------------------------------------
+    set_seed(t.seed)
+    lora = inject_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                       cfg.lora.rslora, DTYPES[cfg.lora.dtype], dev)
+    params = list(lora.parameters())
+    engine.broadcast_(params)
+    set_seed(t.seed + 1_000_003 * info.rank)  # per-rank stream for LoRA dropout
+    report = parameter_report(model, lora)
+    say(f"[bigtrain] {report['trainable']:,} trainable adapter parameters "
+        f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
+        f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
+        f"{engine.local_param_bytes(model):,}")
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                  fused=dev.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
+
+    # -- 3. data and resume ----------------------------------------------------------------------
+    sampler = GlobalSampler(len(train_ds), t.seed)
+    global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    pad_id = tokenizer.pad_token_id
+
+    fingerprint = ckpt.base_fingerprint(hf_config, model_path, cfg.model.preset, t.seed)
+    state = {"step": 0, "position": 0, "bad_steps": 0, "tokens": 0, "wandb_id": None}
+    resume_from = _choose_resume(cfg, ckpt_root, engine, say)
+    if resume_from is not None:
+        ckpt.check_base(resume_from, fingerprint, cfg.checkpoint.force_base_mismatch)
+        saved = ckpt.load_checkpoint(resume_from, lora, optimizer, info.rank)
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update({k: saved[k] for k in state if k in saved})
+        say(f"[bigtrain] resumed from {resume_from} at step {state['step']} "
+            f"(sample {state['position']}, saved with {saved['world_size']} ranks, now {info.world_size})")
+        if info.is_main:
+            (out_dir / "preempted").unlink(missing_ok=True)
+
+    loggers = Loggers.build(cfg.logging, out_dir, cfg.to_dict(), info.is_main, state["wandb_id"])
+    state["wandb_id"] = loggers.wandb_id
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda"
+                                         and torch.cuda.is_bf16_supported())
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    peak = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+    flops_per_token = lora_flops_per_token(report["base"], getattr(hf_config, "num_hidden_layers", 0),
+                                           getattr(hf_config, "hidden_size", 0), cfg.data.max_length)
+
+    def save(step: int) -> Path:
+        assert all(torch.isfinite(p).all() for p in params), "non-finite adapter weights: not saved"
+        digests = engine.replica_digests(params)
+        if len(set(digests)) != 1:  # replicas drifted: a bug or a hardware fault; never save that
+            raise RuntimeError(f"adapters differ across ranks at step {step}: sha256 per rank {digests}")
+        path = ckpt.save_checkpoint(
+            ckpt_root, step, engine, lora, optimizer,
+            {**state, "scheduler": scheduler.state_dict()},
+            adapter_config(cfg, lora), fingerprint, yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+            cfg.checkpoint.keep)
+        size = (path / ckpt.ADAPTER_FILE).stat().st_size
+        say(f"[bigtrain] checkpoint {path} (adapter {size / 1e6:.3f} MB, whole {ckpt.dir_size(path) / 1e6:.3f} MB)")
+        return path
+
+    # -- 4. the loop -----------------------------------------------------------------------------
+    preempt = Preemption()
+    bar = _progress(cfg, state["step"], info.is_main)
+    window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+    last_eval, last_save = None, None
+    while state["step"] < t.max_steps:
+        step_idx = sampler.take(state["position"], global_batch)
+        micro = [collate([train_ds[i] for i in idx], pad_id)
+                 for idx in rank_micro_batches(step_idx, t.micro_batch_size, t.grad_accum,
+                                               info.rank, info.world_size)]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        global_targets, global_tokens = engine.all_reduce_scalars([local_targets, local_tokens])
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        for b in micro:
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            with autocast():
+                ls, _ = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            (ls / max(global_targets, 1)).backward()
+            engine.after_backward()
+            loss_sum += ls.detach().float()
+
+        # One flat all-reduce: adapter gradients, the loss, and whether any rank was signalled.
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        extras = torch.stack([loss_sum, torch.tensor(float(preempt.signum != 0), device=dev)])
+        engine.all_reduce_sum_(grads + [extras])
+        for p, g in zip(params, grads):
+            p.grad = g
+        step_loss = extras[0].item() / max(global_targets, 1)
+        stop_requested = extras[1].item() > 0 or state["step"] + 1 == t.stop_at_step
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        state["position"] += global_batch
+        state["tokens"] += int(global_tokens)
+
+        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            # Every rank sees the same summed values, so every rank skips this step together.
+            optimizer.zero_grad(set_to_none=True)
+            state["bad_steps"] += 1
+            say(f"[bigtrain] step {state['step'] + 1}: non-finite loss/gradient, skipped "
+                f"({state['bad_steps']}/{t.max_bad_steps} allowed)")
+            loggers.log({"bad_steps": state["bad_steps"]}, state["step"])
+            if state["bad_steps"] > t.max_bad_steps:
+                raise FloatingPointError(f"more than train.max_bad_steps={t.max_bad_steps} non-finite steps")
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        step = state["step"]
+        window["loss"] += step_loss
+        window["steps"] += 1
+        window["tokens"] += int(global_tokens)
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            dt = time.perf_counter() - window["t0"]
+            tps = window["tokens"] / dt
+            m = {"loss": window["loss"] / window["steps"], "lr": scheduler.get_last_lr()[0],
+                 "grad_norm": float(grad_norm), "tokens_per_s": tps, "epoch": sampler.epoch(state["position"]),
+                 "samples": state["position"]}
+            if dev.type == "cuda":
+                m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                m["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+                if peak:
+                    m["mfu"] = tps / info.world_size * flops_per_token / (peak * 1e12)
+            loggers.log(m, step)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+            window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
+        if eval_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
+            last_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
+            loggers.log({"eval_loss": last_eval}, step)
+            say(f"\n[bigtrain] step {step}: eval loss {last_eval:.4f}")
+        if stop_requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps:
+            last_save = save(step)
+        if stop_requested:
+            bar.close()
+            if info.is_main:
+                (out_dir / "preempted").write_text(f"{step}\n")
+            say(f"[bigtrain] stopped early ({'signal' if preempt.signum else 'train.stop_at_step'}): saved step {step}; rerun the same command to resume")
+            loggers.close()
+            engine.close()
+            return {"step": step, "preempted": True, "checkpoint": str(last_save)}
+    bar.close()
+
+    # -- 5. the end ------------------------------------------------------------------------------
+    ranks = rank_report(engine, model, params, optimizer, host)
+    if info.is_main:
+        (out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+    if last_save is None:  # resumed at max_steps: nothing new, keep the checkpoint there
+        last_save = ckpt.find_resumable(ckpt_root, say)
+    size = (last_save / ckpt.ADAPTER_FILE).stat().st_size if last_save else 0
+    result = {"step": state["step"], "eval_loss": last_eval, "checkpoint": str(last_save),
+              "adapter_bytes": size, "trainable_params": report["trainable"], "bad_steps": state["bad_steps"]}
+    loggers.summary(result)
+    loggers.close()
+    say(f"[bigtrain] done: {state['step']} steps; adapter written to {last_save / ckpt.ADAPTER_FILE if last_save else '-'} "
+        f"({size / 1e6:.3f} MB)")
+    engine.close()
+    return result
+
+
+def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dict]:
+    """Per rank: where it ran, base bytes it holds, and digests of its adapter and optimizer state."""
+    opt_tensors = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
+            "adapter_elems": sum(p.numel() for p in params),
+            "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}
+    out = engine.all_gather_objects(mine)
+    for d, a, o in zip(out, engine.replica_digests(params), engine.replica_digests(opt_tensors)):
+        d["adapter_sha256"], d["optimizer_sha256"] = a, o
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int) -> float:
+    """Mean token loss over the first eval_batches × micro_batch × world examples (every rank runs
+    the same number of forwards, which ZeRO-3's collective gathers require)."""
+    info, m = engine.info, cfg.train.micro_batch_size
+    per_rank = max(1, min(cfg.train.eval_batches, math.ceil(len(eval_ds) / (m * info.world_size))))
+    total, count = 0.0, 0
+    for bi in range(per_rank):
+        base = (bi * info.world_size + info.rank) * m
+        idx = [(base + j) % len(eval_ds) for j in range(m)]
+        b = {k: v.to(info.device) for k, v in collate([eval_ds[i] for i in idx], pad_id).items()}
+        with autocast():
+            ls, n = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+        total += float(ls)
+        count += n
+    engine.after_backward()
+    total, count = engine.all_reduce_scalars([total, count])
+    return total / max(count, 1)
+
+
+def adapter_config(cfg: Config, lora) -> dict:
+    return {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+            "rslora": cfg.lora.rslora, "targets": cfg.lora.targets, "modules": lora.names(),
+            "base_model": cfg.model.path or f"preset:{cfg.model.preset}", "dtype": cfg.lora.dtype}
+
+
+def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode != "auto":
+        p = Path(mode)
+        ckpt.verify(p)  # an explicit path must be good: no silent fallback
+        return p
+    choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
+    choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
+    return Path(choice) if choice else None
+
+
+def _hf_config(cfg: Config, model_path: str | None, vocab: int):
+    if model_path:
+        import transformers as tf
+
+        hf_config = tf.AutoConfig.from_pretrained(model_path)
+    else:
+        hf_config = hf_config_for(cfg.model.preset, vocab_size=vocab)
+    if vocab > hf_config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {vocab} tokens, more than the model's vocab_size "
+                          f"{hf_config.vocab_size}; use the model's own tokenizer")
+    return hf_config
+
+
+def _tokenizer_dir(model_path: str | None) -> str | None:
+    if model_path and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return model_path
+    return None
+
+
+def _progress(cfg: Config, initial: int, is_main: bool):
+    if is_main and cfg.logging.progress_bar:
+        from tqdm import tqdm
+
+        return tqdm(total=cfg.train.max_steps, initial=initial, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    class _Null:
+        def update(self, n): ...
+        def set_postfix(self, **k): ...
+        def close(self): ...
+
+    return _Null()

@@ -1,0 +1,69 @@
+"""Running bigtrain the way users do (real launchers, real CLI) and reading what it wrote."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(extra=None):
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"})
+    env.pop("BIGTRAIN_CRASH_AT", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(k, None)
+    env.update(extra or {})
+    return env
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, timeout=600, env=None, check=True):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
+                             f"\n--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def train_cmd(nproc, overrides):
+    """bigtrain train in one process, or under torchrun with nproc ranks."""
+    if nproc == 1:
+        return [sys.executable, "-m", "bigtrain", "train", *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), "-m", "bigtrain", "train", *overrides]
+
+
+def tiny_overrides(out_dir, model_dir, steps, micro, **extra):
+    base = {"train.output_dir": str(out_dir), "model.path": str(model_dir), "train.max_steps": steps,
+            "train.micro_batch_size": micro, "train.log_every": 1, "train.eval_every": 1000,
+            "data.eval": "null", "logging.progress_bar": "false", "train.warmup_steps": 2,
+            "train.lr": 5e-3, "checkpoint.every": 0, "zero.persistence_threshold": 0,
+            "train.device": "cpu", "data.max_length": 64}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (Path(out_dir) / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def final_adapters(out_dir):
+    latest = (Path(out_dir) / "checkpoints" / "latest").read_text().strip()
+    return load_file(str(Path(out_dir) / "checkpoints" / latest / "adapter_model.safetensors"))
+
+
+def ranks(out_dir):
+    return json.loads((Path(out_dir) / "ranks.json").read_text())

@@ -1,0 +1,284 @@
+"""The data layer: generated assets, built-in tokenizer, label masking, truncation, packing,
+bad-line handling, saved datasets and the collator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from bigtrain import datagen
+from bigtrain.config import DataConfig
+from bigtrain.data import (ASSETS, IGNORE_INDEX, DataError, collate, load_examples,
+                           load_tokenizer)
+
+datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+def _write_jsonl(path: Path, lines: list) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines),
+                    encoding="utf-8")
+    return path
+
+
+def _ids(tok, s: str) -> list[int]:
+    return tok(s, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Assets
+
+
+def test_regenerated_assets_are_byte_identical(tmp_path):
+    written = datagen.generate(tmp_path)
+    rel = sorted(str(p.relative_to(tmp_path)) for p in written)
+    assert rel == ["e2e_eval.jsonl", "e2e_train.jsonl", "lora_intro_ko.txt",
+                   "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+    for r in rel:
+        assert (tmp_path / r).read_bytes() == (ASSETS / r).read_bytes(), r
+    assert sum((ASSETS / r).stat().st_size for r in rel) < 1.5e6
+
+
+def test_builtin_dataset_shape():
+    train = [json.loads(x) for x in (ASSETS / "e2e_train.jsonl").read_text("utf-8").splitlines()]
+    evals = [json.loads(x) for x in (ASSETS / "e2e_eval.jsonl").read_text("utf-8").splitlines()]
+    assert (len(train), len(evals)) == (4000, 400)
+    for ex in train[:200] + evals[:50]:
+        assert set(ex) == {"prompt", "completion"}
+        assert ex["prompt"].startswith("<mr> name[") and ex["prompt"].endswith("\nDescription:")
+        assert ex["completion"].startswith(" ") and ex["completion"].endswith(".")
+        name = ex["prompt"].split("name[", 1)[1].split("]", 1)[0]
+        assert name in ex["completion"]
+    mrs = {ex["prompt"] for ex in train}
+    assert not any(ex["prompt"] in mrs for ex in evals)  # eval MRs are unseen
+    assert len({ex["completion"] for ex in train}) > 3900  # paraphrases, not a lookup table
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def test_builtin_tokenizer(tok):
+    from transformers import AutoTokenizer
+
+    assert len(tok) == 1024
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<s>", "</s>", "<unk>"]
+    for s in ["The Eagle is a cheap French coffee shop by the riverside.",
+              "저차원 적응(LoRA)은 사전 학습된 가중치를 고정합니다.", "emoji 😀 and £20-25\ttabs\n"]:
+        ids = _ids(tok, s)
+        assert all(0 <= i < 1024 for i in ids) and 3 not in ids  # byte-level: never <unk>
+        assert tok.decode(ids) == s
+    assert len(_ids(tok, " The Eagle is a coffee shop")) <= 8  # BPE actually merged something
+    again = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"), local_files_only=True)
+    assert again("name[Aromi]")["input_ids"] == tok("name[Aromi]")["input_ids"]
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        load_tokenizer(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no tokenizer"):
+        load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_load_tokenizer_sets_missing_pad(tok, tmp_path):
+    tok2 = load_tokenizer(None)
+    tok2.pad_token = None
+    tok2.save_pretrained(str(tmp_path / "t"))
+    t = load_tokenizer(str(tmp_path / "t"))
+    assert t.pad_token_id == t.eos_token_id == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows and labels
+
+
+def test_completion_only_masking_is_exact(tok, tmp_path):
+    recs = [{"prompt": "<mr> name[Aromi], food[French]\nDescription:",
+             "completion": " Aromi serves French food."},
+            {"prompt": "", "completion": " Just an answer."}]
+    ds, st = load_examples(str(_write_jsonl(tmp_path / "a.jsonl", recs)), tok, DataConfig())
+    assert ds.column_names == ["input_ids", "labels"] and len(ds) == 2
+    for row, r in zip(ds, recs):
+        p, c = _ids(tok, r["prompt"]), _ids(tok, r["completion"])
+        assert row["input_ids"] == [1] + p + c + [2]
+        assert row["labels"] == [IGNORE_INDEX] * (1 + len(p)) + c + [2]
+    assert st["examples"] == 2 and st["skipped"] == 0 and st["truncated"] == 0
+    assert st["tokens"] == sum(len(r["input_ids"]) for r in ds)
+    assert st["target_tokens"] == sum(len(_ids(tok, r["completion"])) + 1 for r in recs)
+
+
+def test_builtin_eval_set_loads_in_order(tok):
+    ds, st = load_examples("builtin:e2e-eval", tok, DataConfig())
+    assert len(ds) == st["examples"] == 400 and st["truncated"] == 0
+    first = json.loads((ASSETS / "e2e_eval.jsonl").read_text("utf-8").splitlines()[0])
+    assert ds[0]["input_ids"] == [1] + _ids(tok, first["prompt"]) + _ids(tok, first["completion"]) + [2]
+    n_prompt = 1 + len(_ids(tok, first["prompt"]))
+    assert ds[0]["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert all(x != IGNORE_INDEX for x in ds[0]["labels"][n_prompt:])
+
+
+def test_truncation_keeps_the_completion(tok, tmp_path):
+    prompt = "<mr> " + ", ".join(f"attr{i}[value {i}]" for i in range(40)) + "\nDescription:"
+    comp = " The end is kept."
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"prompt": prompt, "completion": comp}])
+    ds, st = load_examples(str(path), tok, DataConfig(max_length=32))
+    p, c = _ids(tok, prompt), _ids(tok, comp)
+    assert len(p) + len(c) + 2 > 32
+    row = ds[0]
+    keep = 32 - 1 - len(c) - 1
+    assert row["input_ids"] == [1] + p[-keep:] + c + [2]  # prompt cut from the left
+    assert row["labels"] == [IGNORE_INDEX] * (1 + keep) + c + [2]
+    assert st["truncated"] == 1
+
+    # a completion longer than max_length - 1: its beginning stays, no prompt, no eos
+    long_c = " " + " ".join(f"word{i}" for i in range(60))
+    path = _write_jsonl(tmp_path / "longc.jsonl", [{"prompt": "P:", "completion": long_c}])
+    ds, st = load_examples(str(path), tok, DataConfig(max_length=16))
+    assert ds[0]["input_ids"] == [1] + _ids(tok, long_c)[:15]
+    assert ds[0]["labels"] == [IGNORE_INDEX] + _ids(tok, long_c)[:15]
+    assert st["truncated"] == 1
+
+
+def test_text_format_and_chunking(tok, tmp_path):
+    text = "LoRA freezes the pretrained weights. " * 20
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"text": "short one"}, {"text": text}])
+    ds, st = load_examples(str(path), tok, DataConfig(max_length=16))
+    assert ds[0]["input_ids"] == [1] + _ids(tok, "short one") + [2]
+    assert ds[0]["labels"] == [IGNORE_INDEX] + _ids(tok, "short one") + [2]
+    full = [1] + _ids(tok, text) + [2]
+    chunks = ds["input_ids"][1:]
+    assert [t for c in chunks for t in c] == full  # consecutive chunks, nothing lost
+    assert all(len(c) == 16 for c in chunks[:-1]) and 0 < len(chunks[-1]) <= 16
+    assert ds["labels"][1][0] == IGNORE_INDEX and ds["labels"][2][0] == full[16]
+    assert st["examples"] == 2 and st["rows"] == len(ds) == 1 + len(chunks) and st["truncated"] == 1
+
+
+def test_builtin_korean_corpus(tok):
+    ds, st = load_examples("builtin:lora-ko", tok, DataConfig(max_length=4096))
+    paras = [p for p in (ASSETS / "lora_intro_ko.txt").read_text("utf-8").split("\n\n") if p.strip()]
+    assert st["examples"] == len(paras) == len(ds) and st["truncated"] == 0
+    assert tok.decode(ds[0]["input_ids"][1:-1]) == paras[0].strip("\n")
+
+
+def test_packing(tok, tmp_path):
+    recs = [{"prompt": f"name[N{i}]:", "completion": f" Example {i}."} for i in range(30)]
+    path = str(_write_jsonl(tmp_path / "p.jsonl", recs))
+    plain, st0 = load_examples(path, tok, DataConfig(max_length=24))
+    packed, st = load_examples(path, tok, DataConfig(max_length=24, pack=True))
+    assert st0["truncated"] == 0 and max(len(r) for r in plain["input_ids"]) < 24
+    flat_ids = [t for r in plain["input_ids"] for t in r]
+    flat_labels = [t for r in plain["labels"] for t in r]
+    n_rows = len(flat_ids) // 24
+    assert len(packed) == st["packed_rows"] == n_rows > 1
+    assert all(len(r) == 24 for r in packed["input_ids"])
+    assert st["tokens"] == n_rows * 24 == st0["tokens"] - st["dropped_tokens"]
+    assert 0 <= st["dropped_tokens"] < 24
+    assert [t for r in packed["input_ids"] for t in r] == flat_ids[:n_rows * 24]
+    assert [t for r in packed["labels"] for t in r] == flat_labels[:n_rows * 24]
+    assert st["rows_crossing_examples"] == n_rows  # every example is shorter than a row
+
+
+def test_num_proc_gives_the_same_rows(tok):
+    a, _ = load_examples("builtin:e2e-eval", tok, DataConfig())
+    b, _ = load_examples("builtin:e2e-eval", tok, DataConfig(num_proc=2))
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+GOOD = {"prompt": "x:", "completion": " y"}
+BAD_CASES = [
+    ('{"prompt": "x:", "completion": ', "invalid JSON"),
+    ('["a list"]', "expected a JSON object, got list"),
+    ({"prompt": "x:"}, "missing field 'completion'"),
+    ({"prompt": 3, "completion": " y"}, "field 'prompt' must be a string, got int"),
+    ({"prompt": "x:", "completion": "  "}, "empty completion"),
+    ({"text": "a text line"}, "a text record in a prompt/completion dataset"),
+    ({"other": 1}, "missing fields"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", BAD_CASES)
+def test_bad_line_errors_name_file_and_line(tok, tmp_path, bad, reason):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", GOOD, bad, GOOD])  # bad is line 4
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), tok, DataConfig(on_bad_line="error"))
+    assert str(e.value).startswith(f"{path}:4: ")
+    assert reason in str(e.value)
+
+
+def test_bad_lines_skipped_and_counted(tok, tmp_path):
+    lines = [GOOD, "   "] + [b for b, _ in BAD_CASES] + [{"prompt": "last:", "completion": " z"}]
+    path = _write_jsonl(tmp_path / "bad.jsonl", lines)
+    ds, st = load_examples(str(path), tok, DataConfig(on_bad_line="skip"))
+    assert st["skipped"] == len(BAD_CASES) and st["examples"] == len(ds) == 2
+    assert st["bad_lines"][0].startswith(f"{path}:3: invalid JSON")
+    assert st["bad_lines"][1] == f"{path}:4: expected a JSON object, got list"
+    assert len(st["bad_lines"]) == 5
+    assert ds[1]["input_ids"] == [1] + _ids(tok, "last:") + _ids(tok, " z") + [2]
+
+
+def test_missing_and_empty_inputs(tok, tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_examples(str(tmp_path / "missing.jsonl"), tok, DataConfig())
+    with pytest.raises(DataError, match="unknown built-in"):
+        load_examples("builtin:nope", tok, DataConfig())
+    path = _write_jsonl(tmp_path / "blank.jsonl", ["", "  "])
+    with pytest.raises(DataError, match="no usable examples"):
+        load_examples(str(path), tok, DataConfig())
+    path = _write_jsonl(tmp_path / "allbad.jsonl", ["{", "{"])
+    with pytest.raises(DataError, match="no usable examples"):
+        load_examples(str(path), tok, DataConfig(on_bad_line="skip"))
+    with pytest.raises(DataError, match="fewer than one packed row"):
+        load_examples(str(_write_jsonl(tmp_path / "one.jsonl", [GOOD])), tok,
+                      DataConfig(max_length=64, pack=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved datasets
+
+
+def test_saved_dataset_directory_loads(tok, tmp_path):
+    recs = {"prompt": ["a:", "b:"], "completion": [" one", " two"], "extra": [1, 2]}
+    datasets.Dataset.from_dict(recs).save_to_disk(str(tmp_path / "pc"))
+    ds, st = load_examples(str(tmp_path / "pc"), tok, DataConfig())
+    assert ds["input_ids"] == [[1] + _ids(tok, p) + _ids(tok, c) + [2]
+                               for p, c in zip(recs["prompt"], recs["completion"])]
+    assert st["examples"] == 2
+
+    datasets.Dataset.from_dict({"text": ["hello there", ""]}).save_to_disk(str(tmp_path / "txt"))
+    with pytest.raises(DataError, match=r"txt:row 2: empty text"):
+        load_examples(str(tmp_path / "txt"), tok, DataConfig())
+    ds, st = load_examples(str(tmp_path / "txt"), tok, DataConfig(on_bad_line="skip"))
+    assert ds["input_ids"] == [[1] + _ids(tok, "hello there") + [2]] and st["skipped"] == 1
+
+    datasets.Dataset.from_dict({"foo": ["x"]}).save_to_disk(str(tmp_path / "foo"))
+    with pytest.raises(DataError, match="need 'prompt' and 'completion', or 'text'"):
+        load_examples(str(tmp_path / "foo"), tok, DataConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate
+
+
+def test_collate_pads_right():
+    batch = collate([{"input_ids": [1, 5, 6, 2], "labels": [-100, -100, 6, 2]},
+                     {"input_ids": [1, 7], "labels": [-100, 7]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert all(t.dtype == torch.int64 for t in batch.values())
+    odd = collate([{"input_ids": [4], "labels": [4]}], pad_id=9)
+    assert odd["input_ids"].tolist() == [[4]] and odd["attention_mask"].tolist() == [[1]]

@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-TRAIN_ARGS = ["zero.stage=3", "train.device=cpu", "model.preset=tiny-opt", f"train.max_steps={STEPS}",
+# model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
+TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",
+              "train.device=cpu", f"train.max_steps={STEPS}",
               "train.micro_batch_size=2", "train.log_every=1", "train.warmup_steps=1",
               "train.eval_every=1000", "checkpoint.every=2", "logging.progress_bar=false"]
 TIMEOUT_S = 300

@@ -22,7 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-TRAIN_ARGS = ["zero.stage=3", "train.device=cpu", "model.preset=tiny-opt",
+# model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
+TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",
+              "train.device=cpu",
               "train.micro_batch_size=4", "train.log_every=1", "train.warmup_steps=2",
               "train.eval_every=1000", "checkpoint.every=10", "logging.progress_bar=false"]
 JOB_TIMEOUT_S = 240

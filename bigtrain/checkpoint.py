@@ -188,20 +188,20 @@ def verify(path: Path) -> dict:
 
 
 def find_resumable(root: Path, log=print) -> Path | None:
-    """The newest checkpoint that verifies: ``latest`` first, then the others by step. Each one
-    skipped is reported with its reason."""
-    candidates = list_checkpoints(root)
+    """The newest checkpoint that verifies. Each newer one skipped is reported with its reason.
+    ``latest`` is not trusted over the directory listing: a crash after a checkpoint's rename but
+    before ``latest`` moved leaves a complete newer checkpoint, and that one is used."""
     latest = root / LATEST
-    if latest.is_file():
-        name = latest.read_text().strip()
-        pointed = [p for p in candidates if p.name == name]
-        candidates = pointed + [p for p in candidates if p.name != name]
-    for p in candidates:
+    pointed = latest.read_text().strip() if latest.is_file() else None
+    for p in list_checkpoints(root):
         try:
             verify(p)
-            return p
         except CheckpointError as e:
             log(f"warning: skipping checkpoint {p.name}: {e}; falling back to an older one")
+            continue
+        if pointed is not None and p.name != pointed:
+            log(f"note: {LATEST} names {pointed} but {p.name} is newer and complete: using {p.name}")
+        return p
     return None
 
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from .presets import hf_config_for
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 threads on 2 shared cores ran 3x slower (OpenMP spin-waits)
     tok = load_tokenizer(None)
     ids: list[int] = []
     for t in corpus():

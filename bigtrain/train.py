@@ -182,6 +182,8 @@ def train(cfg: Config) -> dict:
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             with autocast():
                 ls, _ = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            if _inject_nan(state["step"] + 1, info.rank):
+                ls = ls * float("nan")
             (ls / max(global_targets, 1)).backward()
             engine.after_backward()
             loss_sum += ls.detach().float()
@@ -314,6 +316,12 @@ def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
     choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
     choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
     return Path(choice) if choice else None
+
+
+def _inject_nan(step: int, rank: int) -> bool:
+    """Fault injection for tests: BIGTRAIN_FAULT_NAN="STEP:RANK[,STEP:RANK]" poisons that rank's loss."""
+    spec = os.environ.get("BIGTRAIN_FAULT_NAN")
+    return bool(spec) and f"{step}:{rank}" in spec.split(",")
 
 
 def _hf_config(cfg: Config, model_path: str | None, vocab: int):

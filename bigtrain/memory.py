@@ -1,0 +1,787 @@
+"""Memory accounting: what LoRA saves against full fine-tuning with Adam, per GPU, up to GPT-3 175B.
+
+Two halves:
+
+* **Predicted** (``estimate``, ``predict_states``, ``bigtrain estimate``): per-GPU bytes by category for
+  full fine-tuning with mixed-precision Adam under ZeRO stage 0-3, and for bigtrain's LoRA (frozen base
+  partitioned by ZeRO-3, or whole at stage 0; fp32 adapters and their AdamW state replicated).
+* **Measured** (``measure_states``): the same categories for the live objects of this rank.
+  ``tests/test_memory_dist.py`` checks measured == predicted exactly, per rank, for 1, 2 and 3 ranks.
+
+Assumptions (REFERENCE §3; every one of them is a choice stated here, not a law):
+
+* Parameter counts come from the real ``transformers`` model built on the meta device
+  (:func:`bigtrain.presets.meta_model`), tied weights once; never from a closed formula.
+* ZeRO-3 partitions each parameter separately and pads it to a multiple of N, so a rank holds
+  ``ceil(numel / N)`` elements of it. A parameter of at most ``persistence_threshold`` elements
+  (DeepSpeed's ``stage3_param_persistence_threshold``, default 1e5) additionally stays whole on every
+  rank once it has been gathered (after the first forward): it costs ``numel + ceil(numel / N)``.
+* Full fine-tuning, recipe ``zero`` (the ZeRO paper's mixed-precision Adam, 16 bytes/param):
+  2Ψ bf16 weights + 2Ψ bf16 gradients + 12Ψ fp32 master weights, m and v. Stage 0: all of it on every
+  GPU; 1: the 12Ψ sharded; 2: grads too; 3: everything. Sharded *flat* buffers (grads, optimizer
+  state) are ``ceil(Ψ / N)`` per rank; stage-3 bf16 weights follow the per-parameter rule above.
+* Full fine-tuning, recipe ``torch-amp`` (what ``bench/memory_gpu.py`` runs on one GPU): fp32 weights
+  4Ψ, fp32 grads 4Ψ, AdamW m,v 8Ψ, plus the bf16 copies that autocast makes of every weight and
+  autograd keeps for backward (2Ψ, counted under "ZeRO/comm buffers + casts").
+* LoRA: Φ = Σ over target linear layers of r·(d_in + d_out). Adapter state per rank:
+  fp32 weights 4Φ + fp32 grads 4Φ + AdamW m, v 8Φ = 16Φ, plus torch AdamW's fp32 ``step`` counter
+  (4 bytes per adapter tensor). Replicated: it does not shrink with N. With N > 1 the flat fp32
+  all-reduce of the gradients adds a transient 4Φ.
+* Activations, bf16, per decoder layer (Korthikanti et al. 2022): ``34·s·b·h`` bytes without
+  recomputation (sdpa/flash attention: the ``5·a·s²·b`` score term is never stored). LoRA adds per
+  adapted matrix the r-dim intermediate (2·s·b·r) and the copy of the input that the adapter
+  makes when it casts to its own dtype (2·s·b·d_in under bf16 autocast). With full recomputation:
+  the layer inputs ``2·s·b·h`` per layer plus one layer's working set while it is recomputed.
+* Logits and loss: ``s·b·V`` bf16 logits + their fp32 upcast for the loss + the fp32 log-softmax that
+  cross-entropy keeps for backward: ``(2 + 4 + 4)·s·b·V``.
+* ZeRO buffers: stage 3 gathers one fetch unit at a time (a whole decoder layer for bigtrain's LoRA,
+  which sets ``set_z3_leaf_modules``; the largest module for DeepSpeed full FT) plus the prefetch bucket
+  (5e7 elements); full FT at stages 1-3 also holds a reduce bucket (5e8 elements, 16-bit).
+* CUDA context 0.5 GiB plus a 5 % fragmentation allowance on everything else; these two are not
+  part of ``torch.cuda.max_memory_allocated`` (the bench compares without them).
+
+Everything here is CPU-only and never allocates model storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GiB = 2 ** 30
+GB = 10 ** 9
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state",
+              "activations", "logits_loss", "zero_buffers", "cuda_context")
+CATEGORY_LABELS = {
+    "frozen_weights": "frozen weights",
+    "trainable_weights": "trainable weights",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+    "logits_loss": "logits + loss",
+    "zero_buffers": "ZeRO/comm buffers + casts",
+    "cuda_context": "CUDA context + fragmentation",
+}
+CUDA_CONTEXT_BYTES = GiB // 2
+FRAGMENTATION = 0.05
+PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
+REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
+DEFAULT_PERSISTENCE = 100000  # DeepSpeed stage3_param_persistence_threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's shape, from the real model on the meta device.
+
+
+@dataclass
+class ModelShape:
+    """Everything the estimator needs, read off a meta-device model."""
+
+    name: str
+    numels: Counter  # numel -> how many parameters have it (tied weights once)
+    total_params: int
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    layer_params: int  # parameters of one decoder layer (the bigtrain ZeRO-3 fetch unit)
+    largest_module_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
+    linears: dict = field(default_factory=dict)  # dotted name -> (d_in, d_out)
+
+    def lora_params(self, targets: list[str], r: int) -> int:
+        return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
+
+    def lora_shapes(self, targets: list[str]) -> dict:
+        from .inject import ALL_LINEAR
+
+        if targets == [ALL_LINEAR]:
+            return {n: s for n, s in self.linears.items()
+                    if n.split(".")[-1] not in ("lm_head", "embed_out")}
+        out = {}
+        for n, s in self.linears.items():
+            if any(n == t or n.endswith("." + t) for t in targets):
+                out[n] = s
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in self.linears)]
+        if missing:
+            avail = sorted({n.split(".")[-1] for n in self.linears})
+            raise ValueError(f"lora targets {missing} match no linear layer; available: {', '.join(avail)}")
+        return out
+
+
+def _hf_config(source):
+    """A preset name, a local HF config directory, or an HF config object -> (name, config)."""
+    from . import presets
+
+    if isinstance(source, str):
+        if source in presets.PRESETS:
+            return source, presets.hf_config_for(source, vocab_size=512)
+        if Path(source).is_dir():
+            import transformers as tf
+
+            return Path(source).name, tf.AutoConfig.from_pretrained(source)
+        raise ValueError(f"{source!r} is neither a preset ({', '.join(presets.PRESETS)}) "
+                         f"nor a local Hugging Face config directory")
+    return getattr(source, "model_type", "model"), source
+
+
+def shape_from_model(model, name: str = "model") -> ModelShape:
+    """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
+    from .inject import _is_linear
+    from .lora import linear_shape
+
+    cfg = getattr(model, "config", None)
+    numels, seen = Counter(), set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        numels[int(getattr(p, "ds_numel", p.numel()))] += 1
+    linears = {n: linear_shape(m) for n, m in model.named_modules() if _is_linear(m)}
+    layer_params, largest = 0, 0
+    for m in model.modules():
+        own = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
+        largest = max(largest, own)
+    layers_mod = _decoder_layers(model)
+    if layers_mod is not None and len(layers_mod):
+        layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    return ModelShape(
+        name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
+        layers=getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0),
+        hidden=hidden,
+        heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
+        vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
+        largest_module_params=largest, linears=linears)
+
+
+def _decoder_layers(model):
+    from torch import nn
+
+    best = None
+    for _, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and (best is None or len(m) > len(best)):
+            best = m
+    return best
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_cached(source: str):
+    from .presets import meta_model
+
+    return meta_model(_hf_config(source)[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _shape_cached(source: str) -> ModelShape:
+    return shape_from_model(_meta_cached(source), _hf_config(source)[0])
+
+
+def model_shape(source) -> ModelShape:
+    """:class:`ModelShape` of a preset name, a local HF config directory, an HF config or a model.
+    Presets are built on the meta device once per process (tiny presets with vocabulary 512)."""
+    if isinstance(source, ModelShape):
+        return source
+    if isinstance(source, str):
+        return _shape_cached(source)
+    if hasattr(source, "parameters"):
+        return shape_from_model(source, type(source).__name__)
+    from .presets import meta_model
+
+    name, cfg = _hf_config(source)
+    return shape_from_model(meta_model(cfg), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact per-rank model states: predicted and measured.
+
+
+def zero3_local_numel(numel: int, world_size: int, persistence_threshold: int = DEFAULT_PERSISTENCE) -> int:
+    """Elements of one ZeRO-3 parameter held by a rank: its padded partition ``ceil(numel/N)``, plus
+    the whole tensor if it is persistent (``numel <= threshold``; whole once first gathered)."""
+    part = -(-numel // world_size)
+    return part + (numel if numel <= persistence_threshold else 0)
+
+
+def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage: int = 3,
+                      persistence_threshold: int = DEFAULT_PERSISTENCE) -> int:
+    if stage == 0:
+        return shape.total_params * base_bytes
+    return base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold)
+                            for n, c in shape.numels.items())
+
+
+def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_size: int,
+                   base_dtype: str = "float32", persistence_threshold: int = DEFAULT_PERSISTENCE,
+                   stage: int = 3, adapter_dtype: str = "float32") -> dict:
+    """This rank's bytes of model states in steady state (after the second training step: during the
+    first, DeepSpeed records its fetch trace and releases persistent parameters too) of bigtrain's LoRA (same keys as
+    :func:`measure_states`): the frozen base (ZeRO-3 partitions + persistent whole tensors, or the whole
+    base at stage 0), fp32 adapter weights, their grads, and torch AdamW's state (m, v in fp32 and a
+    4-byte fp32 ``step`` per adapter tensor). Exact, not approximate."""
+    shape = model_shape(hf_config_or_model_meta)
+    ab = DTYPE_BYTES[adapter_dtype]
+    shapes = shape.lora_shapes(targets)
+    phi = sum(r * (i + o) for i, o in shapes.values())
+    n_tensors = 2 * len(shapes)
+    return {
+        "frozen_weights": frozen_base_bytes(shape, world_size, DTYPE_BYTES[base_dtype], stage,
+                                            persistence_threshold),
+        "trainable_weights": ab * phi,
+        "gradients": ab * phi,
+        "optimizer_state": 2 * ab * phi + 4 * n_tensors,
+    }
+
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def measure_states(model, lora, optimizer) -> dict:
+    """This rank's bytes held by the live objects, by category: frozen base storage (for a ZeRO-3
+    parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent), adapter
+    weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
+    frozen, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if hasattr(p, "ds_tensor"):
+            frozen += _tensor_bytes(p.ds_tensor) + _tensor_bytes(p.data)
+        else:
+            frozen += _tensor_bytes(p)
+    params = list(lora.parameters())
+    opt = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if hasattr(v, "numel") and hasattr(v, "element_size"):
+                opt += _tensor_bytes(v)
+    return {
+        "frozen_weights": frozen,
+        "trainable_weights": sum(_tensor_bytes(p) for p in params),
+        "gradients": sum(_tensor_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer_state": opt,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-step per-GPU estimate: full fine-tuning with Adam vs bigtrain's LoRA.
+
+
+@dataclass
+class Setup:
+    """The inputs of one estimate (the same ones ``bench/memory_gpu.py`` runs with)."""
+
+    world_size: int = 1
+    zero_stage: int = 3  # full fine-tuning's ZeRO stage; LoRA: 0 if this is 0, else 3
+    micro_batch: int = 1
+    seq_len: int = 2048
+    checkpointing: bool = True
+    lora_r: int = 4
+    lora_targets: tuple = ("q_proj", "v_proj")
+    dtype: str = "bfloat16"  # 16-bit weights/activations (LoRA: the frozen base's storage dtype)
+    offload_param: bool = False  # ZeRO-3 parameter partitions in host memory (stage 3 only)
+    persistence_threshold: int = DEFAULT_PERSISTENCE
+    full_recipe: str = "zero"  # "zero": 16 bytes/param mixed precision; "torch-amp": see module doc
+    gpu_mem_bytes: int = 80 * GiB
+    include_context: bool = True  # CUDA context + fragmentation allowance
+
+    @property
+    def lora_stage(self) -> int:
+        return 0 if self.zero_stage == 0 else 3
+
+
+def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int) -> int:
+    """One decoder layer's stored activations without recomputation: 34·s·b·h (bf16, sdpa; scaled by
+    act/2 for other widths) plus, with LoRA, per adapted matrix its input copy (act·s·b·d_in) and its
+    r-dim intermediate (act·s·b·r), averaged over the layers."""
+    base = 34 * s * b * shape.hidden * act // 2
+    if not lora:
+        return base
+    extra = sum(act * s * b * (d_in + r) for d_in, _ in lora.values())
+    return base + extra // max(shape.layers, 1)
+
+
+def _components_full(shape: ModelShape, st: Setup) -> dict:
+    N, z = st.world_size, st.zero_stage
+    P = shape.total_params
+    w16 = DTYPE_BYTES[st.dtype]
+    flat = -(-P // N)  # per-rank share of a flat, evenly padded buffer
+    c = dict.fromkeys(CATEGORIES, 0)
+    buffers = 0
+    if st.full_recipe == "torch-amp":
+        if N != 1 or z != 0:
+            raise ValueError("the torch-amp recipe is plain single-GPU PyTorch: world_size 1, stage 0")
+        c["trainable_weights"] = 4 * P
+        c["gradients"] = 4 * P
+        c["optimizer_state"] = 8 * P
+        buffers = w16 * P  # autocast's bf16 copies of the weights, kept by autograd for backward
+    else:
+        if z == 3:
+            c["trainable_weights"] = frozen_base_bytes(shape, N, w16, 3, st.persistence_threshold)
+        else:
+            c["trainable_weights"] = w16 * P
+        c["gradients"] = w16 * (P if z < 2 else flat)
+        c["optimizer_state"] = 12 * (P if z == 0 else flat)
+        if z >= 1:
+            buffers += w16 * REDUCE_BUCKET
+        if z == 3:
+            buffers += w16 * (shape.largest_module_params + PREFETCH_BUCKET)
+    if st.offload_param and z == 3 and st.full_recipe == "zero":
+        c["trainable_weights"] = 0
+    c["zero_buffers"] = buffers
+    return c
+
+
+def _components_lora(shape: ModelShape, st: Setup) -> dict:
+    N = st.world_size
+    pred = predict_states(shape, list(st.lora_targets), st.lora_r, N, st.dtype, st.persistence_threshold,
+                          stage=st.lora_stage)
+    c = dict.fromkeys(CATEGORIES, 0)
+    c.update(pred)
+    buffers = 0
+    if st.lora_stage == 3:
+        if st.offload_param:
+            c["frozen_weights"] = 0
+        # the gathered fetch unit (a decoder layer) is a separate allocation even with one rank:
+        # DeepSpeed all-gathers into a new buffer and has no single-rank shortcut
+        unit = shape.layer_params or shape.largest_module_params
+        buffers += DTYPE_BYTES[st.dtype] * (unit + min(unit, PREFETCH_BUCKET))
+    if N > 1:
+        buffers += pred["trainable_weights"]  # the flat fp32 all-reduce of the adapter gradients
+    c["zero_buffers"] = buffers
+    return c
+
+
+def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
+    s, b = st.seq_len, st.micro_batch
+    act = DTYPE_BYTES[st.dtype]
+    shapes = shape.lora_shapes(list(st.lora_targets)) if lora else None
+    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r)
+    if st.checkpointing:
+        acts = shape.layers * act * s * b * shape.hidden + layer
+    else:
+        acts = shape.layers * layer
+    logits = s * b * shape.vocab * (act + 4 + 4)
+    return acts, logits
+
+
+def _finish(c: dict, st: Setup) -> dict:
+    c = dict(c)
+    if st.include_context:
+        rest = sum(v for k, v in c.items() if k != "cuda_context")
+        c["cuda_context"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * rest)
+    else:
+        c["cuda_context"] = 0
+    return c
+
+
+def per_gpu(shape: ModelShape, st: Setup, which: str) -> dict:
+    """Per-GPU bytes by category (``CATEGORIES``) for ``which`` in {"full", "lora"}."""
+    c = _components_full(shape, st) if which == "full" else _components_lora(shape, st)
+    c["activations"], c["logits_loss"] = _activations(shape, st, which == "lora")
+    return _finish(c, st)
+
+
+def peak_bytes(c: dict, st: Setup, which: str) -> int:
+    """The per-GPU peak from the categories of :func:`per_gpu`. Their plain sum, except for full
+    fine-tuning with the ``torch-amp`` recipe, whose gradients are freed at every step
+    (``zero_grad(set_to_none=True)``) and so never coexist with the stored activations: the peak is the
+    larger of the end of forward (everything but gradients) and the optimizer step (model states, no
+    activations, logits or autocast copies). Against REFERENCE §5's H200 measurements of plain full
+    fine-tuning (another harness, same recipe): GPT-3 2.7B b=4 59.7 vs 59.5 GiB; 6.7B b=2 105.7 vs 105.3;
+    with checkpointing 99.2 vs 100.2 (the plain sum would say 69.5, 130.5, 115.1)."""
+    total = sum(c.values())
+    if which == "full" and st.full_recipe == "torch-amp":
+        ctx = c["cuda_context"]
+        fwd = total - ctx - c["gradients"]
+        step = total - ctx - c["activations"] - c["logits_loss"] - c["zero_buffers"]
+        core = max(fwd, step)
+        return core + (CUDA_CONTEXT_BYTES + int(FRAGMENTATION * core) if st.include_context else 0)
+    return total
+
+
+def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) -> int | None:
+    """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
+    ``limit``; stage 0 never improves with more GPUs)."""
+    from dataclasses import replace
+
+    def fits(n: int) -> bool:
+        return peak_bytes(per_gpu(shape, replace(st, world_size=n), which), st, which) <= st.gpu_mem_bytes
+
+    if st.full_recipe == "torch-amp" and which == "full":
+        return 1 if fits(1) else None  # a one-GPU recipe
+    if not fits(limit):
+        return 1 if fits(1) else None
+    lo, hi = 1, limit  # per-GPU memory is non-increasing in N: bisect for the first fit
+    if fits(1):
+        return 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def estimate(model, st: Setup | None = None, **kw) -> dict:
+    """Full fine-tuning vs LoRA, per GPU and whole job, for ``model`` (preset name, config directory,
+    HF config or model) under ``st`` (or ``Setup(**kw)``). Plain dict: JSON-ready."""
+    st = st or Setup(**kw)
+    shape = model_shape(model)
+    out = {"model": shape.name, "total_params": shape.total_params,
+           "lora_params": shape.lora_params(list(st.lora_targets), st.lora_r),
+           "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in st.__dict__.items()}}
+    for which in ("full", "lora"):
+        c = per_gpu(shape, st, which)
+        total = peak_bytes(c, st, which)
+        out[which] = {"per_gpu": c, "per_gpu_total": total, "job_total": total * st.world_size,
+                      "fits": total <= st.gpu_mem_bytes,
+                      "fewest_gpus": fewest_gpus(shape, st, which),
+                      "stage": st.zero_stage if which == "full" else st.lora_stage}
+    out["ratio_per_gpu"] = out["full"]["per_gpu_total"] / out["lora"]["per_gpu_total"]
+    out["ratio_job"] = out["full"]["job_total"] / out["lora"]["job_total"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA paper's GPT-3 175B figures, and what the usual tools say.
+
+PAPER_FULL_VRAM = 1.2e12  # Hu et al. 2021, §4.2: "from 1.2TB to 350GB"
+PAPER_LORA_VRAM = 350e9
+PAPER_CHECKPOINT = 35e6  # "from 350GB to 35MB"
+
+
+def paper_figures(model="gpt3-175b") -> dict:
+    """The paper's headline figures recomputed from the meta-built model.
+
+    * trainable parameters, W_q and W_v: r=1 and r=4 (the paper's setting);
+    * adapter checkpoint at r=4 in bf16 (the paper's "35 MB" is 37.7 MB = 18,874,368 × 2 bytes);
+    * the LoRA training VRAM "350 GB" is the 16-bit frozen weights, 2Ψ; adapter state (16Φ ≈ 0.3 GB)
+      and activations are small beside it;
+    * the full fine-tuning "1.2 TB" is the paper's own measured figure: no itemised accounting is
+      given. It is ≈ 6.9 bytes/param, i.e. 16-bit weights + 16-bit Adam m and v (6Ψ = 1.05 TB) plus part
+      of the 16-bit gradients live at once (all of them: 8Ψ = 1.40 TB); it is not the 16Ψ (2.79 TB) of
+      mixed-precision Adam with an fp32 master copy, which is what ``bigtrain estimate`` reports.
+    """
+    shape = model_shape(model)
+    P = shape.total_params
+    r1 = shape.lora_params(["q_proj", "v_proj"], 1)
+    r4 = shape.lora_params(["q_proj", "v_proj"], 4)
+    return {
+        "total_params": P, "lora_params_r1": r1, "lora_params_r4": r4,
+        "param_reduction": P / r4,
+        "checkpoint_full_bytes_bf16": 2 * P, "checkpoint_lora_bytes_bf16": 2 * r4,
+        "checkpoint_reduction": P / r4,
+        "paper_full_vram_bytes": PAPER_FULL_VRAM, "paper_lora_vram_bytes": PAPER_LORA_VRAM,
+        "paper_checkpoint_bytes": PAPER_CHECKPOINT,
+        "lora_vram_bf16_weights": 2 * P,
+        "lora_vram_with_adapter_state": 2 * P + 16 * r4,
+        "full_vram_implied_bytes_per_param": PAPER_FULL_VRAM / P,
+        "full_vram_16bit_weights_adam": 6 * P,
+        "full_vram_16bit_weights_grads_adam": 8 * P,
+        "full_vram_mixed_precision_adam": 16 * P,
+        "vram_reduction_paper": PAPER_FULL_VRAM / PAPER_LORA_VRAM,
+    }
+
+
+def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dict:
+    """What ``accelerate`` and DeepSpeed's estimators say, called for real on the meta model.
+
+    * accelerate: ``calculate_maximum_sizes`` on the meta model (fp32 sizes), then
+      ``estimate_training_usage(bytes=16-bit size, "float16")``: whole-job totals for full fine-tuning
+      at batch 1, with no notion of LoRA, sharding or activations (model 2Ψ, gradients 3Ψ, optimizer
+      and step 4Ψ). The ``accelerate estimate-memory`` command (which needs the Hub) passes the fp32
+      size to the same function, so its float16 row says 8Ψ (1.40 TB for 175B): ``cli_float16_row_peak``.
+    * DeepSpeed: ``estimate_zero3_model_states_mem_needs_all_live`` prints and returns nothing, and its
+      ``model_to_params`` de-duplicates parameters by ``data_ptr()``, which is 0 for every meta tensor
+      (it then sees only one parameter). We run it for real and report what it printed, then call the
+      same formula it uses, ``estimate_zero3_model_states_mem_needs``, with the real counts: per GPU
+      ``4·largest_layer + 18·Ψ/N`` bytes, every parameter charged 18 bytes whatever its requires_grad,
+      so it gives LoRA the same figure as full fine-tuning.
+    """
+    if isinstance(model, str):
+        mm = _meta_cached(model)
+    elif hasattr(model, "parameters"):
+        mm = model
+    else:
+        from .presets import meta_model
+
+        mm = meta_model(_hf_config(model)[1])
+    shape = model_shape(model)
+    out: dict = {}
+    try:
+        from accelerate.commands.estimate import estimate_training_usage
+        from accelerate.utils import calculate_maximum_sizes
+
+        total_size, largest = calculate_maximum_sizes(mm)  # bytes, in the meta model's fp32
+        sizes = estimate_training_usage(total_size // 2, "float16")
+        # the `accelerate estimate-memory` command itself passes the fp32 size for every dtype row
+        cli = estimate_training_usage(total_size, "float16")
+        out["accelerate"] = {"ran": True, "model_bytes_fp32": int(total_size),
+                             "params_counted": int(total_size // 4), **{k: int(v) for k, v in sizes.items()},
+                             "peak": int(max(sizes.values())),
+                             "cli_float16_row_peak": int(max(cli.values())),
+                             "note": "whole job, full fine-tuning, no sharding/LoRA/activations"}
+    except Exception as e:  # pragma: no cover - depends on the installed accelerate
+        out["accelerate"] = {"ran": False, "error": repr(e)}
+    N = num_gpus_per_node * num_nodes
+    ds: dict = {}
+    try:
+        import logging
+
+        from deepspeed.runtime.zero import stage3 as s3
+
+        buf = io.StringIO()
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(buf):
+            s3.estimate_zero3_model_states_mem_needs_all_live(mm, num_gpus_per_node, num_nodes)
+        ds["all_live_output"] = buf.getvalue().strip()
+        ds["all_live_params_seen"] = s3.model_to_params(mm)[0]
+        cpu, gpu, largest_mem = s3.estimate_zero3_model_states_mem_needs(
+            total_params=shape.total_params, largest_layer_params=shape.largest_module_params,
+            num_gpus_per_node=num_gpus_per_node, num_nodes=num_nodes, cpu_offload=False,
+            cpu_offload_params=False, zero_init=True)
+        ds.update(ran=True, gpu_per_gpu=int(gpu), cpu_per_node=int(cpu),
+                  formula="4*largest_layer + 18*params/N per GPU")
+    except Exception as e:  # pragma: no cover - depends on the installed deepspeed
+        ds.update(ran=False, error=repr(e),
+                  gpu_per_gpu=4 * shape.largest_module_params + int(18 * shape.total_params / N),
+                  formula="computed from DeepSpeed's documented formula: 4*largest_layer + 18*params/N")
+    out["deepspeed_zero3"] = ds
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table, JSON, plot; the ``estimate`` command.
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.2f}"
+
+
+def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
+    st = est["setup"]
+    N = st["world_size"]
+    lines = [
+        f"{est['model']}: {est['total_params']:,} parameters (meta build); LoRA r={st['lora_r']} on "
+        f"{','.join(st['lora_targets'])}: {est['lora_params']:,} trainable "
+        f"({100 * est['lora_params'] / est['total_params']:.4f} %)",
+        f"{N} GPU(s), seq {st['seq_len']}, micro-batch {st['micro_batch']}, "
+        f"checkpointing {'on' if st['checkpointing'] else 'off'}, {st['dtype']}, "
+        f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
+        + (", parameters offloaded to CPU" if st["offload_param"] else ""),
+        "",
+        f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
+        f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + ' base)':>22}",
+    ]
+    for k in CATEGORIES:
+        lines.append(f"{CATEGORY_LABELS[k]:<32}{_gb(est['full']['per_gpu'][k]):>20}"
+                     f"{_gb(est['lora']['per_gpu'][k]):>22}")
+    lines.append("-" * 74)
+    f, lo = est["full"], est["lora"]
+    lines += [
+        f"{'peak per GPU':<32}{_gb(f['per_gpu_total']):>20}{_gb(lo['per_gpu_total']):>22}",
+        f"{'whole job (x' + str(N) + ')':<32}{_gb(f['job_total']):>20}{_gb(lo['job_total']):>22}",
+        f"{'fits the GPU':<32}{'yes' if f['fits'] else 'NO':>20}{'yes' if lo['fits'] else 'NO':>22}",
+        f"{'fewest GPUs that fit':<32}{str(f['fewest_gpus'] or 'none'):>20}{str(lo['fewest_gpus'] or 'none'):>22}",
+        f"full / LoRA: {est['ratio_per_gpu']:.2f}x per GPU, {est['ratio_job']:.2f}x whole job",
+    ]
+    if st["full_recipe"] == "torch-amp":
+        lines.append("(torch-amp: gradients and activations never coexist, so the full FT peak is below "
+                     "the sum of its rows)")
+    if paper:
+        p = paper
+        lines += [
+            "",
+            "LoRA paper (Hu et al. 2021), GPT-3 175B, recomputed from the meta build:",
+            f"  trainable params W_q,W_v: r=1 {p['lora_params_r1']:,}, r=4 {p['lora_params_r4']:,} "
+            f"({p['param_reduction']:,.0f}x fewer than {p['total_params']:,}; paper: ~10,000x)",
+            f"  adapter checkpoint r=4 bf16: {p['checkpoint_lora_bytes_bf16'] / 1e6:.1f} MB (paper: 35 MB) "
+            f"vs full {p['checkpoint_full_bytes_bf16'] / GB:.1f} GB (paper: 350 GB)",
+            f"  training VRAM, whole job: paper 1.2 TB -> 350 GB ({p['vram_reduction_paper']:.1f}x)",
+            f"    350 GB = the bf16 frozen weights 2*Psi = {p['lora_vram_bf16_weights'] / GB:.1f} GB "
+            f"(+ adapter state {16 * p['lora_params_r4'] / GB:.2f} GB)",
+            f"    1.2 TB = the paper's own measurement, {p['full_vram_implied_bytes_per_param']:.2f} bytes/param: "
+            f"between 16-bit weights+Adam m,v (6*Psi = {p['full_vram_16bit_weights_adam'] / 1e12:.2f} TB) and "
+            f"with 16-bit grads too (8*Psi = {p['full_vram_16bit_weights_grads_adam'] / 1e12:.2f} TB);",
+            f"    mixed-precision Adam with an fp32 master (16*Psi, this tool's 'full FT') is "
+            f"{p['full_vram_mixed_precision_adam'] / 1e12:.2f} TB before activations",
+        ]
+    if tools:
+        a, d = tools.get("accelerate", {}), tools.get("deepspeed_zero3", {})
+        lines += ["", "What the usual estimators say for this model:"]
+        if a.get("ran"):
+            lines.append(f"  accelerate estimate_training_usage (fp16, whole job, batch 1): model {_gb(a['model'])}, "
+                         f"gradients {_gb(a['gradients'])}, optimizer {_gb(a['optimizer'])}, step "
+                         f"{_gb(a['step'])} GB; no LoRA, no sharding, no activations")
+            lines.append(f"    (the `accelerate estimate-memory` command passes the fp32 size: its float16 row "
+                         f"says {_gb(a['cli_float16_row_peak'])} GB)")
+        else:
+            lines.append(f"  accelerate: could not run ({a.get('error')})")
+        lines.append(f"  DeepSpeed estimate_zero3_model_states_mem_needs ({d.get('formula')}): "
+                     f"{_gb(d.get('gpu_per_gpu', 0))} GB per GPU on {N} GPUs, the same for LoRA: it charges "
+                     f"18 bytes to every parameter, frozen or not, and counts no activations")
+        if "all_live_params_seen" in d:
+            lines.append(f"    (its _all_live variant on a meta model sees {d['all_live_params_seen']:,} params: "
+                         f"it de-duplicates by data_ptr(), 0 for every meta tensor)")
+        lines.append(f"  bigtrain: LoRA keeps no grads/Adam for the base and shards it: "
+                     f"{_gb(lo['per_gpu_total'])} GB per GPU including activations and buffers")
+    return "\n".join(lines)
+
+
+def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup | None = None) -> str:
+    """Stacked bars (full vs LoRA per GPU, by category) and per-GPU total vs GPU count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dataclasses import replace
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    bottoms = [0.0, 0.0]
+    for k in CATEGORIES:
+        vals = [est["full"]["per_gpu"][k] / GB, est["lora"]["per_gpu"][k] / GB]
+        ax1.bar(["full FT", "LoRA"], vals, bottom=bottoms, label=CATEGORY_LABELS[k])
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    gpu = est["setup"]["gpu_mem_bytes"] / GB
+    ax1.axhline(gpu, color="k", ls="--", lw=1, label=f"GPU {est['setup']['gpu_mem_bytes'] / GiB:g} GiB")
+    ax1.set_ylabel("GB per GPU")
+    ax1.set_title(f"{est['model']} on {est['setup']['world_size']} GPU(s)")
+    ax1.legend(fontsize=7)
+    if shape is not None and st is not None:
+        ns = [2 ** i for i in range(0, 11)]
+        for which, lab in (("full", "full FT"), ("lora", "LoRA")):
+            ys = [sum(per_gpu(shape, replace(st, world_size=n), which).values()) / GB for n in ns]
+            ax2.plot(ns, ys, marker="o", label=lab)
+        ax2.axhline(gpu, color="k", ls="--", lw=1)
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("GPUs")
+        ax2.set_ylabel("GB per GPU")
+        ax2.set_title("per-GPU memory vs GPU count")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+EPILOG = """\
+what it counts (per GPU, bytes; GB = 1e9):
+  full FT   mixed-precision Adam, 16 bytes/param: bf16 weights 2, bf16 grads 2, fp32 master+m+v 12,
+            split by ZeRO stage 0 (none) / 1 (optimizer) / 2 (+grads) / 3 (+weights)
+  LoRA      bigtrain: frozen base bf16 partitioned by ZeRO-3 (--zero-stage 0: whole on every GPU),
+            fp32 adapters + grads + AdamW m,v = 16 bytes per adapter parameter, replicated
+  both      activations (34*s*b*h bytes per layer, or layer inputs only with --checkpointing),
+            logits + loss, ZeRO gather/reduce buffers, CUDA context + 5 %% fragmentation
+  Parameter counts come from the real model built on the meta device.
+
+examples:
+  bigtrain estimate gpt3-175b --nodes 8 --gpus-per-node 8
+  bigtrain estimate gpt3-175b --paper                 # the LoRA paper's figures, and accelerate/DeepSpeed's
+  bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
+  bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
+  bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
+"""
+
+
+def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``estimate`` on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "estimate", help="predict per-GPU memory: full fine-tuning with Adam vs LoRA",
+        description="Predict per-GPU memory of full fine-tuning with mixed-precision Adam (ZeRO stage "
+                    "0-3) and of bigtrain's LoRA (ZeRO-3 frozen base, replicated fp32 adapters), side by "
+                    "side, with whole-job totals, whether each fits, and the fewest GPUs that do.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="preset name (see bigtrain presets) or a local Hugging Face config directory")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
+                   help="ZeRO stage for full fine-tuning (default 3); LoRA uses a ZeRO-3 base, or a whole "
+                        "base per GPU when this is 0")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=True,
+                   help="activation checkpointing per decoder layer (default)")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="keep every layer's activations")
+    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default 4, the paper's for 175B)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="comma-separated module-name suffixes, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--offload-param", action="store_true",
+                   help="ZeRO-3 parameter partitions live in host memory (stage 3)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="weights/activations dtype (default bfloat16)")
+    p.add_argument("--persistence-threshold", type=int, default=DEFAULT_PERSISTENCE,
+                   help="ZeRO-3 stage3_param_persistence_threshold in elements (default 1e5)")
+    p.add_argument("--full-recipe", choices=("zero", "torch-amp"), default="zero",
+                   help="full FT: zero = mixed-precision Adam, 16 bytes/param (default); torch-amp = plain "
+                        "one-GPU PyTorch, fp32 weights+grads+Adam and autocast (needs --zero-stage 0, 1 GPU)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--paper", action="store_true",
+                   help="also print the LoRA paper's GPT-3 175B figures and what accelerate/DeepSpeed estimate")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--plot", metavar="FILE.png", help="write stacked bars and a per-GPU-vs-GPU-count plot")
+    p.set_defaults(func=run_estimate)
+    return p
+
+
+def setup_from_args(args) -> Setup:
+    return Setup(world_size=args.nodes * args.gpus_per_node, zero_stage=args.zero_stage,
+                 micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
+                 lora_r=args.lora_r, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                 dtype=args.dtype, offload_param=args.offload_param,
+                 persistence_threshold=args.persistence_threshold, full_recipe=args.full_recipe,
+                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB))
+
+
+def run_estimate(args) -> int:
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        st = setup_from_args(args)
+        shape = model_shape(args.model)
+        est = estimate(shape, st)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paper = tools = None
+    if args.paper:
+        paper = paper_figures(args.model)
+        tools = tool_estimates(args.model, args.gpus_per_node, args.nodes)
+        est["paper"], est["tools"] = paper, tools
+    if args.plot:
+        write_plot(est, args.plot, shape, st)
+        est["plot"] = args.plot
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        print(format_table(est, paper, tools))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bigtrain.memory")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_estimate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

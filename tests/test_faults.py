@@ -1,0 +1,85 @@
+"""Faults with 2 ranks under the real launcher: what the user keeps."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, _env, final_adapters, losses, run, tiny_overrides, train_cmd
+
+pytestmark = pytest.mark.slow
+BUILTIN = ROOT / "bigtrain" / "assets" / "tiny-opt"
+
+
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path):
+    out = tmp_path / "nan"
+    p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 5, 2)), env={"BIGTRAIN_FAULT_NAN": "3:1"})
+    assert "step 3: non-finite loss/gradient, skipped (1/10 allowed)" in p.stdout
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any(r.get("bad_steps") == 1 for r in log)
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5]  # the skipped step is retried on the next batch
+    assert all(torch.isfinite(t).all() for t in final_adapters(out).values())
+    rk = json.loads((out / "ranks.json").read_text())
+    assert rk[0]["adapter_sha256"] == rk[1]["adapter_sha256"]
+
+
+def test_too_many_bad_steps_stop_every_rank(tmp_path):
+    out = tmp_path / "nan2"
+    p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 6, 2, **{"train.max_bad_steps": 1})),
+            env={"BIGTRAIN_FAULT_NAN": "2:0,3:0"}, check=False, timeout=300)
+    assert p.returncode != 0
+    assert "more than train.max_bad_steps=1 non-finite steps" in p.stdout + p.stderr
+
+
+def test_bad_config_fails_every_rank_before_the_process_group(tmp_path):
+    t0 = time.time()
+    p = run(train_cmd(2, tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"lora.alpha": 0})), check=False,
+            timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("config error: lora.alpha must be > 0, got 0.0") == 2  # both ranks said it
+    assert time.time() - t0 < 120
+
+
+def test_bad_data_line_same_decision_on_all_ranks(tmp_path):
+    data = tmp_path / "d.jsonl"
+    lines = [json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) for i in range(40)]
+    lines[17] = '{"prompt": "x", "completion": '
+    data.write_text("\n".join(lines) + "\n")
+    p = run(train_cmd(2, tiny_overrides(tmp_path / "e", BUILTIN, 2, 2, **{"data.train": data})),
+            check=False, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count(f"{data}:18") == 2
+    out = tmp_path / "s"
+    p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 2, 2, **{"data.train": data, "data.on_bad_line": "skip"})))
+    assert "39 examples, 1 skipped" in p.stdout
+
+
+def test_kill_one_rank_tears_down_and_relaunch_resumes(tmp_path):
+    out = tmp_path / "k"
+    args = tiny_overrides(out, BUILTIN, 40, 2, **{"checkpoint.every": 3, "zero.timeout_s": 60})
+    proc = subprocess.Popen(train_cmd(2, args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "step-00000006").exists():
+        time.sleep(0.5)
+    assert (out / "checkpoints" / "step-00000006").exists(), "no checkpoint in time"
+    # kill -9 one training rank (a child of torchrun running bigtrain)
+    kids = subprocess.run(["pgrep", "-f", f"train.output_dir={out}"], capture_output=True, text=True).stdout.split()
+    workers = [int(k) for k in kids if int(k) != proc.pid]
+    assert workers
+    t_kill = time.time()
+    os.kill(workers[-1], signal.SIGKILL)
+    proc.wait(timeout=180)
+    torn_down = time.time() - t_kill
+    assert proc.returncode != 0
+    assert torn_down < 120, f"teardown took {torn_down:.0f}s"
+    saved = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    p = run(train_cmd(2, args))
+    assert f"at step {saved}" in p.stdout
+    assert max(losses(out)) == 40
+    print(f"teardown {torn_down:.1f}s after kill -9; resumed from step {saved}")

@@ -1,0 +1,33 @@
+"""W&B (offline, read back from its run file) and TensorBoard logging of a real run; no secrets."""
+import glob
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, run, tiny_overrides, train_cmd
+from wandb_reader import read_run
+
+pytestmark = pytest.mark.slow
+BUILTIN = ROOT / "bigtrain" / "assets" / "tiny-opt"
+SECRET = "sk-bigtrain-test-0123456789abcdef"
+
+
+def test_wandb_offline_and_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2, **{
+        "logging.wandb": "true", "logging.wandb_mode": "offline", "logging.wandb_run_name": "ci-run",
+        "logging.wandb_tags": "[ci,tiny]", "logging.tensorboard": "true"})),
+        env={"WANDB_API_KEY": SECRET})
+    (run_dir,) = glob.glob(f"{out}/wandb/offline-run-*")
+    history, summary, config = read_run(run_dir)
+    steps = [h for h in history if "loss" in h]
+    assert [h["_step"] for h in steps] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(isinstance(h[key], (int, float)) for h in steps), key
+    assert summary["step"] == 4 and summary["trainable_params"] == 16384
+    assert config["lora"]["r"] == 8
+    assert glob.glob(f"{out}/tensorboard/events.out.tfevents.*")
+    # the API key is in the environment only: never in anything the run wrote
+    for f in Path(out).rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f

@@ -1,0 +1,251 @@
+"""bigtrain.memory: exact counts for GPT-3 175B (the LoRA paper's figures), ZeRO stage formulas, the
+full-vs-LoRA estimate, fit logic, and the ``estimate`` command's table, JSON and plot."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bigtrain import memory as M
+from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, paper_figures, per_gpu
+
+ROOT = Path(__file__).resolve().parent.parent
+P175 = 174_604_283_904  # GPT-3 175B shapes on transformers' OPT, built on the meta device, tied once
+
+
+@pytest.fixture(scope="module")
+def big():
+    return model_shape("gpt3-175b")
+
+
+def test_175b_parameter_count_from_meta_build(big):
+    assert big.total_params == P175
+    assert abs(big.total_params - 175.0e9) / 175.0e9 < 0.005
+    assert big.layers == 96 and big.hidden == 12288 and big.vocab == 50257
+    assert big.layer_params == 12 * 12288 ** 2 + 13 * 12288  # one decoder layer, biases and norms
+
+
+def test_paper_lora_parameter_counts(big):
+    assert big.lora_params(["q_proj", "v_proj"], 1) == 4_718_592
+    assert big.lora_params(["q_proj", "v_proj"], 4) == 18_874_368
+    assert big.lora_params(["q_proj", "v_proj"], 8) == 37_748_736
+    f = paper_figures("gpt3-175b")
+    assert f["lora_params_r1"] == 4_718_592 and f["lora_params_r4"] == 18_874_368
+    assert 9_000 < f["param_reduction"] < 10_000  # "10,000 times fewer"
+    assert f["checkpoint_lora_bytes_bf16"] == 37_748_736  # 37.7 MB: the paper's "35 MB"
+    assert round(f["checkpoint_lora_bytes_bf16"] / 1e6, 1) == 37.7
+    assert f["lora_vram_bf16_weights"] == 2 * P175  # "350 GB" = the bf16 weights
+    assert abs(f["lora_vram_bf16_weights"] - 350e9) / 350e9 < 0.01
+    # "1.2 TB": between 16-bit weights + Adam m,v (6 bytes/param) and + 16-bit grads (8)
+    assert f["full_vram_16bit_weights_adam"] < 1.2e12 < f["full_vram_16bit_weights_grads_adam"]
+    assert f["full_vram_mixed_precision_adam"] == 16 * P175
+
+
+def test_tiny_lora_count_matches_injected_model():
+    import torch
+    from bigtrain.inject import inject_lora
+    from bigtrain.presets import hf_config_for, meta_model
+
+    m = meta_model(hf_config_for("tiny-opt", vocab_size=512))
+    with torch.device("meta"):
+        lora = inject_lora(m, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert model_shape("tiny-opt").lora_params(["q_proj", "v_proj"], 4) == lora.num_parameters() == 8192
+    with torch.device("meta"):
+        lora.remove_hooks()
+        all_lin = inject_lora(m, ["all-linear"], r=2, alpha=4)
+    assert model_shape("tiny-opt").lora_params(["all-linear"], 2) == all_lin.num_parameters()
+    assert all_lin.num_parameters() == 4 * 2 * (4 * (128 + 128) + 2 * (128 + 512))
+
+
+def test_zero3_partition_rule():
+    assert M.zero3_local_numel(10, 3, persistence_threshold=0) == 4  # padded to 12
+    assert M.zero3_local_numel(10, 3, persistence_threshold=10) == 14  # whole + partition
+    assert M.zero3_local_numel(11, 1, persistence_threshold=0) == 11
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_full_ft_zero_stage_formulas(big, stage):
+    """REFERENCE §3: per GPU 16Ψ; 4Ψ + 12Ψ/N; 2Ψ + 14Ψ/N; 16Ψ/N (model states only)."""
+    N, P = 64, P175
+    st = Setup(world_size=N, zero_stage=stage, persistence_threshold=0)
+    c = per_gpu(big, st, "full")
+    states = c["trainable_weights"] + c["gradients"] + c["optimizer_state"]
+    want = {0: 16 * P, 1: 4 * P + 12 * P / N, 2: 2 * P + 14 * P / N, 3: 16 * P / N}[stage]
+    assert states == pytest.approx(want, rel=1e-6)  # padding only
+    assert c["frozen_weights"] == 0
+
+
+def test_lora_states_and_worked_example(big):
+    """REFERENCE §3 worked example: 175B, 64 GPUs, s=2048, b=1, checkpointing: full ≈ 53-56 GB per GPU,
+    LoRA ≈ 14-18 GB (5.47 GB base shard + 0.30 GB adapter state + activations + buffers)."""
+    st = Setup(world_size=64)
+    e = estimate(big, st)
+    lo, fu = e["lora"]["per_gpu"], e["full"]["per_gpu"]
+    # 2Ψ/64 = 5.46 GB, plus the persistent (<= 1e5 elements) biases and norms kept whole: 5.49 GB
+    small = sum(n * c for n, c in big.numels.items() if n <= 100000)
+    assert small == 96 * (9 * 12288 + 49152) + 2 * 12288
+    assert lo["frozen_weights"] == 2 * (sum(c * -(-n // 64) for n, c in big.numels.items()) + small)
+    assert lo["frozen_weights"] == pytest.approx(2 * P175 / 64, rel=0.01)
+    adapter = lo["trainable_weights"] + lo["gradients"] + lo["optimizer_state"]
+    assert adapter == 16 * 18_874_368 + 4 * 2 * 192  # + AdamW's fp32 step per tensor
+    assert 50 * GB < e["full"]["per_gpu_total"] < 60 * GB
+    assert 14 * GB < e["lora"]["per_gpu_total"] < 20 * GB
+    assert e["lora"]["per_gpu_total"] < e["full"]["per_gpu_total"]
+    assert e["ratio_per_gpu"] == pytest.approx(e["full"]["per_gpu_total"] / e["lora"]["per_gpu_total"])
+    assert e["full"]["job_total"] == 64 * e["full"]["per_gpu_total"]
+    # activations are (nearly) the same: gradients still flow through every layer
+    assert lo["activations"] >= fu["activations"]
+    assert lo["activations"] < 1.1 * fu["activations"]
+
+
+def test_activation_model(big):
+    s, b, h, L = 2048, 1, 12288, 96
+    st = Setup(world_size=64, checkpointing=False)
+    c = per_gpu(big, st, "full")
+    assert c["activations"] == L * 34 * s * b * h
+    c = per_gpu(big, replace(st, checkpointing=True), "full")
+    assert c["activations"] == L * 2 * s * b * h + 34 * s * b * h
+    assert c["logits_loss"] == s * b * 50257 * 10
+    # LoRA: + input copy and r-dim intermediate per adapted matrix (2 per layer)
+    lo = per_gpu(big, st, "lora")
+    assert lo["activations"] == L * (34 * s * b * h + 2 * 2 * s * b * (h + 4))
+
+
+def test_lora_always_below_full(big):
+    for stage in (0, 1, 2, 3):
+        for n in (1, 8, 64, 512):
+            st = Setup(world_size=n, zero_stage=stage)
+            assert sum(per_gpu(big, st, "lora").values()) < sum(per_gpu(big, st, "full").values())
+
+
+def test_fits_and_fewest_gpus(big):
+    st = Setup(world_size=64, gpu_mem_bytes=80 * GiB)
+    e = estimate(big, st)
+    assert e["full"]["fits"] and e["lora"]["fits"]
+    for which in ("full", "lora"):
+        n = e[which]["fewest_gpus"]
+        assert sum(per_gpu(big, replace(st, world_size=n), which).values()) <= st.gpu_mem_bytes
+        assert sum(per_gpu(big, replace(st, world_size=n - 1), which).values()) > st.gpu_mem_bytes
+    assert e["lora"]["fewest_gpus"] < e["full"]["fewest_gpus"]
+    # stage 0 never fits 175B, however many GPUs
+    e0 = estimate(big, replace(st, zero_stage=0))
+    assert e0["full"]["fewest_gpus"] is None and not e0["full"]["fits"]
+    # a small model fits on one GPU either way
+    small = estimate("gpt3-small", Setup(world_size=4))
+    assert small["full"]["fewest_gpus"] == 1 and small["lora"]["fewest_gpus"] == 1
+    # too few GPUs: does not fit
+    assert not estimate(big, replace(st, world_size=8))["full"]["fits"]
+
+
+def test_offload_param_moves_weights_off_gpu(big):
+    st = Setup(world_size=64, offload_param=True)
+    assert per_gpu(big, st, "lora")["frozen_weights"] == 0
+    assert per_gpu(big, st, "full")["trainable_weights"] == 0
+
+
+def test_tool_estimates(big):
+    t = M.tool_estimates("gpt3-175b", num_gpus_per_node=8, num_nodes=8)
+    a = t["accelerate"]
+    assert a["ran"] and a["model"] == 2 * P175 and a["gradients"] == 3 * P175 and a["optimizer"] == 4 * P175
+    d = t["deepspeed_zero3"]
+    assert d["ran"]
+    assert d["gpu_per_gpu"] == 4 * big.largest_module_params + int(18 * P175 / 64)
+    assert d["all_live_params_seen"] < P175  # its data_ptr() de-duplication on meta tensors
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    M.add_estimate_parser(p.add_subparsers())
+    return p.parse_args(["estimate", *argv])
+
+
+def test_run_estimate_json_and_plot(tmp_path, capsys):
+    png = tmp_path / "mem.png"
+    rc = M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--json",
+                              "--plot", str(png)))
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_params"] == P175 and out["lora_params"] == 18_874_368
+    assert out["lora"]["per_gpu_total"] < out["full"]["per_gpu_total"]
+    assert set(out["full"]["per_gpu"]) == set(M.CATEGORIES)
+    assert png.is_file() and png.stat().st_size > 20_000
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_estimate_table_and_errors(capsys):
+    assert M.run_estimate(_args("gpt3-large", "--gpus-per-node", "1", "--zero-stage", "0")) == 0
+    text = capsys.readouterr().out
+    for label in M.CATEGORY_LABELS.values():
+        assert label in text
+    assert "fewest GPUs that fit" in text and "whole job" in text
+    assert M.run_estimate(_args("no-such-model")) == 2
+    assert M.run_estimate(_args("gpt3-large", "--lora-targets", "nope")) == 2
+
+
+def test_paper_output(capsys):
+    assert M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
+    out = capsys.readouterr().out
+    assert "18,874,368" in out and "4,718,592" in out and "37.7 MB" in out
+    assert "1.2 TB" in out and "350 GB" in out
+    assert "accelerate" in out and "DeepSpeed" in out
+
+
+def test_module_entry_point_subprocess():
+    r = subprocess.run([sys.executable, "-m", "bigtrain.memory", "estimate", "tiny-opt", "--gpus-per-node", "2",
+                        "--seq-len", "128", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["total_params"] == 891904 and out["lora"]["fits"]
+
+
+def test_help_teaches():
+    p = argparse.ArgumentParser(prog="bigtrain")
+    sub = M.add_estimate_parser(p.add_subparsers())
+    text = sub.format_help()
+    assert "examples:" in text and "--paper" in text and "16 bytes/param" in text
+    assert "bigtrain estimate gpt3-175b" in text
+
+
+def test_local_config_directory(tmp_path):
+    from bigtrain.presets import hf_config_for
+
+    hf_config_for("tiny-llama", vocab_size=512).save_pretrained(tmp_path)
+    e = estimate(str(tmp_path), Setup(world_size=2, seq_len=64))
+    assert e["lora_params"] == 2 * 4 * (64 + 64) * 2
+    assert math.isfinite(e["ratio_job"]) and e["ratio_job"] > 1
+
+
+def test_bench_smoke_cpu(tmp_path):
+    """bench/memory_gpu.py runs end to end on CPU with a tiny preset (nothing is measured on CPU)."""
+    out = tmp_path / "mem"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_gpu.py"), "--device", "cpu",
+                        "--presets", "tiny-opt", "--seq-len", "32", "--steps", "1", "--checkpointing", "on",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads((tmp_path / "mem.json").read_text())["rows"]
+    assert [(x["mode"], x["checkpointing"]) for x in rows] == [("full", True), ("lora", True)]
+    for x in rows:
+        assert x["predicted_bytes"] > 0 and math.isfinite(x["loss"]) and x["measured_bytes"] is None
+    assert "| tiny-opt |" in (tmp_path / "mem.md").read_text()
+
+
+def test_torch_amp_peak_phases():
+    """Plain one-GPU full FT: peak = max(end of forward, optimizer step), not the sum of the rows."""
+    shape = model_shape("gpt3-6.7b")
+    st = Setup(world_size=1, zero_stage=0, full_recipe="torch-amp", micro_batch=2, checkpointing=False,
+               include_context=False)
+    c = per_gpu(shape, st, "full")
+    P = shape.total_params
+    assert (c["trainable_weights"], c["gradients"], c["optimizer_state"], c["zero_buffers"]) == (4 * P, 4 * P, 8 * P, 2 * P)
+    peak = M.peak_bytes(c, st, "full")
+    assert peak == 14 * P + c["activations"] + c["logits_loss"] < sum(c.values())
+    assert 100 * GiB < peak < 110 * GiB  # REFERENCE §5 measured 105.3 GiB on an H200
+    with pytest.raises(ValueError):
+        per_gpu(shape, replace(st, world_size=2), "full")
+    assert M.run_estimate(_args("gpt3-6.7b", "--gpus-per-node", "1", "--zero-stage", "0",
+                                "--full-recipe", "torch-amp", "--no-checkpointing", "--micro-batch", "2")) == 0

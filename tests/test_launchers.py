@@ -1,0 +1,79 @@
+"""The single-node launchers in launch/ start `bigtrain train` with 2 CPU (gloo) processes.
+
+Each launcher runs a few steps of the tiny model under ZeRO-3 and must exit 0 with both ranks
+reporting in and a complete adapter checkpoint under checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+# model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
+TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",
+              "train.device=cpu", f"train.max_steps={STEPS}",
+              "train.micro_batch_size=2", "train.log_every=1", "train.warmup_steps=1",
+              "train.eval_every=1000", "checkpoint.every=2", "logging.progress_bar=false"]
+TIMEOUT_S = 300
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["MASTER_PORT"] = str(_free_port())
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_ID"):
+        env.pop(k, None)   # a test run inside a Slurm job or another launcher must not leak them
+    env.pop("NPROC", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def assert_finished_run(out: Path, log: str, world: int, steps: int) -> None:
+    """Both ranks started, the latest checkpoint is the final step and holds the adapter."""
+    ranks = {int(r) for r, w in re.findall(r"rank (\d+)/(\d+) on host", log) if int(w) == world}
+    assert ranks == set(range(world)), f"ranks seen: {ranks}\n{log[-4000:]}"
+    latest = out / "checkpoints" / "latest"
+    assert latest.is_file(), f"no {latest}\n{log[-4000:]}"
+    ckpt = out / "checkpoints" / latest.read_text().strip()
+    assert (ckpt / "adapter_model.safetensors").is_file(), sorted(p.name for p in ckpt.iterdir())
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == steps
+    assert (out / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "accelerate"])
+def test_launcher_runs_two_cpu_ranks(launcher, tmp_path):
+    tool = {"torchrun": "torchrun", "deepspeed": "deepspeed", "accelerate": "accelerate"}[launcher]
+    if shutil.which(tool) is None:
+        pytest.skip(f"`{tool}` is not on PATH")
+    out = tmp_path / "out"
+    cmd = ["bash", str(ROOT / "launch" / f"{launcher}.sh"), "--nproc", "2",
+           *TRAIN_ARGS, f"train.output_dir={out}"]
+    try:
+        p = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{launcher} did not finish in {TIMEOUT_S}s:\n{(e.stdout or b'')[-4000:]!r}"
+                    f"\n{(e.stderr or b'')[-4000:]!r}")
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, f"{launcher} exited {p.returncode}:\n{log[-6000:]}"
+    assert_finished_run(out, log, world=2, steps=STEPS)
+

@@ -1,0 +1,178 @@
+"""The sbatch scripts in slurm/ on a real two-node Slurm cluster (two slurmd on this machine).
+
+The module starts the cluster itself with tests/slurm/cluster.sh (installing Debian's Slurm and
+munge with apt-get if missing) and skips only when Slurm cannot be installed. Both "nodes" are this
+machine, so tmp_path is shared storage. Every wait has a timeout; a job still running at a timeout
+is cancelled.
+
+Run: pytest -m slurm tests/test_slurm.py   (root; a few minutes)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+# model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
+TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",
+              "train.device=cpu",
+              "train.micro_batch_size=4", "train.log_every=1", "train.warmup_steps=2",
+              "train.eval_every=1000", "checkpoint.every=10", "logging.progress_bar=false"]
+JOB_TIMEOUT_S = 240
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _run(cmd, timeout=30, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the test Slurm cluster needs root (apt-get, munged, slurmd)")
+    was_up = shutil.which("sinfo") is not None and _run(["bash", str(CLUSTER), "status"]).returncode == 0
+    p = _run(["bash", str(CLUSTER), "start"], timeout=600)
+    if p.returncode != 0:
+        if shutil.which("slurmd") is None or shutil.which("sbatch") is None:
+            pytest.skip(f"Slurm could not be installed with apt-get:\n{p.stderr[-2000:]}")
+        pytest.fail(f"cluster.sh start failed:\n{p.stdout}\n{p.stderr}")
+    yield
+    if not was_up:   # leave a cluster that was already running as it was
+        _run(["bash", str(CLUSTER), "stop"], timeout=60)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("WANDB_MODE", "offline")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["OMP_NUM_THREADS"] = "1"   # one CPU per node
+    for k in list(env):
+        if k.startswith(("SLURM_", "SBATCH_")) or k in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                         "MASTER_ADDR", "MASTER_PORT"):
+            del env[k]
+    return env
+
+
+def submit(script: str, tmp: Path, out: Path, steps: int) -> str:
+    (tmp / "logs").mkdir(exist_ok=True)
+    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--chdir={tmp}",
+           f"--job-name=bt-{Path(script).stem}", "--time=00:10:00",
+           str(ROOT / "slurm" / script), *TRAIN_ARGS, f"train.max_steps={steps}",
+           f"train.output_dir={out}"]
+    p = _run(cmd, env=_env())
+    assert p.returncode == 0, f"sbatch failed: {p.stderr}"
+    return p.stdout.strip().split(";")[0]
+
+
+def job_info(jid: str) -> dict:
+    p = _run(["scontrol", "show", "job", "-o", jid])
+    assert p.returncode == 0, p.stderr
+    return dict(re.findall(r"(\w+)=(\S*)", p.stdout))
+
+
+def job_log(tmp: Path, jid: str) -> str:
+    return "\n".join(f.read_text(errors="replace") for f in sorted((tmp / "logs").glob(f"*-{jid}.out")))
+
+
+def wait_for(pred, what: str, jid: str, tmp: Path, timeout: float = JOB_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    _run(["scancel", jid])
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (job {jid}: "
+                f"{job_info(jid).get('JobState')}); log:\n{job_log(tmp, jid)[-6000:]}")
+
+
+def wait_done(jid: str, tmp: Path) -> dict:
+    return wait_for(lambda: (i := job_info(jid))["JobState"] in TERMINAL and i, "job end", jid, tmp)
+
+
+def logged_steps(out: Path) -> list[int]:
+    f = out / "train_log.jsonl"
+    if not f.is_file():
+        return []
+    steps = []
+    for line in f.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass   # a line being written
+    return steps
+
+
+def latest_state(out: Path) -> tuple[Path, int]:
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    return ckpt, json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
+def rank_hosts(log: str) -> dict[int, str]:
+    return {int(r): h for r, h in re.findall(r"rank (\d+)/2 on host (\S+)", log)}
+
+
+@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
+                                    "train_deepspeed.sbatch"])
+def test_two_node_job_completes(cluster, script, tmp_path):
+    out, steps = tmp_path / "out", 30
+    jid = submit(script, tmp_path, out, steps)
+    info = wait_done(jid, tmp_path)
+    log = job_log(tmp_path, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{info['JobState']} {info['ExitCode']}\n{log[-6000:]}"
+    hosts = rank_hosts(log)
+    assert sorted(hosts) == [0, 1] and {hosts[0], hosts[1]} == {"n1", "n2"}, f"{hosts}\n{log[-3000:]}"
+    ckpt, step = latest_state(out)
+    assert step == steps and (ckpt / "adapter_model.safetensors").is_file()
+    assert logged_steps(out)[-1] == steps
+    assert not (out / "preempted").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) reaches every
+    rank; they checkpoint, the script sees $OUTPUT_DIR/preempted and `scontrol requeue`s the job,
+    and the rerun (same job id) resumes from the saved step and finishes."""
+    out, steps = tmp_path / "out", 80
+    jid = submit("train_srun.sbatch", tmp_path, out, steps)
+    wait_for(lambda: (s := logged_steps(out)) and s[-1] >= 5, "step 5 in train_log.jsonl", jid, tmp_path)
+    # without --batch/--full this signals every job step (the srun'd ranks), not the batch shell
+    assert _run(["scancel", "--signal=USR1", jid]).returncode == 0
+
+    # requeued: back to PENDING with Restarts=1, held by Slurm's requeue BeginTime (~2 min)
+    wait_for(lambda: (i := job_info(jid))["Restarts"] == "1" and i["JobState"] == "PENDING",
+             "the requeue", jid, tmp_path, timeout=120)
+    preempted = out / "preempted"
+    assert preempted.is_file(), job_log(tmp_path, jid)[-4000:]
+    saved = int(preempted.read_text().strip())
+    ckpt, step = latest_state(out)
+    assert step == saved and (ckpt / "adapter_model.safetensors").is_file()
+    assert 5 <= saved < steps
+    n_before = len(logged_steps(out))
+    assert max(logged_steps(out)) <= saved
+    # skip the requeue hold (test speed only; on a real cluster the job just waits for it)
+    _run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
+
+    info = wait_done(jid, tmp_path)
+    log = job_log(tmp_path, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+        f"{info}\n{log[-6000:]}"
+    assert f"preempted at step {saved}; requeueing job {jid}" in log
+    new_steps = logged_steps(out)[n_before:]
+    assert new_steps and new_steps[0] == saved + 1 and new_steps[-1] == steps, new_steps
+    assert latest_state(out)[1] == steps
+    assert not preempted.exists()
+    assert len(re.findall(r"rank \d/2 on host n[12]", log)) == 4   # both ranks, both runs

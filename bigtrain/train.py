@@ -337,10 +337,17 @@ def _fmt_bytes(d: dict) -> str:
     return ", ".join(f"{k} {v / 2**20:,.2f} MiB" for k, v in d.items())
 
 
+_FIRED: set[str] = set()
+
+
 def _inject_nan(step: int, rank: int) -> bool:
-    """Fault injection for tests: BIGTRAIN_FAULT_NAN="STEP:RANK[,STEP:RANK]" poisons that rank's loss."""
-    spec = os.environ.get("BIGTRAIN_FAULT_NAN")
-    return bool(spec) and f"{step}:{rank}" in spec.split(",")
+    """Fault injection for tests: BIGTRAIN_FAULT_NAN="STEP:RANK[,STEP:RANK]" poisons that rank's loss
+    the first time optimizer step STEP is attempted (a skipped step is retried on the next batch)."""
+    key = f"{step}:{rank}"
+    if key in os.environ.get("BIGTRAIN_FAULT_NAN", "").split(",") and key not in _FIRED:
+        _FIRED.add(key)
+        return True
+    return False
 
 
 def _hf_config(cfg: Config, model_path: str | None, vocab: int):

@@ -2,10 +2,12 @@
 
 Equivalence: N ranks x micro-batch m and 1 process x micro-batch N*m on the same data and seed give
 the same loss curve and the same adapters. Tolerance: the ranks' gradient sums are added in a
-different order than one process adds them, so float32 results agree only to rounding: losses to
-rtol 1e-5; adapters to atol 1e-5 after 6 AdamW steps (measured: ~3e-6 at 2 ranks, while the
-adapters themselves moved by ~1e-2: Adam's m/sqrt(v) amplifies rounding where a gradient is
-near zero, so weights agree less tightly than losses).
+different order than one process adds them, so float32 results agree only to rounding. Losses:
+rtol 1e-5. Adapters after 6 AdamW steps: Adam's m/sqrt(v) amplifies rounding where a gradient is
+near zero, so two *single-process* runs that differ only in how the same global batch is cut into
+micro-batches already differ by ~1e-5 (measured 0.6e-5 to 1.7e-5, while lora_B moves by ~2e-2).
+That difference is the noise floor; the distributed run must agree with the single process within
+twice the floor measured in the same test.
 """
 import json
 from pathlib import Path
@@ -19,17 +21,22 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _compare(a_dir, b_dir):
+def _max_diff(a_dir, b_dir):
+    A, B = final_adapters(a_dir), final_adapters(b_dir)
+    assert A.keys() == B.keys()
+    return max((A[k] - B[k]).abs().max().item() for k in A)
+
+
+def _compare(a_dir, b_dir, floor):
     la, lb = losses(a_dir), losses(b_dir)
     assert sorted(la) == list(range(1, STEPS + 1)) and sorted(lb) == sorted(la)
     for s in la:
         assert la[s] == pytest.approx(lb[s], rel=1e-5), f"step {s}: {la[s]} vs {lb[s]}"
     assert la[STEPS] < la[1] - 0.05, f"loss did not fall: {la}"
-    A, B = final_adapters(a_dir), final_adapters(b_dir)
-    assert A.keys() == B.keys()
-    worst = max((A[k] - B[k]).abs().max().item() for k in A)
+    A = final_adapters(a_dir)
+    worst = _max_diff(a_dir, b_dir)
     moved = max(A[k].abs().max().item() for k in A if k.endswith("lora_B"))
-    assert worst <= 1e-5, f"adapters differ by {worst} (lora_B moved by up to {moved})"
+    assert worst <= max(2 * floor, 1e-6), f"adapters differ by {worst}, floor {floor} (lora_B moved {moved})"
     assert moved > 100 * worst
     assert any(A[k].abs().sum() > 0 for k in A if k.endswith("lora_B"))
     return worst
@@ -38,12 +45,16 @@ def _compare(a_dir, b_dir):
 @pytest.mark.parametrize("world,micro,accum", [(2, 2, 1), (3, 1, 2)])
 def test_zero3_ranks_match_single_process(tmp_path, tiny_models, world, micro, accum):
     model = tiny_models["tiny-opt"]
-    dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
+    dist_dir, single_dir, alt_dir = tmp_path / "dist", tmp_path / "single", tmp_path / "alt"
     run(train_cmd(world, tiny_overrides(dist_dir, model, STEPS, micro, **{"train.grad_accum": accum})))
     run(train_cmd(1, tiny_overrides(single_dir, model, STEPS, micro * world,
                                     **{"train.grad_accum": accum, "zero.stage": 0})))
-    worst = _compare(dist_dir, single_dir)
-    print(f"world {world}: max |adapter difference| = {worst:.3g}")
+    # the same global batch in one process, cut into smaller micro-batches: only the order differs
+    run(train_cmd(1, tiny_overrides(alt_dir, model, STEPS, micro,
+                                    **{"train.grad_accum": accum * world, "zero.stage": 0})))
+    floor = _max_diff(single_dir, alt_dir)
+    worst = _compare(dist_dir, single_dir, floor)
+    print(f"world {world}: max |adapter difference| = {worst:.3g}, single-process floor {floor:.3g}")
 
     rk = ranks(dist_dir)
     assert [r["rank"] for r in rk] == list(range(world))

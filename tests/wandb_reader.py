@@ -43,4 +43,6 @@ def read_run(run_dir) -> tuple[list[dict], dict, dict]:
             summary.update({i.key: json.loads(i.value_json) for i in r.summary.update})
         elif kind == "config":
             config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+        elif kind == "run":
+            config.update({i.key: json.loads(i.value_json) for i in r.run.config.update})
     return history, summary, config

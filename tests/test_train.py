@@ -18,8 +18,8 @@ def _sha(path):
 
 
 def test_builtin_task_loss_falls_and_base_untouched(tmp_path):
-    """The demo's model and data, shortened: eval loss on held-out data falls below 2.0 in 120
-    steps (the base alone scores ~3.3 on the conditional task)."""
+    """The demo's model and data, shortened to 120 steps: held-out eval loss falls from the base
+    model's own 1.92 (adapters zero at step 0) to below 1.3 (the 300-step demo reaches 1.05)."""
     base_hash = _sha(BUILTIN / "model.safetensors")
     out = tmp_path / "run"
     p = run(train_cmd(1, [f"train.output_dir={out}", "train.max_steps=120", "train.eval_every=60",
@@ -28,7 +28,8 @@ def test_builtin_task_loss_falls_and_base_untouched(tmp_path):
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]
     train_losses = [r["loss"] for r in log if "loss" in r]
     print("train losses", train_losses, "eval", evals)
-    assert evals[-1] < 2.0, evals
+    assert evals[0] == pytest.approx(1.9156, abs=2e-3)  # step 0: exactly the base model
+    assert evals[-1] < 1.3 and evals[-1] < evals[0] - 0.5, evals
     assert train_losses[-1] < train_losses[0] - 0.5
     assert _sha(BUILTIN / "model.safetensors") == base_hash  # the frozen base on disk is untouched
     assert "adapter written to" in p.stdout

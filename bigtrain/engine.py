@@ -226,6 +226,30 @@ class Engine:
             zero_quantized_weights=zc.zero_quantized_weights,
             zero_quantized_nontrainable_weights=zc.zero_quantized_nontrainable_weights,
             zero_module_granularity_threshold=zc.module_granularity_threshold)
+        self._alias_unsharded_persistent(model)
+
+    @staticmethod
+    def _alias_unsharded_persistent(model: nn.Module) -> int:
+        """Where a persistent parameter's partition group has one rank (world size 1), its partition
+        *is* the whole tensor: point ``param.data`` at the partition and mark it available, so it is
+        never gathered (no copy, no hook work) and holds no second full copy. Values are unchanged;
+        a later ``GatheredParameters`` or partition still works (it only drops the view). Returns
+        the number of parameters aliased."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        n = 0
+        for p in model.parameters():
+            if not getattr(p, "ds_persist", False) or getattr(p, "ds_tensor", None) is None:
+                continue
+            group = getattr(p, "ds_process_group", None)
+            if (dist.get_world_size(group=group) if dist.is_initialized() else 1) != 1:
+                continue
+            if p.ds_tensor.numel() < p.ds_numel or p.ds_tensor.device != p.device and p.numel() > 0:
+                continue
+            p.data = p.ds_tensor.data.view(-1).narrow(0, 0, p.ds_numel).view(p.ds_shape)
+            p.ds_status = ZeroParamStatus.AVAILABLE
+            n += 1
+        return n
 
     def after_backward(self) -> None:
         """Return every ZeRO-3 parameter gathered for this step to its partition."""
@@ -259,7 +283,8 @@ class Engine:
                 continue
             seen.add(id(p))
             if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor while gathered/persistent
-                total += (p.ds_tensor.numel() + p.data.numel()) * p.ds_tensor.element_size()
+                whole = p.data.numel() if p.data.data_ptr() != p.ds_tensor.data_ptr() else 0  # aliased: one copy
+                total += (p.ds_tensor.numel() + whole) * p.ds_tensor.element_size()
             else:
                 total += p.numel() * p.element_size()
         return total

@@ -157,6 +157,9 @@ class ZeroConfig:
     persistence_threshold: int = 100000
     """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
     stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory."""
+    single_rank_plain: bool = True
+    """At world size 1 (nothing to partition) alias every ZeRO-3 partition to its parameter and run
+    the base without DeepSpeed's fetch hooks: same values and memory, no hook overhead."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".stage", self.stage, (0, 3))

@@ -273,7 +273,7 @@ def fmt_row(r: dict) -> str:
         return f"| {label} | {who} | {r['mb']} | – | – | – | – | {r['error'][:90]} |"
     peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "n/a (CPU)"
     return (f"| {label} | {who} | {r['mb']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
-            f"{r['mfu']:.3f} | {peak} | |")
+            f"{r['mfu']:.3f} | {peak} | {r.get('run', '')} |")
 
 
 def render(results: list[dict], args) -> str:
@@ -309,8 +309,8 @@ def render(results: list[dict], args) -> str:
                          f" + adapter state {f['adapter_state']:.2f} + layer inputs {f['layer_inputs']:.2f}"
                          f" + one layer {f['one_layer']:.2f} + loss {f['loss']:.2f})")
         for r in results:
-            if r["contender"] == "full" and r["ac"] and not r.get("error") and r.get("peak_gib"):
-                lines.append(f"- {MODEL_LABEL.get(r['model'], r['model'])} full fine-tuning + AC: peak "
+            if r["contender"] in ("peft", "full") and r["ac"] and not r.get("error") and r.get("peak_gib"):
+                lines.append(f"- {MODEL_LABEL.get(r['model'], r['model'])} {r['contender']} + AC: peak "
                              f"{r['peak_gib']:.1f}")
     return "\n".join(lines) + "\n"
 

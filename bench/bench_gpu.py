@@ -7,9 +7,9 @@ subprocess so that peak memory and DeepSpeed state never leak from one to the ne
   bigtrain          Engine(ZeroConfig(stage=3)) at world size 1, bf16 base under DeepSpeedZeRoOffload,
                     whole decoder layers as fetch units, external fp32 LoRA (r=8, α=16, q_proj+v_proj),
                     torch AdamW (fused on CUDA), bf16 autocast, bigtrain.losses.token_loss_sum
-                    (at world size 1 the engine's default zero.single_rank_plain aliases every
-                    partition, a whole tensor there, and installs no ZeRO-3 hooks)
-  bigtrain-hooks    the same with zero.single_rank_plain=False: DeepSpeed's ZeRO-3 fetch hooks on,
+                    and zero.single_rank_plain=True (opt-in): at world size 1 every partition is a
+                    whole tensor, the engine aliases it and installs no ZeRO-3 hooks
+  bigtrain-hooks    Engine(ZeroConfig(stage=3)) defaults (single_rank_plain=False): ZeRO-3 fetch hooks on,
                     whole decoder layers as fetch units, default persistence threshold (the path
                     every rank takes at world size > 1)
   bigtrain-compile  (not in the default list) bigtrain with each decoder layer torch.compile'd
@@ -119,8 +119,8 @@ def worker(job: dict) -> dict:
         from bigtrain.losses import token_loss_sum
 
         zc = ZeroConfig(stage=3, leaf_blocks=True)
-        if name in ("bigtrain-hooks", "bigtrain-persist"):
-            zc.single_rank_plain = False
+        # bigtrain / bigtrain-compile: the world-size-1 fast path (opt-in); bigtrain-hooks: defaults
+        zc.single_rank_plain = name in ("bigtrain", "bigtrain-compile")
         if name == "bigtrain-persist":
             zc.persistence_threshold = 10 ** 12
         eng = Engine(zc, device="cuda" if cuda else "cpu", micro_batch_size=mb)

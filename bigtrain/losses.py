@@ -4,6 +4,16 @@ Summing (not averaging) per micro-batch lets the loop divide by the *global* num
 tokens of the optimizer step, so N ranks × micro-batch m and one process × micro-batch N·m give the
 same gradient (and gradient accumulation is exact), whatever the padding.
 Labels are already aligned with ``input_ids``; position t predicts token t+1 (shift inside).
+
+Memory: the plain recipe materialises the (B, T, V) logits, then an fp32 copy for the softmax, and
+autograd keeps both (at GPT-3's vocabulary, B=4, T=2048: ~2.5 GB, more than a whole checkpointed
+2.7B model's layer inputs). :func:`token_loss_sum` instead runs the model with no logits
+(``logits_to_keep`` = an empty index), takes the final hidden states from the decoder, keeps only
+the positions that have a target, and projects them through the LM head in chunks of at most
+``chunk_tokens`` rows. Each chunk's logits live only inside a checkpointed function: backward
+recomputes that chunk's projection, so at most one chunk's logits exist at any time. The LM head is
+always *called as a module* (never through ``.weight``), so ZeRO-3's fetch hooks gather its
+partitioned weight, in forward and in the recomputation.
 """
 
 from __future__ import annotations
@@ -13,6 +23,9 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+# Rows of one logits chunk: ~2^27 fp32 logits (0.5 GB) at the vocabulary size of the model.
+CHUNK_LOGITS = 1 << 27
+
 
 def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -20,6 +33,106 @@ def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     input_ids, attention_mask, labels: (B, T); labels == -100 where there is no loss (prompt, pad).
     """
+    hidden = _final_hidden(model, input_ids, attention_mask)
+    if hidden is None:  # a model this path does not know: the plain recipe
+        return token_loss_sum_reference(model, input_ids, attention_mask, labels)
+    B, T, d = hidden.shape
+    # Position t predicts label t+1: shift the labels left, the last position has no target.
+    shift = torch.full_like(labels, IGNORE_INDEX)
+    shift[:, :-1] = labels[:, 1:]
+    shift = shift.reshape(-1)
+    rows = (shift != IGNORE_INDEX).nonzero().squeeze(1)
+    n = int(rows.numel())
+    head = model.get_output_embeddings()
+    if n == 0:
+        # Keep the graph connected (zero gradient) so backward works on an all-prompt batch.
+        return hidden.sum() * 0.0, 0
+    h = hidden.reshape(B * T, d).index_select(0, rows)
+    y = shift.index_select(0, rows)
+    vocab = getattr(head, "out_features", None) or int(model.config.vocab_size)
+    chunk = max(1, CHUNK_LOGITS // max(1, vocab))
+
+    return _ChunkedHeadCE.apply(h, y, head, chunk), n
+
+
+class _ChunkedHeadCE(torch.autograd.Function):
+    """sum CE(head(h), y) with the gradient w.r.t. ``h`` computed chunk by chunk *in forward*: each
+    chunk's logits (and their fp32 copy) are freed before the next chunk starts, so only one chunk of
+    logits ever exists, and backward is one multiply. The head is called as a module and
+    differentiated at once, inside its own forward: ZeRO-3's module hooks gather its weight for that
+    call just as they would for an ordinary forward and backward (recomputing the head later, in the
+    outer backward, would need ZeRO-3 to fetch during a checkpoint replay, which it does not)."""
+
+    @staticmethod
+    def forward(ctx, h, y, head, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(h) if need_grad else None
+        for i in range(0, h.shape[0], chunk):
+            with torch.enable_grad():
+                h_c = h[i:i + chunk].detach().requires_grad_(need_grad)
+                logits = head(h_c).float()  # fp32 for the softmax, as the plain recipe does
+                loss_c = F.cross_entropy(logits, y[i:i + chunk], ignore_index=IGNORE_INDEX,
+                                         reduction="sum")
+                if need_grad:
+                    (g,) = torch.autograd.grad(loss_c, h_c)
+                    grad_h[i:i + chunk] = g
+            total += loss_c.detach().float()
+            del logits, loss_c
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+
+
+def _final_hidden(model, input_ids, attention_mask):
+    """Run ``model`` as a whole (its top-level hooks, ZeRO-3's included, see one ordinary call) but
+    with no logits, and return the decoder's final hidden states (B, T, d) or None."""
+    get_dec = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_dec is None or get_head is None or get_head() is None:
+        return None
+    cfg = getattr(model, "config", None)
+    if cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or
+                            getattr(cfg, "logit_scale", None) not in (None, 1, 1.0)):
+        return None  # the head's output is post-processed: keep the model's own path
+    try:
+        decoder = get_dec()
+    except Exception:
+        return None
+    if decoder is None or decoder is model:
+        return None
+    box = []
+
+    def grab(module, args, output):
+        box.append(output[0] if isinstance(output, (tuple, list)) else
+                   getattr(output, "last_hidden_state", None))
+
+    handle = decoder.register_forward_hook(grab)
+    try:
+        empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=empty,
+              use_cache=False)
+    except TypeError:
+        return None  # no logits_to_keep in this model's forward
+    finally:
+        handle.remove()
+    if len(box) != 1 or box[0] is None:
+        return None
+    h = box[0]
+    d = getattr(get_head(), "in_features", None)
+    if h.dim() != 3 or tuple(h.shape[:2]) != tuple(input_ids.shape) or (d and h.shape[-1] != d):
+        return None
+    return h
+
+
+def token_loss_sum_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The plain recipe (full (B, T, V) logits, fp32 cross-entropy): what :func:`token_loss_sum`
+    must equal, and its fallback for models it does not know."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
     shift_logits = logits[:, :-1].float()  # fp32 for the softmax
     shift_labels = labels[:, 1:]

@@ -1,0 +1,32 @@
+"""bench/bench_gpu.py --smoke: every contender that runs on a CPU gives a row with positive numbers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_CONTENDERS = ["bigtrain", "bigtrain-hooks", "peft", "ds-peft", "full"]
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    got = {(r["contender"], r["ac"]) for r in rows}
+    for c in CPU_CONTENDERS:
+        assert (c, False) in got, f"no row for {c}"
+    assert ("bigtrain", True) in got  # activation checkpointing path
+    for r in rows:
+        assert not r.get("error"), (r["contender"], r.get("error"), (out / "errors.log").read_text()
+                                    if (out / "errors.log").exists() else "")
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["mfu"] > 0
+        assert r["params"] > 0 and all(x == x for x in r["losses"])  # finite, not NaN
+        assert f"| {r['contender']}" in table
+    assert "MFU = tokens/s" in table  # the formula is stated

@@ -129,6 +129,10 @@ class Engine:
         return DistInfo(rank, world, local_rank, device)
 
     def close(self) -> None:
+        """Tear down in order: no rank leaves while another still has a collective in flight
+        (destroying a gloo group under pending work aborts the process)."""
+        if dist.is_initialized() and self.distributed:
+            dist.barrier()
         if self._offload is not None:
             self._offload.destroy()
             self._offload = None

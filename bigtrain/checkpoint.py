@@ -48,9 +48,11 @@ class CheckpointError(RuntimeError):
 
 
 # -- fault injection (tests of crashes during a save) ------------------------------------------
-def _fault(point: str) -> None:
-    """With BIGTRAIN_CRASH_AT=<point>, die here as abruptly as kill -9 would."""
-    if os.environ.get("BIGTRAIN_CRASH_AT") == point:
+def _fault(point: str, step: int | None = None) -> None:
+    """With BIGTRAIN_CRASH_AT=<point> (and BIGTRAIN_CRASH_AT_STEP=<step>, if set), die here as
+    abruptly as kill -9 would. For fault-injection tests only."""
+    if os.environ.get("BIGTRAIN_CRASH_AT") == point and \
+            os.environ.get("BIGTRAIN_CRASH_AT_STEP", str(step)) == str(step):
         os._exit(137)
 
 
@@ -223,17 +225,17 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
     _write_json(rng_file, rng_state())
     engine.barrier()
     if rank == 0:
-        _fault("save:start")
+        _fault("save:start", step)
         _save_tensors(tmp / ADAPTER_FILE, lora.adapter_state_dict(), {"format": "bigtrain-lora"})
         _write_json(tmp / "adapter_config.json", adapter_config)
-        _fault("save:after_weights")
+        _fault("save:after_weights", step)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
         _write_json(tmp / "base.json", base_fingerprint)
         (tmp / "config.yaml").write_text(config_yaml)
         _fsync_file(tmp / "config.yaml")
-        _fault("save:before_manifest")
+        _fault("save:before_manifest", step)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
                                                 "sha256": _sha256(tmp / f)} for f in files}}
@@ -244,7 +246,7 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _fault("save:before_latest")
+        _fault("save:before_latest", step)
         ptr = root / (LATEST + ".tmp")
         ptr.write_text(final.name + "\n")
         _fsync_file(ptr)

@@ -83,3 +83,57 @@ def test_kill_one_rank_tears_down_and_relaunch_resumes(tmp_path):
     assert f"at step {saved}" in p.stdout
     assert max(losses(out)) == 40
     print(f"teardown {torn_down:.1f}s after kill -9; resumed from step {saved}")
+
+
+@pytest.mark.parametrize("point", ["save:after_weights", "save:before_latest"])
+def test_crash_during_save_under_launcher(tmp_path, point):
+    """Rank 0 dies (as kill -9 would) inside the save of step 4; the relaunch resumes from step 2's
+    checkpoint (or step 4's, which is complete when only `latest` had not moved)."""
+    out = tmp_path / "c"
+    args = tiny_overrides(out, BUILTIN, 6, 2, **{"checkpoint.every": 2})
+    crash = run(train_cmd(2, args + ["checkpoint.keep=3"]), env={"BIGTRAIN_CRASH_AT_STEP": "4",
+                                                               "BIGTRAIN_CRASH_AT": point}, check=False)
+    assert crash.returncode != 0
+    p = run(train_cmd(2, args + ["checkpoint.keep=3"]))
+    expect = 4 if point == "save:before_latest" else 2
+    assert f"at step {expect} " in p.stdout, p.stdout[-2000:]
+    if point == "save:after_weights":
+        assert "removed .tmp-step-00000004" in p.stdout  # the partial save is cleaned up
+    assert max(losses(out)) == 6
+
+
+def test_soak_random_kills_end_equal_to_uninterrupted(tmp_path):
+    """2 ranks, repeated kill -9 of the whole job at random moments (mid-step or mid-save), each
+    time relaunched: the final adapters equal those of an uninterrupted run, bit for bit."""
+    import random
+
+    steps = 14
+    ref = tmp_path / "ref"
+    run(train_cmd(2, tiny_overrides(ref, BUILTIN, steps, 2)))
+    out = tmp_path / "soak"
+    args = tiny_overrides(out, BUILTIN, steps, 2, **{"checkpoint.every": 1})
+    rng = random.Random(7)
+    kills = 0
+    for cycle in range(12):
+        proc = subprocess.Popen(train_cmd(2, args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        # wait until training is under way (a checkpoint newer than at launch), then a random delay
+        start = set(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else set()
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            now = set(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else set()
+            if now - start:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None and kills < 5:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=240)
+        if proc.returncode == 0 and (out / "ranks.json").exists():
+            break
+    assert kills >= 3, f"only {kills} kills landed"
+    assert (out / "ranks.json").exists(), "the soak never finished"
+    A, B = final_adapters(ref), final_adapters(out)
+    assert all(torch.equal(A[k], B[k]) for k in A), "resumed adapters differ from the uninterrupted run"
+    print(f"soak: {kills} kills, {cycle + 1} launches")

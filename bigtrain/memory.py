@@ -208,8 +208,11 @@ def model_shape(source) -> ModelShape:
 
 def zero3_local_numel(numel: int, world_size: int, persistence_threshold: int = DEFAULT_PERSISTENCE) -> int:
     """Elements of one ZeRO-3 parameter held by a rank: its padded partition ``ceil(numel/N)``, plus
-    the whole tensor if it is persistent (``numel <= threshold``; whole once first gathered)."""
+    the whole tensor if it is persistent (``numel <= threshold``; whole once first gathered). At
+    world size 1 the partition *is* the whole tensor and the engine aliases the two: one copy."""
     part = -(-numel // world_size)
+    if world_size == 1:
+        return part
     return part + (numel if numel <= persistence_threshold else 0)
 
 
@@ -251,15 +254,9 @@ def measure_states(model, lora, optimizer) -> dict:
     """This rank's bytes held by the live objects, by category: frozen base storage (for a ZeRO-3
     parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent), adapter
     weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
-    frozen, seen = 0, set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if hasattr(p, "ds_tensor"):
-            frozen += _tensor_bytes(p.ds_tensor) + _tensor_bytes(p.data)
-        else:
-            frozen += _tensor_bytes(p)
+    from .engine import Engine  # the same count the engine reports; imports no DeepSpeed
+
+    frozen = Engine.local_param_bytes(model)
     params = list(lora.parameters())
     opt = 0
     for st in optimizer.state.values():

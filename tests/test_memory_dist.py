@@ -6,7 +6,6 @@ partition)."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,12 @@ from pathlib import Path
 import pytest
 
 from bigtrain.memory import predict_states
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "memory_dist_worker.py"
 THRESHOLDS = (0, 100000)
 WORLDS = (1, 2, 3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def measured(tmp_path_factory):
     procs = {}
     for n in WORLDS:  # all three jobs at once: the processes are mostly importing
         out = tmp_path_factory.mktemp(f"w{n}")
-        cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(_free_port()),
+        cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()),
                str(WORKER), str(out), ",".join(map(str, THRESHOLDS))]
         procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True), out)

@@ -79,6 +79,31 @@ def detect_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def read_user_ds_config(zero: ZeroConfig) -> dict:
+    """The user's DeepSpeed JSON (``zero.ds_config``), or {}; errors name the file and line."""
+    if not zero.ds_config:
+        return {}
+    try:
+        user = json.loads(Path(zero.ds_config).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"zero.ds_config: {zero.ds_config} is not valid JSON "
+                          f"(line {e.lineno}): {e.msg}") from None
+    zo = user.get("zero_optimization", {})
+    if zo.get("stage", 3) != 3:
+        raise ConfigError(f"zero.ds_config: {zero.ds_config} sets zero_optimization.stage="
+                          f"{zo.get('stage')}; bigtrain partitions the frozen base with stage 3")
+    return user
+
+
+def check_world(zero: ZeroConfig) -> None:
+    """Refuse, before any process group starts, a world size the configuration cannot use."""
+    _, world, _ = detect_world()
+    hpz = read_user_ds_config(zero).get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    if zero.stage == 3 and hpz > 1 and world % hpz:
+        raise ConfigError(f"zero.ds_config: zero_hpz_partition_size={hpz} (in {zero.ds_config}) does not "
+                          f"divide the world size {world}; set it to the GPUs per node")
+
+
 class Engine:
     """Process group, frozen base and adapter collectives for one run."""
 
@@ -152,15 +177,8 @@ class Engine:
                                           "memory_efficient_linear": False}}
         notes = []
         if self.zero.ds_config:
-            try:
-                user = json.loads(Path(self.zero.ds_config).read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"zero.ds_config: {self.zero.ds_config} is not valid JSON "
-                                  f"(line {e.lineno}): {e.msg}") from None
+            user = read_user_ds_config(self.zero)
             zo = user.get("zero_optimization", {})
-            if zo.get("stage", 3) != 3:
-                raise ConfigError(f"zero.ds_config: {self.zero.ds_config} sets zero_optimization.stage="
-                                  f"{zo.get('stage')}; bigtrain partitions the frozen base with stage 3")
             ds.update({k: v for k, v in user.items() if k != "zero_optimization"})
             ds["zero_optimization"].update(zo)
             if "optimizer" in user or "scheduler" in user:

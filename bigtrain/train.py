@@ -30,7 +30,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
-from .engine import DTYPES, Engine
+from .engine import DTYPES, Engine, check_world
 from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
 from .memory import measure_states, predict_states
@@ -79,6 +79,7 @@ def train(cfg: Config) -> dict:
         find_targets(meta_model(hf_config), cfg.lora.targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_world(cfg.zero)
     train_ds, train_stats = load_examples(cfg.data.train, tokenizer, cfg.data)
     eval_ds = load_examples(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.data.eval else None
 

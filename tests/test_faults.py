@@ -137,3 +137,18 @@ def test_soak_random_kills_end_equal_to_uninterrupted(tmp_path):
     A, B = final_adapters(ref), final_adapters(out)
     assert all(torch.equal(A[k], B[k]) for k in A), "resumed adapters differ from the uninterrupted run"
     print(f"soak: {kills} kills, {cycle + 1} launches")
+
+
+def test_world_size_the_config_cannot_use(tmp_path):
+    """hpZ partition size 8 cannot divide 2 ranks: both ranks say so before any process group."""
+    p = run(train_cmd(2, tiny_overrides(tmp_path / "w", BUILTIN, 2, 2,
+                                        **{"zero.ds_config": "ds_configs/zero3_hpz.json"})),
+            check=False, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.count("zero_hpz_partition_size=8 (in ds_configs/zero3_hpz.json) does not divide "
+                          "the world size 2") == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,\n  "overlap_comm": tru}}')
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "b", BUILTIN, 2, 2, **{"zero.ds_config": bad})),
+            check=False)
+    assert p.returncode == 2 and f"{bad} is not valid JSON (line 2)" in p.stderr

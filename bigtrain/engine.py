@@ -201,11 +201,12 @@ class Engine:
     def build_base(self, hf_config=None, path: str | None = None, dtype: str = "float32",
                    attn_implementation: str = "sdpa") -> nn.Module:
         """The causal LM, frozen, on this rank's device: whole (stage 0) or partitioned (stage 3).
-        From ``hf_config`` (random init) or from a local checkpoint directory ``path``."""
+        From ``hf_config`` (random init) or from a local checkpoint directory ``path`` (whose config
+        is read here unless the caller already passes it)."""
         import transformers as tf
 
         torch_dtype = DTYPES[dtype]
-        if path is not None:
+        if hf_config is None:
             hf_config = tf.AutoConfig.from_pretrained(path)
         if self.stage == 0:
             if path is not None:

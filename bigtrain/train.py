@@ -75,8 +75,9 @@ def train(cfg: Config) -> dict:
     model_path = cfg.model.local_path
     tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
     hf_config = _hf_config(cfg, model_path, len(tokenizer))
+    meta = meta_model(hf_config)  # shapes only: for the target check and the memory prediction
     try:
-        find_targets(meta_model(hf_config), cfg.lora.targets)
+        find_targets(meta, cfg.lora.targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     check_world(cfg.zero)
@@ -120,7 +121,7 @@ def train(cfg: Config) -> dict:
         f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
         f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
         f"{engine.local_param_bytes(model):,}")
-    predicted = predict_states(hf_config, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
+    predicted = predict_states(meta, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
                                engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype)
     say("[bigtrain] predicted model states per rank: " + _fmt_bytes(predicted))
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,

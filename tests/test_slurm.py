@@ -163,7 +163,13 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert 5 <= saved < steps
     n_before = len(logged_steps(out))
     assert max(logged_steps(out)) <= saved
-    # skip the requeue hold (test speed only; on a real cluster the job just waits for it)
+    # Skip the requeue hold (test speed only; on a real cluster the job just waits for it). Not
+    # at once: slurmd revokes the killed run's job credential with one-second resolution, and a
+    # rerun launched within that second is refused ("Job credential revoked") and ends FAILED.
+    # Seen in CI. So wait until both nodes are idle again, then two more seconds.
+    wait_for(lambda: set(_run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.split()) == {"idle"},
+             "both nodes idle after the requeue", jid, tmp_path, timeout=60)
+    time.sleep(2.0)
     _run(["scontrol", "update", f"jobid={jid}", "StartTime=now"])
 
     info = wait_done(jid, tmp_path)

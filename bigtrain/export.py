@@ -21,16 +21,18 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from .checkpoint import ADAPTER_FILE, CheckpointError, LATEST, verify
 from .config import resolve_model_path
+
+if TYPE_CHECKING:
+    import torch
 
 PEFT_PREFIX = "base_model.model."
 FORMATS = ("peft",)
-DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-_HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# --dtype names -> torch dtype names (torch is imported only when a command runs: --help stays fast)
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
+               "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
@@ -42,6 +44,8 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory; a run's output dir or its ``checkpoints/`` dir resolves to the
     checkpoint named by ``latest``."""
+    from .checkpoint import LATEST, CheckpointError
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint directory")
@@ -57,6 +61,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     """Verify the checkpoint against its manifest; return (dir, adapter_config, {key: tensor})."""
     from safetensors.torch import load_file
+
+    from .checkpoint import ADAPTER_FILE, CheckpointError, verify
 
     p = resolve_checkpoint(path)
     verify(p)
@@ -167,7 +173,9 @@ def parse_size(text: str | int) -> int:
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 class _ShardWriter:
@@ -280,7 +288,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
         if to_dtype is not None:
             for key in ("dtype", "torch_dtype"):
                 if key in hf_cfg or key == "dtype":
-                    hf_cfg[key] = _HF_DTYPE[to_dtype]
+                    hf_cfg[key] = str(to_dtype).removeprefix("torch.")
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
         if (bdir / "generation_config.json").is_file():
             shutil.copy2(bdir / "generation_config.json", out / "generation_config.json")

@@ -194,10 +194,25 @@ class CheckpointConfig:
     """auto: resume from output_dir's latest good checkpoint if any; never; or a checkpoint path."""
     force_base_mismatch: bool = False
     """Resume even if the base model's fingerprint differs from the checkpoint's."""
+    merge_at_end: bool = False
+    """After the last step, also write the merged model (W0 + s·B·A; a plain Hugging Face checkpoint) to
+    output_dir/merged, gathered from the live ZeRO-3 partitions one tensor at a time. Offline
+    alternative: bigtrain merge CKPT OUT (streams the base from disk)."""
+    merge_max_shard_size: str = "2GB"
+    """Largest safetensors shard of the merged model (e.g. 5GB, 500MB)."""
 
     def validate(self, p: str) -> None:
         if self.every < 0:
             raise ConfigError(f"{p}.every must be >= 0, got {self.every}")
+        if self.merge_at_end:
+            from .export import parse_size
+
+            try:
+                if parse_size(self.merge_max_shard_size) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{p}.merge_max_shard_size: cannot read {self.merge_max_shard_size!r} "
+                                  "as a size (use e.g. 2GB, 500MB)") from None
         if self.keep < 2:
             raise ConfigError(f"{p}.keep must be >= 2 (one good checkpoint must survive a crash "
                               f"during a save), got {self.keep}")

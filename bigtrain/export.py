@@ -225,6 +225,108 @@ class _ShardWriter:
         return names
 
 
+def merged_weight(w: "torch.Tensor", A: "torch.Tensor", B: "torch.Tensor", scale: float, conv1d: bool,
+                  to_dtype: "torch.dtype | None" = None, where: str = "") -> "torch.Tensor":
+    """W0 + s·B·A, computed the one way both merges use: in fp32 on W0's device, rounded once to the
+    output dtype (W0's own unless ``to_dtype``). GPT-2 Conv1D stores W0 as (d_in, d_out)."""
+    delta = (B.float().to(w.device) @ A.float().to(w.device)) * scale  # (d_out, d_in)
+    if conv1d:
+        delta = delta.t()
+    if tuple(delta.shape) != tuple(w.shape):
+        raise ValueError(f"{where}: shape {tuple(w.shape)}, the adapter gives {tuple(delta.shape)}")
+    return (w.float() + delta).to(to_dtype or w.dtype)
+
+
+def _write_side_files(out: Path, hf_config: dict, tok_dir: Path | None, tokenizer=None) -> list[str]:
+    """config.json, generation_config.json and the tokenizer files next to the merged weights."""
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    if tok_dir is not None and (tok_dir / "generation_config.json").is_file():
+        shutil.copy2(tok_dir / "generation_config.json", out / "generation_config.json")
+    tok_files = [n for n in TOKENIZER_FILES if tok_dir is not None and (tok_dir / n).is_file()]
+    for n in tok_files:
+        shutil.copy2(tok_dir / n, out / n)
+    if not tok_files:
+        label = "(the run's tokenizer)"
+        if tokenizer is None:
+            from .data import load_tokenizer
+
+            tokenizer, label = load_tokenizer(None), "(built-in tokenizer)"
+        tokenizer.save_pretrained(str(out))
+        tok_files = [label]
+    return tok_files
+
+
+def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_dir: str | None = None,
+               max_shard_size: str | int = "2GB", progress: bool = False) -> dict | None:
+    """Write the merged model straight from the live (ZeRO-3-partitioned) base of a run.
+
+    Every rank takes part: parameters are gathered one at a time through ``engine.gather`` (the
+    only DeepSpeed call, owned by the engine), rank 0 copies each to CPU, adds s·B·A where adapted
+    (:func:`merged_weight`, the arithmetic of the file-based merge) and streams it into shards.
+    So no rank holds more than one whole tensor of the base at once plus rank 0's pending shard.
+    Written to ``OUT.partial`` and renamed to ``OUT`` when complete: a crash leaves no half model
+    under the final name. Returns stats on rank 0, None elsewhere."""
+    import torch
+
+    from .lora import is_conv1d
+
+    is_main = engine.info.is_main
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    adapted = {f"{name}.weight": (name, ad) for name, ad in lora.named_adapters()}
+    conv = {name for name in lora.names() if is_conv1d(dict(model.named_modules())[name])}
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, parse_size(max_shard_size)) if is_main else None
+    named = list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
+    missing = sorted(set(adapted) - {n for n, _ in named})
+    if missing:
+        raise ValueError(f"cannot merge: adapted weights {missing[:3]} are not parameters of the base "
+                         "(a tied output head cannot be merged without untying it)")
+    bar = None
+    if is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(named), desc="merge", unit="tensor", dynamic_ncols=True)
+    merged = 0
+    with torch.no_grad():
+        for name, p in named:
+            with engine.gather(p):  # collective: every rank, same order
+                t = p.detach().to("cpu", copy=True) if is_main else None
+            if is_main:
+                if name in adapted:
+                    mod, ad = adapted[name]
+                    t = merged_weight(t, ad.lora_A.detach().cpu(), ad.lora_B.detach().cpu(), ad.scale,
+                                      mod in conv, where=name)
+                    merged += 1
+                writer.add(name, t)
+                del t
+                if bar is not None:
+                    bar.update(1)
+        if is_main:
+            for mname, mod in model.named_modules():  # persistent buffers (not partitioned)
+                for bname, b in mod._buffers.items():
+                    if b is not None and bname not in mod._non_persistent_buffers_set:
+                        writer.add(f"{mname}.{bname}" if mname else bname, b.detach().to("cpu", copy=True))
+    if bar is not None:
+        bar.close()
+    stats = None
+    if is_main:
+        shards = writer.finish()
+        hf_cfg = json.loads(model.config.to_json_string(use_diff=False))
+        tok = _write_side_files(tmp, hf_cfg, Path(tok_dir) if tok_dir else None, tokenizer)
+        if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
+            model.generation_config.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        stats = {"out": str(out), "shards": shards, "merged_weights": merged,
+                 "total_bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes, "tokenizer": tok}
+    engine.barrier()
+    return stats
+
+
 def _weight_key(module: str, keys: set[str]) -> str | None:
     from .engine import _resolve_key
 
@@ -269,15 +371,8 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                     t = h.get_tensor(k)
                     if k in targets:
                         m = targets[k]
-                        A, B = tensors[f"{m}.lora_A"].float(), tensors[f"{m}.lora_B"].float()
-                        delta = (B @ A) * scale  # (d_out, d_in)
-                        if m in conv:
-                            delta = delta.t()
-                        if tuple(delta.shape) != tuple(t.shape):
-                            raise ValueError(f"{f.name}: {k} has shape {tuple(t.shape)}, the adapter of {m} "
-                                             f"gives {tuple(delta.shape)}")
-                        # add in fp32, round once to the output dtype
-                        t = (t.float() + delta).to(to_dtype or t.dtype)
+                        t = merged_weight(t, tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], scale,
+                                          m in conv, to_dtype, where=f"{f.name}: {k}")
                         merged += 1
                     elif to_dtype is not None and t.is_floating_point():
                         t = t.to(to_dtype)
@@ -289,18 +384,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
             for key in ("dtype", "torch_dtype"):
                 if key in hf_cfg or key == "dtype":
                     hf_cfg[key] = str(to_dtype).removeprefix("torch.")
-        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-        if (bdir / "generation_config.json").is_file():
-            shutil.copy2(bdir / "generation_config.json", out / "generation_config.json")
-        tok_files = [n for n in TOKENIZER_FILES if (bdir / n).is_file()]
-        if tok_files:
-            for n in tok_files:
-                shutil.copy2(bdir / n, out / n)
-        else:
-            from .data import load_tokenizer
-
-            load_tokenizer(None).save_pretrained(str(out))
-            tok_files = ["(built-in tokenizer)"]
+        tok_files = _write_side_files(out, hf_cfg, bdir)
     except BaseException:
         # leave no half-written checkpoint that from_pretrained could mistake for a good one
         if created:

@@ -31,6 +31,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine, check_world
+from .export import merge_live
 from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
 from .memory import measure_states, predict_states
@@ -273,6 +274,12 @@ def train(cfg: Config) -> dict:
         (out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
     if last_save is None:  # resumed at max_steps: nothing new, keep the checkpoint there
         last_save = ckpt.find_resumable(ckpt_root, say)
+    if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
+        st = merge_live(model, lora, engine, out_dir / "merged", tokenizer, _tokenizer_dir(model_path),
+                        cfg.checkpoint.merge_max_shard_size, progress=cfg.logging.progress_bar)
+        if st is not None:
+            say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
+                f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
     size = (last_save / ckpt.ADAPTER_FILE).stat().st_size if last_save else 0
     result = {"step": state["step"], "eval_loss": last_eval, "checkpoint": str(last_save),
               "adapter_bytes": size, "trainable_params": report["trainable"], "bad_steps": state["bad_steps"]}

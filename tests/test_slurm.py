@@ -142,12 +142,15 @@ def test_two_node_job_completes(cluster, script, tmp_path):
     assert not (out / "preempted").exists()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
+@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
+                                    "train_deepspeed.sbatch"])
+def test_usr1_checkpoints_requeues_and_resumes(cluster, script, tmp_path):
     """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) reaches every
-    rank; they checkpoint, the script sees $OUTPUT_DIR/preempted and `scontrol requeue`s the job,
-    and the rerun (same job id) resumes from the saved step and finishes."""
+    rank (through torchrun / the deepspeed launcher too, which must not die of it); they checkpoint,
+    the script sees $OUTPUT_DIR/preempted and `scontrol requeue`s the job, and the rerun (same job
+    id) resumes from the saved step and finishes."""
     out, steps = tmp_path / "out", 80
-    jid = submit("train_srun.sbatch", tmp_path, out, steps)
+    jid = submit(script, tmp_path, out, steps)
     wait_for(lambda: (s := logged_steps(out)) and s[-1] >= 5, "step 5 in train_log.jsonl", jid, tmp_path)
     # without --batch/--full this signals every job step (the srun'd ranks), not the batch shell
     assert _run(["scancel", "--signal=USR1", jid]).returncode == 0

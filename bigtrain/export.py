@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -334,7 +335,8 @@ def _weight_key(module: str, keys: set[str]) -> str | None:
 
 
 def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
-                     max_shard_size: str | int = "2GB", dtype: str | None = None) -> dict:
+                     max_shard_size: str | int = "2GB", dtype: str | None = None,
+                     progress: bool = False) -> dict:
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
     from safetensors import safe_open
 
@@ -365,6 +367,12 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
         for k, f in files.items():
             by_file.setdefault(f, []).append(k)
         merged = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=sum(f.stat().st_size for f in by_file), desc="merge", unit="B",
+                       unit_scale=True, dynamic_ncols=True)
         for f, keys in by_file.items():  # one input file open at a time
             with safe_open(str(f), "pt") as h:
                 for k in keys:
@@ -378,6 +386,10 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                         t = t.to(to_dtype)
                     writer.add(k, t)
                     del t
+            if bar is not None:
+                bar.update(f.stat().st_size)
+        if bar is not None:
+            bar.close()
         shards = writer.finish()
         hf_cfg = json.loads((bdir / "config.json").read_text())
         if to_dtype is not None:
@@ -426,7 +438,7 @@ def cmd_export(args) -> int:
 
 def cmd_merge(args) -> int:
     st = merge_checkpoint(args.checkpoint, args.out, base=args.base, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype)
+                          dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty())
     print(f"merged {st['merged_weights']} weights of {st['base']} into {st['out']}: "
           f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
     return 0
@@ -457,4 +469,6 @@ def add_export_parsers(subparsers) -> None:
     m.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
     m.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
                    help="dtype of the written weights (default: the base's)")
+    m.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown on a terminal only, by input bytes)")
     m.set_defaults(func=cmd_merge)

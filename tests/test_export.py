@@ -126,7 +126,7 @@ def test_merge_matches_adapted_model(tiny_models, tmp_path, name):
     assert len(tf.AutoTokenizer.from_pretrained(str(out))) == len(tf.AutoTokenizer.from_pretrained(str(base)))
 
 
-def test_merge_keeps_dtype_and_single_shard(tiny_models, tmp_path):
+def test_merge_keeps_dtype_and_single_shard(tiny_models, tmp_path, capsys):
     """A bf16 base stays bf16 (in one model.safetensors under the 2GB default); --dtype overrides."""
     from safetensors.torch import load_file
 
@@ -137,7 +137,10 @@ def test_merge_keeps_dtype_and_single_shard(tiny_models, tmp_path):
     _load(src, torch.bfloat16).save_pretrained(bdir)  # no tokenizer: merge adds the built-in one
     ckpt, _ = make_ckpt(tmp_path / "ck", src, ["q_proj"], seed=3, base_model=str(bdir))
     out = tmp_path / "m"
-    assert main(["merge", str(ckpt), str(out)]) == 0
+    from bigtrain.export import merge_checkpoint
+
+    st = merge_checkpoint(ckpt, out, progress=True)   # the progress bar path (a terminal's)
+    assert st["merged_weights"] == 2 and "merge" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
     assert (out / "tokenizer.json").is_file()

@@ -128,6 +128,10 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=dev.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
+    at_start = measure_states(model, lora, optimizer)  # no gradients or Adam moments exist yet
+    say("[bigtrain] model states on rank 0 at start, predicted/measured: " + ", ".join(
+        f"{k} {predicted[k]:,}/{at_start[k]:,}" for k in ("frozen_weights", "trainable_weights"))
+        + " bytes (gradients and optimizer state appear at the first step; compared at the end)")
 
     # -- 3. data and resume ----------------------------------------------------------------------
     sampler = GlobalSampler(len(train_ds), t.seed)
@@ -149,6 +153,7 @@ def train(cfg: Config) -> dict:
 
     loggers = Loggers.build(cfg.logging, out_dir, cfg.to_dict(), info.is_main, state["wandb_id"])
     state["wandb_id"] = loggers.wandb_id
+    loggers.summary({f"memory/{k}_start_measured": v for k, v in at_start.items()})
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda"
                                          and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext

@@ -25,6 +25,13 @@ def test_wandb_offline_and_tensorboard(tmp_path):
     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
         assert all(isinstance(h[key], (int, float)) for h in steps), key
     assert summary["step"] == 4 and summary["trainable_params"] == 16384
+    # memory: predicted against measured, at start (weights) and at the end (all model states)
+    for k in ("frozen_weights", "trainable_weights"):
+        assert summary[f"memory/{k}_start_measured"] == summary[f"memory/{k}_measured"] \
+            == summary[f"memory/{k}_predicted"] > 0, k
+    for k in ("gradients", "optimizer_state"):
+        assert summary[f"memory/{k}_start_measured"] == 0
+        assert summary[f"memory/{k}_measured"] == summary[f"memory/{k}_predicted"] > 0, k
     assert config["lora"]["r"] == 8
     assert glob.glob(f"{out}/tensorboard/events.out.tfevents.*")
     # the API key is in the environment only: never in anything the run wrote

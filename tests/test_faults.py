@@ -36,13 +36,45 @@ def test_too_many_bad_steps_stop_every_rank(tmp_path):
     assert "more than train.max_bad_steps=1 non-finite steps" in p.stdout + p.stderr
 
 
+def run_ranks_apart(overrides, world=2, timeout=180):
+    """Start ``world`` bigtrain processes the way `srun` does (SLURM_PROCID / SLURM_NTASKS, one
+    shared MASTER_PORT), but with nothing that kills the others when one fails, so each rank's own
+    decision shows. Returns [(returncode, stdout + stderr)] by rank. A rank that started a process
+    group while another did not would block until the timeout: the time bound catches a hang."""
+    from helpers import free_port
+
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-m", "bigtrain", "train", *overrides], cwd=ROOT,
+                              env=_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": str(world),
+                                        "SLURM_LOCALID": str(r), "MASTER_ADDR": "127.0.0.1",
+                                        "MASTER_PORT": port}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    out = []
+    for pr in procs:
+        try:
+            text, _ = pr.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a rank hung for {timeout}s")
+        out.append((pr.returncode, text))
+    return out
+
+
 def test_bad_config_fails_every_rank_before_the_process_group(tmp_path):
+    msg = "config error: lora.alpha must be > 0, got 0.0"
+    args = tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"lora.alpha": 0})
+    # each rank on its own (as srun starts them): every one refuses, by itself, with the same line
     t0 = time.time()
-    p = run(train_cmd(2, tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"lora.alpha": 0})), check=False,
-            timeout=300)
-    assert p.returncode != 0
-    assert p.stderr.count("config error: lora.alpha must be > 0, got 0.0") == 2  # both ranks said it
+    for rc, text in run_ranks_apart(args):
+        assert rc == 2 and msg in text, text[-3000:]
+        assert "rank 0/2 on host" not in text and "rank 1/2 on host" not in text  # no process group
     assert time.time() - t0 < 120
+    # under torchrun: the job fails (torchrun stops the other rank when the first one exits, so
+    # how many ranks got to print the line first is a race: at least one)
+    p = run(train_cmd(2, args), check=False, timeout=300)
+    assert p.returncode != 0 and msg in p.stderr
 
 
 def test_bad_data_line_same_decision_on_all_ranks(tmp_path):
@@ -50,10 +82,11 @@ def test_bad_data_line_same_decision_on_all_ranks(tmp_path):
     lines = [json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) for i in range(40)]
     lines[17] = '{"prompt": "x", "completion": '
     data.write_text("\n".join(lines) + "\n")
-    p = run(train_cmd(2, tiny_overrides(tmp_path / "e", BUILTIN, 2, 2, **{"data.train": data})),
+    for rc, text in run_ranks_apart(tiny_overrides(tmp_path / "e", BUILTIN, 2, 2, **{"data.train": data})):
+        assert rc != 0 and f"{data}:18" in text, text[-3000:]
+    p = run(train_cmd(2, tiny_overrides(tmp_path / "e2", BUILTIN, 2, 2, **{"data.train": data})),
             check=False, timeout=300)
-    assert p.returncode != 0
-    assert p.stderr.count(f"{data}:18") == 2
+    assert p.returncode != 0 and f"{data}:18" in p.stderr
     out = tmp_path / "s"
     p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 2, 2, **{"data.train": data, "data.on_bad_line": "skip"})))
     assert "39 examples, 1 skipped" in p.stdout

@@ -15,8 +15,9 @@ SECRET = "sk-bigtrain-test-0123456789abcdef"
 def test_wandb_offline_and_tensorboard(tmp_path):
     out = tmp_path / "run"
     run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2, **{
-        "logging.wandb": "true", "logging.wandb_mode": "offline", "logging.wandb_run_name": "ci-run",
-        "logging.wandb_tags": "[ci,tiny]", "logging.tensorboard": "true"})),
+        "logging.wandb": "true", "logging.wandb_mode": "offline", "logging.wandb_run_name": "../../ci-run",
+        "logging.wandb_tags": "[ci,tiny]", "logging.tensorboard": "true", "checkpoint.every": 1,
+        "checkpoint.merge_at_end": "true"})),
         env={"WANDB_API_KEY": SECRET})
     (run_dir,) = glob.glob(f"{out}/wandb/offline-run-*")
     history, summary, config = read_run(run_dir)
@@ -34,6 +35,10 @@ def test_wandb_offline_and_tensorboard(tmp_path):
         assert summary[f"memory/{k}_measured"] == summary[f"memory/{k}_predicted"] > 0, k
     assert config["lora"]["r"] == 8
     assert glob.glob(f"{out}/tensorboard/events.out.tfevents.*")
+    # every file the run wrote is under train.output_dir (a run name that looks like a path too)
+    outside = [f for f in tmp_path.rglob("*") if f.is_file() and out not in f.parents]
+    assert not outside, outside
+    assert (out / "merged" / "config.json").is_file()
     # the API key is in the environment only: never in anything the run wrote
     for f in Path(out).rglob("*"):
         if f.is_file():

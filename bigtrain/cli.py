@@ -34,9 +34,11 @@ def _config_reference(width: int = 100) -> str:
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
+    from .engine import exit_after_teardown
     from .train import train
 
-    train(cfg)
+    train(cfg)  # returns after the process group is torn down and every output is closed
+    exit_after_teardown(0)
     return 0
 
 

@@ -412,6 +412,28 @@ def decoder_layer_classes(model: nn.Module) -> list[type]:
     return list(seen.values())
 
 
+def exit_after_teardown(code: int = 0) -> None:
+    """End a process that ran a process group, skipping the interpreter's finalisation.
+
+    After ``Engine.close()`` the process group is destroyed, but its C++ objects can outlive it:
+    every ZeRO-3 parameter keeps a reference to its group (``ds_process_group``), and a
+    ``transformers`` model is freed only by the garbage collector, i.e. during finalisation. Gloo's
+    worker threads then get torn down while the interpreter is half gone, which rarely but really
+    aborts the process (SIGABRT, "terminate called without an active exception"; seen twice in
+    this project's CI under load; pytorch/pytorch#179291 describes the mechanism). Every output
+    is already closed and fsynced by then, so flush what is left and leave with ``os._exit``."""
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading a checkpoint straight into ZeRO-3 partitions.
 

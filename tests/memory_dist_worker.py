@@ -44,3 +44,6 @@ rank = engines[0].info.rank
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 engines[-1].close()
+from bigtrain.engine import exit_after_teardown  # noqa: E402
+
+exit_after_teardown(0)  # as bigtrain train ends

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from bigtrain.config import ZeroConfig
-from bigtrain.engine import Engine, checkpoint_files
+from bigtrain.engine import Engine, checkpoint_files, exit_after_teardown
 from bigtrain.inject import inject_lora
 from bigtrain.losses import token_loss_sum
 
@@ -57,3 +57,4 @@ res = {"rank": rank, "world": world, "local_bytes": local, "expected_local_bytes
 with open(f"{out}/rank{rank}.json", "w") as f:
     json.dump(res, f)
 eng.close()
+exit_after_teardown(0)  # as bigtrain train ends

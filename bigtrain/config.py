@@ -188,6 +188,9 @@ class ZeroConfig:
 class CheckpointConfig:
     every: int = 100
     """Save every N optimizer steps (and always at the end); 0 saves only at the end."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last save (0: off). Bounds the work a
+    crash can lose in wall time, whatever the step time; rank 0's clock decides for every rank."""
     keep: int = 2
     """Checkpoints kept (>= 2, so one good checkpoint survives a crash during a save)."""
     resume: str = "auto"
@@ -204,6 +207,8 @@ class CheckpointConfig:
     def validate(self, p: str) -> None:
         if self.every < 0:
             raise ConfigError(f"{p}.every must be >= 0, got {self.every}")
+        if not self.every_minutes >= 0:
+            raise ConfigError(f"{p}.every_minutes must be >= 0, got {self.every_minutes}")
         if self.merge_at_end:
             from .export import parse_size
 

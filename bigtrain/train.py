@@ -184,6 +184,7 @@ def train(cfg: Config) -> dict:
     bar = _progress(cfg, state["step"], info.is_main)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
     last_eval, last_save, measured = None, None, None
+    save_clock = time.monotonic()  # rank 0's clock decides time-based saves (checkpoint.every_minutes)
     while state["step"] < t.max_steps:
         step_idx = sampler.take(state["position"], global_batch)
         micro = [collate([train_ds[i] for i in idx], pad_id)
@@ -204,9 +205,13 @@ def train(cfg: Config) -> dict:
             engine.after_backward()
             loss_sum += ls.detach().float()
 
-        # One flat all-reduce: adapter gradients, the loss, and whether any rank was signalled.
+        # One flat all-reduce: adapter gradients, the loss, whether any rank was signalled, and
+        # whether rank 0's clock says a time-based checkpoint is due (so every rank agrees).
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        extras = torch.stack([loss_sum, torch.tensor(float(preempt.signum != 0), device=dev)])
+        due = (info.is_main and cfg.checkpoint.every_minutes > 0
+               and time.monotonic() - save_clock >= 60 * cfg.checkpoint.every_minutes)
+        extras = torch.tensor([0.0, float(preempt.signum != 0), float(due)], device=dev)
+        extras[0] = loss_sum
         engine.all_reduce_sum_(grads + [extras])
         for p, g in zip(params, grads):
             p.grad = g
@@ -214,6 +219,7 @@ def train(cfg: Config) -> dict:
             measured = measure_states(model, lora, optimizer)
         step_loss = extras[0].item() / max(global_targets, 1)
         stop_requested = extras[1].item() > 0 or state["step"] + 1 == t.stop_at_step
+        save_due = extras[2].item() > 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
         state["position"] += global_batch
         state["tokens"] += int(global_tokens)
@@ -256,8 +262,10 @@ def train(cfg: Config) -> dict:
             last_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
             loggers.log({"eval_loss": last_eval}, step)
             say(f"\n[bigtrain] step {step}: eval loss {last_eval:.4f}")
-        if stop_requested or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == t.max_steps:
+        if (stop_requested or save_due or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                or step == t.max_steps):
             last_save = save(step)
+            save_clock = time.monotonic()
         if stop_requested:
             bar.close()
             if info.is_main:

@@ -85,3 +85,19 @@ def test_config_error_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[nope]"]), check=False)
     assert p.returncode != 0 and "'nope' matched no linear layer" in p.stderr
+
+
+def test_time_based_checkpoints_agree_across_ranks(tmp_path):
+    """checkpoint.every_minutes: rank 0's clock decides, the decision travels in the step's
+    all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""
+    out = tmp_path / "t"
+    # 0.0001 min = 6 ms: due at every step; step-based saves off; keep them all
+    p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 4, 2, **{
+        "checkpoint.every": 0, "checkpoint.every_minutes": 0.0001, "checkpoint.keep": 10})), timeout=300)
+    saved = sorted(d.name for d in (out / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{s:08d}" for s in (1, 2, 3, 4)], saved
+    assert p.stdout.count("[bigtrain] checkpoint ") == 4
+    # off by default: only the final save
+    out2 = tmp_path / "t2"
+    run(train_cmd(1, tiny_overrides(out2, BUILTIN, 3, 2, **{"checkpoint.keep": 10})))
+    assert sorted(d.name for d in (out2 / "checkpoints").glob("step-*")) == ["step-00000003"]

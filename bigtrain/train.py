@@ -98,7 +98,7 @@ def train(cfg: Config) -> dict:
         cfg.dump(out_dir / "config.yaml")
         for name in ckpt.clean_partial(ckpt_root):
             say(f"[bigtrain] removed {name}: left by a save that did not finish")
-    engine.barrier()
+    _check_same_data(engine, cfg, train_stats, eval_ds)
     say(f"[bigtrain] train data {cfg.data.train}: {train_stats['examples']} examples, "
         f"{train_stats.get('skipped', 0)} skipped, {train_stats.get('truncated', 0)} truncated")
 
@@ -334,6 +334,19 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int)
     engine.after_backward()
     total, count = engine.all_reduce_scalars([total, count])
     return total / max(count, 1)
+
+
+def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
+    """Every rank read its own copy of the data (node-local disks, a stale copy on one node...).
+    The global sample order assumes they are the same: compare a summary across ranks and, if any
+    differs, every rank raises the same error (after also serving as the start-up barrier)."""
+    mine = {k: stats.get(k) for k in ("examples", "skipped", "rows", "tokens", "target_tokens")}
+    mine["eval_rows"] = len(eval_ds) if eval_ds is not None else None
+    seen = engine.all_gather_objects(mine)
+    if any(s != seen[0] for s in seen):
+        diff = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for r, s in enumerate(seen))
+        raise DataError(f"data.train {cfg.data.train} / data.eval {cfg.data.eval}: the ranks read "
+                        f"different data ({diff}); every rank must see the same files")
 
 
 def adapter_config(cfg: Config, lora) -> dict:

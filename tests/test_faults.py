@@ -36,7 +36,7 @@ def test_too_many_bad_steps_stop_every_rank(tmp_path):
     assert "more than train.max_bad_steps=1 non-finite steps" in p.stdout + p.stderr
 
 
-def run_ranks_apart(overrides, world=2, timeout=180):
+def run_ranks_apart(overrides, world=2, timeout=180, per_rank=None):
     """Start ``world`` bigtrain processes the way `srun` does (SLURM_PROCID / SLURM_NTASKS, one
     shared MASTER_PORT), but with nothing that kills the others when one fails, so each rank's own
     decision shows. Returns [(returncode, stdout + stderr)] by rank. A rank that started a process
@@ -44,7 +44,8 @@ def run_ranks_apart(overrides, world=2, timeout=180):
     from helpers import free_port
 
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "bigtrain", "train", *overrides], cwd=ROOT,
+    procs = [subprocess.Popen([sys.executable, "-m", "bigtrain", "train", *overrides,
+                               *(per_rank[r] if per_rank else [])], cwd=ROOT,
                               env=_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": str(world),
                                         "SLURM_LOCALID": str(r), "MASTER_ADDR": "127.0.0.1",
                                         "MASTER_PORT": port}),
@@ -90,6 +91,21 @@ def test_bad_data_line_same_decision_on_all_ranks(tmp_path):
     out = tmp_path / "s"
     p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 2, 2, **{"data.train": data, "data.on_bad_line": "skip"})))
     assert "39 examples, 1 skipped" in p.stdout
+
+
+def test_ranks_reading_different_data_all_refuse(tmp_path):
+    """Node-local copies of the data that differ (one node has a stale file): the global sample
+    order would silently mix two datasets. Every rank compares, every rank refuses."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lines = [json.dumps({"prompt": f"p{i}", "completion": f" c{i}"}) for i in range(40)]
+    a.write_text("\n".join(lines) + "\n")
+    b.write_text("\n".join(lines[:39]) + "\n")   # one example short
+    results = run_ranks_apart(tiny_overrides(tmp_path / "o", BUILTIN, 2, 2),
+                              per_rank=[[f"data.train={a}"], [f"data.train={b}"]])
+    for rc, text in results:
+        assert rc == 1 and "the ranks read different data" in text, text[-3000:]
+        assert "rank 0: examples 40" in text and "rank 1: examples 39" in text
+    assert not (tmp_path / "o" / "checkpoints").exists()
 
 
 def test_kill_one_rank_tears_down_and_relaunch_resumes(tmp_path):

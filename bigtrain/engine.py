@@ -253,7 +253,10 @@ class Engine:
                 set_z3_leaf_modules(model, classes)
         param_group = None
         if zc.zero_hpz_partition_size > 1:
-            groups._create_zero_param_parallel_group(zc.zero_hpz_partition_size)
+            # zero.Init (run by transformers under HfDeepSpeedConfig) has usually created the hpZ
+            # group already; creating it twice is an assertion error inside DeepSpeed
+            if groups._get_zero_param_intra_parallel_group() is None:
+                groups._create_zero_param_parallel_group(zc.zero_hpz_partition_size)
             param_group = groups._get_zero_param_intra_parallel_group()
         self._offload = DeepSpeedZeRoOffload(
             model, timers=None, ds_config=ds, overlap_comm=zc.overlap_comm,
@@ -299,6 +302,13 @@ class Engine:
                                                                self.zero.persistence_threshold))
         return self.zero.persistence_threshold
 
+    @property
+    def hpz_size(self) -> int:
+        """zero_hpz_partition_size of the DeepSpeed config in use (1: no hierarchical partitioning)."""
+        if self.stage != 3 or self.ds_config is None:
+            return 1
+        return int(self.ds_config["zero_optimization"].get("zero_hpz_partition_size", 1) or 1)
+
     def after_backward(self) -> None:
         """Return every ZeRO-3 parameter gathered for this step to its partition."""
         if self._offload is not None:
@@ -333,6 +343,9 @@ class Engine:
             if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor while gathered/persistent
                 whole = p.data.numel() if p.data.data_ptr() != p.ds_tensor.data_ptr() else 0  # aliased: one copy
                 total += (p.ds_tensor.numel() + whole) * p.ds_tensor.element_size()
+                sec = getattr(p, "ds_secondary_tensor", None)  # hpZ: the partition within the node
+                if sec is not None:
+                    total += sec.numel() * sec.element_size()
             else:
                 total += p.numel() * p.element_size()
         return total
@@ -495,19 +508,32 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int) -> int
             want = tuple(p.ds_shape)
             if shape != want:
                 raise ValueError(f"{f.name}: tensor {key!r} has shape {shape}, the model expects {want}")
-            numel = p.ds_numel
-            part = p.ds_tensor.numel()
             prank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else rank
-            start, end = part * prank, min(part * (prank + 1), numel)
-            local = p.ds_tensor.data.view(-1)
-            local.zero_()  # padding past the end of the tensor
-            if start >= numel:
-                continue
-            row = 1
-            for s in shape[1:]:
-                row *= s
-            r0, r1 = start // row, -(-end // row)
-            chunk = sl[r0:r1].reshape(-1)[start - r0 * row:end - r0 * row]
-            local[:end - start].copy_(chunk.to(local.dtype))
-            read += chunk.numel()
+            read += _fill_slice(p.ds_tensor, sl, shape, p.ds_numel, prank)
+            # hpZ: the secondary partition (this rank's slice within its node's group) was cut by
+            # zero.Init from the *initial* weights; DeepSpeed gathers from it, so it must hold the
+            # checkpoint too (else every forward would see random weights). Same read, other slice.
+            sec = getattr(p, "ds_secondary_tensor", None)
+            if sec is not None:
+                srank = dist.get_rank(group=p.ds_zero_param_process_group)
+                read += _fill_slice(sec, sl, shape, p.ds_numel, srank)
     return read
+
+
+def _fill_slice(dst: torch.Tensor, sl, shape: tuple, numel: int, index: int) -> int:
+    """Copy elements [index·n, (index+1)·n) of the flattened checkpoint tensor (``sl``, a lazy
+    safetensors slice) into ``dst`` (n elements; zero padding past the tensor's end), reading only
+    the rows that cover them. Returns the number of elements read."""
+    n = dst.numel()
+    start, end = n * index, min(n * (index + 1), numel)
+    local = dst.data.view(-1)
+    local.zero_()  # padding past the end of the tensor
+    if start >= numel:
+        return 0
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    r0, r1 = start // row, -(-end // row)
+    chunk = sl[r0:r1].reshape(-1)[start - r0 * row:end - r0 * row]
+    local[:end - start].copy_(chunk.to(local.dtype))
+    return chunk.numel()

@@ -206,27 +206,34 @@ def model_shape(source) -> ModelShape:
 # Exact per-rank model states: predicted and measured.
 
 
-def zero3_local_numel(numel: int, world_size: int, persistence_threshold: int = DEFAULT_PERSISTENCE) -> int:
+def zero3_local_numel(numel: int, world_size: int, persistence_threshold: int = DEFAULT_PERSISTENCE,
+                      hpz: int = 1) -> int:
     """Elements of one ZeRO-3 parameter held by a rank: its padded partition ``ceil(numel/N)``, plus
     the whole tensor if it is persistent (``numel <= threshold``; whole once first gathered). At
-    world size 1 the partition *is* the whole tensor and the engine aliases the two: one copy."""
+    world size 1 the partition *is* the whole tensor and the engine aliases the two: one copy.
+    With hierarchical partitioning (``zero_hpz_partition_size`` = hpz > 1) a non-persistent
+    parameter also keeps, from its first release on, a secondary partition of the padded tensor
+    over the hpz ranks of its group: ``ceil(numel/N)·N/hpz`` elements (DeepSpeed's
+    ``ds_secondary_tensor``), the memory hpZ spends to gather within a node."""
     part = -(-numel // world_size)
     if world_size == 1:
         return part
-    return part + (numel if numel <= persistence_threshold else 0)
+    if numel <= persistence_threshold:
+        return part + numel
+    return part + (part * (world_size // hpz) if hpz > 1 else 0)
 
 
 def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage: int = 3,
-                      persistence_threshold: int = DEFAULT_PERSISTENCE) -> int:
+                      persistence_threshold: int = DEFAULT_PERSISTENCE, hpz: int = 1) -> int:
     if stage == 0:
         return shape.total_params * base_bytes
-    return base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold)
+    return base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
                             for n, c in shape.numels.items())
 
 
 def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_size: int,
                    base_dtype: str = "float32", persistence_threshold: int = DEFAULT_PERSISTENCE,
-                   stage: int = 3, adapter_dtype: str = "float32") -> dict:
+                   stage: int = 3, adapter_dtype: str = "float32", hpz: int = 1) -> dict:
     """This rank's bytes of model states in steady state (after the second training step: during the
     first, DeepSpeed records its fetch trace and releases persistent parameters too) of bigtrain's LoRA (same keys as
     :func:`measure_states`): the frozen base (ZeRO-3 partitions + persistent whole tensors, or the whole
@@ -239,7 +246,7 @@ def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_si
     n_tensors = 2 * len(shapes)
     return {
         "frozen_weights": frozen_base_bytes(shape, world_size, DTYPE_BYTES[base_dtype], stage,
-                                            persistence_threshold),
+                                            persistence_threshold, hpz),
         "trainable_weights": ab * phi,
         "gradients": ab * phi,
         "optimizer_state": 2 * ab * phi + 4 * n_tensors,
@@ -252,7 +259,8 @@ def _tensor_bytes(t) -> int:
 
 def measure_states(model, lora, optimizer) -> dict:
     """This rank's bytes held by the live objects, by category: frozen base storage (for a ZeRO-3
-    parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent), adapter
+    parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent, plus the
+    hpZ secondary partition if any), adapter
     weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
     from .engine import Engine  # the same count the engine reports; imports no DeepSpeed
 

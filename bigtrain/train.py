@@ -123,7 +123,7 @@ def train(cfg: Config) -> dict:
         f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
         f"{engine.local_param_bytes(model):,}")
     predicted = predict_states(meta, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
-                               engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype)
+                               engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype, engine.hpz_size)
     say("[bigtrain] predicted model states per rank: " + _fmt_bytes(predicted))
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                   fused=dev.type == "cuda")
@@ -131,7 +131,8 @@ def train(cfg: Config) -> dict:
     at_start = measure_states(model, lora, optimizer)  # no gradients or Adam moments exist yet
     say("[bigtrain] model states on rank 0 at start, predicted/measured: " + ", ".join(
         f"{k} {predicted[k]:,}/{at_start[k]:,}" for k in ("frozen_weights", "trainable_weights"))
-        + " bytes (gradients and optimizer state appear at the first step; compared at the end)")
+        + " bytes (gradients, optimizer state and whole copies of persistent parameters appear at "
+        "the first step; all are compared at the end)")
 
     # -- 3. data and resume ----------------------------------------------------------------------
     sampler = GlobalSampler(len(train_ds), t.seed)

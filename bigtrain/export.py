@@ -274,17 +274,18 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     is_main = engine.info.is_main
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
-    adapted = {f"{name}.weight": (name, ad) for name, ad in lora.named_adapters()}
-    conv = {name for name in lora.names() if is_conv1d(dict(model.named_modules())[name])}
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    writer = _ShardWriter(tmp, parse_size(max_shard_size)) if is_main else None
+    modules = dict(model.named_modules())
+    # weight name -> (adapter, whether the layer is a GPT-2 Conv1D)
+    adapted = {f"{name}.weight": (ad, is_conv1d(modules[name])) for name, ad in lora.named_adapters()}
     named = list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
     missing = sorted(set(adapted) - {n for n, _ in named})
     if missing:
         raise ValueError(f"cannot merge: adapted weights {missing[:3]} are not parameters of the base "
                          "(a tied output head cannot be merged without untying it)")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    writer = _ShardWriter(tmp, parse_size(max_shard_size)) if is_main else None
     bar = None
     if is_main and progress:
         from tqdm import tqdm
@@ -297,16 +298,16 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
                 t = p.detach().to("cpu", copy=True) if is_main else None
             if is_main:
                 if name in adapted:
-                    mod, ad = adapted[name]
+                    ad, conv1d = adapted[name]
                     t = merged_weight(t, ad.lora_A.detach().cpu(), ad.lora_B.detach().cpu(), ad.scale,
-                                      mod in conv, where=name)
+                                      conv1d, where=name)
                     merged += 1
                 writer.add(name, t)
                 del t
                 if bar is not None:
                     bar.update(1)
         if is_main:
-            for mname, mod in model.named_modules():  # persistent buffers (not partitioned)
+            for mname, mod in modules.items():  # persistent buffers (not partitioned)
                 for bname, b in mod._buffers.items():
                     if b is not None and bname not in mod._non_persistent_buffers_set:
                         writer.add(f"{mname}.{bname}" if mname else bname, b.detach().to("cpu", copy=True))

@@ -82,6 +82,19 @@ def flops_per_token(cfg, n_params: int, seq: int, lora: bool) -> float:
     return 6 * n_params + 12 * L * seq * d
 
 
+def peft_lora(model, ac: bool):
+    """The one PEFT LoRA recipe both PEFT baselines use (r, α, targets as bigtrain's), with
+    activation checkpointing if asked, in training mode."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                             lora_dropout=0.0))
+    if ac:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
 def make_batch(cfg, mb: int, seq: int, device):
     import torch
 
@@ -156,13 +169,11 @@ def worker(job: dict) -> dict:
         with torch.device(dev):  # random init on the GPU (on the CPU it takes minutes at 6.7B)
             model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
         if name == "peft":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
-                                                     lora_dropout=0.0))
-        if ac:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+            model = peft_lora(model, ac)
+        else:
+            if ac:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         extra["trainable"] = sum(p.numel() for p in params)
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
@@ -178,7 +189,6 @@ def worker(job: dict) -> dict:
     elif name == "ds-peft":
         import deepspeed
         import transformers as tf
-        from peft import LoraConfig, get_peft_model
         from transformers.integrations import HfDeepSpeedConfig
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -195,11 +205,7 @@ def worker(job: dict) -> dict:
         dschf = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive while the model is built)
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
                                                     attn_implementation="sdpa")
-        model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
-                                                 lora_dropout=0.0))
-        if ac:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
+        model = peft_lora(model, ac)
         params = [p for p in model.parameters() if p.requires_grad]
         extra["trainable"] = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         client_opt = None if cuda else torch.optim.AdamW(params, lr=1e-4)  # CPU smoke: no FusedAdam

@@ -47,6 +47,10 @@ def _env() -> dict:
     return env
 
 
+def _shm_buffers() -> set[str]:
+    return {f.name for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")}
+
+
 def assert_finished_run(out: Path, log: str, world: int, steps: int) -> None:
     """Both ranks started, the latest checkpoint is the final step and holds the adapter."""
     ranks = {int(r) for r, w in re.findall(r"rank (\d+)/(\d+) on host", log) if int(w) == world}
@@ -67,8 +71,10 @@ def test_launcher_runs_two_cpu_ranks(launcher, tmp_path):
     out = tmp_path / "out"
     cmd = ["bash", str(ROOT / "launch" / f"{launcher}.sh"), "--nproc", "2",
            *TRAIN_ARGS, f"train.output_dir={out}"]
+    env = _env()
+    shm_before = _shm_buffers()
     try:
-        p = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+        p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{launcher} did not finish in {TIMEOUT_S}s:\n{(e.stdout or b'')[-4000:]!r}"
@@ -76,4 +82,8 @@ def test_launcher_runs_two_cpu_ranks(launcher, tmp_path):
     log = p.stdout + p.stderr
     assert p.returncode == 0, f"{launcher} exited {p.returncode}:\n{log[-6000:]}"
     assert_finished_run(out, log, world=2, steps=STEPS)
+    # DeepSpeed's CPU shared-memory all-reduce buffers (made under the deepspeed launcher, which
+    # sets LOCAL_SIZE: 66 MiB per rank) are removed at the end of the run, not left in RAM
+    left = _shm_buffers() - shm_before
+    assert not left, f"shared memory left behind: {sorted(left)}"
 

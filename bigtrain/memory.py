@@ -297,6 +297,7 @@ class Setup:
     dtype: str = "bfloat16"  # 16-bit weights/activations (LoRA: the frozen base's storage dtype)
     offload_param: bool = False  # ZeRO-3 parameter partitions in host memory (stage 3 only)
     persistence_threshold: int = DEFAULT_PERSISTENCE
+    hpz: int = 1  # ZeRO++ zero_hpz_partition_size (stage 3): a secondary partition per hpz ranks
     full_recipe: str = "zero"  # "zero": 16 bytes/param mixed precision; "torch-amp": see module doc
     gpu_mem_bytes: int = 80 * GiB
     include_context: bool = True  # CUDA context + fragmentation allowance
@@ -333,7 +334,8 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
         buffers = w16 * P  # autocast's bf16 copies of the weights, kept by autograd for backward
     else:
         if z == 3:
-            c["trainable_weights"] = frozen_base_bytes(shape, N, w16, 3, st.persistence_threshold)
+            c["trainable_weights"] = frozen_base_bytes(shape, N, w16, 3, st.persistence_threshold,
+                                                       st.hpz)
         else:
             c["trainable_weights"] = w16 * P
         c["gradients"] = w16 * (P if z < 2 else flat)
@@ -351,7 +353,7 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
 def _components_lora(shape: ModelShape, st: Setup) -> dict:
     N = st.world_size
     pred = predict_states(shape, list(st.lora_targets), st.lora_r, N, st.dtype, st.persistence_threshold,
-                          stage=st.lora_stage)
+                          stage=st.lora_stage, hpz=st.hpz if st.lora_stage == 3 else 1)
     c = dict.fromkeys(CATEGORIES, 0)
     c.update(pred)
     buffers = 0
@@ -418,26 +420,31 @@ def peak_bytes(c: dict, st: Setup, which: str) -> int:
 
 def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) -> int | None:
     """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
-    ``limit``; stage 0 never improves with more GPUs)."""
+    ``limit``; stage 0 never improves with more GPUs). With hpZ only multiples of ``st.hpz`` are
+    world sizes DeepSpeed accepts, so the search runs over those."""
     from dataclasses import replace
 
-    def fits(n: int) -> bool:
+    unit = max(1, st.hpz)
+
+    def fits(m: int) -> bool:
+        n = m * unit
         return peak_bytes(per_gpu(shape, replace(st, world_size=n), which), st, which) <= st.gpu_mem_bytes
 
     if st.full_recipe == "torch-amp" and which == "full":
         return 1 if fits(1) else None  # a one-GPU recipe
+    limit = max(1, limit // unit)
     if not fits(limit):
-        return 1 if fits(1) else None
+        return unit if fits(1) else None
     lo, hi = 1, limit  # per-GPU memory is non-increasing in N: bisect for the first fit
     if fits(1):
-        return 1
+        return unit
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
             hi = mid
         else:
             lo = mid
-    return hi
+    return hi * unit
 
 
 def estimate(model, st: Setup | None = None, **kw) -> dict:
@@ -586,7 +593,8 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
         f"{N} GPU(s), seq {st['seq_len']}, micro-batch {st['micro_batch']}, "
         f"checkpointing {'on' if st['checkpointing'] else 'off'}, {st['dtype']}, "
         f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
-        + (", parameters offloaded to CPU" if st["offload_param"] else ""),
+        + (", parameters offloaded to CPU" if st["offload_param"] else "")
+        + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else ""),
         "",
         f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
         f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + ' base)':>22}",
@@ -666,7 +674,8 @@ def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup 
     ax1.set_title(f"{est['model']} on {est['setup']['world_size']} GPU(s)")
     ax1.legend(fontsize=7)
     if shape is not None and st is not None:
-        ns = [2 ** i for i in range(0, 11)]
+        ns = [n for n in (2 ** i for i in range(0, 11)) if n % st.hpz == 0] or \
+            [st.hpz * 2 ** i for i in range(0, 8)]
         for which, lab in (("full", "full FT"), ("lora", "LoRA")):
             ys = [sum(per_gpu(shape, replace(st, world_size=n), which).values()) / GB for n in ns]
             ax2.plot(ns, ys, marker="o", label=lab)
@@ -691,6 +700,8 @@ what it counts (per GPU, bytes; GB = 1e9):
             fp32 adapters + grads + AdamW m,v = 16 bytes per adapter parameter, replicated
   both      activations (34*s*b*h bytes per layer, or layer inputs only with --checkpointing),
             logits + loss, ZeRO gather/reduce buffers, CUDA context + 5 %% fragmentation
+  --hpz N   ZeRO++ hierarchical partitioning: the 16-bit weights (full FT) or frozen base (LoRA) per
+            GPU grow by a secondary partition over N GPUs: 1/world + 1/N of the model
   Parameter counts come from the real model built on the meta device.
 
 examples:
@@ -698,6 +709,7 @@ examples:
   bigtrain estimate gpt3-175b --paper                 # the LoRA paper's figures, and accelerate/DeepSpeed's
   bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
   bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
+  bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
 """
 
@@ -731,6 +743,10 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
                    help="weights/activations dtype (default bfloat16)")
     p.add_argument("--persistence-threshold", type=int, default=DEFAULT_PERSISTENCE,
                    help="ZeRO-3 stage3_param_persistence_threshold in elements (default 1e5)")
+    p.add_argument("--hpz", type=int, default=1, metavar="N",
+                   help="ZeRO++ hierarchical partitioning, zero_hpz_partition_size (stage 3; usually the "
+                        "GPUs per node): adds a secondary partition of every non-persistent parameter "
+                        "over N ranks, so backward gathers stay in the node (default 1: off)")
     p.add_argument("--full-recipe", choices=("zero", "torch-amp"), default="zero",
                    help="full FT: zero = mixed-precision Adam, 16 bytes/param (default); torch-amp = plain "
                         "one-GPU PyTorch, fp32 weights+grads+Adam and autocast (needs --zero-stage 0, 1 GPU)")
@@ -748,13 +764,23 @@ def setup_from_args(args) -> Setup:
                  micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
                  lora_r=args.lora_r, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
                  dtype=args.dtype, offload_param=args.offload_param,
-                 persistence_threshold=args.persistence_threshold, full_recipe=args.full_recipe,
+                 persistence_threshold=args.persistence_threshold, hpz=args.hpz,
+                 full_recipe=args.full_recipe,
                  gpu_mem_bytes=int(args.gpu_mem_gib * GiB))
 
 
 def run_estimate(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
+        return 2
+    world = args.nodes * args.gpus_per_node
+    if args.hpz < 1 or world % args.hpz:
+        print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "
+              f"(--nodes x --gpus-per-node)", file=sys.stderr)
+        return 2
+    if args.hpz > 1 and args.zero_stage != 3:
+        print(f"error: --hpz {args.hpz} needs --zero-stage 3 (hierarchical partitioning is ZeRO-3's)",
+              file=sys.stderr)
         return 2
     try:
         st = setup_from_args(args)

@@ -249,3 +249,30 @@ def test_torch_amp_peak_phases():
         per_gpu(shape, replace(st, world_size=2), "full")
     assert M.run_estimate(_args("gpt3-6.7b", "--gpus-per-node", "1", "--zero-stage", "0",
                                 "--full-recipe", "torch-amp", "--no-checkpointing", "--micro-batch", "2")) == 0
+
+
+def test_estimate_models_hpz_secondary_partitions(capsys):
+    """--hpz N (ds_configs/zero3_hpz.json): each GPU holds its 1/world primary partition plus a
+    1/N secondary one of the 16-bit weights (full FT) or of the frozen base (LoRA)."""
+    st = Setup(world_size=32, seq_len=2048)
+    plain, hpz = estimate("gpt3-175b", st), estimate("gpt3-175b", replace(st, hpz=8))
+    base = 2 * P175  # bf16 bytes of the whole model
+    for which, key in (("lora", "frozen_weights"), ("full", "trainable_weights")):
+        a, b = plain[which]["per_gpu"][key], hpz[which]["per_gpu"][key]
+        # what hpZ adds is a 1/8 secondary partition of every weight but the small persistent ones
+        # (layer norms, biases: 0.3 % of the plain per-GPU share, kept whole on every rank)
+        assert abs((b - a) / (base / 8) - 1) < 1e-3 and abs(a / (base / 32) - 1) < 5e-3, (which, a, b)
+    assert hpz["lora"]["fewest_gpus"] % 8 == 0 and hpz["full"]["fewest_gpus"] % 8 == 0
+    assert hpz["lora"]["fewest_gpus"] > plain["lora"]["fewest_gpus"]
+    # the figure measured on 4 gloo ranks with zero_hpz_partition_size=2 (tests/test_engine_dist.py
+    # ::test_hierarchical_partitioning_hpz_matches_plain_zero3): 2,872,320 bytes of base per rank
+    tiny = estimate(str(ROOT / "bigtrain" / "assets" / "tiny-opt"),
+                    Setup(world_size=4, hpz=2, dtype="float32", persistence_threshold=0))
+    assert tiny["lora"]["per_gpu"]["frozen_weights"] == 2_872_320
+    # the command: the setup line says so; sizes DeepSpeed would refuse are refused
+    assert M.run_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "8")) == 0
+    assert "hpZ over 8 GPUs" in capsys.readouterr().out
+    assert M.run_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "5")) == 2
+    assert "--hpz 5 must be >= 1 and divide the GPU count 32" in capsys.readouterr().err
+    assert M.run_estimate(_args("gpt3-175b", "--gpus-per-node", "8", "--hpz", "8", "--zero-stage", "2")) == 2
+    assert "needs --zero-stage 3" in capsys.readouterr().err

@@ -44,9 +44,8 @@ def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     rows = (shift != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(rows.numel())
     head = model.get_output_embeddings()
-    if n == 0:
-        # Keep the graph connected (zero gradient) so backward works on an all-prompt batch.
-        return hidden.sum() * 0.0, 0
+    # n == 0 (an all-prompt batch) still goes through the head once, like every other batch: under
+    # ZeRO-3 each head call is a collective gather, so every rank must make the same calls
     h = hidden.reshape(B * T, d).index_select(0, rows)
     y = shift.index_select(0, rows)
     vocab = getattr(head, "out_features", None) or int(model.config.vocab_size)
@@ -58,27 +57,47 @@ def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 class _ChunkedHeadCE(torch.autograd.Function):
     """sum CE(head(h), y) with the gradient w.r.t. ``h`` computed chunk by chunk *in forward*: each
     chunk's logits (and their fp32 copy) are freed before the next chunk starts, so only one chunk of
-    logits ever exists, and backward is one multiply. The head is called as a module and
-    differentiated at once, inside its own forward: ZeRO-3's module hooks gather its weight for that
-    call just as they would for an ordinary forward and backward (recomputing the head later, in the
-    outer backward, would need ZeRO-3 to fetch during a checkpoint replay, which it does not)."""
+    logits ever exists, and backward is one multiply.
+
+    The head is called as a module exactly **once**, whatever the number of rows (0 included), and
+    every chunk is computed inside that call: module hooks (ZeRO-3's gather/release) see one
+    ordinary forward. This matters for correctness, not only speed: under ZeRO-3 each module call
+    is a collective all-gather, and ranks with different target counts would otherwise make
+    different numbers of calls, i.e. mismatched collectives. The weight is differentiated inside
+    that call too (recomputing the head in the outer backward would need ZeRO-3 to fetch during a
+    checkpoint replay, which it does not); nothing the call returns needs a gradient."""
 
     @staticmethod
     def forward(ctx, h, y, head, chunk):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
-        for i in range(0, h.shape[0], chunk):
-            with torch.enable_grad():
-                h_c = h[i:i + chunk].detach().requires_grad_(need_grad)
-                logits = head(h_c).float()  # fp32 for the softmax, as the plain recipe does
-                loss_c = F.cross_entropy(logits, y[i:i + chunk], ignore_index=IGNORE_INDEX,
-                                         reduction="sum")
-                if need_grad:
-                    (g,) = torch.autograd.grad(loss_c, h_c)
-                    grad_h[i:i + chunk] = g
-            total += loss_c.detach().float()
-            del logits, loss_c
+        inner = head.forward  # the module's own computation, without its hooks
+
+        def all_chunks(_):
+            nonlocal total
+            for i in range(0, h.shape[0], chunk):
+                with torch.enable_grad():
+                    h_c = h[i:i + chunk].detach().requires_grad_(need_grad)
+                    logits = inner(h_c).float()  # fp32 for the softmax, as the plain recipe does
+                    loss_c = F.cross_entropy(logits, y[i:i + chunk], ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+                    if need_grad:
+                        (g,) = torch.autograd.grad(loss_c, h_c)
+                        grad_h[i:i + chunk] = g
+                total += loss_c.detach().float()
+                del logits, loss_c
+            return h.new_zeros(0)
+
+        own = head.__dict__.get("forward")  # a wrapper some libraries set on the instance
+        head.forward = all_chunks
+        try:
+            head(h[:0].detach())  # one module call: hooks fire once, all chunks run inside
+        finally:
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
         ctx.save_for_backward(grad_h)
         return total
 

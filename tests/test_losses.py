@@ -72,3 +72,32 @@ def test_no_grad_path():
         a, _ = token_loss_sum(model, ids, mask, labels)
         b, _ = token_loss_sum_reference(model, ids, mask, labels)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [0, 5, 60])  # no target, one chunk, many chunks
+def test_head_called_once_whatever_the_target_count(targets, monkeypatch):
+    """Under ZeRO-3 every module call is a collective gather, so the number of head calls must
+    not depend on a rank's target count (ranks with different counts used to make different
+    numbers of chunked calls: mismatched collectives; reproduced with 2 gloo ranks). The chunks
+    all run inside one head call; an all-prompt batch still makes that call."""
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 7 * VOCAB)  # 7 rows per chunk
+    model = _model("tiny-opt")
+    lora = inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    head = model.get_output_embeddings()
+    calls = []
+    hook = head.register_forward_pre_hook(lambda m, a: calls.append(tuple(a[0].shape)))
+    ids, mask, _ = _batch(B=3, T=24)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels.view(-1)[1:1 + targets] = ids.view(-1)[1:1 + targets]
+    n_real = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    loss, n = token_loss_sum(model, ids, mask, labels)
+    loss.backward()
+    hook.remove()
+    # one call inside the model's forward (logits_to_keep=empty: no positions), one for all chunks
+    assert calls == [(3, 0, model.config.hidden_size), (0, model.config.hidden_size)], calls
+    assert n == n_real
+    ref, n_ref = token_loss_sum_reference(model, ids, mask, labels)
+    assert n_ref == n and torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    assert "forward" not in head.__dict__  # the module is left as it was
+    if targets == 0:
+        assert float(loss.detach()) == 0.0 and all(p.grad is None or not p.grad.any() for p in lora.parameters())

@@ -66,12 +66,12 @@ def _env() -> dict:
     return env
 
 
-def submit(script: str, tmp: Path, out: Path, steps: int) -> str:
+def submit(script: str, tmp: Path, out: Path, steps: int, extra: tuple = ()) -> str:
     (tmp / "logs").mkdir(exist_ok=True)
     cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--chdir={tmp}",
            f"--job-name=bt-{Path(script).stem}", "--time=00:10:00",
            str(ROOT / "slurm" / script), *TRAIN_ARGS, f"train.max_steps={steps}",
-           f"train.output_dir={out}"]
+           f"train.output_dir={out}", *extra]
     p = _run(cmd, env=_env())
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
     return p.stdout.strip().split(";")[0]
@@ -185,3 +185,18 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, script, tmp_path):
     assert latest_state(out)[1] == steps
     assert not preempted.exists()
     assert len(re.findall(r"rank \d/2 on host n[12]", log)) == 4   # both ranks, both runs
+
+
+def test_failed_rerun_after_preemption_is_not_requeued(cluster, tmp_path):
+    """A rerun that fails while the old `preempted` marker is still there (here a config error;
+    in life a bad node, OOM, a moved dataset) must not requeue itself forever: the script requeues
+    only a clean preemption exit."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "preempted").write_text("7\n")
+    jid = submit("train_srun.sbatch", tmp_path, out, 10, extra=("lora.r=0",))
+    info = wait_done(jid, tmp_path)
+    log = job_log(tmp_path, jid)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", f"{info}\n{log[-4000:]}"
+    assert "config error: lora.r must be a positive integer, got 0" in log
+    assert "not requeueing" in log and "requeueing job" not in log

@@ -139,6 +139,7 @@ def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     """Write ``out/adapter_config.json`` and ``out/adapter_model.safetensors`` in PEFT's format."""
     from safetensors.torch import save_file
 
+    _check_out_dir(Path(out), replaceable=("adapter_model.safetensors", "adapter_config.json", "README.md"))
     p, cfg, tensors = read_checkpoint(ckpt)
     bdir = base_dir(cfg, base, p)
     conv = conv1d_modules(bdir, cfg["modules"])
@@ -158,6 +159,19 @@ def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     return out
 
 
+def _check_out_dir(out: Path, replaceable: tuple[str, ...] = ()) -> None:
+    """OUT must be a new or empty directory (or hold only ``replaceable`` files of an earlier
+    export, which are overwritten): never write into a file's path or mix with other outputs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        others = sorted(f.name for f in out.iterdir() if f.name not in replaceable)
+        if others:
+            raise ValueError(f"{out}: output directory exists and is not empty (holds "
+                             f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}); "
+                             f"choose a new or empty directory")
+
+
 # -- streaming merge ----------------------------------------------------------------------------
 def parse_size(text: str | int) -> int:
     """'2GB', '200KB', '5MiB' or a byte count -> bytes (decimal units, as transformers uses)."""
@@ -166,9 +180,15 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
-    if not num or unit not in _SIZE_UNITS:
-        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)")
-    return int(float(num) * _SIZE_UNITS[unit])
+    try:
+        if not num or unit not in _SIZE_UNITS:
+            raise ValueError
+        size = int(float(num) * _SIZE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)") from None
+    if size <= 0:
+        raise ValueError(f"--max-shard-size: {text!r} must be more than 0 bytes")
+    return size
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -357,8 +377,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                              "(a tied output head cannot be merged without untying it)")
         targets[key] = m
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out}: output directory exists and is not empty")
+    _check_out_dir(out)
     to_dtype = _dtype(dtype) if dtype else None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

@@ -773,6 +773,11 @@ def run_estimate(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
         return 2
+    for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
+                    ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib)):
+        if v <= 0:
+            print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
+            return 2
     world = args.nodes * args.gpus_per_node
     if args.hpz < 1 or world % args.hpz:
         print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "

@@ -277,6 +277,26 @@ def test_cli_errors_are_one_line_and_name_the_path(tiny_models, tmp_path, capsys
     bad.write_bytes(bytes(data))
     e = err(["export", str(ckpt), str(tmp_path / "o4")])
     assert str(bad) in e and "checksum" in e
+    # output paths: a file, a non-empty directory, a size that is not one: refused, named
+    good, _ = make_ckpt(tmp_path / "ck2", base, ["q_proj"], seed=2)
+    capsys.readouterr()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for cmd in ("export", "merge"):
+        e = err([cmd, str(good), str(afile)])
+        assert str(afile) in e and "not a directory" in e
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for cmd in ("export", "merge"):
+        e = err([cmd, str(good), str(busy)])
+        assert str(busy) in e and "not empty" in e and "notes.txt" in e
+    assert (busy / "notes.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+    assert main(["export", str(good), str(tmp_path / "o0")]) == 0   # re-export over an export: fine
+    capsys.readouterr()
+    for size in ("lots", "0"):
+        e = err(["merge", str(good), str(tmp_path / f"m-{size}"), "--max-shard-size", size])
+        assert "--max-shard-size" in e and repr(size) in e
     for cmd in ("export", "merge"):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])

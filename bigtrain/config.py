@@ -45,8 +45,17 @@ class ModelConfig:
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice(p + ".attn_implementation", self.attn_implementation, ("sdpa", "eager"))
-        if self.path is not None and not Path(resolve_model_path(self.path)).is_dir():
-            raise ConfigError(f"{p}.path: {self.path!r} is not a directory")
+        if self.path is not None:
+            d = Path(resolve_model_path(self.path))
+            if not d.is_dir():
+                raise ConfigError(f"{p}.path: {self.path!r} is not a directory")
+            if not (d / "config.json").is_file():
+                raise ConfigError(f"{p}.path: {self.path!r} has no config.json (expected a Hugging Face "
+                                  f"model directory written by save_pretrained)")
+            if not any(d.glob("*.safetensors")):
+                raise ConfigError(f"{p}.path: {self.path!r} has no *.safetensors weights (bigtrain loads "
+                                  f"safetensors only, never pickled .bin files; re-save the model with "
+                                  f"save_pretrained(..., safe_serialization=True))")
         if self.path is None:
             from .presets import PRESETS
 
@@ -111,6 +120,7 @@ class TrainConfig:
     output_dir: str = "runs/demo"
     """Everything of the run goes here: config.yaml, checkpoints/, logs."""
     seed: int = 0
+    """Seeds the adapters' init, the data order and dropout (the same on every rank)."""
     max_steps: int = 300
     """Optimizer steps."""
     micro_batch_size: int = 8
@@ -118,12 +128,17 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; global batch = micro_batch_size * grad_accum * world."""
     lr: float = 2e-3
+    """AdamW peak learning rate (after warm-up). Changed on resume, the new value is used."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay on the adapters. Changed on resume, the new value is used."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
     warmup_steps: int = 20
+    """Linear warm-up from lr/warmup_steps to lr over this many optimizer steps."""
     schedule: str = "cosine"
     """cosine, linear or constant decay after warm-up."""
     min_lr_ratio: float = 0.1
+    """The decay ends at lr * min_lr_ratio at max_steps."""
     max_grad_norm: float = 1.0
     """Clip the global adapter gradient norm; 0 disables."""
     precision: str = "auto"
@@ -131,8 +146,13 @@ class TrainConfig:
     device: str = "auto"
     """auto, cpu or cuda."""
     eval_every: int = 100
-    eval_batches: int = 8
+    """Eval loss on data.eval every this many steps, at step 0 and at the end; 0: only at step 0 and
+    at the end."""
+    eval_examples: int = 64
+    """Eval scores the first eval_examples examples of data.eval (0 or more than it has: all of
+    them), each once: the same figure whatever the micro-batch size and the world size."""
     log_every: int = 10
+    """Console/W&B/TensorBoard metrics every this many steps (averaged over them)."""
     stop_at_step: Optional[int] = None
     """Save and stop after this step as a preemption would, keeping the schedule of max_steps
     (time-boxed jobs; a rerun resumes)."""
@@ -140,9 +160,14 @@ class TrainConfig:
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
 
     def validate(self, p: str) -> None:
-        for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches"):
+        for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"{p}.{k} must be > 0, got {getattr(self, k)}")
+        if self.eval_examples < 0:
+            raise ConfigError(f"{p}.eval_examples must be >= 0 (0: all), got {self.eval_examples}")
+        if self.eval_every < 0:
+            raise ConfigError(f"{p}.eval_every must be >= 0 (0: only at step 0 and the end), "
+                              f"got {self.eval_every}")
         if self.lr <= 0:
             raise ConfigError(f"{p}.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -169,7 +194,8 @@ class ZeroConfig:
     """Collective timeout: a dead rank makes the others fail after this, never hang."""
     persistence_threshold: int = 100000
     """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
-    stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory."""
+    stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory. A value in
+    zero.ds_config's zero_optimization wins (the run says so at start)."""
     single_rank_plain: bool = False
     """At world size 1 (nothing to partition) alias every ZeRO-3 partition to its parameter and run
     the base without DeepSpeed's fetch hooks: same values, one copy of the weights, no hook overhead
@@ -194,7 +220,9 @@ class CheckpointConfig:
     keep: int = 2
     """Checkpoints kept (>= 2, so one good checkpoint survives a crash during a save)."""
     resume: str = "auto"
-    """auto: resume from output_dir's latest good checkpoint if any; never; or a checkpoint path."""
+    """auto: resume from output_dir's latest good checkpoint if any; never: start fresh (refused if
+    output_dir already holds checkpoints); or a checkpoint directory, or a run directory (its
+    latest), which must verify: no silent fallback."""
     force_base_mismatch: bool = False
     """Resume even if the base model's fingerprint differs from the checkpoint's."""
     merge_at_end: bool = False
@@ -228,12 +256,17 @@ class LoggingConfig:
     wandb: bool = False
     """Log to Weights & Biases (online if WANDB_API_KEY is set, else offline into output_dir)."""
     wandb_project: str = "bigtrain"
+    """W&B project (WANDB_ENTITY in the environment picks the team)."""
     wandb_run_name: Optional[str] = None
+    """W&B run name; default: W&B's own. A resumed run keeps its W&B run id."""
     wandb_tags: list[str] = field(default_factory=list)
+    """W&B tags, e.g. [lora, opt-6.7b]."""
     wandb_mode: str = "auto"
-    """auto, online, offline or disabled."""
+    """auto (online if WANDB_API_KEY is set, else offline), online, offline or disabled."""
     tensorboard: bool = False
+    """Also write TensorBoard events to output_dir/tensorboard."""
     progress_bar: bool = True
+    """A tqdm bar on rank 0 with loss and tokens/s (stderr)."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))

@@ -95,10 +95,16 @@ def read_user_ds_config(zero: ZeroConfig) -> dict:
     return user
 
 
-def check_world(zero: ZeroConfig) -> None:
-    """Refuse, before any process group starts, a world size the configuration cannot use."""
+def check_world(zero: ZeroConfig, device: str = "auto") -> None:
+    """Refuse, before any process group starts, a world size or device the configuration cannot use."""
     _, world, _ = detect_world()
-    hpz = read_user_ds_config(zero).get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    zo = read_user_ds_config(zero).get("zero_optimization", {})
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if zero.stage == 3 and zo.get("zero_quantized_nontrainable_weights") and on_cpu:
+        raise ConfigError(f"zero.ds_config: zero_quantized_nontrainable_weights (in {zero.ds_config}) "
+                          f"needs GPUs: DeepSpeed's quantizer has no CPU kernel; use ds_configs/zero3.json "
+                          f"on CPU")
+    hpz = zo.get("zero_hpz_partition_size", 1)
     if zero.stage == 3 and hpz > 1 and world % hpz:
         raise ConfigError(f"zero.ds_config: zero_hpz_partition_size={hpz} (in {zero.ds_config}) does not "
                           f"divide the world size {world}; set it to the GPUs per node")
@@ -183,6 +189,10 @@ class Engine:
             zo = user.get("zero_optimization", {})
             ds.update({k: v for k, v in user.items() if k != "zero_optimization"})
             ds["zero_optimization"].update(zo)
+            t = zo.get("stage3_param_persistence_threshold")
+            if t is not None and t != self.zero.persistence_threshold:
+                notes.append(f"stage3_param_persistence_threshold: {t!r} from {self.zero.ds_config} is "
+                             f"used; zero.persistence_threshold={self.zero.persistence_threshold} is not")
             if "optimizer" in user or "scheduler" in user:
                 notes.append("optimizer/scheduler in the DeepSpeed config are ignored: the adapters "
                              "are stepped by bigtrain's AdamW (train.lr, train.schedule)")

@@ -72,6 +72,9 @@ def lr_lambda(cfg, step: int) -> float:
 
 def train(cfg: Config) -> dict:
     t = cfg.train
+    # SIGTERM/SIGUSR1 from here on are remembered and acted on at the first step boundary: a
+    # preemption notice during the (long, at scale) start-up must not kill the job or be dropped
+    preempt = Preemption()
     # -- 0. everything that can fail on bad input, before any process group or model exists --------
     model_path = cfg.model.local_path
     tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
@@ -81,7 +84,9 @@ def train(cfg: Config) -> dict:
         find_targets(meta, cfg.lora.targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_world(cfg.zero)
+    check_world(cfg.zero, t.device)
+    _check_positions(cfg, hf_config)
+    explicit_resume = _check_resume_choice(cfg, Path(t.output_dir) / "checkpoints")
     train_ds, train_stats = load_examples(cfg.data.train, tokenizer, cfg.data)
     eval_ds = load_examples(cfg.data.eval, tokenizer, cfg.data)[0] if cfg.data.eval else None
 
@@ -141,11 +146,13 @@ def train(cfg: Config) -> dict:
 
     fingerprint = ckpt.base_fingerprint(hf_config, model_path, cfg.model.preset, t.seed)
     state = {"step": 0, "position": 0, "bad_steps": 0, "tokens": 0, "wandb_id": None}
-    resume_from = _choose_resume(cfg, ckpt_root, engine, say)
+    resume_from = explicit_resume or _choose_resume(cfg, ckpt_root, engine, say)
     if resume_from is not None:
         ckpt.check_base(resume_from, fingerprint, cfg.checkpoint.force_base_mismatch)
         saved = ckpt.load_checkpoint(resume_from, lora, optimizer, info.rank)
         scheduler.load_state_dict(saved["scheduler"])
+        for note in _apply_changed_hparams(cfg, optimizer, scheduler):
+            say(f"[bigtrain] {note}")
         state.update({k: saved[k] for k in state if k in saved})
         say(f"[bigtrain] resumed from {resume_from} at step {state['step']} "
             f"(sample {state['position']}, saved with {saved['world_size']} ranks, now {info.world_size})")
@@ -181,7 +188,6 @@ def train(cfg: Config) -> dict:
         base_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
         loggers.log({"eval_loss": base_eval}, 0)
         say(f"[bigtrain] step 0 (adapters are zero: the base model): eval loss {base_eval:.4f}")
-    preempt = Preemption()
     bar = _progress(cfg, state["step"], info.is_main)
     window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
     last_eval, last_save, measured = None, None, None
@@ -259,7 +265,7 @@ def train(cfg: Config) -> dict:
             loggers.log(m, step)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
-        if eval_ds is not None and (step % t.eval_every == 0 or step == t.max_steps):
+        if eval_ds is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
             last_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
             loggers.log({"eval_loss": last_eval}, step)
             say(f"\n[bigtrain] step {step}: eval loss {last_eval:.4f}")
@@ -267,7 +273,7 @@ def train(cfg: Config) -> dict:
                 or step == t.max_steps):
             last_save = save(step)
             save_clock = time.monotonic()
-        if stop_requested:
+        if stop_requested and step < t.max_steps:  # at the last step the run just ends: done
             bar.close()
             if info.is_main:
                 (out_dir / "preempted").write_text(f"{step}\n")
@@ -319,19 +325,26 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
 
 @torch.no_grad()
 def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int) -> float:
-    """Mean token loss over the first eval_batches × micro_batch × world examples (every rank runs
-    the same number of forwards, which ZeRO-3's collective gathers require)."""
+    """Mean token loss over the first ``train.eval_examples`` examples of the eval set, each scored
+    once, split over the ranks. Every rank runs the same number of forwards (ZeRO-3's gathers are
+    collective): the last batches are filled with example 0 with its loss masked out, so the figure
+    does not depend on the micro-batch size or the world size."""
     info, m = engine.info, cfg.train.micro_batch_size
-    per_rank = max(1, min(cfg.train.eval_batches, math.ceil(len(eval_ds) / (m * info.world_size))))
+    n = len(eval_ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(eval_ds))
     total, count = 0.0, 0
-    for bi in range(per_rank):
+    for bi in range(math.ceil(n / (m * info.world_size))):
         base = (bi * info.world_size + info.rank) * m
-        idx = [(base + j) % len(eval_ds) for j in range(m)]
-        b = {k: v.to(info.device) for k, v in collate([eval_ds[i] for i in idx], pad_id).items()}
+        rows = []
+        for i in range(base, base + m):
+            ex = dict(eval_ds[i if i < n else 0])
+            if i >= n:  # filler: keeps the forward count equal on every rank, scores nothing
+                ex["labels"] = [-100] * len(ex["labels"])
+            rows.append(ex)
+        b = {k: v.to(info.device) for k, v in collate(rows, pad_id).items()}
         with autocast():
-            ls, n = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
         total += float(ls)
-        count += n
+        count += c
     engine.after_backward()
     total, count = engine.all_reduce_scalars([total, count])
     return total / max(count, 1)
@@ -356,14 +369,69 @@ def adapter_config(cfg: Config, lora) -> dict:
             "base_model": cfg.model.path or f"preset:{cfg.model.preset}", "dtype": cfg.lora.dtype}
 
 
-def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
+def _check_positions(cfg: Config, hf_config) -> None:
+    """data.max_length beyond the model's position table fails deep in the first forward pass
+    ("index out of range in self") on every rank: say so before any work, naming both."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if limit and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
+                          f"{limit} positions (max_position_embeddings of {cfg.model.local_path or cfg.model.preset}); "
+                          f"set data.max_length <= {limit}")
+
+
+def _check_resume_choice(cfg: Config, root: Path) -> Path | None:
+    """checkpoint.resume, checked before any process group: an explicit checkpoint (or a run dir:
+    its latest) must exist and verify, with no silent fallback; ``never`` refuses an output_dir that
+    already holds another run's checkpoints (pruning and a later auto-resume would mix the two)."""
     mode = cfg.checkpoint.resume
     if mode == "never":
+        old = ckpt.list_checkpoints(root) if root.is_dir() else []
+        if old:
+            raise ConfigError(
+                f"checkpoint.resume=never, but {root} already holds checkpoints of an earlier run "
+                f"(newest {old[0].name}): a fresh run there would prune them together with its own "
+                f"and a later checkpoint.resume=auto could pick theirs up. Use another "
+                f"train.output_dir, remove {root}, or checkpoint.resume=auto to continue that run")
         return None
+    if mode == "auto":
+        return None
+    from .export import resolve_checkpoint  # a checkpoint dir, a run dir or its checkpoints/ dir
+
+    try:
+        p = resolve_checkpoint(mode)
+        ckpt.verify(p)
+    except (OSError, ckpt.CheckpointError) as e:
+        raise ConfigError(f"checkpoint.resume={mode}: {e}") from None
+    return p
+
+
+def _apply_changed_hparams(cfg: Config, optimizer, scheduler) -> list[str]:
+    """The optimizer and scheduler state of a checkpoint carry the lr, weight decay and betas they
+    were saved with; a resumed run uses the config's (what its config.yaml records), and says so.
+    Nothing is touched when they agree, so an unchanged resume stays bit-exact."""
+    t, notes = cfg.train, []
+    for g in optimizer.param_groups:
+        for key, name, new in (("initial_lr", "train.lr", t.lr), ("weight_decay", "train.weight_decay",
+                                                                   t.weight_decay),
+                               ("betas", "train.betas", tuple(t.betas))):
+            old = g.get(key)
+            old = tuple(old) if isinstance(old, list) else old
+            if old is not None and old != new:
+                notes.append(f"{name} changed on resume: {old} -> {new} (the config's value is used)")
+                g[key] = new
+    if any(b != t.lr for b in scheduler.base_lrs):
+        scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+        lr = t.lr * lr_lambda(cfg, scheduler.last_epoch)  # what LambdaLR computes for this step
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    return sorted(set(notes))
+
+
+def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
+    mode = cfg.checkpoint.resume
     if mode != "auto":
-        p = Path(mode)
-        ckpt.verify(p)  # an explicit path must be good: no silent fallback
-        return p
+        return None
     choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
     choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
     return Path(choice) if choice else None

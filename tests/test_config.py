@@ -34,6 +34,8 @@ def test_yaml_and_overrides(tmp_path):
     (["train.lr"], "not of the form section.key=value"),
     (["model.path=/does/not/exist"], "model.path: '/does/not/exist' is not a directory"),
     (["train.device=tpu"], "train.device: 'tpu' is not one of"),
+    (["train.eval_every=-1"], "train.eval_every must be >= 0"),
+    (["train.eval_examples=-5"], "train.eval_examples must be >= 0"),
 ])
 def test_errors_name_the_key(override, msg):
     with pytest.raises(ConfigError) as e:
@@ -60,3 +62,14 @@ def test_describe_covers_every_field():
     keys = [k for k, *_ in describe()]
     assert "lora.r" in keys and "zero.stage" in keys and "checkpoint.keep" in keys
     assert all(doc for k, _, _, doc in describe() if k.startswith("lora."))
+
+
+def test_model_path_must_hold_config_and_safetensors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="model.path: .*empty' has no config.json"):
+        load_config(None, [f"model.path={empty}"])
+    (empty / "config.json").write_text("{}")
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"model.path: .*has no \*.safetensors weights"):
+        load_config(None, [f"model.path={empty}"])

@@ -101,3 +101,103 @@ def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     out2 = tmp_path / "t2"
     run(train_cmd(1, tiny_overrides(out2, BUILTIN, 3, 2, **{"checkpoint.keep": 10})))
     assert sorted(d.name for d in (out2 / "checkpoints").glob("step-*")) == ["step-00000003"]
+
+
+def test_resume_choices_checked_before_any_work(tmp_path):
+    """checkpoint.resume: `never` into a directory holding another run's checkpoints is refused
+    (pruning and a later auto-resume would mix the runs); an explicit path that does not exist or
+    does not verify is refused naming the key; a run directory means its latest checkpoint. All
+    before any process group (no 'rank 0/1 on host' line)."""
+    a = tmp_path / "a"
+    run(train_cmd(1, tiny_overrides(a, BUILTIN, 4, 2, **{"checkpoint.every": 2})))
+    p = run(train_cmd(1, tiny_overrides(a, BUILTIN, 4, 2, **{"checkpoint.resume": "never"})), check=False)
+    assert p.returncode == 2 and "checkpoint.resume=never, but" in p.stderr and "step-00000004" in p.stderr
+    assert "on host" not in p.stdout
+    assert sorted(d.name for d in (a / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "b", BUILTIN, 4, 2, **{"checkpoint.resume": tmp_path / "nope"})),
+            check=False)
+    assert p.returncode == 2 and f"checkpoint.resume={tmp_path / 'nope'}: " in p.stderr and "on host" not in p.stdout
+    # a run directory resumes from its latest checkpoint, into another output_dir
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "c", BUILTIN, 6, 2, **{"checkpoint.resume": a})))
+    assert f"resumed from {a / 'checkpoints' / 'step-00000004'} at step 4" in p.stdout
+    assert sorted(losses(tmp_path / "c")) == [5, 6]
+
+
+def test_changed_lr_on_resume_is_used_and_said(tmp_path):
+    """The checkpoint's optimizer/scheduler state carries the old lr and weight decay; a resume
+    with new values in the config uses the new ones (config.yaml records them) and says so."""
+    from bigtrain.config import load_config
+    from bigtrain.train import lr_lambda
+
+    out = tmp_path / "r"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
+    args = tiny_overrides(out, BUILTIN, 6, 2, **{"train.lr": 0.5, "train.weight_decay": 0.1})
+    p = run(train_cmd(1, args))
+    assert "train.lr changed on resume: 0.005 -> 0.5" in p.stdout
+    assert "train.weight_decay changed on resume: 0.0 -> 0.1" in p.stdout
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in log if "lr" in r}
+    cfg = load_config(None, args)
+    # logged after the scheduler's step (as the HF Trainer does): lr * lambda(step)
+    assert lr[4] == pytest.approx(0.005 * lr_lambda(load_config(None, tiny_overrides(out, BUILTIN, 4, 2)), 4))
+    assert lr[5] == pytest.approx(0.5 * lr_lambda(cfg, 5), rel=1e-12)
+    assert lr[6] == pytest.approx(0.5 * lr_lambda(cfg, 6), rel=1e-12)
+
+
+def test_eval_loss_does_not_depend_on_micro_batch_or_ranks(tmp_path):
+    """Eval scores the first train.eval_examples examples once each, split over the ranks with
+    masked fillers: the same figure at micro-batch 8, 3 and on 2 ranks (float rounding apart).
+    eval_every=0: eval only at step 0 and at the end."""
+    ev = {}
+    for name, world, micro in (("m8", 1, 8), ("m3", 1, 3), ("r2m3", 2, 3)):
+        out = tmp_path / name
+        run(train_cmd(world, tiny_overrides(out, BUILTIN, 2, micro, **{
+            "data.eval": "builtin:e2e-eval", "train.eval_every": 0, "train.eval_examples": 20})))
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        ev[name] = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
+    assert sorted(ev["m8"]) == [0, 2]
+    for name in ("m3", "r2m3"):
+        assert ev[name][0] == pytest.approx(ev["m8"][0], rel=1e-5), ev
+
+
+def test_input_the_model_cannot_take_and_stop_at_last_step(tmp_path):
+    # data.max_length beyond the position table: refused before any work, naming both numbers
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"data.max_length": 1024})),
+            check=False)
+    assert p.returncode == 2 and "data.max_length=1024 exceeds the model's 256 positions" in p.stderr
+    assert not (tmp_path / "x").exists()
+    # train.stop_at_step == max_steps: the run simply ends; no `preempted` marker (no requeue)
+    out = tmp_path / "s"
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 3, 2, **{"train.stop_at_step": 3})))
+    assert "stopped early" not in p.stdout and "done: 3 steps" in p.stdout
+    assert not (out / "preempted").exists()
+
+
+def test_signal_during_startup_is_kept_for_the_first_step(tmp_path):
+    """SIGUSR1/SIGTERM while the model loads (minutes at scale) is not lost and does not kill the
+    run: it is acted on at the first step boundary (save, `preempted`, exit 0)."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import ROOT, _env
+
+    out = tmp_path / "sig"
+    cmd = train_cmd(1, tiny_overrides(out, BUILTIN, 50, 2, **{"data.eval": "builtin:e2e-eval",
+                                                               "train.eval_examples": 400}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    for line in proc.stdout:  # the process group is up: the model build and step-0 eval follow
+        lines.append(line)
+        if " on host " in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    # sent right after the process group came up, before the model was built and evaluated (the
+    # handler used to be installed only after that: the signal killed the run, rc -10)
+    assert text.index(" on host ") < text.index("step 0 (adapters are zero")
+    assert "stopped early (signal): saved step 1" in text
+    assert (out / "preempted").read_text().strip() == "1"

@@ -33,11 +33,18 @@ def _config_reference(width: int = 100) -> str:
 
 
 def cmd_train(args) -> int:
+    # a preemption signal (SIGTERM, Slurm's SIGUSR1) during the seconds torch/DeepSpeed take to
+    # import would kill the rank: remember it; train() acts on it at the first step boundary
+    import signal
+
+    pending: list[int] = []
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
     from .engine import exit_after_teardown
     from .train import train
 
-    train(cfg)  # returns after the process group is torn down and every output is closed
+    train(cfg, pending)  # returns after the process group is torn down and every output is closed
     exit_after_teardown(0)
     return 0
 

@@ -43,8 +43,8 @@ from .sampler import GlobalSampler, rank_micro_batches
 class Preemption:
     """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary."""
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, pending: list[int] | None = None):
+        self.signum = pending[-1] if pending else 0  # caught by the CLI before torch was imported
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._handler)
 
@@ -70,11 +70,12 @@ def lr_lambda(cfg, step: int) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     t = cfg.train
-    # SIGTERM/SIGUSR1 from here on are remembered and acted on at the first step boundary: a
-    # preemption notice during the (long, at scale) start-up must not kill the job or be dropped
-    preempt = Preemption()
+    # SIGTERM/SIGUSR1 from here on (and those `bigtrain train` caught while importing, passed in
+    # ``pending_signals``) are acted on at the first step boundary: a preemption notice during the
+    # (long, at scale) start-up must not kill the job or be dropped
+    preempt = Preemption(pending_signals)
     # -- 0. everything that can fail on bad input, before any process group or model exists --------
     model_path = cfg.model.local_path
     tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))

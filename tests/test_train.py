@@ -201,3 +201,26 @@ def test_signal_during_startup_is_kept_for_the_first_step(tmp_path):
     assert text.index(" on host ") < text.index("step 0 (adapters are zero")
     assert "stopped early (signal): saved step 1" in text
     assert (out / "preempted").read_text().strip() == "1"
+
+
+SIGNAL_WHILE_IMPORTING = """
+import os, signal, sys
+import bigtrain.cli as cli
+real = cli.load_config
+def load_config(*a, **k):  # runs after `bigtrain train` set its catcher, before torch is imported
+    assert "torch" not in sys.modules
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return real(*a, **k)
+cli.load_config = load_config
+sys.exit(cli.main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_signal_while_importing_is_kept_for_the_first_step(tmp_path):
+    """The same for a signal that arrives while `bigtrain train` is still importing torch."""
+    import sys
+
+    out = tmp_path / "imp"
+    p = run([sys.executable, "-c", SIGNAL_WHILE_IMPORTING, *tiny_overrides(out, BUILTIN, 50, 2)])
+    assert "stopped early (signal): saved step 1" in p.stdout, p.stdout[-2000:]
+    assert (out / "preempted").read_text().strip() == "1"

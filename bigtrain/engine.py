@@ -95,12 +95,17 @@ def read_user_ds_config(zero: ZeroConfig) -> dict:
     return user
 
 
+def _wants_cuda(device: str) -> bool:
+    """train.device: 'cuda', or 'auto' with a GPU visible (the engine then fails clearly if
+    'cuda' was asked for and none is)."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def check_world(zero: ZeroConfig, device: str = "auto") -> None:
     """Refuse, before any process group starts, a world size or device the configuration cannot use."""
     _, world, _ = detect_world()
     zo = read_user_ds_config(zero).get("zero_optimization", {})
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if zero.stage == 3 and zo.get("zero_quantized_nontrainable_weights") and on_cpu:
+    if zero.stage == 3 and zo.get("zero_quantized_nontrainable_weights") and not _wants_cuda(device):
         raise ConfigError(f"zero.ds_config: zero_quantized_nontrainable_weights (in {zero.ds_config}) "
                           f"needs GPUs: DeepSpeed's quantizer has no CPU kernel; use ds_configs/zero3.json "
                           f"on CPU")
@@ -129,7 +134,7 @@ class Engine:
     # -- process group ---------------------------------------------------------------------------
     def _init_distributed(self, device_pref: str) -> DistInfo:
         rank, world, local_rank = detect_world()
-        if device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available()):
+        if _wants_cuda(device_pref):
             if not torch.cuda.is_available():
                 raise ConfigError("train.device: 'cuda' requested but no CUDA device is visible")
             torch.cuda.set_device(local_rank % torch.cuda.device_count())

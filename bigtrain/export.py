@@ -181,10 +181,8 @@ def parse_size(text: str | int) -> int:
     num = s.rstrip("KMGTIB")
     unit = s[len(num):]
     try:
-        if not num or unit not in _SIZE_UNITS:
-            raise ValueError
-        size = int(float(num) * _SIZE_UNITS[unit])
-    except ValueError:
+        size = int(float(num) * _SIZE_UNITS[unit])  # float('') and an unknown unit both fail
+    except (ValueError, KeyError):
         raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)") from None
     if size <= 0:
         raise ValueError(f"--max-shard-size: {text!r} must be more than 0 bytes")

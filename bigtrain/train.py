@@ -147,7 +147,8 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
 
     fingerprint = ckpt.base_fingerprint(hf_config, model_path, cfg.model.preset, t.seed)
     state = {"step": 0, "position": 0, "bad_steps": 0, "tokens": 0, "wandb_id": None}
-    resume_from = explicit_resume or _choose_resume(cfg, ckpt_root, engine, say)
+    resume_from = (_latest_resumable(ckpt_root, engine, say) if cfg.checkpoint.resume == "auto"
+                   else explicit_resume)
     if resume_from is not None:
         ckpt.check_base(resume_from, fingerprint, cfg.checkpoint.force_base_mismatch)
         saved = ckpt.load_checkpoint(resume_from, lora, optimizer, info.rank)
@@ -429,10 +430,8 @@ def _apply_changed_hparams(cfg: Config, optimizer, scheduler) -> list[str]:
     return sorted(set(notes))
 
 
-def _choose_resume(cfg: Config, root: Path, engine: Engine, say) -> Path | None:
-    mode = cfg.checkpoint.resume
-    if mode != "auto":
-        return None
+def _latest_resumable(root: Path, engine: Engine, say) -> Path | None:
+    """checkpoint.resume=auto: the newest checkpoint under ``root`` that verifies, as rank 0 sees it."""
     choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
     choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
     return Path(choice) if choice else None

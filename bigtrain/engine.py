@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import frozen_linear
 from .config import ConfigError, ZeroConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -178,8 +179,9 @@ class Engine:
             _unlink_deepspeed_shm(rank, world)
 
     # -- DeepSpeed config ------------------------------------------------------------------------
-    def build_ds_config(self, base_dtype: torch.dtype) -> dict:
-        """Defaults <- the user's JSON (zero.ds_config) <- the keys bigtrain owns."""
+    def build_ds_config(self, base_dtype: torch.dtype, layer_numel: int | None = None) -> dict:
+        """Defaults (fetch sizes from the model's largest decoder layer, ``layer_numel`` elements) <-
+        the user's JSON (zero.ds_config) <- the keys bigtrain owns."""
         # memory_efficient_linear=False: otherwise zero.Init replaces torch.nn.functional.linear,
         # process-wide and for good, with DeepSpeed's LinearFunctionForZeroStage3, which saves every
         # linear layer's input for backward even when the weight is frozen (measured on an H200:
@@ -187,7 +189,8 @@ class Engine:
         # what the input gradient needs, and computes the same values.
         ds: dict = {"zero_optimization": {"stage": 3,
                                           "stage3_param_persistence_threshold": self.zero.persistence_threshold,
-                                          "memory_efficient_linear": False}}
+                                          "memory_efficient_linear": False,
+                                          **fetch_sizes(layer_numel)}}
         notes = []
         if self.zero.ds_config:
             user = read_user_ds_config(self.zero)
@@ -236,7 +239,7 @@ class Engine:
         else:
             from transformers.integrations import HfDeepSpeedConfig
 
-            ds = self.build_ds_config(torch_dtype)
+            ds = self.build_ds_config(torch_dtype, largest_layer_numel(hf_config))
             self._ds_hf_config = HfDeepSpeedConfig(ds)  # before from_config: zero.Init + proper init
             model = tf.AutoModelForCausalLM.from_config(
                 hf_config, dtype=torch_dtype, attn_implementation=attn_implementation)
@@ -244,6 +247,7 @@ class Engine:
                 load_partitions(model, path, self.info.rank)
             self._install_offload(model, ds)
         model.requires_grad_(False)
+        frozen_linear.install(model)  # no gathered weight kept alive by autograd until backward
         model.eval()  # no dropout in the frozen base; LoRA dropout is the adapters' own
         return model
 
@@ -430,6 +434,36 @@ class Engine:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def largest_layer_numel(hf_config) -> int | None:
+    """Elements of the model's largest decoder layer, from its shapes alone (a meta-device build)."""
+    from .presets import meta_model
+
+    meta = meta_model(hf_config)
+    classes = tuple(decoder_layer_classes(meta))
+    sizes = [sum(p.numel() for p in m.parameters()) for m in meta.modules() if classes and isinstance(m, classes)]
+    return max(sizes) if sizes else None
+
+
+def fetch_sizes(layer_numel: int | None) -> dict:
+    """ZeRO-3's fetch and release sizes, in elements, from the size of one decoder layer (whole
+    layers are the fetch unit, ``zero.leaf_blocks``). DeepSpeed's fixed defaults fit no model:
+    * ``stage3_prefetch_bucket_size`` (default 5e7) is below one layer of GPT-3 2.7B (79M) or 6.7B
+      (201M), so the next layer was never fetched ahead. One layer: the next layer's all-gather runs
+      while this one computes.
+    * ``stage3_max_reuse_distance`` (default 1e9): a parameter used again within that many elements
+      is not released. Counted in elements of the modules ahead, 1e9 kept the last ~5 layers of 6.7B
+      (~12 of 2.7B, all of a small model) gathered from forward into backward. One layer keeps only
+      the layer where forward turns into backward.
+    * ``stage3_max_live_parameters`` (default 1e9) caps what prefetch may hold; at GPT-3 175B one
+      layer is 1.8e9 elements, so prefetch would stop working. Three layers: the one computing, the
+      one arriving, and the one being released.
+    A user's zero.ds_config overrides any of these."""
+    if not layer_numel:
+        return {}
+    return {"stage3_prefetch_bucket_size": layer_numel, "stage3_max_reuse_distance": layer_numel,
+            "stage3_max_live_parameters": 3 * layer_numel}
 
 
 def decoder_layer_classes(model: nn.Module) -> list[type]:

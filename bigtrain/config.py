@@ -196,12 +196,11 @@ class ZeroConfig:
     """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
     stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory. A value in
     zero.ds_config's zero_optimization wins (the run says so at start)."""
-    single_rank_plain: bool = False
+    single_rank_plain: bool = True
     """At world size 1 (nothing to partition) alias every ZeRO-3 partition to its parameter and run
     the base without DeepSpeed's fetch hooks: same values, one copy of the weights, no hook overhead
-    (+9% at GPT-3 2.7B on an H200, bench/README.md). Off by default: it changes what a world-size-1
-    run holds (``data`` views ``ds_tensor``, no ``_offload``), which tests/test_memory_dist.py checks
-    byte for byte."""
+    (on one H200 at GPT-3 2.7B the hooks cost 8% of the step). false keeps ZeRO-3's hooks at world
+    size 1 too (the code path of every rank at world size > 1)."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".stage", self.stage, (0, 3))

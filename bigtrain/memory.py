@@ -467,6 +467,49 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
     return out
 
 
+def run_savings(model, st: Setup, measured_peak: int | None, measured_states: dict | None) -> dict:
+    """What LoRA saved in one run, per GPU: this run's measured peak (``torch.cuda.max_memory_allocated``,
+    the largest over ranks; None on CPU) beside the estimate for full fine-tuning with Adam (ZeRO-3,
+    16 bytes per parameter) of the same model on the same GPUs, micro-batch, sequence and
+    checkpointing, and the ratio. On CPU, where no peak is measured, the model states measured on the
+    rank stand in for it (against full fine-tuning's model states: weights, gradients, Adam)."""
+    est = estimate(model, st)
+    full = est["full"]["per_gpu"]
+    out = {"world_size": st.world_size, "lora_estimated_peak_bytes": est["lora"]["per_gpu_total"],
+           "full_ft_estimated_peak_bytes": est["full"]["per_gpu_total"]}
+    if measured_peak is not None:
+        out.update(basis="peak", lora_measured_bytes=measured_peak,
+                   full_ft_estimated_bytes=est["full"]["per_gpu_total"])
+    elif measured_states is not None:
+        out.update(basis="model states", lora_measured_bytes=sum(measured_states.values()),
+                   full_ft_estimated_bytes=sum(full[k] for k in ("trainable_weights", "gradients",
+                                                                  "optimizer_state")))
+    else:
+        return out
+    out["saved_bytes"] = out["full_ft_estimated_bytes"] - out["lora_measured_bytes"]
+    out["ratio"] = out["full_ft_estimated_bytes"] / max(1, out["lora_measured_bytes"])
+    return out
+
+
+def _bin(n: int) -> str:
+    """Bytes in binary units: GiB (2**30) from 1 GiB up, else MiB (2**20)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.2f} MiB"
+
+
+def format_savings(sv: dict) -> str:
+    """One line for the end of a run."""
+    if "ratio" not in sv:
+        return "memory: nothing measured"
+    what = ("peak per GPU" if sv["basis"] == "peak" else "model states per rank (no GPU peak on CPU)")
+    line = (f"memory, {what} at {sv['world_size']} rank(s): LoRA measured {_bin(sv['lora_measured_bytes'])} "
+            f"vs full fine-tuning with Adam estimated {_bin(sv['full_ft_estimated_bytes'])}: "
+            f"saved {_bin(sv['saved_bytes'])} ({sv['ratio']:.2f}x less)")
+    if sv["basis"] == "peak":
+        err = sv["lora_estimated_peak_bytes"] / sv["lora_measured_bytes"] - 1
+        line += f"; the estimate for this LoRA run was {_bin(sv['lora_estimated_peak_bytes'])} ({err:+.1%})"
+    return line
+
+
 # ---------------------------------------------------------------------------------------------
 # The LoRA paper's GPT-3 175B figures, and what the usual tools say.
 

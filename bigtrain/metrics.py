@@ -29,13 +29,14 @@ def peak_tflops(device_name: str) -> float | None:
 def lora_flops_per_token(base_params: int, layers: int, d_model: int, seq: int) -> float:
     """Model FLOPs per token for LoRA training: forward (2·P) + input gradients (2·P) = 4·P, plus
     attention scores and values, 4·L·s·d forward and 4·L·s·d for input gradients (frozen weights get
-    no weight gradients; adapter FLOPs are negligible). The same convention as REFERENCE §5."""
+    no weight gradients; adapter FLOPs are negligible). MFU divides by the chip's bf16 matmul rate."""
     return 4.0 * base_params + 8.0 * layers * seq * d_model
 
 
 class Logger(Protocol):
     def log(self, metrics: dict, step: int) -> None: ...
     def summary(self, values: dict) -> None: ...
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -48,6 +49,9 @@ class JsonlLogger:
 
     def summary(self, values: dict) -> None:
         self.f.write(json.dumps({"summary": values}) + "\n")
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        self.f.write(json.dumps({"table": name, "columns": columns, "rows": rows}) + "\n")
 
     def close(self) -> None:
         self.f.close()
@@ -72,6 +76,11 @@ class WandbLogger:
         for k, v in values.items():
             self.run.summary[k] = v
 
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        import wandb  # only a W&B run gets here
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)})
+
     def close(self) -> None:
         self.run.finish()
 
@@ -89,6 +98,9 @@ class TensorBoardLogger:
 
     def summary(self, values: dict) -> None:
         self.w.add_text("summary", json.dumps(values), 0)
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        self.w.add_text(name, json.dumps({"columns": columns, "rows": rows}), 0)
 
     def close(self) -> None:
         self.w.close()
@@ -126,6 +138,10 @@ class Loggers:
     def summary(self, values: dict) -> None:
         for lg in self.loggers:
             lg.summary(values)
+
+    def table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        for lg in self.loggers:
+            lg.table(name, columns, rows)
 
     def close(self) -> None:
         for lg in self.loggers:

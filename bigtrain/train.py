@@ -34,7 +34,7 @@ from .engine import DTYPES, Engine, check_world
 from .export import merge_live
 from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
-from .memory import measure_states, predict_states
+from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
@@ -294,6 +294,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     ranks = rank_report(engine, model, params, optimizer, host)
     if info.is_main:
         (out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+    _report_savings(cfg, meta, info.world_size, ranks, measured, engine, loggers, say)
     if last_save is None:  # resumed at max_steps: nothing new, keep the checkpoint there
         last_save = ckpt.find_resumable(ckpt_root, say)
     if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
@@ -316,13 +317,40 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
 def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dict]:
     """Per rank: where it ran, base bytes it holds, and digests of its adapter and optimizer state."""
     opt_tensors = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    dev = engine.info.device
     mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
+            "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "adapter_elems": sum(p.numel() for p in params),
             "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}
     out = engine.all_gather_objects(mine)
     for d, a, o in zip(out, engine.replica_digests(params), engine.replica_digests(opt_tensors)):
         d["adapter_sha256"], d["optimizer_sha256"] = a, o
     return out
+
+
+def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: dict | None,
+                    engine: Engine, loggers, say) -> None:
+    """The VRAM LoRA saved in this run: its measured peak per GPU (the largest over ranks) beside the
+    estimate for full fine-tuning with Adam of the same model on the same GPUs; printed, and sent to
+    W&B as summary values and a table."""
+    peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
+    st = Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
+               micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+               checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+               lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
+               persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size)
+    try:
+        sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
+    except (KeyError, ValueError) as e:  # a model the estimator does not know
+        say(f"[bigtrain] memory: no estimate for this model ({e})")
+        return
+    say("[bigtrain] " + format_savings(sv))
+    loggers.summary({f"memory/{k}": v for k, v in sv.items()})
+    if "ratio" in sv:
+        loggers.table("memory/savings", ["basis", "ranks", "lora_measured_GiB", "lora_estimated_peak_GiB",
+                                         "full_ft_estimated_GiB", "saved_GiB", "ratio"],
+                      [[sv["basis"], world, sv["lora_measured_bytes"] / GiB, sv["lora_estimated_peak_bytes"] / GiB,
+                        sv["full_ft_estimated_bytes"] / GiB, sv["saved_bytes"] / GiB, sv["ratio"]]])
 
 
 @torch.no_grad()

@@ -38,8 +38,9 @@ for th in thresholds:
                        "loss": out.loss.item()}
     lora.remove_hooks()
     engines.append(eng)
-    eng._offload.destroy()
-    eng._offload = None
+    if eng._offload is not None:  # None at world size 1: no ZeRO-3 hooks there (zero.single_rank_plain)
+        eng._offload.destroy()
+        eng._offload = None
 rank = engines[0].info.rank
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)

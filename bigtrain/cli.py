@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda signum, frame: pending.append(signum))
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
-    from .engine import exit_after_teardown
+    from .dist import exit_after_teardown
     from .train import train
 
     train(cfg, pending)  # returns after the process group is torn down and every output is closed

@@ -25,6 +25,28 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '200KB', '5MiB' or a byte count -> bytes (decimal units, as transformers uses).
+    Shared by ``bigtrain merge --max-shard-size`` (whose name its errors carry) and
+    ``checkpoint.merge_max_shard_size``; it lives here so that this module imports no other."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        size = int(float(num) * _SIZE_UNITS[unit])  # float('') and an unknown unit both fail
+    except (ValueError, KeyError):
+        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)") from None
+    if size <= 0:
+        raise ValueError(f"--max-shard-size: {text!r} must be more than 0 bytes")
+    return size
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = "builtin:tiny-opt"
@@ -237,8 +259,6 @@ class CheckpointConfig:
         if not self.every_minutes >= 0:
             raise ConfigError(f"{p}.every_minutes must be >= 0, got {self.every_minutes}")
         if self.merge_at_end:
-            from .export import parse_size
-
             try:
                 if parse_size(self.merge_max_shard_size) <= 0:
                     raise ValueError

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .config import resolve_model_path
+from .config import parse_size, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +37,6 @@ DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "chat_template.json")
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 # -- reading a bigtrain checkpoint -------------------------------------------------------------
@@ -173,22 +171,6 @@ def _check_out_dir(out: Path, replaceable: tuple[str, ...] = ()) -> None:
 
 
 # -- streaming merge ----------------------------------------------------------------------------
-def parse_size(text: str | int) -> int:
-    """'2GB', '200KB', '5MiB' or a byte count -> bytes (decimal units, as transformers uses)."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
-    try:
-        size = int(float(num) * _SIZE_UNITS[unit])  # float('') and an unknown unit both fail
-    except (ValueError, KeyError):
-        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB, 500MB, 200KB)") from None
-    if size <= 0:
-        raise ValueError(f"--max-shard-size: {text!r} must be more than 0 bytes")
-    return size
-
-
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
@@ -348,9 +330,9 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
 
 
 def _weight_key(module: str, keys: set[str]) -> str | None:
-    from .engine import _resolve_key
+    from .loader import resolve_key
 
-    return _resolve_key(module + ".weight", dict.fromkeys(keys))
+    return resolve_key(module + ".weight", dict.fromkeys(keys))
 
 
 def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
@@ -359,7 +341,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
     from safetensors import safe_open
 
-    from .engine import checkpoint_files
+    from .loader import checkpoint_files
 
     p, cfg, tensors = read_checkpoint(ckpt)
     bdir = base_dir(cfg, base, p)

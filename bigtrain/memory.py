@@ -262,9 +262,9 @@ def measure_states(model, lora, optimizer) -> dict:
     parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent, plus the
     hpZ secondary partition if any), adapter
     weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
-    from .engine import Engine  # the same count the engine reports; imports no DeepSpeed
+    from .zero3 import local_param_bytes  # the same count the engine reports; imports no DeepSpeed
 
-    frozen = Engine.local_param_bytes(model)
+    frozen = local_param_bytes(model)
     params = list(lora.parameters())
     opt = 0
     for st in optimizer.state.values():

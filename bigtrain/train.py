@@ -1,7 +1,7 @@
 """The training loop: one loop for a ZeRO-3-partitioned (or whole) frozen base with replicated adapters.
 
 Read top to bottom, :func:`train` does:
-  1. start the process group and build the frozen base (engine: the only DeepSpeed user);
+  1. start the process group and build the frozen base (engine.py, over dist.py, zero3.py and loader.py);
   2. attach LoRA adapters beside it, make them identical on every rank, AdamW over them;
   3. load data; resume from the last good checkpoint if there is one;
   4. per optimizer step: count the step's target tokens on all ranks, forward/backward each
@@ -30,7 +30,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
-from .engine import DTYPES, Engine, check_world
+from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, parameter_report
 from .losses import token_loss_sum
@@ -38,6 +38,7 @@ from .memory import GiB, Setup, format_savings, measure_states, predict_states, 
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
+from .zero3 import check_world
 
 
 class Preemption:

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import dist as D
 from . import frozen_linear
+from . import vocab as V
 from . import zero3 as Z
 from .config import ZeroConfig
 from .loader import load_partitions
@@ -77,28 +78,40 @@ class Engine:
 
     # -- the frozen base -------------------------------------------------------------------------
     def build_base(self, hf_config=None, path: str | None = None, dtype: str = "float32",
-                   attn_implementation: str = "sdpa") -> nn.Module:
+                   attn_implementation: str = "sdpa", vocab: int | None = None) -> nn.Module:
         """The causal LM, frozen, on this rank's device: whole (stage 0) or partitioned (stage 3).
         From ``hf_config`` (random init) or from a local checkpoint directory ``path`` (whose config
-        is read here unless the caller already passes it)."""
+        is read here unless the caller already passes it). ``vocab``: the model's own vocabulary when
+        ``hf_config`` is a padded copy (:mod:`bigtrain.vocab`): rows from ``vocab`` on are zeros."""
         import transformers as tf
 
         torch_dtype = DTYPES[dtype]
         if hf_config is None:
             hf_config = tf.AutoConfig.from_pretrained(path)
+        padded = int(hf_config.vocab_size)
+        vocab = vocab or padded
         if self.stage == 0:
             if path is not None:
                 model = tf.AutoModelForCausalLM.from_pretrained(
                     path, dtype=torch_dtype, attn_implementation=attn_implementation)
+                if padded != vocab:
+                    model.resize_token_embeddings(padded, mean_resizing=False)
             else:
                 model = tf.AutoModelForCausalLM.from_config(
                     hf_config, dtype=torch_dtype, attn_implementation=attn_implementation)
+            with torch.no_grad():
+                for p in V.vocab_parameters(model, padded).values():
+                    p[vocab:] = 0
             model.to(self.info.device)
         else:
             ds = self.build_ds_config(torch_dtype, Z.largest_layer_numel(hf_config))
             model, self._ds_hf_config = Z.build_partitioned(hf_config, torch_dtype, attn_implementation, ds)
+            padded_rows = V.vocab_parameters(model, padded) if padded != vocab else {}
             if path is not None:
-                load_partitions(model, path, self.info.rank)
+                load_partitions(model, path, self.info.rank, short_rows=set(padded_rows))
+            else:
+                for p in padded_rows.values():
+                    Z.zero_from_row(p, vocab)
             self._offload, self._single_rank_plain = Z.install_offload(
                 model, ds, self.zero, self.info, self.ds_config_notes)
         model.requires_grad_(False)

@@ -258,7 +258,7 @@ def _write_side_files(out: Path, hf_config: dict, tok_dir: Path | None, tokenize
 
 
 def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_dir: str | None = None,
-               max_shard_size: str | int = "2GB", progress: bool = False) -> dict | None:
+               max_shard_size: str | int = "2GB", progress: bool = False, vocab: int | None = None) -> dict | None:
     """Write the merged model straight from the live (ZeRO-3-partitioned) base of a run.
 
     Every rank takes part: parameters are gathered one at a time through ``engine.gather`` (the
@@ -266,10 +266,13 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     (:func:`merged_weight`, the arithmetic of the file-based merge) and streams it into shards.
     So no rank holds more than one whole tensor of the base at once plus rank 0's pending shard.
     Written to ``OUT.partial`` and renamed to ``OUT`` when complete: a crash leaves no half model
-    under the final name. Returns stats on rank 0, None elsewhere."""
+    under the final name. ``vocab``: the real vocabulary of a run whose model is padded
+    (:mod:`bigtrain.vocab`): the embedding and head are written with their first ``vocab`` rows, and
+    the config with ``vocab_size = vocab``. Returns stats on rank 0, None elsewhere."""
     import torch
 
     from .lora import is_conv1d
+    from .vocab import vocab_parameters
 
     is_main = engine.info.is_main
     out = Path(out)
@@ -278,6 +281,9 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     # weight name -> (adapter, whether the layer is a GPT-2 Conv1D)
     adapted = {f"{name}.weight": (ad, is_conv1d(modules[name])) for name, ad in lora.named_adapters()}
     named = list(model.named_parameters())  # tied weights appear once, as save_pretrained writes them
+    padded = int(model.config.vocab_size)
+    vocab = vocab or padded
+    padded_rows = set(vocab_parameters(model, padded)) if vocab != padded else set()
     missing = sorted(set(adapted) - {n for n, _ in named})
     if missing:
         raise ValueError(f"cannot merge: adapted weights {missing[:3]} are not parameters of the base "
@@ -302,7 +308,7 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
                     t = merged_weight(t, ad.lora_A.detach().cpu(), ad.lora_B.detach().cpu(), ad.scale,
                                       conv1d, where=name)
                     merged += 1
-                writer.add(name, t)
+                writer.add(name, t[:vocab].clone() if name in padded_rows else t)
                 del t
                 if bar is not None:
                     bar.update(1)
@@ -317,6 +323,7 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     if is_main:
         shards = writer.finish()
         hf_cfg = json.loads(model.config.to_json_string(use_diff=False))
+        hf_cfg["vocab_size"] = vocab
         tok = _write_side_files(tmp, hf_cfg, Path(tok_dir) if tok_dir else None, tokenizer)
         if getattr(model, "generation_config", None) is not None and not (tmp / "generation_config.json").exists():
             model.generation_config.save_pretrained(str(tmp))

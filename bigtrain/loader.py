@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
+from typing import Collection
 
 import torch
 import torch.distributed as dist
@@ -61,10 +63,13 @@ def resolve_key(name: str, available: dict) -> str | None:
 
 
 @torch.no_grad()
-def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int) -> int:
+def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
+                    short_rows: Collection[str] = ()) -> int:
     """Fill each ZeRO-3 parameter's local partition from the checkpoint at ``path``, reading only
     the rows of each tensor that cover this rank's slice of the flattened tensor. Returns the number
-    of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once."""
+    of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once.
+    Parameters named in ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint:
+    those fill the first rows, and the rest are zeros."""
     from safetensors import safe_open
 
     files = checkpoint_files(path)
@@ -81,17 +86,20 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int) -> int
             sl = handles[f].get_slice(key)
             shape = tuple(sl.get_shape())
             want = tuple(p.ds_shape)
-            if shape != want:
+            numel = p.ds_numel
+            if name in short_rows and shape[1:] == want[1:] and shape[0] <= want[0]:
+                numel = math.prod(shape)  # rows past the checkpoint's are zero-filled
+            elif shape != want:
                 raise ValueError(f"{f.name}: tensor {key!r} has shape {shape}, the model expects {want}")
             prank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else rank
-            read += _fill_slice(p.ds_tensor, sl, shape, p.ds_numel, prank)
+            read += _fill_slice(p.ds_tensor, sl, shape, numel, prank)
             # hpZ: the secondary partition (this rank's slice within its node's group) was cut by
             # zero.Init from the *initial* weights; DeepSpeed gathers from it, so it must hold the
             # checkpoint too (else every forward would see random weights). Same read, other slice.
             sec = getattr(p, "ds_secondary_tensor", None)
             if sec is not None:
                 srank = dist.get_rank(group=p.ds_zero_param_process_group)
-                read += _fill_slice(sec, sl, shape, p.ds_numel, srank)
+                read += _fill_slice(sec, sl, shape, numel, srank)
     return read
 
 

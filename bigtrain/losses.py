@@ -28,14 +28,16 @@ CHUNK_LOGITS = 1 << 27
 
 
 def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+                   labels: torch.Tensor, vocab: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum of -log p(label) over target tokens, number of target tokens).
 
     input_ids, attention_mask, labels: (B, T); labels == -100 where there is no loss (prompt, pad).
+    vocab: the real vocabulary when the model's is padded (:mod:`bigtrain.vocab`): only the first
+    ``vocab`` logits enter the softmax, so the padded rows change neither the loss nor a gradient.
     """
     hidden = _final_hidden(model, input_ids, attention_mask)
     if hidden is None:  # a model this path does not know: the plain recipe
-        return token_loss_sum_reference(model, input_ids, attention_mask, labels)
+        return token_loss_sum_reference(model, input_ids, attention_mask, labels, vocab)
     B, T, d = hidden.shape
     # Position t predicts label t+1: shift the labels left, the last position has no target.
     shift = torch.full_like(labels, IGNORE_INDEX)
@@ -48,10 +50,10 @@ def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # ZeRO-3 each head call is a collective gather, so every rank must make the same calls
     h = hidden.reshape(B * T, d).index_select(0, rows)
     y = shift.index_select(0, rows)
-    vocab = getattr(head, "out_features", None) or int(model.config.vocab_size)
-    chunk = max(1, CHUNK_LOGITS // max(1, vocab))
+    vocab_size = getattr(head, "out_features", None) or int(model.config.vocab_size)
+    chunk = max(1, CHUNK_LOGITS // max(1, vocab_size))
 
-    return _ChunkedHeadCE.apply(h, y, head, chunk), n
+    return _ChunkedHeadCE.apply(h, y, head, chunk, vocab or vocab_size), n
 
 
 class _ChunkedHeadCE(torch.autograd.Function):
@@ -68,7 +70,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
     checkpoint replay, which it does not); nothing the call returns needs a gradient."""
 
     @staticmethod
-    def forward(ctx, h, y, head, chunk):
+    def forward(ctx, h, y, head, chunk, vocab):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
@@ -79,7 +81,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
             for i in range(0, h.shape[0], chunk):
                 with torch.enable_grad():
                     h_c = h[i:i + chunk].detach().requires_grad_(need_grad)
-                    logits = inner(h_c).float()  # fp32 for the softmax, as the plain recipe does
+                    logits = inner(h_c)[:, :vocab].float()  # fp32 for the softmax, as the plain recipe does
                     loss_c = F.cross_entropy(logits, y[i:i + chunk], ignore_index=IGNORE_INDEX,
                                              reduction="sum")
                     if need_grad:
@@ -104,7 +106,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
 
 
 def _final_hidden(model, input_ids, attention_mask):
@@ -149,11 +151,11 @@ def _final_hidden(model, input_ids, attention_mask):
 
 
 def token_loss_sum_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+                             labels: torch.Tensor, vocab: int | None = None) -> tuple[torch.Tensor, int]:
     """The plain recipe (full (B, T, V) logits, fp32 cross-entropy): what :func:`token_loss_sum`
     must equal, and its fallback for models it does not know."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    shift_logits = logits[:, :-1].float()  # fp32 for the softmax
+    shift_logits = logits[:, :-1, :vocab].float()  # fp32 for the softmax; the real vocabulary
     shift_labels = labels[:, 1:]
     loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -50,8 +50,6 @@ import contextlib
 import functools
 import io
 import json
-import math
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field

@@ -32,11 +32,12 @@ from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .export import merge_live
-from .inject import find_targets, inject_lora, parameter_report
+from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .losses import token_loss_sum
 from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
-from .presets import hf_config_for, meta_model
+from .presets import count_parameters, hf_config_for, meta_model
+from .vocab import run_config as pad_vocab
 from .sampler import GlobalSampler, rank_micro_batches
 from .zero3 import check_world
 
@@ -83,9 +84,16 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     hf_config = _hf_config(cfg, model_path, len(tokenizer))
     meta = meta_model(hf_config)  # shapes only: for the target check and the memory prediction
     try:
-        find_targets(meta, cfg.lora.targets)
+        targets = find_targets(meta, cfg.lora.targets)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # the run's model: the vocabulary padded to a multiple of 64 (a faster LM-head GEMM); only the
+    # real vocabulary's logits enter the loss, and nothing written outside the run is padded
+    vocab = int(hf_config.vocab_size)
+    build_config = pad_vocab(hf_config, head_is_target=bool(set(targets) & output_layer_names(meta)))
+    base_params = count_parameters(meta)  # the real model's, for FLOPs
+    if build_config is not hf_config:
+        meta = meta_model(build_config)
     check_world(cfg.zero, t.device)
     _check_positions(cfg, hf_config)
     explicit_resume = _check_resume_choice(cfg, Path(t.output_dir) / "checkpoints")
@@ -110,7 +118,10 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
         f"{train_stats.get('skipped', 0)} skipped, {train_stats.get('truncated', 0)} truncated")
 
     set_seed(t.seed)
-    model = engine.build_base(hf_config, model_path, cfg.model.dtype, cfg.model.attn_implementation)
+    model = engine.build_base(build_config, model_path, cfg.model.dtype, cfg.model.attn_implementation, vocab)
+    if build_config is not hf_config:
+        say(f"[bigtrain] vocabulary {vocab:,} padded to {build_config.vocab_size:,} inside the run "
+            f"(zero rows, masked out of the loss; checkpoints and merges keep {vocab:,})")
     for note in engine.ds_config_notes:
         say(f"[bigtrain] DeepSpeed config: {note}")
     if cfg.model.gradient_checkpointing:
@@ -169,7 +180,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
                                          and torch.cuda.is_bf16_supported())
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     peak = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
-    flops_per_token = lora_flops_per_token(report["base"], getattr(hf_config, "num_hidden_layers", 0),
+    flops_per_token = lora_flops_per_token(base_params, getattr(hf_config, "num_hidden_layers", 0),
                                            getattr(hf_config, "hidden_size", 0), cfg.data.max_length)
 
     def save(step: int) -> Path:
@@ -188,7 +199,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
 
     # -- 4. the loop -----------------------------------------------------------------------------
     if eval_ds is not None and state["step"] == 0:  # the base model's own score, for reference
-        base_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
+        base_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id, vocab)
         loggers.log({"eval_loss": base_eval}, 0)
         say(f"[bigtrain] step 0 (adapters are zero: the base model): eval loss {base_eval:.4f}")
     bar = _progress(cfg, state["step"], info.is_main)
@@ -208,7 +219,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
         for b in micro:
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             with autocast():
-                ls, _ = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+                ls, _ = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
             if _inject_nan(state["step"] + 1, info.rank):
                 ls = ls * float("nan")
             (ls / max(global_targets, 1)).backward()
@@ -269,7 +280,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
             window = {"loss": 0.0, "steps": 0, "tokens": 0, "t0": time.perf_counter()}
         if eval_ds is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
-            last_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id)
+            last_eval = evaluate(model, eval_ds, engine, cfg, autocast, pad_id, vocab)
             loggers.log({"eval_loss": last_eval}, step)
             say(f"\n[bigtrain] step {step}: eval loss {last_eval:.4f}")
         if (stop_requested or save_due or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
@@ -300,7 +311,7 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
         last_save = ckpt.find_resumable(ckpt_root, say)
     if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
         st = merge_live(model, lora, engine, out_dir / "merged", tokenizer, _tokenizer_dir(model_path),
-                        cfg.checkpoint.merge_max_shard_size, progress=cfg.logging.progress_bar)
+                        cfg.checkpoint.merge_max_shard_size, progress=cfg.logging.progress_bar, vocab=vocab)
         if st is not None:
             say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
                 f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
@@ -355,7 +366,7 @@ def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: 
 
 
 @torch.no_grad()
-def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int) -> float:
+def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int, vocab: int | None = None) -> float:
     """Mean token loss over the first ``train.eval_examples`` examples of the eval set, each scored
     once, split over the ranks. Every rank runs the same number of forwards (ZeRO-3's gathers are
     collective): the last batches are filled with example 0 with its loss masked out, so the figure
@@ -373,7 +384,7 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int)
             rows.append(ex)
         b = {k: v.to(info.device) for k, v in collate(rows, pad_id).items()}
         with autocast():
-            ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
         total += float(ls)
         count += c
     engine.after_backward()

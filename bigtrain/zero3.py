@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import re
 import sys
@@ -145,6 +146,23 @@ def check_world(zero: ZeroConfig, device: str = "auto") -> None:
     if zero.stage == 3 and hpz > 1 and world % hpz:
         raise ConfigError(f"zero.ds_config: zero_hpz_partition_size={hpz} (in {zero.ds_config}) does not "
                           f"divide the world size {world}; set it to the GPUs per node")
+
+
+@torch.no_grad()
+def zero_from_row(p: nn.Parameter, row: int) -> None:
+    """Zero rows ``row`` onwards of a partitioned parameter, in this rank's partition (and hpZ
+    secondary partition): the flattened range [row·row_len, numel) intersected with each slice."""
+    row_len = math.prod(p.ds_shape[1:])
+    first = row * row_len
+    parts = [(p.ds_tensor, dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0)]
+    sec = getattr(p, "ds_secondary_tensor", None)
+    if sec is not None:
+        parts.append((sec, dist.get_rank(group=p.ds_zero_param_process_group)))
+    for part, index in parts:
+        n = part.numel()
+        lo, hi = max(first, n * index), min(p.ds_numel, n * (index + 1))
+        if lo < hi:
+            part.data.view(-1)[lo - n * index:hi - n * index] = 0
 
 
 def largest_layer_numel(hf_config) -> int | None:

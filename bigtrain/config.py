@@ -208,6 +208,12 @@ class ZeroConfig:
     the whole base (plain PyTorch, no DeepSpeed). Adapters are replicated either way."""
     ds_config: Optional[str] = None
     """A DeepSpeed JSON config of your own (see ds_configs/); bigtrain fills in what it owns."""
+    gather: str = "layers"
+    """Who gathers the partitioned base at world size > 1. layers: bigtrain's own hooks, one flat
+    all-gather per decoder layer with the next layer's in flight while this one computes, each
+    layer released right after its forward or backward. deepspeed: DeepSpeed's fetch hooks
+    (``DeepSpeedZeRoOffload``), which hpZ, parameter offload and quantized weights need (they are
+    used for those whatever this says)."""
     leaf_blocks: bool = True
     """Gather whole decoder layers as one ZeRO-3 fetch unit (fewer, larger all-gathers)."""
     backend: str = "auto"
@@ -227,6 +233,7 @@ class ZeroConfig:
     def validate(self, p: str) -> None:
         _choice(p + ".stage", self.stage, (0, 3))
         _choice(p + ".backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice(p + ".gather", self.gather, ("layers", "deepspeed"))
         if self.ds_config is not None and not Path(self.ds_config).is_file():
             raise ConfigError(f"{p}.ds_config: no such file {self.ds_config!r}")
 

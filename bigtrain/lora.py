@@ -49,7 +49,12 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., d_in) -> (..., d_out); the r-dim intermediate is the only extra activation.
-        x = self.dropout(x.to(self.lora_A.dtype))
+        # Under autocast the matmuls cast A and B themselves: casting x here would make autograd save
+        # a converted copy of x per adapter (q and v each; 2 x s·b·d per layer) where it can save
+        # the one x they share. Without autocast x must match the adapter's dtype.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        x = self.dropout(x)
         return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Worker for tests/test_gather_peak.py, run under torchrun: how much gathered base storage is alive
-at once during real ZeRO-3 LoRA steps (forward, the loss, backward, eval).
+at once during real ZeRO-3 LoRA steps (forward, the loss, backward, eval), under the gatherer named by
+argv[5] (zero.gather: layers or deepspeed).
 
 Every time a decoder layer starts or ends its forward, and every time a gradient reaches a layer's
 output in backward, it records a weak reference to the storage behind each base parameter that is
@@ -22,8 +23,8 @@ from bigtrain.inject import inject_lora  # noqa: E402
 from bigtrain.losses import token_loss_sum  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
 
-out_dir, preset, vocab, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-engine = Engine(ZeroConfig(stage=3, persistence_threshold=0, ds_config=os.environ.get("DSCFG")))
+out_dir, preset, vocab, layers, gather = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+engine = Engine(ZeroConfig(stage=3, persistence_threshold=0, gather=gather))
 torch.manual_seed(0)
 hf = hf_config_for(preset, vocab_size=vocab)
 hf.num_hidden_layers = layers
@@ -46,6 +47,10 @@ def sample(*_):
             s = p.data.untyped_storage()
             live.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
             names.setdefault(s.data_ptr(), set()).add(pname[p])
+    for _, buf in getattr(engine._offload, "_pending", {}).values():  # a prefetched layer in flight
+        s = buf.untyped_storage()
+        live.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
+        names.setdefault(s.data_ptr(), {"prefetched"})
     for key in [k for k, (ref, _) in live.items() if ref.expired()]:
         del live[key]
         names.pop(key, None)

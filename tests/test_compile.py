@@ -87,7 +87,7 @@ def test_compiled_layers_equal_eager(checkpointing):
 @pytest.mark.slow
 def test_zero3_two_ranks_compiled_equals_eager(tmp_path, tiny_models):
     """bigtrain train on 2 ZeRO-3 ranks: model.compile=true (with and without activation
-    checkpointing) against false. Adapters after 3 AdamW steps within 1e-4 absolute: Adam's
+    checkpointing) against false. Adapters after 3 AdamW steps within 2e-5 absolute (measured 2.6e-6): Adam's
     m/sqrt(v) turns the compiled kernels' rounding (~1e-7 relative) into larger steps where a
     gradient is near zero (see test_engine_dist.py), while lora_B moves by ~1e-2."""
     model, steps = tiny_models["tiny-opt"], 3
@@ -108,4 +108,4 @@ def test_zero3_two_ranks_compiled_equals_eager(tmp_path, tiny_models):
             assert lb[s] == pytest.approx(la[s], rel=1e-5), f"step {s}: {lb[s]} vs {la[s]}"
         worst = max((A[k] - B[k]).abs().max().item() for k in A)
         print(f"checkpointing={ckpt}: max |adapter difference| {worst:.3g}, lora_B moved {moved:.3g}")
-        assert worst <= 1e-4 and moved > 100 * worst
+        assert worst <= 2e-5 and moved > 100 * worst

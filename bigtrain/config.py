@@ -63,6 +63,14 @@ class ModelConfig:
     """Recompute each decoder layer in backward (keeps only layer inputs)."""
     tokenizer: Optional[str] = None
     """Tokenizer directory; default: ``path`` if it holds one, else the built-in byte-level BPE."""
+    compile: bool = False
+    """torch.compile (inductor, dynamic=False) each decoder layer's forward, with the LoRA adapters
+    of its projections inside the compiled graph and ZeRO-3's weight fetch/release outside it, so it
+    composes with ZeRO-3 at any world size (needs zero.leaf_blocks=true at stage 3) and with
+    gradient_checkpointing. The first steps are slower while each distinct layer graph compiles
+    (one per layer, per input shape, per train/eval mode): with unpacked data every new padded
+    length compiles again, so prefer data.pack=true (fixed shapes). Adapter dropout > 0 draws
+    different random masks than eager."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -311,6 +319,9 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.model.compile and self.zero.stage == 3 and not self.zero.leaf_blocks:
+            raise ConfigError("model.compile needs zero.leaf_blocks=true at zero.stage=3: ZeRO-3's "
+                              "fetch hooks must sit on the compiled decoder layer, not inside it")
         return self
 
     def to_dict(self) -> dict:

@@ -135,6 +135,11 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     params = list(lora.parameters())
     engine.broadcast_(params)
     set_seed(t.seed + 1_000_003 * info.rank)  # per-rank stream for LoRA dropout
+    if cfg.model.compile:  # after the LoRA hooks exist: they are traced into each layer's graph
+        from .compile import compile_layers
+
+        say(f"[bigtrain] model.compile: {compile_layers(model)} decoder layers torch.compile'd "
+            f"(dynamic=False); the first steps compile them")
     report = parameter_report(model, lora)
     say(f"[bigtrain] {report['trainable']:,} trainable adapter parameters "
         f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
@@ -318,6 +323,12 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     size = (last_save / ckpt.ADAPTER_FILE).stat().st_size if last_save else 0
     result = {"step": state["step"], "eval_loss": last_eval, "checkpoint": str(last_save),
               "adapter_bytes": size, "trainable_params": report["trainable"], "bad_steps": state["bad_steps"]}
+    if cfg.model.compile:
+        from torch._dynamo.utils import counters
+
+        result["compile_graph_breaks"] = sum(counters["graph_break"].values())
+        say(f"[bigtrain] model.compile: {counters['stats']['unique_graphs']} graphs compiled, "
+            f"{result['compile_graph_breaks']} graph breaks")
     loggers.summary(result)
     loggers.close()
     say(f"[bigtrain] done: {state['step']} steps; adapter written to {last_save / ckpt.ADAPTER_FILE if last_save else '-'} "

@@ -1,0 +1,64 @@
+"""Per-decoder-layer ``torch.compile`` (``model.compile=true``).
+
+What is compiled is each decoder layer's own ``forward``, set as an *instance attribute*
+(``layer.forward = torch.compile(layer.forward)``), not ``layer.compile()``:
+
+* ``nn.Module.compile()`` compiles ``_call_impl``, i.e. the module's call *with its own hooks*. Under
+  ZeRO-3 the decoder layer is the fetch unit (``zero.leaf_blocks``) and carries DeepSpeed's
+  fetch/release hooks; those are ``torch.compiler.disable``'d Python (all-gathers, a parameter
+  coordinator, ``param.data`` swaps): inside dynamo they would be graph breaks at best.
+* ``Module._call_impl`` calls ``self.forward``, so an instance-level compiled ``forward`` runs
+  *between* the layer's pre- and post-forward hooks: DeepSpeed gathers the layer's weights, the
+  compiled code runs on whole tensors, DeepSpeed releases them. The layer's submodules (q_proj, ...)
+  are called from inside ``forward``, so their forward hooks, the LoRA adapters, are traced into the
+  compiled graph with them (and so would be an instance-level ``forward`` of a submodule calling a
+  ``torch.autograd.Function``: dynamo traces those).
+* transformers' activation checkpointing wraps the layer's ``__call__`` (``GradientCheckpointingLayer``),
+  hence the hooks and the compiled ``forward``: the recomputation is one more call of both.
+
+Each layer's hooks are different closures, so dynamo guards them and compiles one graph per layer
+(per grad mode: train and eval); identical graphs hit inductor's cache after the first. The
+recompile limit is raised to fit them, else the layers past the limit would silently run eager.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .engine import decoder_layer_classes
+
+# Graphs per layer kept before a layer falls back to eager for a new variant: training and no-grad
+# (eval) forwards, times a few input shapes (every distinct padded length is one, dynamic=False).
+_GRAPHS_PER_LAYER = 8
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile(dynamic=False)`` the ``forward`` of every decoder layer of ``model`` (found by
+    :func:`bigtrain.engine.decoder_layer_classes`). Call it after the LoRA hooks are attached.
+    Returns the number of layers compiled (0 if the model declares no decoder-layer class)."""
+    classes = tuple(decoder_layer_classes(model))
+    layers = [m for m in model.modules() if classes and isinstance(m, classes)]
+    for layer in layers:
+        # DeepSpeed registers its ZeRO-3 hooks on every module down to a leaf module (ds_id marks
+        # them). Hooks below the layer would run inside the compiled forward: refuse.
+        inner = [n for n, m in layer.named_modules() if n and hasattr(m, "ds_id")]
+        if inner:
+            raise ValueError(f"model.compile: {type(layer).__name__} has ZeRO-3 hooks on its submodules "
+                             f"({inner[0]}, ...); they cannot run inside a compiled layer. "
+                             f"Use zero.leaf_blocks=true (whole layers as fetch units)")
+    if not layers:
+        return 0
+    cfg = torch._dynamo.config
+    need = _GRAPHS_PER_LAYER * len(layers)
+    cfg.recompile_limit = max(cfg.recompile_limit, need)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 2 * need)
+    n = 0
+    for layer in layers:
+        if getattr(layer.__dict__.get("forward"), "_bigtrain_compiled", False):
+            continue  # already compiled: do not wrap twice
+        compiled = torch.compile(layer.forward, backend=backend, dynamic=False)
+        compiled._bigtrain_compiled = True
+        layer.forward = compiled  # an instance attribute: _call_impl runs the hooks around it
+        n += 1
+    return n

@@ -52,7 +52,10 @@ PEAK_FLOPS = 790e12
 SEQ = 2048
 WARMUP = 2
 BIGTRAIN_SKIP = 3
-CONTENDERS = ["bigtrain", "fsdp2-peft", "ds-peft"]
+CONTENDERS = ["bigtrain", "fsdp2-peft", "ds-peft", "bigtrain-compile", "bigtrain-dshooks"]
+# bigtrain train runs: -compile adds model.compile=true; -dshooks zero.gather=deepspeed (DeepSpeed's
+# own fetch hooks instead of bigtrain's per-layer gather: the before/after of that change)
+BIGTRAIN = ("bigtrain", "bigtrain-compile", "bigtrain-dshooks")
 MICRO = {"gpt3-2.7b": 4, "gpt3-6.7b": 2}
 LABEL = {"gpt3-2.7b": "GPT-3 2.7B", "gpt3-6.7b": "GPT-3 6.7B", "tiny-opt": "tiny-opt (CPU smoke)"}
 JOB_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1",
@@ -213,7 +216,8 @@ def plan(args, n_avail: int) -> list[dict]:
     """Jobs in priority order: (no AC; bigtrain, fsdp2-peft) first, then ds-peft, then the same
     with AC. Within a tier the 1-GPU jobs come first, adjacent, so two of them share the machine."""
     tiers = [(False, ["bigtrain", "fsdp2-peft"]), (False, ["ds-peft"]),
-             (True, ["bigtrain", "fsdp2-peft"]), (True, ["ds-peft"])]
+             (True, ["bigtrain", "fsdp2-peft"]), (True, ["ds-peft"]),
+             (False, ["bigtrain-compile", "bigtrain-dshooks"]), (True, ["bigtrain-compile"])]
     jobs = []
     for ckpt, group in tiers:
         if ckpt not in args.ckpt:
@@ -221,8 +225,8 @@ def plan(args, n_avail: int) -> list[dict]:
         for g in args.gpus:
             for m in args.models:
                 for c in group:
-                    if c not in args.contenders:
-                        continue
+                    if c not in args.contenders or (c == "bigtrain-dshooks" and g == 1):
+                        continue  # (at 1 GPU bigtrain installs no fetch hooks at all)
                     j = dict(model=m, contender=c, gpus=g, ckpt=ckpt, mb=args.mb or MICRO.get(m, 2),
                              seq=args.seq, steps=args.steps, cpu=args.cpu,
                              warmup=1 if args.cpu else WARMUP,  # baselines' warm-up steps
@@ -263,7 +267,7 @@ def free_port() -> int:
 def command(job: dict, data: Path, run_dir: Path) -> list[str]:
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(job["gpus"]),
               "--master_port", str(job["port"])]
-    if job["contender"] == "bigtrain":
+    if job["contender"] in BIGTRAIN:
         cmd = launch + ["-m", "bigtrain", "train", "model.path=null", f"model.preset={job['model']}",
                         "model.dtype=bfloat16", f"data.train={data}", "data.eval=null", "data.pack=true",
                         f"data.max_length={job['seq']}", f"train.micro_batch_size={job['mb']}",
@@ -273,6 +277,10 @@ def command(job: dict, data: Path, run_dir: Path) -> list[str]:
                         f"train.output_dir={run_dir / 'out'}"]
         if job["cpu"]:
             cmd.append("train.device=cpu")
+        if job["contender"] == "bigtrain-compile":
+            cmd.append("model.compile=true")
+        if job["contender"] == "bigtrain-dshooks":
+            cmd.append("zero.gather=deepspeed")
         return cmd
     w = {k: job[k] for k in ("model", "contender", "gpus", "ckpt", "mb", "seq", "steps", "warmup", "cpu")}
     w["result_file"] = str(run_dir / "result.json")
@@ -294,7 +302,7 @@ def collect(job: dict, run_dir: Path, out: Path, rc: int | None, timed_out: bool
         row["status"] = f"failed: timeout after {job['timeout']:.0f} s: {log_tail(log, 3)}"
         return row
     try:
-        if job["contender"] == "bigtrain":
+        if job["contender"] in BIGTRAIN:
             o = run_dir / "out"
             keep = out / "runs" / job["name"]
             keep.mkdir(parents=True, exist_ok=True)
@@ -370,7 +378,7 @@ def run_grid(args) -> list[dict]:
         j["timeout"] = args.job_timeout
     work = Path(tempfile.mkdtemp(prefix="bt_scaling_"))
     data = work / "train.jsonl"
-    bt = [j for j in jobs if j["contender"] == "bigtrain" and "skip" not in j]
+    bt = [j for j in jobs if j["contender"] in BIGTRAIN and "skip" not in j]
     if bt:
         need = max(j["mb"] * j["gpus"] * j["seq"] * (j["skip_steps"] + j["steps"]) for j in bt)
         write_data(data, need)
@@ -483,7 +491,7 @@ def derive(rows: list[dict]) -> list[dict]:
         one = ok.get((r["model"], r["contender"], 1, r["ckpt"]))
         if one:
             r["efficiency"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
-        if r["contender"] == "bigtrain":
+        if r["contender"] in BIGTRAIN:
             for other, key in (("fsdp2-peft", "vs_fsdp2"), ("ds-peft", "vs_ds")):
                 o = ok.get((r["model"], other, r["gpus"], r["ckpt"]))
                 if o:
@@ -571,7 +579,8 @@ def render_png(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    colors = {"bigtrain": "tab:blue", "fsdp2-peft": "tab:orange", "ds-peft": "tab:green"}
+    colors = {"bigtrain": "tab:blue", "fsdp2-peft": "tab:orange", "ds-peft": "tab:green",
+              "bigtrain-compile": "tab:purple", "bigtrain-dshooks": "tab:gray"}
     markers = ["o", "s", "^", "D"]
     models = sorted({r["model"] for r in rows})
     ok = [r for r in rows if r.get("status") == "ok"]

@@ -96,6 +96,7 @@ class ModelShape:
     layer_params: int  # parameters of one decoder layer (the bigtrain ZeRO-3 fetch unit)
     largest_module_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
     linears: dict = field(default_factory=dict)  # dotted name -> (d_in, d_out)
+    ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -151,8 +152,10 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         own = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
         largest = max(largest, own)
     layers_mod = _decoder_layers(model)
+    ffn = 0
     if layers_mod is not None and len(layers_mod):
         layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
+        ffn = max((linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)), default=0)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     return ModelShape(
         name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
@@ -160,7 +163,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         hidden=hidden,
         heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
         vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
-        largest_module_params=largest, linears=linears)
+        largest_module_params=largest, linears=linears, ffn=ffn or 4 * hidden)
 
 
 def _decoder_layers(model):
@@ -306,12 +309,21 @@ class Setup:
 
 
 def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int) -> int:
-    """One decoder layer's stored activations without recomputation: 34·s·b·h (bf16, sdpa; scaled by
-    act/2 for other widths) plus, with LoRA, per adapted matrix its input copy (act·s·b·d_in) and its
-    r-dim intermediate (act·s·b·r), averaged over the layers."""
-    base = 34 * s * b * shape.hidden * act // 2
+    """One decoder layer's stored activations without recomputation.
+
+    Full fine-tuning: 34·s·b·h (bf16, sdpa; scaled by act/2 for other widths; Korthikanti et al.
+    2022), which includes every linear map's input, kept for its weight gradient.
+
+    LoRA (bigtrain): a frozen linear map keeps no input (its input gradient needs only the weight,
+    bigtrain/frozen_linear.py), so what stays is, per layer: the two LayerNorms' inputs in fp32
+    (autocast runs LayerNorm in fp32: 2 × 4·s·b·h), sdpa's q, k, v and output (4 × act·s·b·h), the
+    MLP activation's input (act·s·b·ffn), and per adapted matrix the bf16 copy of its input that
+    autocast makes for the adapter matmul and the r-dim intermediate (act·s·b·(d_in + r)), averaged
+    over the layers. Measured on an H200 (GPT-3 6.7B, micro-batch 2, 2 GPUs) this is ~29·s·b·h
+    against the formula's 28."""
     if not lora:
-        return base
+        return 34 * s * b * shape.hidden * act // 2
+    base = s * b * (8 * shape.hidden + act * (4 * shape.hidden + shape.ffn))
     extra = sum(act * s * b * (d_in + r) for d_in, _ in lora.values())
     return base + extra // max(shape.layers, 1)
 
@@ -358,10 +370,14 @@ def _components_lora(shape: ModelShape, st: Setup) -> dict:
     if st.lora_stage == 3:
         if st.offload_param:
             c["frozen_weights"] = 0
-        # the gathered fetch unit (a decoder layer) is a separate allocation even with one rank:
-        # DeepSpeed all-gathers into a new buffer and has no single-rank shortcut
-        unit = shape.layer_params or shape.largest_module_params
-        buffers += DTYPE_BYTES[st.dtype] * (unit + min(unit, PREFETCH_BUCKET))
+        if N > 1:
+            # bigtrain's per-layer gather (zero.gather=layers): the layer computing, the next one
+            # gathered ahead, and the next-but-one's all-gather output while it is copied out; plus
+            # everything outside the layers (embeddings, head), gathered for the whole step. At
+            # world size 1 every partition is the whole tensor and nothing is gathered.
+            unit = shape.layer_params or shape.largest_module_params
+            root = max(0, shape.total_params - shape.layers * shape.layer_params)
+            buffers += DTYPE_BYTES[st.dtype] * (3 * unit + root)
     if N > 1:
         buffers += pred["trainable_weights"]  # the flat fp32 all-reduce of the adapter gradients
     c["zero_buffers"] = buffers
@@ -377,7 +393,16 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
         acts = shape.layers * act * s * b * shape.hidden + layer
     else:
         acts = shape.layers * layer
-    logits = s * b * shape.vocab * (act + 4 + 4)
+    if lora:
+        # bigtrain's loss projects the target positions through the head in chunks of at most
+        # CHUNK_LOGITS logits (bigtrain/losses.py): one chunk's logits (act), their fp32 copy and its
+        # gradient (4 + 4) exist at a time, plus the gradient w.r.t. the hidden states
+        from .losses import CHUNK_LOGITS
+
+        rows = min(s * b, max(1, CHUNK_LOGITS // max(1, shape.vocab)))
+        logits = rows * shape.vocab * (act + 4 + 4) + act * s * b * shape.hidden
+    else:
+        logits = s * b * shape.vocab * (act + 4 + 4)
     return acts, logits
 
 

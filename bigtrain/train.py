@@ -361,7 +361,8 @@ def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: 
                micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
                checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
                lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
-               persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size)
+               persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
+               include_context=False)  # allocated bytes, as torch.cuda.max_memory_allocated counts
     try:
         sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
     except (KeyError, ValueError) as e:  # a model the estimator does not know

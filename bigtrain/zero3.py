@@ -511,6 +511,8 @@ class LayerGatherer:
         if i in self._gathered:
             return
         self._issue(i)
+        if i in self._gathered:  # a unit with nothing to gather (all of it persistent)
+            return
         event, whole = self._pending.pop(i)
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)

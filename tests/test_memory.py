@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bigtrain import memory as M
-from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, paper_figures, per_gpu
+from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, paper_figures, peak_bytes, per_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 P175 = 174_604_283_904  # GPT-3 175B shapes on transformers' OPT, built on the meta device, tied once
@@ -94,13 +94,16 @@ def test_lora_states_and_worked_example(big):
     adapter = lo["trainable_weights"] + lo["gradients"] + lo["optimizer_state"]
     assert adapter == 16 * 18_874_368 + 4 * 2 * 192  # + AdamW's fp32 step per tensor
     assert 50 * GB < e["full"]["per_gpu_total"] < 60 * GB
-    assert 14 * GB < e["lora"]["per_gpu_total"] < 20 * GB
+    # LoRA's gather working set: the layer computing, the next one prefetched and the all-gather
+    # output being copied out (3 layers of 1.81e9 elements), plus embeddings held for the step
+    assert lo["zero_buffers"] == 2 * (3 * 1_812_099_072 + 642_772_992) + lo["trainable_weights"]
+    assert 24 * GB < e["lora"]["per_gpu_total"] < 28 * GB
     assert e["lora"]["per_gpu_total"] < e["full"]["per_gpu_total"]
     assert e["ratio_per_gpu"] == pytest.approx(e["full"]["per_gpu_total"] / e["lora"]["per_gpu_total"])
     assert e["full"]["job_total"] == 64 * e["full"]["per_gpu_total"]
-    # activations are (nearly) the same: gradients still flow through every layer
-    assert lo["activations"] >= fu["activations"]
-    assert lo["activations"] < 1.1 * fu["activations"]
+    # activations shrink only by the linear maps' inputs (frozen weights need no weight gradient):
+    # gradients still flow through every layer, so most of them stay
+    assert 0.75 * fu["activations"] < lo["activations"] < fu["activations"]
 
 
 def test_activation_model(big):
@@ -111,16 +114,28 @@ def test_activation_model(big):
     c = per_gpu(big, replace(st, checkpointing=True), "full")
     assert c["activations"] == L * 2 * s * b * h + 34 * s * b * h
     assert c["logits_loss"] == s * b * 50257 * 10
-    # LoRA: + input copy and r-dim intermediate per adapted matrix (2 per layer)
+    # LoRA: frozen linears keep no input; the LayerNorms' fp32 inputs (2 × 4sbh), sdpa's q, k, v,
+    # out (4 × 2sbh), the MLP activation's input (2·s·b·4h) and, per adapted matrix (2 per layer),
+    # autocast's bf16 copy of its input plus the r-dim intermediate
     lo = per_gpu(big, st, "lora")
-    assert lo["activations"] == L * (34 * s * b * h + 2 * 2 * s * b * (h + 4))
+    assert lo["activations"] == L * (s * b * (8 * h + 2 * (4 * h + 4 * h)) + 2 * 2 * s * b * (h + 4))
+    # the chunked LM-head loss: one chunk of logits (bf16 + fp32 + fp32 gradient) and grad_h
+    rows = min(s * b, (1 << 27) // 50257)  # 2,048 target rows fit in one chunk of 2,670
+    assert lo["logits_loss"] == rows * 50257 * 10 + 2 * s * b * h
 
 
-def test_lora_always_below_full(big):
+def test_lora_below_full_until_the_gather_buffers_dominate(big):
     for stage in (0, 1, 2, 3):
-        for n in (1, 8, 64, 512):
+        for n in (1, 8, 64):
             st = Setup(world_size=n, zero_stage=stage)
             assert sum(per_gpu(big, st, "lora").values()) < sum(per_gpu(big, st, "full").values())
+    # 175B over 512 GPUs: full fine-tuning's model states are 16Ψ/512 = 5.5 GB per GPU, while LoRA's
+    # three gathered 175B-wide layers alone are 10.9 GB (DeepSpeed's defaults, modelled for full
+    # fine-tuning, fetch one module at a time without prefetch): per GPU, LoRA is no longer smaller
+    st = Setup(world_size=512)
+    lora, full = per_gpu(big, st, "lora"), per_gpu(big, st, "full")
+    assert lora["zero_buffers"] > full["trainable_weights"] + full["gradients"] + full["optimizer_state"]
+    assert sum(lora.values()) > sum(full.values())
 
 
 def test_fits_and_fewest_gpus(big):
@@ -276,3 +291,22 @@ def test_estimate_models_hpz_secondary_partitions(capsys):
     assert "--hpz 5 must be >= 1 and divide the GPU count 32" in capsys.readouterr().err
     assert M.run_estimate(_args("gpt3-175b", "--gpus-per-node", "8", "--hpz", "8", "--zero-stage", "2")) == 2
     assert "needs --zero-stage 3" in capsys.readouterr().err
+
+
+def test_estimate_matches_the_h200_scaling_run():
+    """The LoRA peak per GPU predicted for every bigtrain row of the 2-GPU benchmark
+    (bench/results/scaling_h200x2.jsonl: GPT-3 2.7B and 6.7B, 1 and 2 GPUs, with and without
+    activation checkpointing) is within 10% of the measured torch.cuda.max_memory_allocated."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "bench" / "results" /
+                                          "scaling_h200x2.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["contender"] == "bigtrain" and r.get("status") == "ok"]
+    assert len(rows) == 8
+    for r in rows:
+        st = Setup(world_size=r["gpus"], micro_batch=r["mb"], seq_len=r["seq"], checkpointing=r["ckpt"],
+                   lora_r=8, dtype="bfloat16", include_context=False)
+        c = per_gpu(model_shape(r["model"]), st, "lora")
+        err = peak_bytes(c, st, "lora") / GiB / r["peak_gib"] - 1
+        assert abs(err) < 0.10, (r["name"], r["peak_gib"], err)

@@ -488,6 +488,12 @@ class LayerGatherer:
         if local is None:
             self._gathered.add(i)
             return
+        if self.stream is not None:
+            # the partitions were written on the compute stream (the flattening at start-up, the
+            # loader, a merge through GatheredParameters): the gather must not read them earlier.
+            # This waits for the work queued so far (up to the layer before the one computing), so
+            # the next layer's gather still overlaps this one's compute.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             out = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)

@@ -107,6 +107,22 @@ def make_batch(cfg, mb: int, seq: int, device):
 # one contender, in its own process
 
 
+def timed_steps(step, warmup: int, steps: int, sync) -> tuple[list[float], list[float]]:
+    """Run ``step()`` warmup + steps times, ``sync()`` around each; (seconds of the timed steps,
+    every step's loss)."""
+    times, losses = [], []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(float(loss))
+        if i >= warmup:
+            times.append(dt)
+    return times, losses
+
+
 def worker(job: dict) -> dict:
     import torch
 
@@ -226,16 +242,7 @@ def worker(job: dict) -> dict:
         sync()
         extra["after_build_gib"] = torch.cuda.memory_allocated() / 2 ** 30
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(job["warmup"] + job["steps"]):
-        sync()
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        dt = time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= job["warmup"]:
-            times.append(dt)
+    times, losses = timed_steps(step, job["warmup"], job["steps"], sync)
     step_s = statistics.median(times)
     tokens = mb * seq
     tps = tokens / step_s

@@ -105,7 +105,7 @@ def worker(job: dict) -> None:
     import torch.distributed as dist
     import transformers as tf
 
-    from bench_gpu import peft_lora
+    from bench_gpu import peft_lora, timed_steps
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -175,16 +175,7 @@ def worker(job: dict) -> None:
     if not cpu:
         sync()
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(job["warmup"] + job["steps"]):
-        sync()
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        dt = time.perf_counter() - t0
-        losses.append(float(loss))
-        if i >= job["warmup"]:
-            times.append(dt)
+    times, losses = timed_steps(step, job["warmup"], job["steps"], sync)
     peak = torch.cuda.max_memory_allocated() if not cpu else None
     mine = {"rank": rank, "times": times, "losses": losses, "peak": peak}
     every = [None] * world
@@ -624,7 +615,9 @@ def render(rows: list[dict], out: Path, cpu: bool) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt3-2.7b,gpt3-6.7b")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--contenders", default="bigtrain,fsdp2-peft,ds-peft",
+                    help=f"comma-separated, of {', '.join(CONTENDERS)} (default: the first three; "
+                         "bigtrain-compile adds model.compile=true, bigtrain-dshooks zero.gather=deepspeed)")
     ap.add_argument("--gpus", default="1,all", help="GPU counts, e.g. 1,2 ('all' = torch.cuda.device_count())")
     ap.add_argument("--ckpt", default="off,on", help="activation checkpointing: off, on or off,on")
     ap.add_argument("--steps", type=int, default=None,

@@ -560,9 +560,10 @@ class LayerGatherer:
                 return None
             # released when the gradient w.r.t. the layer's input is computed: its backward is done
             if args and torch.is_tensor(args[0]) and args[0].requires_grad:
-                return (_AfterBackward.apply(args[0], self, i), *args[1:]), kwargs
+                return (_OnBackward.apply(args[0], lambda: self._release(i)), *args[1:]), kwargs
             if torch.is_tensor(kwargs.get("hidden_states")) and kwargs["hidden_states"].requires_grad:
-                kwargs = {**kwargs, "hidden_states": _AfterBackward.apply(kwargs["hidden_states"], self, i)}
+                kwargs = {**kwargs, "hidden_states": _OnBackward.apply(kwargs["hidden_states"],
+                                                                       lambda: self._release(i))}
                 return args, kwargs
             return None
         return hook
@@ -579,7 +580,7 @@ class LayerGatherer:
             out = output[0] if isinstance(output, tuple) else output
             if not (torch.is_tensor(out) and out.requires_grad):
                 return None
-            out = _BeforeBackward.apply(out, self, i)
+            out = _OnBackward.apply(out, lambda: self.before_backward(i))
             return (out, *output[1:]) if isinstance(output, tuple) else out
         return hook
 
@@ -612,32 +613,19 @@ class LayerGatherer:
         self._handles.clear()
 
 
-class _BeforeBackward(torch.autograd.Function):
-    """Identity on a layer's output; in backward, gathers the layer (and prefetches the one before)."""
+class _OnBackward(torch.autograd.Function):
+    """Identity in forward; in backward, calls ``fn()`` when the gradient reaches this point (on a
+    layer's output: its backward is about to start; on its input: its backward is done)."""
 
     @staticmethod
-    def forward(ctx, x, gatherer, i):
-        ctx.gatherer, ctx.i = gatherer, i
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.gatherer.before_backward(ctx.i)
-        return grad, None, None
-
-
-class _AfterBackward(torch.autograd.Function):
-    """Identity on a layer's input; in backward (the layer's backward is done), releases the layer."""
-
-    @staticmethod
-    def forward(ctx, x, gatherer, i):
-        ctx.gatherer, ctx.i = gatherer, i
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.gatherer._release(ctx.i)
-        return grad, None, None
+        ctx.fn()
+        return grad, None
 
 
 def _in_backward() -> bool:

@@ -26,7 +26,6 @@ N_TRAIN = 4000
 N_EVAL = 400
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3
-KOREAN_SOURCE = Path("/work/shared/seed/000_a494c2eeaed10fd9.txt")  # only if the asset is missing
 PROMPT_TEMPLATE = "<mr> {mr}\nDescription:"
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +239,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
 def generate(out_dir: str | Path = ASSETS, korean_source: str | Path | None = None) -> list[Path]:
     """Write every asset into ``out_dir``; returns the paths written. Deterministic.
 
-    The Korean excerpt is copied from ``korean_source`` (default: the shipped asset, or the
-    project's seed file when the asset does not exist yet).
+    The Korean excerpt is copied from ``korean_source`` (default: the shipped asset,
+    ``assets/lora_intro_ko.txt``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,7 +250,7 @@ def generate(out_dir: str | Path = ASSETS, korean_source: str | Path | None = No
 
     src = Path(korean_source) if korean_source else ASSETS / "lora_intro_ko.txt"
     if not src.is_file():
-        src = KOREAN_SOURCE
+        raise FileNotFoundError(f"{src}: the Korean source text is missing (pass korean_source=PATH)")
     ko = out / "lora_intro_ko.txt"
     if src.resolve() != ko.resolve():
         shutil.copyfile(src, ko)

@@ -5,8 +5,8 @@
 The adapters live *beside* the base model, not inside it: :class:`LoRAModel` owns every A and B and
 adds ``s·B·A·x`` to a target module's output through a forward hook. The base model's own parameter
 list therefore holds only frozen weights, which is what lets the engine hand the whole base to
-ZeRO-3 for partitioning while the adapters stay ordinary, replicated tensors (REFERENCE §4: ZeRO-3
-has no per-module opt-out and would otherwise shard the adapters and their Adam state too).
+ZeRO-3 for partitioning while the adapters stay ordinary, replicated tensors (ZeRO-3 has no
+per-module opt-out, DeepSpeed #7271, and would otherwise shard the adapters and their Adam state too).
 
 Nothing here knows about DeepSpeed; :meth:`LoRAModel.merge` takes a ``gather`` context factory so
 that a caller whose base weights are partitioned can materialise one weight at a time.

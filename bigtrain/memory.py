@@ -8,7 +8,7 @@ Two halves:
 * **Measured** (``measure_states``): the same categories for the live objects of this rank.
   ``tests/test_memory_dist.py`` checks measured == predicted exactly, per rank, for 1, 2 and 3 ranks.
 
-Assumptions (REFERENCE §3; every one of them is a choice stated here, not a law):
+Assumptions (every one of them is a choice stated here, not a law):
 
 * Parameter counts come from the real ``transformers`` model built on the meta device
   (:func:`bigtrain.presets.meta_model`), tied weights once; never from a closed formula.
@@ -428,7 +428,7 @@ def peak_bytes(c: dict, st: Setup, which: str) -> int:
     fine-tuning with the ``torch-amp`` recipe, whose gradients are freed at every step
     (``zero_grad(set_to_none=True)``) and so never coexist with the stored activations: the peak is the
     larger of the end of forward (everything but gradients) and the optimizer step (model states, no
-    activations, logits or autocast copies). Against REFERENCE §5's H200 measurements of plain full
+    activations, logits or autocast copies). Against H200 measurements of plain full
     fine-tuning (another harness, same recipe): GPT-3 2.7B b=4 59.7 vs 59.5 GiB; 6.7B b=2 105.7 vs 105.3;
     with checkpointing 99.2 vs 100.2 (the plain sum would say 69.5, 130.5, 115.1)."""
     total = sum(c.values())

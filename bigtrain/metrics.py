@@ -15,7 +15,8 @@ from typing import Protocol
 
 from .config import LoggingConfig
 
-# Dense bf16 matmul peak used for MFU, by GPU name (measured: REFERENCE §5, 790 TFLOP/s on an H200).
+# Dense bf16 matmul peak used for MFU, by GPU name (790 TFLOP/s: measured on an H200 with random
+# bf16 matrices; the H100 shares its compute).
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}
 
 

@@ -7,7 +7,7 @@ def test_175b_has_gpt3_size_and_exact_lora_count():
     model = meta_model(hf_config_for("gpt3-175b"))
     n = count_parameters(model)
     # OPT architecture with GPT-3 shapes: vocab 50257, context 2048 (+ OPT's 2 position offsets),
-    # output head tied to the embeddings. REFERENCE §3's 175,222,210,560 (accelerate's count) is the
+    # output head tied to the embeddings. 175,222,210,560 (accelerate's count for the same model) is the
     # same model with OPT's vocab of 50272 and the head counted separately: 50272 + 15 = 50287 rows.
     assert n == 174_604_283_904
     assert n + (50272 + 15) * 12288 == 175_222_210_560

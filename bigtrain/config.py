@@ -332,6 +332,10 @@ class Config:
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# Files a tokenizer directory may hold: their presence marks one, and export/merge copy them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "spiece.model", "vocab.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
 
 
 def resolve_model_path(path: str) -> str:

@@ -24,10 +24,9 @@ from typing import Any
 import datasets
 import torch
 
-from .config import DataConfig
+from .config import ASSETS, TOKENIZER_FILES, DataConfig
+from .losses import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {
     "builtin:e2e": ASSETS / "e2e_train.jsonl",
     "builtin:e2e-eval": ASSETS / "e2e_eval.jsonl",
@@ -35,8 +34,6 @@ BUILTIN = {
 }
 BUILTIN_TOKENIZER = ASSETS / "tokenizer"
 MAX_BAD_LINES_REPORTED = 5
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
-                    "spiece.model", "vocab.txt")
 
 
 class DataError(ValueError):
@@ -56,9 +53,9 @@ def load_tokenizer(path: str | None = None):
     d = Path(path) if path is not None else BUILTIN_TOKENIZER
     if not d.is_dir():
         raise DataError(f"tokenizer {str(d)!r}: not a directory")
-    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+    if not any((d / f).is_file() for f in TOKENIZER_FILES):
         raise DataError(f"tokenizer {str(d)!r}: the directory holds no tokenizer "
-                        f"(none of {', '.join(_TOKENIZER_FILES)})")
+                        f"(none of {', '.join(TOKENIZER_FILES)})")
     try:
         tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
     except Exception as e:  # transformers raises many types here; name the path

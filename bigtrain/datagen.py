@@ -20,7 +20,8 @@ import random
 import shutil
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from .config import ASSETS
+
 SEED = 20211
 N_TRAIN = 4000
 N_EVAL = 400

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .config import parse_size, resolve_model_path
+from .config import TOKENIZER_FILES, parse_size, resolve_model_path
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +34,6 @@ FORMATS = ("peft",)
 # --dtype names -> torch dtype names (torch is imported only when a command runs: --help stays fast)
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
                "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json")
 
 
 # -- reading a bigtrain checkpoint -------------------------------------------------------------

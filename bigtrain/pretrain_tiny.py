@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+from .config import ASSETS
+
 
 
 def corpus() -> list[str]:

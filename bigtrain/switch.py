@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
 from torch import nn
 
+from .engine import DTYPES
 from .inject import inject_lora
 from .lora import LoRAModel
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class AdapterBank:
@@ -45,7 +44,7 @@ class AdapterBank:
         p, cfg, tensors = read_checkpoint(checkpoint)
         device = next(self.model.parameters()).device
         lora = inject_lora(self.model, list(cfg["modules"]), cfg["r"], cfg["alpha"], cfg.get("dropout", 0.0),
-                           cfg.get("rslora", False), _DTYPES[cfg.get("dtype", "float32")], device)
+                           cfg.get("rslora", False), DTYPES[cfg.get("dtype", "float32")], device)
         if lora.names() != list(cfg["modules"]):
             lora.remove_hooks()
             raise ValueError(f"{p}: its modules do not match this model's")

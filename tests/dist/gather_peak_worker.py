@@ -1,4 +1,4 @@
-"""Worker for tests/test_gather_peak.py, run under torchrun: how much gathered base storage is alive
+"""Worker for tests/e2e/test_gather_peak.py, run under torchrun: how much gathered base storage is alive
 at once during real ZeRO-3 LoRA steps (forward, the loss, backward, eval), under the gatherer named by
 argv[5] (zero.gather: layers or deepspeed).
 

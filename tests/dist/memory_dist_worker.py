@@ -1,4 +1,4 @@
-"""Worker for tests/test_memory_dist.py (run under torchrun): one LoRA training step on a tiny preset
+"""Worker for tests/e2e/test_memory_dist.py (run under torchrun): one LoRA training step on a tiny preset
 with the frozen base under ZeRO-3, then this rank's measured model-state bytes, for each persistence
 threshold given, written to ``<out>/rank<R>.json``."""
 
@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 

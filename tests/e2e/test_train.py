@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from helpers import final_adapters, losses, ranks, run, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
-BUILTIN = Path(__file__).resolve().parents[1] / "bigtrain" / "assets" / "tiny-opt"
+BUILTIN = Path(__file__).resolve().parents[2] / "bigtrain" / "assets" / "tiny-opt"
 
 
 def _sha(path):

@@ -110,7 +110,7 @@ def test_base_mismatch_refused_unless_forced(tmp_path):
 CRASH = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from tests.test_checkpoint import _setup, _save
+from tests.unit.test_checkpoint import _setup, _save
 lora, opt = _setup()
 _save({dir!r}, 2, lora, opt)
 """
@@ -120,7 +120,7 @@ _save({dir!r}, 2, lora, opt)
 def test_kill_during_save_keeps_last_good(tmp_path, point):
     lora, opt = _setup()
     _save(tmp_path, 1, lora, opt)
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, BIGTRAIN_CRASH_AT=point)
     p = subprocess.run([sys.executable, "-c", CRASH.format(root=root, dir=str(tmp_path))], env=env,
                        capture_output=True, text=True, timeout=120)

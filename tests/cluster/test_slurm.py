@@ -1,11 +1,11 @@
 """The sbatch scripts in slurm/ on a real two-node Slurm cluster (two slurmd on this machine).
 
-The module starts the cluster itself with tests/slurm/cluster.sh (installing Debian's Slurm and
+The module starts the cluster itself with tests/cluster/slurm/cluster.sh (installing Debian's Slurm and
 munge with apt-get if missing) and skips only when Slurm cannot be installed. Both "nodes" are this
 machine, so tmp_path is shared storage. Every wait has a timeout; a job still running at a timeout
 is cancelled.
 
-Run: pytest -m slurm tests/test_slurm.py   (root; a few minutes)
+Run: pytest -m slurm tests/cluster/test_slurm.py   (root; a few minutes)
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "tests" / "cluster" / "slurm" / "cluster.sh"
 # model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
 TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",
               "train.device=cpu",

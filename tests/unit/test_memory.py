@@ -14,7 +14,7 @@ import pytest
 from bigtrain import memory as M
 from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, paper_figures, peak_bytes, per_gpu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 P175 = 174_604_283_904  # GPT-3 175B shapes on transformers' OPT, built on the meta device, tied once
 
 
@@ -280,7 +280,7 @@ def test_estimate_models_hpz_secondary_partitions(capsys):
         assert abs((b - a) / (base / 8) - 1) < 1e-3 and abs(a / (base / 32) - 1) < 5e-3, (which, a, b)
     assert hpz["lora"]["fewest_gpus"] % 8 == 0 and hpz["full"]["fewest_gpus"] % 8 == 0
     assert hpz["lora"]["fewest_gpus"] > plain["lora"]["fewest_gpus"]
-    # the figure measured on 4 gloo ranks with zero_hpz_partition_size=2 (tests/test_engine_dist.py
+    # the figure measured on 4 gloo ranks with zero_hpz_partition_size=2 (tests/e2e/test_engine_dist.py
     # ::test_hierarchical_partitioning_hpz_matches_plain_zero3): 2,872,320 bytes of base per rank
     tiny = estimate(str(ROOT / "bigtrain" / "assets" / "tiny-opt"),
                     Setup(world_size=4, hpz=2, dtype="float32", persistence_threshold=0))
@@ -301,7 +301,7 @@ def test_estimate_matches_the_h200_scaling_run():
     import json
     from pathlib import Path
 
-    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / "bench" / "results" /
+    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[2] / "bench" / "results" /
                                           "scaling_h200x2.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["contender"] == "bigtrain" and r.get("status") == "ok"]
     assert len(rows) == 8

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A real two-node Slurm cluster on this one machine, for tests and for trying the sbatch scripts.
 #
-#   tests/slurm/cluster.sh start    # install (if missing) + start munged, slurmctld, slurmd n1/n2
-#   tests/slurm/cluster.sh status   # sinfo; exit 0 only when both nodes are usable
-#   tests/slurm/cluster.sh stop     # stop the daemons this script started
+#   tests/cluster/slurm/cluster.sh start    # install (if missing) + start munged, slurmctld, slurmd n1/n2
+#   tests/cluster/slurm/cluster.sh status   # sinfo; exit 0 only when both nodes are usable
+#   tests/cluster/slurm/cluster.sh stop     # stop the daemons this script started
 #
 # Needs root and Debian's packages slurmctld slurmd slurm-client munge (installed with apt-get when
 # missing; Slurm 22.05 on bookworm). No systemd: the daemons are started directly. Both "nodes"

@@ -15,7 +15,7 @@ from bigtrain.config import ZeroConfig
 from bigtrain.engine import Engine
 from bigtrain.inject import inject_lora
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"tiny-opt": ["q_proj", "v_proj"], "tiny-gpt2": ["c_attn"],
            "tiny-llama": ["q_proj", "v_proj", "down_proj"]}
 

@@ -47,7 +47,7 @@ def test_missing_private_api_is_an_error(fresh, monkeypatch):
 def test_pinned_version_matches_pyproject():
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert f'"deepspeed=={zero3.DEEPSPEED_VERSION}"' in text
 
 

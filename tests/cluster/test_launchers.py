@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # model.path=null: a randomly initialised tiny OPT from its preset; no eval set (speed)
 TRAIN_ARGS = ["model.path=null", "model.preset=tiny-opt", "data.eval=null", "zero.stage=3",

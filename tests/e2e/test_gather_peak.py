@@ -18,7 +18,7 @@ import pytest
 
 from helpers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "dist" / "gather_peak_worker.py"
 LAYERS = 8
 

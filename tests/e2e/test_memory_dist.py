@@ -15,8 +15,8 @@ import pytest
 from bigtrain.memory import predict_states
 from helpers import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "memory_dist_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "dist" / "memory_dist_worker.py"
 THRESHOLDS = (0, 100000)
 WORLDS = (1, 2, 3)
 

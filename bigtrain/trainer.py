@@ -175,6 +175,7 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Build the run, in this order: checks, base, adapters and optimizer, data and resume, loggers."""
         self._check_inputs()
         self._build_base()
         self._build_adapters()

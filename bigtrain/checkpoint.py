@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
 from .lora import LoRAModel
 
 LATEST = "latest"
@@ -45,15 +46,6 @@ ADAPTER_FILE = "adapter_model.safetensors"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
-
-
-# -- fault injection (tests of crashes during a save) ------------------------------------------
-def _fault(point: str, step: int | None = None) -> None:
-    """With BIGTRAIN_CRASH_AT=<point> (and BIGTRAIN_CRASH_AT_STEP=<step>, if set), die here as
-    abruptly as kill -9 would. For fault-injection tests only."""
-    if os.environ.get("BIGTRAIN_CRASH_AT") == point and \
-            os.environ.get("BIGTRAIN_CRASH_AT_STEP", str(step)) == str(step):
-        os._exit(137)
 
 
 # -- small durable-write helpers ---------------------------------------------------------------
@@ -225,17 +217,17 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
     _write_json(rng_file, rng_state())
     engine.barrier()
     if rank == 0:
-        _fault("save:start", step)
+        faults.crash_point("save:start", step)
         _save_tensors(tmp / ADAPTER_FILE, lora.adapter_state_dict(), {"format": "bigtrain-lora"})
         _write_json(tmp / "adapter_config.json", adapter_config)
-        _fault("save:after_weights", step)
+        faults.crash_point("save:after_weights", step)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
         _write_json(tmp / "base.json", base_fingerprint)
         (tmp / "config.yaml").write_text(config_yaml)
         _fsync_file(tmp / "config.yaml")
-        _fault("save:before_manifest", step)
+        faults.crash_point("save:before_manifest", step)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
                                                 "sha256": _sha256(tmp / f)} for f in files}}
@@ -246,7 +238,7 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        _fault("save:before_latest", step)
+        faults.crash_point("save:before_latest", step)
         ptr = root / (LATEST + ".tmp")
         ptr.write_text(final.name + "\n")
         _fsync_file(ptr)

@@ -38,7 +38,7 @@ class Logger(Protocol):
     def log(self, metrics: dict, step: int) -> None: ...
     def summary(self, values: dict) -> None: ...
     def table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class JsonlLogger:
@@ -54,7 +54,7 @@ class JsonlLogger:
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.f.write(json.dumps({"table": name, "columns": columns, "rows": rows}) + "\n")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.f.close()
 
 
@@ -82,8 +82,8 @@ class WandbLogger:
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else None)  # a run that raised is marked failed
 
 
 class TensorBoardLogger:
@@ -103,7 +103,7 @@ class TensorBoardLogger:
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.w.add_text(name, json.dumps({"columns": columns, "rows": rows}), 0)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.w.close()
 
 
@@ -144,6 +144,6 @@ class Loggers:
         for lg in self.loggers:
             lg.table(name, columns, rows)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for lg in self.loggers:
-            lg.close()
+            lg.close(failed)

@@ -1,0 +1,36 @@
+"""Test-only fault injection: the one seam where the tests make a run fail on purpose.
+
+Driven by environment variables that normal runs never set (then every check is a no-op):
+
+* ``BIGTRAIN_FAULT_NAN="STEP:RANK[,STEP:RANK]"``: poison that rank's loss the first time optimizer
+  step STEP is attempted (a skipped step is retried on the next batch, which is then clean);
+  see :func:`nan_due`.
+* ``BIGTRAIN_CRASH_AT=<point>`` (and ``BIGTRAIN_CRASH_AT_STEP=<step>``, if set): die at that point
+  of a checkpoint save as abruptly as kill -9 would (exit status 137); see :func:`crash_point`.
+
+tests/test_faults.py and tests/test_checkpoint.py set them; nothing else should.
+"""
+
+from __future__ import annotations
+
+import os
+
+_FIRED: set[str] = set()  # STEP:RANK keys of BIGTRAIN_FAULT_NAN already injected in this process
+
+
+def nan_due(step: int, rank: int) -> bool:
+    """True once per process for each STEP:RANK listed in BIGTRAIN_FAULT_NAN: the caller poisons
+    the loss of optimizer step ``step`` on ``rank``."""
+    key = f"{step}:{rank}"
+    if key in os.environ.get("BIGTRAIN_FAULT_NAN", "").split(",") and key not in _FIRED:
+        _FIRED.add(key)
+        return True
+    return False
+
+
+def crash_point(point: str, step: int | None = None) -> None:
+    """With BIGTRAIN_CRASH_AT=<point> (and BIGTRAIN_CRASH_AT_STEP=<step>, if set), exit here at
+    once, with no clean-up, as kill -9 would leave things."""
+    if os.environ.get("BIGTRAIN_CRASH_AT") == point and \
+            os.environ.get("BIGTRAIN_CRASH_AT_STEP", str(step)) == str(step):
+        os._exit(137)

@@ -1,0 +1,699 @@
+"""The training loop as a :class:`Trainer`: a ZeRO-3-partitioned (or whole) frozen base with
+replicated LoRA adapters.
+
+``Trainer(cfg).run()`` reads top to bottom:
+
+* :meth:`Trainer.setup` builds the run:
+    0. every check that can fail on bad input, before any process group or model exists;
+    1. the process group and the frozen base (engine.py, over dist.py, zero3.py and loader.py);
+    2. LoRA adapters beside it, made identical on every rank, AdamW over them;
+    3. the data, a resume from the last good checkpoint if there is one, the loggers.
+* :meth:`Trainer.train` is the loop: per optimizer step, :meth:`Trainer.train_step` counts the step's
+  target tokens on all ranks, runs forward/backward on each micro-batch with
+  loss_sum / global_tokens, sums the adapter gradients (plus the loss, a preemption flag and a
+  save-due flag) in ONE flat all-reduce, clips and steps (or skips a non-finite step on every rank
+  together); then the loop logs, evaluates and checkpoints; on SIGTERM/SIGUSR1 it saves at the step
+  boundary and stops cleanly. At the end: memory report, per-rank report, optional merge.
+* :meth:`Trainer.close` runs once, in a ``finally``, on every exit path.
+
+``bigtrain.train.train(cfg, pending_signals)`` is the entry point the CLI calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from . import faults
+from .compile import compile_layers
+from .config import Config, ConfigError
+from .data import DataError, collate, load_examples, load_tokenizer
+from .engine import DTYPES, Engine
+from .export import merge_live, resolve_checkpoint
+from .inject import find_targets, inject_lora, output_layer_names, parameter_report
+from .losses import token_loss_sum
+from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
+from .metrics import Loggers, lora_flops_per_token, peak_tflops
+from .presets import count_parameters, hf_config_for, meta_model
+from .sampler import GlobalSampler, rank_micro_batches
+from .vocab import run_config as pad_vocab
+from .zero3 import check_world
+
+
+class Preemption:
+    """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary."""
+
+    def __init__(self, pending: list[int] | None = None):
+        self.signum = pending[-1] if pending else 0  # caught by the CLI before torch was imported
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(cfg, step: int) -> float:
+    """Multiplier of train.lr at optimizer step ``step``: linear warm-up, then decay to min_lr_ratio."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint's trainer_state.json records of the loop (with the scheduler beside it);
+    saved as ``dataclasses.asdict`` and rebuilt from the saved keys, so the on-disk format is the
+    plain dict it always was."""
+
+    step: int = 0  # optimizer steps taken
+    position: int = 0  # samples consumed in the global sample order (skipped steps included)
+    bad_steps: int = 0  # non-finite steps skipped
+    tokens: int = 0  # attended tokens seen, all ranks
+    wandb_id: str | None = None  # the W&B run a resume continues
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainState":
+        """The fields a checkpoint holds (older ones may lack some: those keep their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+
+@dataclass
+class StepResult:
+    """One optimizer step as every rank sees it (all values are after the step's all-reduce)."""
+
+    loss: float  # mean token loss of the step over all ranks
+    grad_norm: torch.Tensor  # of the summed adapter gradients, before clipping
+    tokens: int  # attended tokens of the step, all ranks
+    stop_requested: bool  # a rank was signalled, or train.stop_at_step is reached
+    save_due: bool  # rank 0's clock says a time-based checkpoint is due
+    skipped: bool  # non-finite loss or gradient: no update was made
+
+
+# Slots of the scalars that ride in the step's one all-reduce after the adapter gradients.
+LOSS_SUM, PREEMPTED, SAVE_DUE = range(3)
+N_EXTRAS = 3
+
+
+@dataclass
+class Window:
+    """Running sums between two log lines."""
+
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+
+
+def _silent(*a, **k) -> None:
+    """``say`` on ranks other than 0."""
+
+
+class Trainer:
+    """One training run; see the module docstring. ``run()`` = ``setup()``, ``train()``, ``close()``."""
+
+    def __init__(self, cfg: Config, pending_signals: list[int] | None = None):
+        self.cfg = cfg
+        # SIGTERM/SIGUSR1 from here on (and those `bigtrain train` caught while importing, passed in
+        # ``pending_signals``) are acted on at the first step boundary: a preemption notice during the
+        # (long, at scale) start-up must not kill the job or be dropped
+        self.preempt = Preemption(pending_signals)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.say = _silent
+        self.engine: Engine | None = None
+        self.loggers: Loggers | None = None
+        self.state = TrainState()
+        self.last_eval: float | None = None
+        self.last_save: Path | None = None
+        self.measured: dict | None = None  # model states at the last step, when all exist
+        self._farewell: str | None = None  # the run's last line, printed after the loggers close
+        self._closed = False
+
+    def run(self) -> dict:
+        """Set up and train; :meth:`close` runs exactly once, however this ends."""
+        failed = True
+        try:
+            self.setup()
+            result = self.train()
+            failed = False
+            return result
+        finally:
+            self.close(failed)
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build the run, in this order: checks, base, adapters and optimizer, data and resume, loggers."""
+        self._check_inputs()
+        self._build_base()
+        self._build_adapters()
+        self._load_state()
+        self._open_loggers()
+
+    def _check_inputs(self) -> None:
+        """0. Everything that can fail on bad input, before any process group or model exists."""
+        cfg, t = self.cfg, self.cfg.train
+        self.model_path = model_path = cfg.model.local_path
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
+        self.hf_config = hf_config = _hf_config(cfg, model_path, len(self.tokenizer))
+        meta = meta_model(hf_config)  # shapes only: for the target check and the memory prediction
+        try:
+            targets = find_targets(meta, cfg.lora.targets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        # the run's model: the vocabulary padded to a multiple of 64 (a faster LM-head GEMM); only the
+        # real vocabulary's logits enter the loss, and nothing written outside the run is padded
+        self.vocab = int(hf_config.vocab_size)
+        self.build_config = pad_vocab(hf_config, head_is_target=bool(set(targets) & output_layer_names(meta)))
+        self.base_params = count_parameters(meta)  # the real model's, for FLOPs
+        if self.build_config is not hf_config:
+            meta = meta_model(self.build_config)
+        self.meta = meta
+        check_world(cfg.zero, t.device)
+        _check_positions(cfg, hf_config)
+        self.explicit_resume = _check_resume_choice(cfg, self.ckpt_root)
+        self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
+        self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
+
+    def _build_base(self) -> None:
+        """1. The process group and the frozen base."""
+        cfg, t = self.cfg, self.cfg.train
+        self.engine = engine = Engine(cfg.zero, t.device, t.micro_batch_size, t.grad_accum)
+        self.info, self.dev = info, dev = engine.info, engine.info.device
+        self.say = say = print if info.is_main else _silent
+        self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {self.host} device {dev}", flush=True)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            cfg.dump(self.out_dir / "config.yaml")
+            for name in ckpt.clean_partial(self.ckpt_root):
+                say(f"[bigtrain] removed {name}: left by a save that did not finish")
+        _check_same_data(engine, cfg, self.train_stats, self.eval_ds)
+        say(f"[bigtrain] train data {cfg.data.train}: {self.train_stats['examples']} examples, "
+            f"{self.train_stats.get('skipped', 0)} skipped, {self.train_stats.get('truncated', 0)} truncated")
+
+        set_seed(t.seed)
+        self.model = model = engine.build_base(self.build_config, self.model_path, cfg.model.dtype,
+                                               cfg.model.attn_implementation, self.vocab)
+        if self.build_config is not self.hf_config:
+            say(f"[bigtrain] vocabulary {self.vocab:,} padded to {self.build_config.vocab_size:,} inside the run "
+                f"(zero rows, masked out of the loss; checkpoints and merges keep {self.vocab:,})")
+        for note in engine.ds_config_notes:
+            say(f"[bigtrain] DeepSpeed config: {note}")
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # transformers only recomputes in training mode; the base has no dropout left
+        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda"
+                                             and torch.cuda.is_bf16_supported())
+        self.autocast = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16
+                         else contextlib.nullcontext)
+        self.peak = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
+        self.flops_per_token = lora_flops_per_token(
+            self.base_params, getattr(self.hf_config, "num_hidden_layers", 0),
+            getattr(self.hf_config, "hidden_size", 0), cfg.data.max_length)
+
+    def _build_adapters(self) -> None:
+        """2. Adapters, identical on every rank, and AdamW over them."""
+        cfg, t, info, say = self.cfg, self.cfg.train, self.info, self.say
+        engine, model = self.engine, self.model
+        set_seed(t.seed)
+        self.lora = lora = inject_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                       cfg.lora.rslora, DTYPES[cfg.lora.dtype], self.dev)
+        self.params = params = list(lora.parameters())
+        engine.broadcast_(params)
+        set_seed(t.seed + 1_000_003 * info.rank)  # per-rank stream for LoRA dropout
+        if cfg.model.compile:  # after the LoRA hooks exist: they are traced into each layer's graph
+            say(f"[bigtrain] model.compile: {compile_layers(model)} decoder layers torch.compile'd "
+                f"(dynamic=False); the first steps compile them")
+        self.report = report = parameter_report(model, lora)
+        say(f"[bigtrain] {report['trainable']:,} trainable adapter parameters "
+            f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
+            f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
+            f"{engine.local_param_bytes(model):,}")
+        self.predicted = predicted = predict_states(
+            self.meta, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
+            engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype, engine.hpz_size)
+        say("[bigtrain] predicted model states per rank: " + _fmt_bytes(predicted))
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                           fused=self.dev.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_lambda(cfg, s))
+        self.at_start = at_start = measure_states(model, lora, self.optimizer)  # no gradients or Adam moments yet
+        say("[bigtrain] model states on rank 0 at start, predicted/measured: " + ", ".join(
+            f"{k} {predicted[k]:,}/{at_start[k]:,}" for k in ("frozen_weights", "trainable_weights"))
+            + " bytes (gradients, optimizer state and whole copies of persistent parameters appear at "
+            "the first step; all are compared at the end)")
+
+    def _load_state(self) -> None:
+        """3. The data order, and a resume from the last good checkpoint if there is one."""
+        cfg, t, info, say = self.cfg, self.cfg.train, self.info, self.say
+        self.sampler = GlobalSampler(len(self.train_ds), t.seed)
+        self.global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+        self.pad_id = self.tokenizer.pad_token_id
+        self.fingerprint = ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed)
+        resume_from = (_latest_resumable(self.ckpt_root, self.engine, say) if cfg.checkpoint.resume == "auto"
+                       else self.explicit_resume)
+        if resume_from is None:
+            return
+        ckpt.check_base(resume_from, self.fingerprint, cfg.checkpoint.force_base_mismatch)
+        saved = ckpt.load_checkpoint(resume_from, self.lora, self.optimizer, info.rank)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for note in _apply_changed_hparams(cfg, self.optimizer, self.scheduler):
+            say(f"[bigtrain] {note}")
+        self.state = TrainState.from_saved(saved)
+        say(f"[bigtrain] resumed from {resume_from} at step {self.state.step} "
+            f"(sample {self.state.position}, saved with {saved['world_size']} ranks, now {info.world_size})")
+        if info.is_main:
+            (self.out_dir / "preempted").unlink(missing_ok=True)
+
+    def _open_loggers(self) -> None:
+        """The loggers; a resumed run continues its W&B run."""
+        cfg = self.cfg
+        self.loggers = Loggers.build(cfg.logging, self.out_dir, cfg.to_dict(), self.info.is_main,
+                                     self.state.wandb_id)
+        self.state.wandb_id = self.loggers.wandb_id
+        self.loggers.summary({f"memory/{k}_start_measured": v for k, v in self.at_start.items()})
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Optimizer steps up to train.max_steps (or a stop request); returns the run's summary."""
+        t, ck, state = self.cfg.train, self.cfg.checkpoint, self.state
+        if self.eval_ds is not None and state.step == 0:
+            # the base model's own score, the reference the adapters' evals are read against
+            base_eval = self._evaluate()
+            self.loggers.log({"eval_loss": base_eval}, 0)
+            self.say(f"[bigtrain] step 0 (adapters are zero: the base model): eval loss {base_eval:.4f}")
+        self.bar = _progress(self.cfg, state.step, self.info.is_main)
+        self.window = Window()
+        self.save_clock = time.monotonic()  # rank 0's clock decides time-based saves (checkpoint.every_minutes)
+        while state.step < t.max_steps:
+            r = self.train_step(self._step_batches())
+            # the samples are consumed even by a skipped step: a resume replays the same order
+            state.position += self.global_batch
+            state.tokens += r.tokens
+            if r.skipped:
+                # every rank skipped together (they saw the same sums); too many is a diverged run
+                self._count_bad_step()
+                continue
+            state.step += 1
+            step = state.step
+            self.window.add(r.loss, r.tokens)
+            self.bar.update(1)
+
+            # the last step always logs, evaluates and saves: the run's result is its final state
+            if step % t.log_every == 0 or step == t.max_steps:
+                self._log(step, r.grad_norm)
+            if self.eval_ds is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
+                self.last_eval = self._evaluate()
+                self.loggers.log({"eval_loss": self.last_eval}, step)
+                self.say(f"\n[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
+            # a stop request saves first, so that rerunning the same command resumes from here
+            if (r.stop_requested or r.save_due or (ck.every and step % ck.every == 0)
+                    or step == t.max_steps):
+                self.last_save = self.save(step)
+                self.save_clock = time.monotonic()
+            if r.stop_requested and step < t.max_steps:  # at the last step the run just ends: done
+                return self._stop_early(step)
+        self.bar.close()
+        return self._finish()
+
+    def _step_batches(self) -> list[dict]:
+        """This rank's micro-batches of the next optimizer step, cut from the global sample order."""
+        t, info = self.cfg.train, self.info
+        step_idx = self.sampler.take(self.state.position, self.global_batch)
+        return [collate([self.train_ds[i] for i in idx], self.pad_id)
+                for idx in rank_micro_batches(step_idx, t.micro_batch_size, t.grad_accum,
+                                              info.rank, info.world_size)]
+
+    def train_step(self, step_batches: list[dict]) -> StepResult:
+        """One optimizer step over this rank's micro-batches: forward/backward, the one all-reduce,
+        clip, then step, or skip a non-finite step (on every rank alike: all see the same sums)."""
+        t, info, dev, engine = self.cfg.train, self.info, self.dev, self.engine
+        next_step = self.state.step + 1
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in step_batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in step_batches)
+        # every rank divides by the same global count: the summed gradients are of the global mean
+        global_targets, global_tokens = engine.all_reduce_scalars([local_targets, local_tokens])
+
+        loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
+        for b in step_batches:
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            with self.autocast():
+                ls, _ = token_loss_sum(self.model, b["input_ids"], b["attention_mask"], b["labels"], self.vocab)
+            if faults.nan_due(next_step, info.rank):
+                ls = ls * float("nan")
+            (ls / max(global_targets, 1)).backward()
+            engine.after_backward()
+            loss_sum += ls.detach().float()
+
+        # One flat all-reduce: adapter gradients, the loss, whether any rank was signalled, and
+        # whether rank 0's clock says a time-based checkpoint is due (so every rank agrees).
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        due = (info.is_main and self.cfg.checkpoint.every_minutes > 0
+               and time.monotonic() - self.save_clock >= 60 * self.cfg.checkpoint.every_minutes)
+        extras = torch.zeros(N_EXTRAS, dtype=torch.float32, device=dev)
+        extras[LOSS_SUM] = loss_sum
+        extras[PREEMPTED] = float(self.preempt.signum != 0)
+        extras[SAVE_DUE] = float(due)
+        engine.all_reduce_sum_(grads + [extras])
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if next_step == t.max_steps:  # steady state: grads and Adam moments all live
+            self.measured = measure_states(self.model, self.lora, self.optimizer)
+        loss = extras[LOSS_SUM].item() / max(global_targets, 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf"))
+        skipped = not (math.isfinite(loss) and torch.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=grad_norm, tokens=int(global_tokens),
+                          stop_requested=extras[PREEMPTED].item() > 0 or next_step == t.stop_at_step,
+                          save_due=extras[SAVE_DUE].item() > 0, skipped=skipped)
+
+    def _count_bad_step(self) -> None:
+        t, state = self.cfg.train, self.state
+        state.bad_steps += 1
+        self.say(f"[bigtrain] step {state.step + 1}: non-finite loss/gradient, skipped "
+                 f"({state.bad_steps}/{t.max_bad_steps} allowed)")
+        self.loggers.log({"bad_steps": state.bad_steps}, state.step)
+        if state.bad_steps > t.max_bad_steps:
+            raise FloatingPointError(f"more than train.max_bad_steps={t.max_bad_steps} non-finite steps")
+
+    def _log(self, step: int, grad_norm) -> None:
+        """One log line over the window since the last one."""
+        w, info, dev = self.window, self.info, self.dev
+        dt = time.perf_counter() - w.t0
+        tps = w.tokens / dt
+        m = {"loss": w.loss / w.steps, "lr": self.scheduler.get_last_lr()[0],
+             "grad_norm": float(grad_norm), "tokens_per_s": tps, "epoch": self.sampler.epoch(self.state.position),
+             "samples": self.state.position}
+        if dev.type == "cuda":
+            m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            m["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+            if self.peak:
+                m["mfu"] = tps / info.world_size * self.flops_per_token / (self.peak * 1e12)
+        self.loggers.log(m, step)
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+        self.window = Window()
+
+    def _evaluate(self) -> float:
+        return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step``: only adapters that are finite and identical on every rank."""
+        params, engine = self.params, self.engine
+        assert all(torch.isfinite(p).all() for p in params), "non-finite adapter weights: not saved"
+        digests = engine.replica_digests(params)
+        if len(set(digests)) != 1:  # replicas drifted: a bug or a hardware fault; never save that
+            raise RuntimeError(f"adapters differ across ranks at step {step}: sha256 per rank {digests}")
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, step, engine, self.lora, self.optimizer,
+            {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()},
+            adapter_config(self.cfg, self.lora), self.fingerprint,
+            yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.checkpoint.keep)
+        size = (path / ckpt.ADAPTER_FILE).stat().st_size
+        self.say(f"[bigtrain] checkpoint {path} (adapter {size / 1e6:.3f} MB, whole {ckpt.dir_size(path) / 1e6:.3f} MB)")
+        return path
+
+    def _stop_early(self, step: int) -> dict:
+        """A signal or train.stop_at_step: step ``step`` is saved; mark the run dir as preempted."""
+        self.bar.close()
+        if self.info.is_main:
+            (self.out_dir / "preempted").write_text(f"{step}\n")
+        self.say(f"[bigtrain] stopped early ({'signal' if self.preempt.signum else 'train.stop_at_step'}): "
+                 f"saved step {step}; rerun the same command to resume")
+        return {"step": step, "preempted": True, "checkpoint": str(self.last_save)}
+
+    # -- the end ---------------------------------------------------------------------------------
+    def _finish(self) -> dict:
+        """After the last step: memory and per-rank reports, the optional merge, the result."""
+        cfg, info, say, engine, loggers = self.cfg, self.info, self.say, self.engine, self.loggers
+        measured, predicted = self.measured, self.predicted
+        if measured is not None:
+            say("[bigtrain] model states on rank 0, predicted vs measured: " + ", ".join(
+                f"{k} {predicted[k]:,}/{measured[k]:,}" for k in measured))
+            loggers.summary({f"memory/{k}_{w}": d[k] for k in measured
+                             for w, d in (("predicted", predicted), ("measured", measured))})
+        ranks = rank_report(engine, self.model, self.params, self.optimizer, self.host)
+        if info.is_main:
+            (self.out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
+        _report_savings(cfg, self.meta, info.world_size, ranks, measured, engine, loggers, say)
+        last_save = self.last_save
+        if last_save is None:  # resumed at max_steps: nothing new, keep the checkpoint there
+            last_save = self.last_save = ckpt.find_resumable(self.ckpt_root, say)
+        if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
+            st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
+                            _tokenizer_dir(self.model_path), cfg.checkpoint.merge_max_shard_size,
+                            progress=cfg.logging.progress_bar, vocab=self.vocab)
+            if st is not None:
+                say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
+                    f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
+        size = (last_save / ckpt.ADAPTER_FILE).stat().st_size if last_save else 0
+        result = {"step": self.state.step, "eval_loss": self.last_eval, "checkpoint": str(last_save),
+                  "adapter_bytes": size, "trainable_params": self.report["trainable"],
+                  "bad_steps": self.state.bad_steps}
+        if cfg.model.compile:
+            # deferred: importing torch._dynamo costs start-up time, and only compiled runs need it
+            from torch._dynamo.utils import counters
+
+            result["compile_graph_breaks"] = sum(counters["graph_break"].values())
+            say(f"[bigtrain] model.compile: {counters['stats']['unique_graphs']} graphs compiled, "
+                f"{result['compile_graph_breaks']} graph breaks")
+        loggers.summary(result)
+        self._farewell = (f"[bigtrain] done: {self.state.step} steps; adapter written to "
+                          f"{last_save / ckpt.ADAPTER_FILE if last_save else '-'} ({size / 1e6:.3f} MB)")
+        return result
+
+    def close(self, failed: bool = False) -> None:
+        """Tear down, once: the loggers, then (unless the run failed) the engine and its process group."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.loggers is not None:
+            self.loggers.close(failed=failed)  # a failed run is marked so in W&B
+        if failed:
+            # An exception may be this rank's alone while the others wait in a collective: the
+            # engine's tear-down starts with a barrier that could then wait forever. The process
+            # group is left to the process's exit (torchrun ends the other ranks).
+            return
+        if self._farewell:
+            self.say(self._farewell)  # after the loggers' own closing output (W&B's sync note)
+        if self.engine is not None:
+            self.engine.close()
+
+
+def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dict]:
+    """Per rank: where it ran, base bytes it holds, and digests of its adapter and optimizer state."""
+    opt_tensors = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    dev = engine.info.device
+    mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
+            "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "adapter_elems": sum(p.numel() for p in params),
+            "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}
+    out = engine.all_gather_objects(mine)
+    for d, a, o in zip(out, engine.replica_digests(params), engine.replica_digests(opt_tensors)):
+        d["adapter_sha256"], d["optimizer_sha256"] = a, o
+    return out
+
+
+def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: dict | None,
+                    engine: Engine, loggers, say) -> None:
+    """The VRAM LoRA saved in this run: its measured peak per GPU (the largest over ranks) beside the
+    estimate for full fine-tuning with Adam of the same model on the same GPUs; printed, and sent to
+    W&B as summary values and a table."""
+    peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
+    st = Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
+               micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+               checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+               lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
+               persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
+               include_context=False)  # allocated bytes, as torch.cuda.max_memory_allocated counts
+    try:
+        sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
+    except (KeyError, ValueError) as e:  # a model the estimator does not know
+        say(f"[bigtrain] memory: no estimate for this model ({e})")
+        return
+    say("[bigtrain] " + format_savings(sv))
+    loggers.summary({f"memory/{k}": v for k, v in sv.items()})
+    if "ratio" in sv:
+        loggers.table("memory/savings", ["basis", "ranks", "lora_measured_GiB", "lora_estimated_peak_GiB",
+                                         "full_ft_estimated_GiB", "saved_GiB", "ratio"],
+                      [[sv["basis"], world, sv["lora_measured_bytes"] / GiB, sv["lora_estimated_peak_bytes"] / GiB,
+                        sv["full_ft_estimated_bytes"] / GiB, sv["saved_bytes"] / GiB, sv["ratio"]]])
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int, vocab: int | None = None) -> float:
+    """Mean token loss over the first ``train.eval_examples`` examples of the eval set, each scored
+    once, split over the ranks. Every rank runs the same number of forwards (ZeRO-3's gathers are
+    collective): the last batches are filled with example 0 with its loss masked out, so the figure
+    does not depend on the micro-batch size or the world size."""
+    info, m = engine.info, cfg.train.micro_batch_size
+    n = len(eval_ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(eval_ds))
+    total, count = 0.0, 0
+    for bi in range(math.ceil(n / (m * info.world_size))):
+        base = (bi * info.world_size + info.rank) * m
+        rows = []
+        for i in range(base, base + m):
+            ex = dict(eval_ds[i if i < n else 0])
+            if i >= n:  # filler: keeps the forward count equal on every rank, scores nothing
+                ex["labels"] = [-100] * len(ex["labels"])
+            rows.append(ex)
+        b = {k: v.to(info.device) for k, v in collate(rows, pad_id).items()}
+        with autocast():
+            ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
+        total += float(ls)
+        count += c
+    engine.after_backward()
+    total, count = engine.all_reduce_scalars([total, count])
+    return total / max(count, 1)
+
+
+def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
+    """Every rank read its own copy of the data (node-local disks, a stale copy on one node...).
+    The global sample order assumes they are the same: compare a summary across ranks and, if any
+    differs, every rank raises the same error (after also serving as the start-up barrier)."""
+    mine = {k: stats.get(k) for k in ("examples", "skipped", "rows", "tokens", "target_tokens")}
+    mine["eval_rows"] = len(eval_ds) if eval_ds is not None else None
+    seen = engine.all_gather_objects(mine)
+    if any(s != seen[0] for s in seen):
+        diff = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for r, s in enumerate(seen))
+        raise DataError(f"data.train {cfg.data.train} / data.eval {cfg.data.eval}: the ranks read "
+                        f"different data ({diff}); every rank must see the same files")
+
+
+def adapter_config(cfg: Config, lora) -> dict:
+    return {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+            "rslora": cfg.lora.rslora, "targets": cfg.lora.targets, "modules": lora.names(),
+            "base_model": cfg.model.path or f"preset:{cfg.model.preset}", "dtype": cfg.lora.dtype}
+
+
+def _check_positions(cfg: Config, hf_config) -> None:
+    """data.max_length beyond the model's position table fails deep in the first forward pass
+    ("index out of range in self") on every rank: say so before any work, naming both."""
+    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    if limit and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
+                          f"{limit} positions (max_position_embeddings of {cfg.model.local_path or cfg.model.preset}); "
+                          f"set data.max_length <= {limit}")
+
+
+def _check_resume_choice(cfg: Config, root: Path) -> Path | None:
+    """checkpoint.resume, checked before any process group: an explicit checkpoint (or a run dir:
+    its latest) must exist and verify, with no silent fallback; ``never`` refuses an output_dir that
+    already holds another run's checkpoints (pruning and a later auto-resume would mix the two)."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        old = ckpt.list_checkpoints(root) if root.is_dir() else []
+        if old:
+            raise ConfigError(
+                f"checkpoint.resume=never, but {root} already holds checkpoints of an earlier run "
+                f"(newest {old[0].name}): a fresh run there would prune them together with its own "
+                f"and a later checkpoint.resume=auto could pick theirs up. Use another "
+                f"train.output_dir, remove {root}, or checkpoint.resume=auto to continue that run")
+        return None
+    if mode == "auto":
+        return None
+    try:
+        p = resolve_checkpoint(mode)  # a checkpoint dir, a run dir or its checkpoints/ dir
+        ckpt.verify(p)
+    except (OSError, ckpt.CheckpointError) as e:
+        raise ConfigError(f"checkpoint.resume={mode}: {e}") from None
+    return p
+
+
+def _apply_changed_hparams(cfg: Config, optimizer, scheduler) -> list[str]:
+    """The optimizer and scheduler state of a checkpoint carry the lr, weight decay and betas they
+    were saved with; a resumed run uses the config's (what its config.yaml records), and says so.
+    Nothing is touched when they agree, so an unchanged resume stays bit-exact."""
+    t, notes = cfg.train, []
+    for g in optimizer.param_groups:
+        for key, name, new in (("initial_lr", "train.lr", t.lr), ("weight_decay", "train.weight_decay",
+                                                                   t.weight_decay),
+                               ("betas", "train.betas", tuple(t.betas))):
+            old = g.get(key)
+            old = tuple(old) if isinstance(old, list) else old
+            if old is not None and old != new:
+                notes.append(f"{name} changed on resume: {old} -> {new} (the config's value is used)")
+                g[key] = new
+    if any(b != t.lr for b in scheduler.base_lrs):
+        scheduler.base_lrs = [t.lr] * len(scheduler.base_lrs)
+        lr = t.lr * lr_lambda(cfg, scheduler.last_epoch)  # what LambdaLR computes for this step
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    return sorted(set(notes))
+
+
+def _latest_resumable(root: Path, engine: Engine, say) -> Path | None:
+    """checkpoint.resume=auto: the newest checkpoint under ``root`` that verifies, as rank 0 sees it."""
+    choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
+    choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
+    return Path(choice) if choice else None
+
+
+def _fmt_bytes(d: dict) -> str:
+    return ", ".join(f"{k} {v / 2**20:,.2f} MiB" for k, v in d.items())
+
+
+def _hf_config(cfg: Config, model_path: str | None, vocab: int):
+    if model_path:
+        hf_config = transformers.AutoConfig.from_pretrained(model_path)
+    else:
+        hf_config = hf_config_for(cfg.model.preset, vocab_size=vocab)
+    if vocab > hf_config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {vocab} tokens, more than the model's vocab_size "
+                          f"{hf_config.vocab_size}; use the model's own tokenizer")
+    return hf_config
+
+
+def _tokenizer_dir(model_path: str | None) -> str | None:
+    if model_path and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return model_path
+    return None
+
+
+def _progress(cfg: Config, initial: int, is_main: bool):
+    if is_main and cfg.logging.progress_bar:
+        return tqdm(total=cfg.train.max_steps, initial=initial, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr)
+
+    class _Null:
+        def update(self, n): ...
+        def set_postfix(self, **k): ...
+        def close(self): ...
+
+    return _Null()

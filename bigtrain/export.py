@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -76,11 +75,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torc
         raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match adapter_config.json modules "
                               f"(missing {lack[:3]}, unexpected {extra[:3]})")
     return p, cfg, tensors
-
-
-def lora_scale(cfg: dict) -> float:
-    r = cfg["r"]
-    return cfg["alpha"] / (math.sqrt(r) if cfg.get("rslora") else r)
 
 
 def base_dir(cfg: dict, override: str | None, ckpt: Path) -> Path:
@@ -346,13 +340,14 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
     from safetensors import safe_open
 
     from .loader import checkpoint_files
+    from .lora import AdapterSpec
 
     p, cfg, tensors = read_checkpoint(ckpt)
     bdir = base_dir(cfg, base, p)
     files = checkpoint_files(bdir)
     modules = list(cfg["modules"])
     conv = conv1d_modules(bdir, modules)
-    scale = lora_scale(cfg)
+    scale = AdapterSpec.from_json(cfg).scale
     targets: dict[str, str] = {}  # weight key in the base files -> module
     for m in modules:
         key = _weight_key(m, set(files))

@@ -16,10 +16,43 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """s in h = W0·x + s·B·A·x: α/r (the paper), or α/√r (rsLoRA, Kalajdzievski 2023)."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What a checkpoint's ``adapter_config.json`` says, and all that is needed to rebuild its
+    adapters: the one schema that training writes and export, merge and the adapter bank read."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: list = field(default_factory=list)  # as configured (lora.targets)
+    modules: list = field(default_factory=list)  # the dotted module names they matched
+    base_model: str = ""
+    dtype: str = "float32"  # the adapters' own dtype
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.r, self.rslora)
+
+    def to_json(self) -> dict:
+        return asdict(self)  # key order as written since the first checkpoints
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AdapterSpec":
+        """From a saved adapter_config (keys missing in older ones take their defaults)."""
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 class LoRAAdapter(nn.Module):
@@ -32,7 +65,7 @@ class LoRAAdapter(nn.Module):
         if r <= 0:
             raise ValueError(f"LoRA rank r must be > 0, got {r}")
         self.d_in, self.d_out, self.r = d_in, d_out, r
-        self.scale = alpha / (math.sqrt(r) if rslora else r)
+        self.scale = lora_scale(alpha, r, rslora)
         self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

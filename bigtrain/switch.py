@@ -15,7 +15,7 @@ from torch import nn
 
 from .engine import DTYPES
 from .inject import inject_lora
-from .lora import LoRAModel
+from .lora import AdapterSpec, LoRAModel
 
 
 
@@ -42,10 +42,11 @@ class AdapterBank:
         from .export import read_checkpoint
 
         p, cfg, tensors = read_checkpoint(checkpoint)
+        spec = AdapterSpec.from_json(cfg)
         device = next(self.model.parameters()).device
-        lora = inject_lora(self.model, list(cfg["modules"]), cfg["r"], cfg["alpha"], cfg.get("dropout", 0.0),
-                           cfg.get("rslora", False), DTYPES[cfg.get("dtype", "float32")], device)
-        if lora.names() != list(cfg["modules"]):
+        lora = inject_lora(self.model, list(spec.modules), spec.r, spec.alpha, spec.dropout, spec.rslora,
+                           DTYPES[spec.dtype], device)
+        if lora.names() != list(spec.modules):
             lora.remove_hooks()
             raise ValueError(f"{p}: its modules do not match this model's")
         try:

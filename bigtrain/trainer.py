@@ -48,6 +48,7 @@ from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .export import merge_live, resolve_checkpoint
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
+from .lora import AdapterSpec
 from .losses import token_loss_sum
 from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
@@ -596,9 +597,10 @@ def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
 
 
 def adapter_config(cfg: Config, lora) -> dict:
-    return {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
-            "rslora": cfg.lora.rslora, "targets": cfg.lora.targets, "modules": lora.names(),
-            "base_model": cfg.model.path or f"preset:{cfg.model.preset}", "dtype": cfg.lora.dtype}
+    """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`)."""
+    return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
+                       targets=cfg.lora.targets, modules=lora.names(),
+                       base_model=cfg.model.path or f"preset:{cfg.model.preset}", dtype=cfg.lora.dtype).to_json()
 
 
 def _check_positions(cfg: Config, hf_config) -> None:

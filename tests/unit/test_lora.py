@@ -114,3 +114,19 @@ def test_adapter_state_roundtrip_and_errors():
     bad = {k: torch.zeros(3, 3) for k in la.adapter_state_dict()}
     with pytest.raises(ValueError, match="x.q.lora_A: shape"):
         lb.load_adapter_state_dict(bad)
+
+
+def test_adapter_spec_is_the_checkpoint_schema():
+    """adapter_config.json: the keys and order written since the first checkpoints; older files
+    without dropout/rslora/dtype read with the defaults; one scale formula (α/r, rsLoRA α/√r)."""
+    from bigtrain.lora import AdapterSpec, LoRAAdapter
+
+    spec = AdapterSpec(r=8, alpha=16, dropout=0.1, rslora=False, targets=["q_proj"],
+                       modules=["model.layers.0.q_proj"], base_model="builtin:tiny-opt", dtype="float32")
+    d = spec.to_json()
+    assert list(d) == ["r", "alpha", "dropout", "rslora", "targets", "modules", "base_model", "dtype"]
+    assert AdapterSpec.from_json(d) == spec and spec.scale == 2.0
+    old = {"r": 4, "alpha": 8, "modules": ["m"], "base_model": "x", "targets": ["m"]}
+    assert AdapterSpec.from_json(old) == AdapterSpec(r=4, alpha=8, targets=["m"], modules=["m"], base_model="x")
+    assert AdapterSpec(r=16, alpha=8, rslora=True).scale == 2.0
+    assert LoRAAdapter(4, 4, 16, 8, rslora=True).scale == AdapterSpec(r=16, alpha=8, rslora=True).scale

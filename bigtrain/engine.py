@@ -5,7 +5,8 @@ talk to one object whatever the ZeRO stage:
 
 * ``dist.py``: the process group and the flat collectives on replicated tensors;
 * ``zero3.py``: everything that touches DeepSpeed: the DeepSpeed config, the base built under
-  ``zero.Init`` and hooked by ``DeepSpeedZeRoOffload``, gathering whole parameters;
+  ``zero.Init`` and gathered layer by layer during a step (bigtrain's ``LayerGatherer``, or
+  ``DeepSpeedZeRoOffload``'s hooks), gathering whole parameters;
 * ``loader.py``: reading a local safetensors checkpoint straight into ZeRO-3 partitions.
 
 The frozen base is partitioned by ZeRO-3 (no rank ever holds the whole model; a local checkpoint

@@ -372,7 +372,7 @@ def _components_lora(shape: ModelShape, st: Setup) -> dict:
             c["frozen_weights"] = 0
         if N > 1:
             # bigtrain's per-layer gather (zero.gather=layers): the layer computing, the next one
-            # gathered ahead, and the next-but-one's all-gather output while it is copied out; plus
+            # gathered ahead, and that one's all-gather output while it is copied out; plus
             # everything outside the layers (embeddings, head), gathered for the whole step. At
             # world size 1 every partition is the whole tensor and nothing is gathered.
             unit = shape.layer_params or shape.largest_module_params

@@ -7,9 +7,11 @@ This module owns:
 * building the frozen base under ``deepspeed.zero.Init`` (through ``HfDeepSpeedConfig``, which makes
   ``transformers`` initialise weights on the full tensors before partitioning them), so no rank ever
   holds the whole model;
-* installing ZeRO-3's fetch/release hooks with ``DeepSpeedZeRoOffload`` alone (not
-  ``deepspeed.initialize``). It needs no optimizer: backward is a plain ``loss.backward()``, and
-  frozen parameters get no gradient, no fp32 master and no Adam state;
+* gathering the base during a step: by default bigtrain's ``LayerGatherer`` (one all-gather per
+  decoder layer over DeepSpeed's partitions, the next layer prefetched), else ZeRO-3's own
+  fetch/release hooks through ``DeepSpeedZeRoOffload`` alone (not ``deepspeed.initialize``; hpZ,
+  offload and quantized weights need it). Neither needs an optimizer: backward is a plain
+  ``loss.backward()``, and frozen parameters get no gradient, no fp32 master and no Adam state;
 * gathering whole parameters (``GatheredParameters``), counting this rank's partition bytes, and
   cleaning up after DeepSpeed (the leftovers of backward, its shared-memory buffers).
 
@@ -253,8 +255,9 @@ def build_partitioned(hf_config, torch_dtype: torch.dtype, attn_implementation: 
 
 
 def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo, notes: list[str]):
-    """Install ZeRO-3's fetch/release hooks on ``model``. Returns (the DeepSpeedZeRoOffload or None,
-    whether the base runs without hooks because every partition is a whole tensor)."""
+    """Install the hooks that gather ``model``'s partitions during a step. Returns (the gatherer: a
+    :class:`LayerGatherer` or a ``DeepSpeedZeRoOffload``; None when there is nothing to gather, and
+    whether that is because every partition is a whole tensor at world size 1)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.utils import groups
@@ -454,8 +457,8 @@ class LayerGatherer:
         for i, m in enumerate(self.layers):
             self._handles.append(m.register_forward_pre_hook(self._pre_forward(i), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._post_forward(i)))
-        root_mods = [m for m in model.modules()
-                     if any(id(p) in {id(q) for q in root} for p in m.parameters(recurse=False))]
+        in_root = {id(p) for p in root}
+        root_mods = [m for m in model.modules() if any(id(p) in in_root for p in m.parameters(recurse=False))]
         self._embedding = model.get_input_embeddings()  # where a forward pass starts
         for m in root_mods:
             self._handles.append(m.register_forward_pre_hook(self._root_pre_forward))

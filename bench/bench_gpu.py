@@ -82,12 +82,12 @@ def flops_per_token(cfg, n_params: int, seq: int, lora: bool) -> float:
     return 6 * n_params + 12 * L * seq * d
 
 
-def peft_lora(model, ac: bool):
+def peft_lora(model, ac: bool, r: int = R, targets=TARGETS):
     """The one PEFT LoRA recipe both PEFT baselines use (r, α, targets as bigtrain's), with
     activation checkpointing if asked, in training mode."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=ALPHA, target_modules=list(targets),
                                              lora_dropout=0.0))
     if ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

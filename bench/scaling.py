@@ -66,24 +66,29 @@ JOB_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFF
 # model shapes (shared by every contender)
 
 
-def model_config(name: str):
+def model_config(name: str, num_layers: int | None = None):
     """The preset's own transformers config: GPT-3 presets keep the table's vocabulary (50,257);
-    tiny presets (vocabulary 0 in the table) take the built-in tokenizer's, as bigtrain does."""
+    tiny presets (vocabulary 0 in the table) take the built-in tokenizer's, as bigtrain does.
+    ``num_layers``: the depth, as bigtrain's model.num_layers."""
     from bigtrain.presets import get_preset, hf_config_for
 
     if get_preset(name).vocab == 0:
         from bigtrain.data import load_tokenizer
 
-        return hf_config_for(name, vocab_size=len(load_tokenizer(None)))
-    return hf_config_for(name)
+        return hf_config_for(name, vocab_size=len(load_tokenizer(None)), num_layers=num_layers)
+    return hf_config_for(name, num_layers=num_layers)
 
 
-def flops_per_token(name: str, seq: int) -> tuple[int, float]:
+def flops_per_token(name: str, seq: int, num_layers: int | None = None, r: int = 8,
+                    targets=("q_proj", "v_proj")) -> tuple[int, float]:
+    """(P, model FLOPs per token): P = base + LoRA parameters; 4·P + 8·L·s·d."""
     from bench_gpu import count_params
     from bench_gpu import flops_per_token as fpt
 
-    cfg = model_config(name)
-    n = count_params(cfg)
+    from bigtrain.memory import model_shape
+
+    cfg = model_config(name, num_layers)
+    n = count_params(cfg) + model_shape(cfg).lora_params(list(targets), r)
     return n, fpt(cfg, n, seq, lora=True)
 
 
@@ -98,6 +103,29 @@ def _decoder_layers(model, n_layers: int):
         if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers:
             return list(m)
     raise RuntimeError("no ModuleList of decoder layers found")
+
+
+def init_shards(model, dev) -> None:
+    """After ``to_empty``: each rank fills its own shards as ``transformers`` would initialise the
+    whole tensors (matrices N(0, 0.02²), norm weights 1, biases 0; LoRA A N(0, 0.02²), B 0) and
+    recomputes the rotary tables (non-persistent buffers that ``to_empty`` left uninitialised)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if "lora_B" in name or name.endswith(".bias"):
+                local.zero_()
+            elif local.dim() == 1:
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02)
+        for m in model.modules():
+            if hasattr(m, "inv_freq") and hasattr(m, "compute_default_rope_parameters"):
+                inv_freq, _ = m.compute_default_rope_parameters(m.config, device=dev)
+                m.inv_freq.copy_(inv_freq)
+                if hasattr(m, "original_inv_freq"):
+                    m.original_inv_freq.copy_(inv_freq)
 
 
 def worker(job: dict) -> None:
@@ -115,21 +143,26 @@ def worker(job: dict) -> None:
     else:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    cfg = model_config(job["model"])
+    cfg = model_config(job["model"], job.get("layers"))
     mb, seq, ac, name = job["mb"], job["seq"], job["ckpt"], job["contender"]
+    r, lora_targets = job.get("r", 8), job.get("targets", ["q_proj", "v_proj"])
     torch.manual_seed(0)  # same random base on every rank (values do not matter, shapes do)
 
     if name == "fsdp2-peft":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         dist.init_process_group("gloo" if cpu else "nccl", device_id=None if cpu else dev)
-        with torch.device(dev):
+        # the whole model never exists: built on the meta device, sharded, then each rank allocates
+        # and initialises only its own shards (to_empty + init_shards)
+        with torch.device("meta"):
             model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model = peft_lora(model, ac)  # PEFT upcasts the adapters to fp32 (autocast_adapter_dtype)
+        model = peft_lora(model, ac, r, lora_targets)  # PEFT upcasts the adapters to fp32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in _decoder_layers(model, cfg.num_hidden_layers):
             fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
         fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+        model.to_empty(device=dev)
+        init_shards(model, dev)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=not cpu)
 
@@ -155,7 +188,7 @@ def worker(job: dict) -> None:
         dschf = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive while the model is built)
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if cpu else torch.bfloat16,
                                                     attn_implementation="sdpa")
-        model = peft_lora(model, ac)
+        model = peft_lora(model, ac, r, lora_targets)
         params = [p for p in model.parameters() if p.requires_grad]
         client_opt = torch.optim.AdamW(params, lr=1e-4) if cpu else None  # no FusedAdam on the CPU
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds,
@@ -200,7 +233,8 @@ def worker(job: dict) -> None:
 
 
 def job_name(j: dict) -> str:
-    return f"{j['model']}_{j['contender']}_g{j['gpus']}_{'ac' if j['ckpt'] else 'noac'}"
+    depth = f"_l{j['layers']}" if j.get("layers") else ""
+    return f"{j['model']}{depth}_{j['contender']}_g{j['gpus']}_{'ac' if j['ckpt'] else 'noac'}"
 
 
 def plan(args, n_avail: int) -> list[dict]:
@@ -221,7 +255,8 @@ def plan(args, n_avail: int) -> list[dict]:
                     j = dict(model=m, contender=c, gpus=g, ckpt=ckpt, mb=args.mb or MICRO.get(m, 2),
                              seq=args.seq, steps=args.steps, cpu=args.cpu,
                              warmup=1 if args.cpu else WARMUP,  # baselines' warm-up steps
-                             skip_steps=0 if args.cpu else BIGTRAIN_SKIP)  # bigtrain's skipped steps
+                             skip_steps=0 if args.cpu else BIGTRAIN_SKIP,  # bigtrain's skipped steps
+                             r=args.lora_r, targets=args.lora_targets, layers=args.num_layers)
                     j["name"] = job_name(j)
                     if g > n_avail:
                         j["skip"] = f"skipped: needs {g} GPUs, {n_avail} here"
@@ -268,12 +303,16 @@ def command(job: dict, data: Path, run_dir: Path) -> list[str]:
                         f"train.output_dir={run_dir / 'out'}"]
         if job["cpu"]:
             cmd.append("train.device=cpu")
+        cmd += [f"lora.r={job.get('r', 8)}", f"lora.targets=[{','.join(job.get('targets', ['q_proj', 'v_proj']))}]"]
+        if job.get("layers"):
+            cmd.append(f"model.num_layers={job['layers']}")
         if job["contender"] == "bigtrain-compile":
             cmd.append("model.compile=true")
         if job["contender"] == "bigtrain-dshooks":
             cmd.append("zero.gather=deepspeed")
         return cmd
-    w = {k: job[k] for k in ("model", "contender", "gpus", "ckpt", "mb", "seq", "steps", "warmup", "cpu")}
+    w = {k: job[k] for k in ("model", "contender", "gpus", "ckpt", "mb", "seq", "steps", "warmup", "cpu",
+                             "r", "targets", "layers") if k in job}
     w["result_file"] = str(run_dir / "result.json")
     return launch + [str(Path(__file__).resolve()), "--worker", json.dumps(w)]
 
@@ -363,7 +402,7 @@ def run_grid(args) -> list[dict]:
             print(f"# {n_gpu} × {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     args.gpus = sorted({n_gpu if g == "all" else int(g) for g in args.gpus} - {0})
     jobs = plan(args, n_avail)
-    shapes = {m: flops_per_token(m, args.seq) for m in args.models}
+    shapes = {m: flops_per_token(m, args.seq, args.num_layers, args.lora_r, args.lora_targets) for m in args.models}
     for j in jobs:
         j["params"], j["flops_per_token"] = shapes[j["model"]]
         j["timeout"] = args.job_timeout
@@ -542,7 +581,8 @@ def render_md(rows: list[dict], cpu: bool) -> str:
         if r.get("peak_source", "").startswith("train_log"):
             peak += " (rank 0, train_log)"
         st = r.get("status", "?").replace("|", "/").replace("\n", " ")
-        lines.append(f"| {LABEL.get(r['model'], r['model'])} | {r['contender']} | {r['gpus']} | {r['mb']} | "
+        depth = f" ({r['layers']} layers)" if r.get("layers") else ""
+        lines.append(f"| {LABEL.get(r['model'], r['model'])}{depth} | {r['contender']} | {r['gpus']} | {r['mb']} | "
                      f"{'on' if r['ckpt'] else 'off'} | {_f(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
                      f"{_f(r.get('step_ms'), '.1f')} | {_f(r.get('mfu'), '.3f')} | {peak} | "
                      f"{_f(r.get('efficiency'), '.3f')} | {_f(r.get('vs_fsdp2'), '.2f')} | "
@@ -550,7 +590,9 @@ def render_md(rows: list[dict], cpu: bool) -> str:
     seq = rows[0]["seq"] if rows else SEQ
     skip = rows[0].get("skip_steps", BIGTRAIN_SKIP) if rows else BIGTRAIN_SKIP
     warm = rows[0].get("warmup", WARMUP) if rows else WARMUP
-    lines += ["", f"Sequence {seq}; bf16 base, random weights, sdpa, LoRA r=8 α=16 on q_proj+v_proj. "
+    r = rows[0].get("r", 8) if rows else 8
+    tg = "+".join(rows[0].get("targets", ["q_proj", "v_proj"])) if rows else "q_proj+v_proj"
+    lines += ["", f"Sequence {seq}; bf16 base, random weights, sdpa, LoRA r={r} α=16 on {tg}. "
               "tokens/s per GPU: bigtrain = train_log tokens_per_s / GPUs, median after the first "
               f"{skip} steps; baselines = micro-batch × sequence / step time, median after "
               f"{warm} warm-ups (slowest rank per step). MFU = tokens/s per GPU × (4·P + 8·L·s·d) / 790e12, "
@@ -624,6 +666,9 @@ def main(argv=None) -> int:
                     help="measured steps (default 6; baselines add 2 warm-ups, bigtrain skips 3)")
     ap.add_argument("--mb", type=int, default=0, help="micro-batch per GPU for every model (default 4 / 2)")
     ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank for every contender (default 8)")
+    ap.add_argument("--lora-targets", default="q_proj,v_proj", help="comma-separated (default q_proj,v_proj)")
+    ap.add_argument("--num-layers", type=int, default=None, help="every model at this depth (model.num_layers)")
     ap.add_argument("--job-timeout", type=float, default=240.0, help="seconds per job (process group killed)")
     ap.add_argument("--no-parallel-single", dest="parallel_single", action="store_false",
                     help="do not run two 1-GPU jobs at once on different GPUs")
@@ -649,6 +694,7 @@ def main(argv=None) -> int:
         return 0
     args.models = [m for m in args.models.split(",") if m]
     args.contenders = [c for c in args.contenders.split(",") if c]
+    args.lora_targets = [t for t in args.lora_targets.split(",") if t]
     bad = set(args.contenders) - set(CONTENDERS)
     if bad:
         ap.error(f"unknown contenders {sorted(bad)}; known: {CONTENDERS}")

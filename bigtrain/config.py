@@ -55,6 +55,9 @@ class ModelConfig:
     with random weights (benchmarks, memory tests)."""
     preset: str = "tiny-opt"
     """Built-in architecture (see ``bigtrain presets``), used only when ``path`` is null."""
+    num_layers: Optional[int] = None
+    """With ``path`` null: the preset's depth instead of its own (e.g. a GPT-3 175B-wide model with
+    40 layers, to fit the GPUs at hand); every other shape stays the preset's."""
     dtype: str = "float32"
     """Storage dtype of the frozen base: float32, bfloat16 or float16."""
     attn_implementation: str = "sdpa"
@@ -90,6 +93,12 @@ class ModelConfig:
             from .presets import PRESETS
 
             _choice(p + ".preset", self.preset, tuple(PRESETS))
+        if self.num_layers is not None:
+            if self.path is not None:
+                raise ConfigError(f"{p}.num_layers={self.num_layers} changes a preset's depth; it needs "
+                                  f"{p}.path=null (got {p}.path={self.path!r})")
+            if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+                raise ConfigError(f"{p}.num_layers must be a positive integer, got {self.num_layers!r}")
 
     @property
     def local_path(self) -> Optional[str]:

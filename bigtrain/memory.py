@@ -97,6 +97,7 @@ class ModelShape:
     largest_module_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
     linears: dict = field(default_factory=dict)  # dotted name -> (d_in, d_out)
     ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
+    ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -152,10 +153,12 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         own = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
         largest = max(largest, own)
     layers_mod = _decoder_layers(model)
-    ffn = 0
+    ffn, ffn_maps = 0, 1
     if layers_mod is not None and len(layers_mod):
         layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
-        ffn = max((linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)), default=0)
+        outs = [linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)]
+        ffn = max(outs, default=0)
+        ffn_maps = max(1, outs.count(ffn))
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     return ModelShape(
         name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
@@ -163,7 +166,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         hidden=hidden,
         heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
         vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
-        largest_module_params=largest, linears=linears, ffn=ffn or 4 * hidden)
+        largest_module_params=largest, linears=linears, ffn=ffn or 4 * hidden, ffn_maps=ffn_maps)
 
 
 def _decoder_layers(model):
@@ -186,6 +189,20 @@ def _meta_cached(source: str):
 @functools.lru_cache(maxsize=16)
 def _shape_cached(source: str) -> ModelShape:
     return shape_from_model(_meta_cached(source), _hf_config(source)[0])
+
+
+def preset_shape(name: str, num_layers: int | None = None) -> ModelShape:
+    """:class:`ModelShape` of a preset, at its own depth or at ``num_layers`` (``model.num_layers``)."""
+    if num_layers is None:
+        return model_shape(name)
+    from . import presets
+    from .presets import meta_model
+
+    if name not in presets.PRESETS:
+        raise ValueError(f"--num-layers changes a preset's depth; {name!r} is not a preset "
+                         f"({', '.join(presets.PRESETS)})")
+    cfg = presets.hf_config_for(name, vocab_size=512, num_layers=num_layers)
+    return shape_from_model(meta_model(cfg), f"{name} ({num_layers} layers)")
 
 
 def model_shape(source) -> ModelShape:
@@ -316,14 +333,18 @@ def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict
 
     LoRA (bigtrain): a frozen linear map keeps no input (its input gradient needs only the weight,
     bigtrain/frozen_linear.py), so what stays is, per layer: the two LayerNorms' inputs in fp32
-    (autocast runs LayerNorm in fp32: 2 × 4·s·b·h), sdpa's q, k, v and output (4 × act·s·b·h), the
-    MLP activation's input (act·s·b·ffn), and per adapted matrix the bf16 copy of its input that
+    (autocast runs LayerNorm in fp32, and LLaMA's RMSNorm upcasts itself: 2 × 4·s·b·h), sdpa's q, k,
+    v and output (4 × act·s·b·h; an upper bound under grouped-query attention, whose k, v are
+    narrower unless they are repeated to every head), the MLP's activation input (act·s·b·ffn) or,
+    for a gated MLP (SwiGLU: down(silu(gate(x)) · up(x))), the gate's output, its silu and the up
+    projection's output (3 × act·s·b·ffn), and per adapted matrix the bf16 copy of its input that
     autocast makes for the adapter matmul and the r-dim intermediate (act·s·b·(d_in + r)), averaged
     over the layers. Measured on an H200 (GPT-3 6.7B, micro-batch 2, 2 GPUs) this is ~29·s·b·h
     against the formula's 28."""
     if not lora:
         return 34 * s * b * shape.hidden * act // 2
-    base = s * b * (8 * shape.hidden + act * (4 * shape.hidden + shape.ffn))
+    mlp = shape.ffn * (3 if shape.ffn_maps >= 2 else 1)
+    base = s * b * (8 * shape.hidden + act * (4 * shape.hidden + mlp))
     extra = sum(act * s * b * (d_in + r) for d_in, _ in lora.values())
     return base + extra // max(shape.layers, 1)
 
@@ -789,6 +810,8 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
                     "side, with whole-job totals, whether each fits, and the fewest GPUs that do.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="preset name (see bigtrain presets) or a local Hugging Face config directory")
+    p.add_argument("--num-layers", type=int, default=None, metavar="N",
+                   help="a preset's depth instead of its own (as model.num_layers=N in training)")
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
@@ -840,6 +863,7 @@ def run_estimate(args) -> int:
         print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
         return 2
     for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
+                    ("--num-layers", 1 if args.num_layers is None else args.num_layers),
                     ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib)):
         if v <= 0:
             print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
@@ -855,7 +879,7 @@ def run_estimate(args) -> int:
         return 2
     try:
         st = setup_from_args(args)
-        shape = model_shape(args.model)
+        shape = preset_shape(args.model, args.num_layers)
         est = estimate(shape, st)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,24 @@
-"""Model presets: the GPT-3 family as ``transformers`` configs, plus tiny models for tests and the demo.
+"""Model presets: the GPT-3 family and the LLaMA-2/3 family as ``transformers`` configs, plus tiny
+models for tests and the demo.
 
 GPT-3 shapes come from Brown et al. 2020, Table 2.1 (context 2048, FFN 4·d_model, GELU, vocabulary
 50257). They are carried by ``transformers``' OPT architecture: OPT (Zhang et al. 2022) reproduces
 GPT-3's shapes with separate q/k/v/out projections, which is what LoRA on W_q, W_v needs.
 The 13B row uses d_model 5120 (the paper prints 5140; 5120 = 40 heads × 128 is the real width).
 The XL row uses 16 heads: the table's 24 heads × d_head 128 does not equal its d_model 2048.
+
+LLaMA shapes are the published ones (Touvron et al. 2023, "Llama 2", Table 1 and the released
+config.json files; Meta's Llama 3 model card and config.json): d_model, layers, attention heads,
+key/value heads (grouped-query attention: 70B models and every Llama-3 model share each k/v head
+among heads/kv_heads query heads), SwiGLU FFN width, vocabulary, context, RoPE base, RMSNorm epsilon.
+The output head is untied. Llama-2-70B has 68,976,648,192 parameters, Llama-3-70B 70,553,706,496.
+
+Any preset's depth can be changed (``model.num_layers=N``, ``bigtrain estimate --num-layers N``): a
+GPT-3 175B-wide model with 40 layers, or a 2-layer Llama-2-70B for tests. Every other shape stays.
+
+Random weights (``model.path=null``) use the architecture's own initialisation from ``transformers``:
+every linear and embedding matrix drawn from N(0, 0.02²) (``initializer_range``/``init_std``), biases
+zero, LayerNorm/RMSNorm weights one.
 
 Parameter counts are exact: :func:`count_parameters` builds the model on the meta device (no memory
 is allocated) and counts its tensors, tied weights once.
@@ -29,34 +43,40 @@ class Preset:
     context: int
     ffn: int
     source: str
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as ``heads``
+    rope_theta: float = 10000.0  # RoPE base (llama)
+    norm_eps: float = 1e-5  # RMSNorm epsilon (llama)
 
-    def to_hf_config(self, vocab_size: int | None = None):
+    def to_hf_config(self, vocab_size: int | None = None, num_layers: int | None = None):
         """A ``transformers`` config for this preset. ``vocab_size`` overrides the table's
-        (tiny presets take the built-in tokenizer's)."""
+        (tiny presets take the built-in tokenizer's); ``num_layers`` the depth."""
         import transformers as tf
 
         v = vocab_size or self.vocab
+        layers = num_layers or self.layers
         if self.arch == "opt":
             return tf.OPTConfig(
-                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=self.layers,
+                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=layers,
                 ffn_dim=self.ffn, num_attention_heads=self.heads, max_position_embeddings=self.context,
                 word_embed_proj_dim=self.d_model, activation_function="gelu", do_layer_norm_before=True,
                 dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 tie_word_embeddings=True)
         if self.arch == "llama":
             return tf.LlamaConfig(
-                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=self.layers,
+                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=layers,
                 intermediate_size=self.ffn, num_attention_heads=self.heads,
-                num_key_value_heads=self.heads, max_position_embeddings=self.context,
+                num_key_value_heads=self.kv_heads or self.heads, max_position_embeddings=self.context,
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                rms_norm_eps=self.norm_eps, hidden_act="silu", attention_bias=False, mlp_bias=False,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
         if self.arch == "gpt2":
             return tf.GPT2Config(
-                vocab_size=v, n_embd=self.d_model, n_layer=self.layers, n_head=self.heads,
+                vocab_size=v, n_embd=self.d_model, n_layer=layers, n_head=self.heads,
                 n_positions=self.context, n_inner=self.ffn, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
         if self.arch == "gpt_neox":
             return tf.GPTNeoXConfig(
-                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=self.layers,
+                vocab_size=v, hidden_size=self.d_model, num_hidden_layers=layers,
                 num_attention_heads=self.heads, intermediate_size=self.ffn,
                 max_position_embeddings=self.context, bos_token_id=1, eos_token_id=2,
                 hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False)
@@ -68,6 +88,13 @@ def _gpt3(name: str, layers: int, d: int, heads: int) -> Preset:
                   "Brown et al. 2020, Table 2.1 (OPT architecture)")
 
 
+def _llama(name: str, layers: int, d: int, heads: int, kv_heads: int, ffn: int, vocab: int, context: int,
+           rope_theta: float, norm_eps: float, source: str) -> Preset:
+    return Preset(name, "llama", layers, d, heads, vocab, context, ffn, source, kv_heads, rope_theta, norm_eps)
+
+
+_LLAMA2 = "Touvron et al. 2023 (Llama 2), Table 1 + config.json"
+_LLAMA3 = "Meta Llama 3 model card + config.json"
 _TINY = "bigtrain tiny preset (tests, demo)"
 
 # One literal table. Tiny presets use vocab 0 = "the built-in tokenizer's size".
@@ -80,6 +107,11 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _gpt3("gpt3-6.7b", 32, 4096, 32),
     _gpt3("gpt3-13b", 40, 5120, 40),
     _gpt3("gpt3-175b", 96, 12288, 96),
+    _llama("llama2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 1e4, 1e-5, _LLAMA2),
+    _llama("llama2-13b", 40, 5120, 40, 40, 13824, 32000, 4096, 1e4, 1e-5, _LLAMA2),
+    _llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 1e4, 1e-5, _LLAMA2),
+    _llama("llama3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 5e5, 1e-5, _LLAMA3),
+    _llama("llama3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, 5e5, 1e-5, _LLAMA3),
     Preset("tiny-opt", "opt", 4, 128, 4, 0, 256, 512, _TINY),
     Preset("tiny-llama", "llama", 2, 64, 4, 0, 256, 128, _TINY),
     Preset("tiny-gpt2", "gpt2", 2, 64, 4, 0, 256, 256, _TINY),
@@ -93,9 +125,13 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def hf_config_for(name: str, vocab_size: int | None = None):
+def hf_config_for(name: str, vocab_size: int | None = None, num_layers: int | None = None):
+    """The preset's ``transformers`` config; ``vocab_size`` applies to tiny presets only (their table
+    vocabulary is "the tokenizer's"), ``num_layers`` (if given) replaces the preset's depth."""
     p = get_preset(name)
-    return p.to_hf_config(vocab_size if p.vocab == 0 else None)
+    if num_layers is not None and num_layers < 1:
+        raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+    return p.to_hf_config(vocab_size if p.vocab == 0 else None, num_layers)
 
 
 def meta_model(hf_config):

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -522,6 +523,7 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
     dev = engine.info.device
     mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
             "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
             "adapter_elems": sum(p.numel() for p in params),
             "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}
     out = engine.all_gather_objects(mine)
@@ -605,7 +607,12 @@ def adapter_config(cfg: Config, lora) -> dict:
 
 def _check_positions(cfg: Config, hf_config) -> None:
     """data.max_length beyond the model's position table fails deep in the first forward pass
-    ("index out of range in self") on every rank: say so before any work, naming both."""
+    ("index out of range in self") on every rank: say so before any work, naming both. Rotary
+    models (LLaMA, GPT-NeoX) have no table: their max_position_embeddings is the trained context,
+    not a limit (MLPerf's llama2_70b_lora trains Llama-2-70B, context 4096, at 8192), so it is not
+    enforced for them."""
+    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
+        return
     limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
     if limit and cfg.data.max_length > limit:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
@@ -675,7 +682,7 @@ def _hf_config(cfg: Config, model_path: str | None, vocab: int):
     if model_path:
         hf_config = transformers.AutoConfig.from_pretrained(model_path)
     else:
-        hf_config = hf_config_for(cfg.model.preset, vocab_size=vocab)
+        hf_config = hf_config_for(cfg.model.preset, vocab_size=vocab, num_layers=cfg.model.num_layers)
     if vocab > hf_config.vocab_size:
         raise ConfigError(f"model.tokenizer: {vocab} tokens, more than the model's vocab_size "
                           f"{hf_config.vocab_size}; use the model's own tokenizer")

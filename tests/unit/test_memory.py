@@ -311,3 +311,27 @@ def test_estimate_matches_the_h200_scaling_run():
         c = per_gpu(model_shape(r["model"]), st, "lora")
         err = peak_bytes(c, st, "lora") / GiB / r["peak_gib"] - 1
         assert abs(err) < 0.10, (r["name"], r["peak_gib"], err)
+
+
+def test_gated_mlp_activations_llama():
+    """A SwiGLU MLP keeps three ffn-wide tensors (gate output, its silu, up output), not one."""
+    shape = M.preset_shape("llama2-70b", 2)
+    assert (shape.ffn, shape.ffn_maps, shape.layers, shape.hidden) == (28672, 2, 2, 8192)
+    assert model_shape("gpt3-175b").ffn_maps == 1
+    s, h, L = 8192, 8192, 2
+    st = Setup(world_size=2, checkpointing=False, seq_len=s, lora_r=16,
+               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    lo = per_gpu(shape, st, "lora")
+    # per adapted matrix: the bf16 copy of its input (d_in = h for all four) and the r-dim output
+    adapters = L * 4 * 2 * s * (h + 16)
+    assert lo["activations"] == L * (s * (8 * h + 2 * (4 * h + 3 * 28672))) + adapters
+
+
+def test_estimate_num_layers(capsys):
+    assert M.run_estimate(_args("gpt3-175b", "--num-layers", "40", "--gpus-per-node", "2", "--json")) == 0
+    est = json.loads(capsys.readouterr().out)
+    per_layer = 12 * 12288 ** 2 + 13 * 12288
+    assert est["total_params"] == 174_604_283_904 - 56 * per_layer
+    assert est["model"] == "gpt3-175b (40 layers)"
+    assert M.run_estimate(_args("gpt3-175b", "--num-layers", "0")) == 2
+    assert "--num-layers must be > 0" in capsys.readouterr().err

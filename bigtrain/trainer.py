@@ -425,6 +425,9 @@ class Trainer:
         if dev.type == "cuda":
             m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             m["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
+            # cudaMalloc retries (the caching allocator freed its cache and synchronised the device
+            # to find room): each costs a stall; a climbing count means memory is too tight to be fast
+            m["gpu_alloc_retries"] = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
             if self.peak:
                 m["mfu"] = tps / info.world_size * self.flops_per_token / (self.peak * 1e12)
         self.loggers.log(m, step)

@@ -11,7 +11,7 @@ Four steps, each a subcommand (the GPU ones write under --out; see bench/README.
            resume.json: tokens/s per GPU, MFU, peak per GPU against ``bigtrain estimate`` for the
            same setting, what full fine-tuning with Adam would need, and the targets met or missed
   chart    per-GPU memory of LoRA vs full fine-tuning (estimated, and measured where run) for
-           7B, 13B, 70B and 175B over 1-64 GPUs, with the H200's 141 GB drawn (PNG)
+           7B, 13B, 70B and 175B over 1-64 GPUs, with one H200's memory drawn (PNG + a markdown table)
 
   python bench/scale.py fit gpt3-175b --gpus 2 --seq 2048 --lora-r 4 --lora-targets q_proj,v_proj
   python bench/scale.py resume llama2-70b --seq 8192 --lora-r 16 --lora-targets q_proj,k_proj,v_proj,o_proj --out $OUT/resume
@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bigtrain.memory import GB, GiB, Setup, estimate, fewest_gpus, peak_bytes, per_gpu, preset_shape  # noqa: E402
 
-H200_BYTES = 141 * GB  # marketed capacity; torch sees ~139.8 GiB of it
-H200_USABLE_GIB = 139.0
+H200_USABLE_GIB = 139.0  # the H200's "141 GB" as torch sees it: ~139.8 GiB, less what the driver keeps
+H200_BYTES = int(H200_USABLE_GIB * GiB)
 
 
 def setup(args, world: int, include_context: bool = True) -> Setup:
@@ -178,19 +178,27 @@ def cmd_report(args) -> int:
         out_rows.append(dict(r, lora_estimate_gib=lora_est, full_ft_estimate_gb=full["per_gpu_total"] / GB,
                              full_ft_fewest_gpus=full["fewest_gpus"]))
     lines += ["", "## Targets", ""]
-    bt = {r["model"]: r for r in out_rows if r["contender"] == "bigtrain"}
-    fs = {r["model"]: r for r in out_rows if r["contender"] == "fsdp2-peft"}
-    for m, b in bt.items():
+    def key(r):
+        return r["model"], r.get("layers"), r["gpus"]
+
+    def where(k):
+        m, layers, gpus = k
+        return f"{m}{f' ({layers} layers)' if layers else ''}, {gpus} GPU{'s' if gpus > 1 else ''}"
+
+    bt = {key(r): r for r in out_rows if r["contender"] == "bigtrain"}
+    fs = {key(r): r for r in out_rows if r["contender"] == "fsdp2-peft"}
+    for k, b in bt.items():
+        m = where(k)
         ratio = b["peak_gib"] / b["lora_estimate_gib"] if b.get("peak_gib") else None
         if ratio is not None:
             lines.append(f"- {m}: peak within 10 % of the estimate: {b['peak_gib']:.1f} vs {b['lora_estimate_gib']:.1f} GiB "
                          f"({(ratio - 1) * 100:+.1f} %) **{'met' if abs(ratio - 1) <= 0.10 else 'missed'}**")
-        if m in fs:
-            f = fs[m]
+        if k in fs:
+            f = fs[k]
             sp = b["tokens_per_s_per_gpu"] / f["tokens_per_s_per_gpu"]
             lines.append(f"- {m}: tokens/s per GPU ≥ 1.18× FSDP2 + PEFT: {b['tokens_per_s_per_gpu']:,.0f} vs "
                          f"{f['tokens_per_s_per_gpu']:,.0f} = {sp:.2f}× **{'met' if sp >= 1.18 else 'missed'}**")
-            if m == "llama2-70b":
+            if k == ("llama2-70b", None, 2):
                 lines.append(f"- {m}: ≥ 1,400 tokens/s per GPU: {b['tokens_per_s_per_gpu']:,.0f} "
                              f"**{'met' if b['tokens_per_s_per_gpu'] >= 1400 else 'missed'}**")
             if b.get("peak_gib") and f.get("peak_gib"):
@@ -271,9 +279,9 @@ def cmd_chart(args) -> int:
         for r in measured:
             if r.get("model") == preset and r.get("contender") == "bigtrain" and not r.get("layers") and r.get("peak_gib"):
                 ax.plot([r["gpus"]], [r["peak_gib"] * GiB / GB], "*", color=c, markersize=14,
-                        markeredgecolor="k", label=f"{label} LoRA measured ({r['gpus']} H200s)")
+                        markeredgecolor="k", label=f"{label} LoRA measured, {r['gpus']} H200s (allocated, no CUDA context)")
     ax.axhline(H200_BYTES / GB, color="k", linewidth=1)
-    ax.text(1.05, H200_BYTES / GB * 1.08, "H200: 141 GB", fontsize=9)
+    ax.text(1.05, H200_BYTES / GB * 1.08, f"one H200 (141 GB; {H200_USABLE_GIB:.0f} GiB = {H200_BYTES / GB:.0f} GB usable)", fontsize=9)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(CHART_GPUS)

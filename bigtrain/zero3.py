@@ -28,6 +28,7 @@ and stage 0 runs (and ``bigtrain estimate``) never need it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib
 import json
@@ -453,6 +454,8 @@ class LayerGatherer:
         self._flat = [self._flatten_partitions(u) for u in self.units + [root]]
         self._pending: dict[int, tuple] = {}  # unit index -> (event, buffer) of an issued gather
         self._gathered: set[int] = set()
+        # one CUDA event per release, recorded on the compute stream after the unit's last use
+        self._released: collections.deque = collections.deque()
         self._handles = []
         for i, m in enumerate(self.layers):
             self._handles.append(m.register_forward_pre_hook(self._pre_forward(i), with_kwargs=True))
@@ -491,6 +494,17 @@ class LayerGatherer:
         if local is None:
             self._gathered.add(i)
             return
+        # Bound the host's lead: before allocating this unit's buffers, wait until the GPU is done
+        # with every released unit but the latest. The host otherwise runs layers ahead of the GPU,
+        # and a released buffer the GPU still reads cannot be reused (the caching allocator holds
+        # it until its stream passes), so each gather took fresh memory until the allocator hit the
+        # GPU's capacity, then freed its cache and synchronised (measured on 2 H200s, GPT-3 175B
+        # width with 58 layers: 112.8 GiB allocated, 138.2 GiB reserved, 11 cudaMalloc retries per
+        # step, MFU 0.34 against FSDP2's 0.46). Waiting for the one before the latest keeps the host
+        # up to two layers ahead, so the GPU never idles for it, and at most four layers' buffers
+        # exist: the one computing, the next, the one before (still in use) and this new one.
+        while len(self._released) > 1:
+            self._released.popleft().synchronize()
         if self.stream is not None:
             # the partitions were written on the compute stream (the flattening at start-up, the
             # loader, a merge through GatheredParameters): the gather must not read them earlier.
@@ -540,6 +554,10 @@ class LayerGatherer:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             p.ds_status = self._not_available
         self._gathered.discard(i)
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._released.append(event)
 
     @torch.no_grad()
     def _gather_now(self, params: list) -> None:
@@ -604,6 +622,7 @@ class LayerGatherer:
             self._wait(i)
         for i in list(self._gathered):
             self._release(i)
+        self._released.clear()  # nothing to wait for: the next step's first gathers follow this one's work
 
     # the interface of DeepSpeedZeRoOffload the engine uses
     def release_backward_leftovers(self) -> None:

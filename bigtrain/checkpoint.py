@@ -34,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
 from .lora import LoRAModel
 
 LATEST = "latest"
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"  # a save in progress: ``.tmp-step-…``, renamed into place when complete
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -76,16 +78,12 @@ def _sha256(path: Path) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
               metadata={k: str(v) for k, v in (meta or {}).items()})
     _fsync_file(path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files

@@ -204,7 +204,7 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
     rank, world = engine.info.rank, engine.info.world_size
     root = Path(root)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    tmp = root / (TMP_PREFIX + final.name)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -250,9 +250,7 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
 def _prune(root: Path, keep: int, protect: Path) -> None:
     """Keep the newest ``keep`` good checkpoints; remove leftovers of interrupted saves. Never
     removes ``protect`` (the one just written)."""
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    clean_partial(root)
     good = 0
     for p in list_checkpoints(root):
         if p == protect:
@@ -265,11 +263,12 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
 
 
 def clean_partial(root: Path) -> list[str]:
-    """Remove directories left by saves that died before their rename (rank 0, at start)."""
+    """Remove the ``.tmp-`` directories of saves that died before their rename (rank 0: at start,
+    and after each save); returns their names."""
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-") and p.is_dir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed

@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +38,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
-from .lora import LoRAModel
+from .lora import AdapterSpec, LoRAModel
 
 LATEST = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"  # a save in progress: ``.tmp-step-…``, renamed into place when complete
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(RuntimeError):
@@ -217,7 +219,7 @@ def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, t
     if rank == 0:
         faults.crash_point("save:start", step)
         _save_tensors(tmp / ADAPTER_FILE, lora.adapter_state_dict(), {"format": "bigtrain-lora"})
-        _write_json(tmp / "adapter_config.json", adapter_config)
+        _write_json(tmp / ADAPTER_CONFIG, adapter_config)
         faults.crash_point("save:after_weights", step)
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
@@ -305,6 +307,50 @@ def load_checkpoint(path: Path, lora: LoRAModel, optimizer, rank: int) -> dict:
         warnings.warn(f"{rng_file} missing (resumed at a larger world size); using rank 0's RNG state")
         set_rng_state(read_json(path / "rng" / "rank00000.json"))
     return state
+
+
+# -- reading adapters (export, merge, the adapter bank) -----------------------------------------
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    """A checkpoint's adapters, verified against its manifest: what ``bigtrain export``,
+    ``bigtrain merge`` and :meth:`bigtrain.switch.AdapterBank.load` read."""
+
+    path: Path  # the checkpoint directory (step-N)
+    spec: AdapterSpec  # its adapter_config.json
+    tensors: dict[str, torch.Tensor]  # "<module>.lora_A" / "<module>.lora_B", one pair per spec.modules
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory; a run's output dir or its ``checkpoints/`` dir resolves to the
+    checkpoint named by ``latest``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if (p / ADAPTER_CONFIG).is_file() or (p / MANIFEST).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    raise CheckpointError(f"{p}: not a bigtrain checkpoint (no {ADAPTER_CONFIG}, {MANIFEST} "
+                          f"or checkpoints/{LATEST})")
+
+
+def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
+    """Resolve ``path`` (:func:`resolve_checkpoint`), verify it against its manifest, read its
+    adapter config and tensors, and check that the two agree."""
+    p = resolve_checkpoint(path)
+    verify(p)
+    cfg = read_json(p / ADAPTER_CONFIG)
+    missing = [k for k in ("r", "alpha", "modules", "base_model") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: missing {', '.join(missing)}")
+    tensors = _load_tensors(p / ADAPTER_FILE)
+    want = {f"{m}.{part}" for m in cfg["modules"] for part in ("lora_A", "lora_B")}
+    if set(tensors) != want:
+        extra, lack = sorted(set(tensors) - want), sorted(want - set(tensors))
+        raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match {ADAPTER_CONFIG} modules "
+                              f"(missing {lack[:3]}, unexpected {extra[:3]})")
+    return AdapterCheckpoint(p, AdapterSpec.from_json(cfg), tensors)
 
 
 def check_base(path: Path, current: dict, force: bool) -> None:

@@ -46,7 +46,7 @@ from .compile import compile_layers
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
-from .export import merge_live, resolve_checkpoint
+from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .lora import AdapterSpec
 from .losses import token_loss_sum
@@ -630,7 +630,7 @@ def _check_resume_choice(cfg: Config, root: Path) -> Path | None:
     if mode == "auto":
         return None
     try:
-        p = resolve_checkpoint(mode)  # a checkpoint dir, a run dir or its checkpoints/ dir
+        p = ckpt.resolve_checkpoint(mode)  # a checkpoint dir, a run dir or its checkpoints/ dir
         ckpt.verify(p)
     except (OSError, ckpt.CheckpointError) as e:
         raise ConfigError(f"checkpoint.resume={mode}: {e}") from None

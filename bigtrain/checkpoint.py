@@ -20,6 +20,10 @@ tensors are safetensors, everything else JSON/YAML.
 
 Adapters are replicated, so rank 0 writes them; the base model is never gathered. Each rank writes
 its own RNG file (the output directory must be shared by all nodes, as it is on clusters).
+
+A run's rules (when to save, what to keep, what to resume from) belong to :class:`CheckpointManager`;
+:func:`read_checkpoint` is the read side that ``bigtrain export``, ``bigtrain merge`` and the
+adapter bank share.
 """
 
 from __future__ import annotations

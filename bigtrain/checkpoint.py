@@ -20,6 +20,10 @@ tensors are safetensors, everything else JSON/YAML.
 
 Adapters are replicated, so rank 0 writes them; the base model is never gathered. Each rank writes
 its own RNG file (the output directory must be shared by all nodes, as it is on clusters).
+
+A run's rules (when to save, what to keep, what to resume from) belong to :class:`CheckpointManager`;
+:func:`read_checkpoint` is the read side that ``bigtrain export``, ``bigtrain merge`` and the
+adapter bank share.
 """
 
 from __future__ import annotations
@@ -29,19 +33,26 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
-from .lora import LoRAModel
+from .config import ConfigError
+from .lora import AdapterSpec, LoRAModel
 
 LATEST = "latest"
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"  # a save in progress: ``.tmp-step-…``, renamed into place when complete
 MANIFEST = "manifest.json"
 ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(RuntimeError):
@@ -76,16 +87,12 @@ def _sha256(path: Path) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
               metadata={k: str(v) for k, v in (meta or {}).items()})
     _fsync_file(path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
@@ -201,60 +208,18 @@ def find_resumable(root: Path, log=print) -> Path | None:
 
 # -- save --------------------------------------------------------------------------------------
 def save_checkpoint(root: Path, step: int, engine, lora: LoRAModel, optimizer, trainer_state: dict,
-                    adapter_config: dict, base_fingerprint: dict, config_yaml: str, keep: int) -> Path | None:
-    """Collective: every rank calls it. Returns the checkpoint path (on every rank)."""
-    rank, world = engine.info.rank, engine.info.world_size
-    root = Path(root)
-    final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp-{PREFIX}{step:08d}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
-    engine.barrier()
-    rng_file = tmp / "rng" / f"rank{rank:05d}.json"
-    _write_json(rng_file, rng_state())
-    engine.barrier()
-    if rank == 0:
-        faults.crash_point("save:start", step)
-        _save_tensors(tmp / ADAPTER_FILE, lora.adapter_state_dict(), {"format": "bigtrain-lora"})
-        _write_json(tmp / "adapter_config.json", adapter_config)
-        faults.crash_point("save:after_weights", step)
-        opt_tensors, opt_meta = optimizer_to_files(optimizer)
-        _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-        _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
-        _write_json(tmp / "base.json", base_fingerprint)
-        (tmp / "config.yaml").write_text(config_yaml)
-        _fsync_file(tmp / "config.yaml")
-        faults.crash_point("save:before_manifest", step)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
-                                                "sha256": _sha256(tmp / f)} for f in files}}
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp / "rng")
-        _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        faults.crash_point("save:before_latest", step)
-        ptr = root / (LATEST + ".tmp")
-        ptr.write_text(final.name + "\n")
-        _fsync_file(ptr)
-        os.replace(ptr, root / LATEST)
-        _fsync_dir(root)
-        _prune(root, keep, protect=final)
-    engine.barrier()
-    return final
+                    adapter_config: dict, base_fingerprint: dict, config_yaml: str, keep: int) -> Path:
+    """One save without a run around it (tests, tools): :meth:`CheckpointManager.write`.
+    Collective: every rank calls it. Returns the checkpoint path (on every rank)."""
+    return CheckpointManager(root, engine, lora, optimizer, adapter_config=adapter_config,
+                             base_fingerprint=base_fingerprint, config_yaml=config_yaml,
+                             keep=keep).write(step, trainer_state)
 
 
 def _prune(root: Path, keep: int, protect: Path) -> None:
     """Keep the newest ``keep`` good checkpoints; remove leftovers of interrupted saves. Never
     removes ``protect`` (the one just written)."""
-    for p in root.iterdir():
-        if p.name.startswith(".tmp-") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+    clean_partial(root)
     good = 0
     for p in list_checkpoints(root):
         if p == protect:
@@ -267,11 +232,12 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
 
 
 def clean_partial(root: Path) -> list[str]:
-    """Remove directories left by saves that died before their rename (rank 0, at start)."""
+    """Remove the ``.tmp-`` directories of saves that died before their rename (rank 0: at start,
+    and after each save); returns their names."""
     removed = []
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".tmp-") and p.is_dir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
@@ -310,6 +276,50 @@ def load_checkpoint(path: Path, lora: LoRAModel, optimizer, rank: int) -> dict:
     return state
 
 
+# -- reading adapters (export, merge, the adapter bank) -----------------------------------------
+@dataclass(frozen=True)
+class AdapterCheckpoint:
+    """A checkpoint's adapters, verified against its manifest: what ``bigtrain export``,
+    ``bigtrain merge`` and :meth:`bigtrain.switch.AdapterBank.load` read."""
+
+    path: Path  # the checkpoint directory (step-N)
+    spec: AdapterSpec  # its adapter_config.json
+    tensors: dict[str, torch.Tensor]  # "<module>.lora_A" / "<module>.lora_B", one pair per spec.modules
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory; a run's output dir or its ``checkpoints/`` dir resolves to the
+    checkpoint named by ``latest``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if (p / ADAPTER_CONFIG).is_file() or (p / MANIFEST).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / LATEST).is_file():
+            return root / (root / LATEST).read_text().strip()
+    raise CheckpointError(f"{p}: not a bigtrain checkpoint (no {ADAPTER_CONFIG}, {MANIFEST} "
+                          f"or checkpoints/{LATEST})")
+
+
+def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
+    """Resolve ``path`` (:func:`resolve_checkpoint`), verify it against its manifest, read its
+    adapter config and tensors, and check that the two agree."""
+    p = resolve_checkpoint(path)
+    verify(p)
+    cfg = read_json(p / ADAPTER_CONFIG)
+    missing = [k for k in ("r", "alpha", "modules", "base_model") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{p / ADAPTER_CONFIG}: missing {', '.join(missing)}")
+    tensors = _load_tensors(p / ADAPTER_FILE)
+    want = {f"{m}.{part}" for m in cfg["modules"] for part in ("lora_A", "lora_B")}
+    if set(tensors) != want:
+        extra, lack = sorted(set(tensors) - want), sorted(want - set(tensors))
+        raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match {ADAPTER_CONFIG} modules "
+                              f"(missing {lack[:3]}, unexpected {extra[:3]})")
+    return AdapterCheckpoint(p, AdapterSpec.from_json(cfg), tensors)
+
+
 def check_base(path: Path, current: dict, force: bool) -> None:
     saved = read_json(path / "base.json")
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
@@ -339,3 +349,184 @@ def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int) 
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# -- a run's checkpoints -----------------------------------------------------------------------
+def check_resume(mode: str, root: Path) -> Path | None:
+    """checkpoint.resume, checked before any process group: an explicit checkpoint (or a run dir:
+    its latest) must exist and verify, with no silent fallback, and is returned; ``never`` refuses
+    a ``root`` that already holds another run's checkpoints (pruning and a later auto-resume would
+    mix the two); ``auto`` and ``never`` return None (``auto`` is decided by rank 0 later:
+    :meth:`CheckpointManager.resume`)."""
+    if mode == "never":
+        old = list_checkpoints(root) if root.is_dir() else []
+        if old:
+            raise ConfigError(
+                f"checkpoint.resume=never, but {root} already holds checkpoints of an earlier run "
+                f"(newest {old[0].name}): a fresh run there would prune them together with its own "
+                f"and a later checkpoint.resume=auto could pick theirs up. Use another "
+                f"train.output_dir, remove {root}, or checkpoint.resume=auto to continue that run")
+        return None
+    if mode == "auto":
+        return None
+    try:
+        p = resolve_checkpoint(mode)  # a checkpoint dir, a run dir or its checkpoints/ dir
+        verify(p)
+    except (OSError, CheckpointError) as e:
+        raise ConfigError(f"checkpoint.resume={mode}: {e}") from None
+    return p
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    """What :meth:`CheckpointManager.resume` did. ``path`` None: a fresh start, nothing restored.
+    Otherwise adapters, optimizer and this rank's RNG were restored from ``path``, and ``state`` is
+    its trainer_state.json: what the trainer saved, plus ``optimizer`` and ``world_size``."""
+
+    path: Path | None = None
+    state: dict = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int | None:
+        """The world size the checkpoint was saved with."""
+        return self.state.get("world_size")
+
+
+class CheckpointManager:
+    """A run's checkpoints under ``root``: when to save (:meth:`maybe_save`), the save itself
+    (:meth:`save`, :meth:`write`) and where to resume from (:meth:`resume`).
+
+    It holds what stays fixed over a run (the engine, the adapters and their optimizer, the adapter
+    config, the base's fingerprint, the run's config as YAML, the rules), so a save passes only the
+    step and the trainer state. Every rank builds one and calls the same methods with the same
+    arguments in the same order: a save and the ``auto`` resume choice are collectives, and a rank
+    that decided differently would leave the others waiting in them."""
+
+    def __init__(self, root: str | os.PathLike, engine, lora: LoRAModel, optimizer, *,
+                 adapter_config: dict, base_fingerprint: dict, config_yaml: str, keep: int,
+                 every: int = 0, every_minutes: float = 0.0, last_step: int | None = None,
+                 force_base_mismatch: bool = False, log: Callable[[str], None] = print):
+        self.root = Path(root)
+        self.engine, self.lora, self.optimizer = engine, lora, optimizer
+        self.adapter_config, self.base_fingerprint, self.config_yaml = adapter_config, base_fingerprint, config_yaml
+        self.keep = keep
+        self.every = every  # save every N steps (0: off)
+        self.every_minutes = every_minutes  # save when rank 0's clock says so (0: off)
+        self.last_step = last_step  # always saved: the run's result is its final state
+        self.force_base_mismatch = force_base_mismatch
+        self.log = log
+        self.last: Path | None = None  # what this run saved last
+        self._clock = time.monotonic()
+
+    # -- when ------------------------------------------------------------------------------------
+    def restart_clock(self) -> None:
+        """checkpoint.every_minutes counts from now (the loop's start; each save restarts it)."""
+        self._clock = time.monotonic()
+
+    def time_due(self) -> bool:
+        """Whether rank 0's clock says a time-based save is due; False on every other rank. This
+        rank's view only: the trainer sends it in the step's all-reduce (slot SAVE_DUE), and every
+        rank passes the summed flag to :meth:`maybe_save` as ``due``."""
+        return (self.engine.info.is_main and self.every_minutes > 0
+                and time.monotonic() - self._clock >= 60 * self.every_minutes)
+
+    def is_due(self, step: int, *, force: bool = False, due: bool = False) -> bool:
+        """A save at ``step``: forced (a stop request: rerunning then resumes from here), ``due``
+        (time-based, agreed on by every rank), every ``every`` steps, or the last step."""
+        return bool(force or due or (self.every and step % self.every == 0) or step == self.last_step)
+
+    def maybe_save(self, step: int, trainer_state: dict, *, force: bool = False,
+                   due: bool = False) -> Path | None:
+        """Save ``step`` if :meth:`is_due`; returns the checkpoint, or None. Every rank must pass
+        the same ``force`` and ``due`` (the values after the step's all-reduce)."""
+        return self.save(step, trainer_state) if self.is_due(step, force=force, due=due) else None
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save(self, step: int, trainer_state: dict) -> Path:
+        """Checkpoint ``step``: only adapters that are finite and identical on every rank."""
+        params = list(self.lora.parameters())
+        assert all(torch.isfinite(p).all() for p in params), "non-finite adapter weights: not saved"
+        digests = self.engine.replica_digests(params)
+        if len(set(digests)) != 1:  # replicas drifted: a bug or a hardware fault; never save that
+            raise RuntimeError(f"adapters differ across ranks at step {step}: sha256 per rank {digests}")
+        path = self.write(step, trainer_state)
+        size = (path / ADAPTER_FILE).stat().st_size
+        self.log(f"[bigtrain] checkpoint {path} (adapter {size / 1e6:.3f} MB, whole {dir_size(path) / 1e6:.3f} MB)")
+        self.last = path
+        self.restart_clock()
+        return path
+
+    def write(self, step: int, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` (the files in the module docstring, atomically), move
+        ``latest`` to it and prune to ``keep``. Collective: every rank calls it. Returns the
+        checkpoint path (on every rank)."""
+        engine, root = self.engine, self.root
+        rank, world = engine.info.rank, engine.info.world_size
+        final = root / f"{PREFIX}{step:08d}"
+        tmp = root / (TMP_PREFIX + final.name)
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "rng").mkdir(parents=True)
+        engine.barrier()
+        rng_file = tmp / "rng" / f"rank{rank:05d}.json"
+        _write_json(rng_file, rng_state())
+        engine.barrier()
+        if rank == 0:
+            faults.crash_point("save:start", step)
+            _save_tensors(tmp / ADAPTER_FILE, self.lora.adapter_state_dict(), {"format": "bigtrain-lora"})
+            _write_json(tmp / ADAPTER_CONFIG, self.adapter_config)
+            faults.crash_point("save:after_weights", step)
+            opt_tensors, opt_meta = optimizer_to_files(self.optimizer)
+            _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
+            _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
+            _write_json(tmp / "base.json", self.base_fingerprint)
+            (tmp / "config.yaml").write_text(self.config_yaml)
+            _fsync_file(tmp / "config.yaml")
+            faults.crash_point("save:before_manifest", step)
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
+                                                    "sha256": _sha256(tmp / f)} for f in files}}
+            _write_json(tmp / MANIFEST, manifest)
+            _fsync_dir(tmp / "rng")
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            faults.crash_point("save:before_latest", step)
+            ptr = root / (LATEST + ".tmp")
+            ptr.write_text(final.name + "\n")
+            _fsync_file(ptr)
+            os.replace(ptr, root / LATEST)
+            _fsync_dir(root)
+            _prune(root, self.keep, protect=final)
+        engine.barrier()
+        return final
+
+    def latest(self) -> Path | None:
+        """What this run saved last; when it saved nothing (resumed at its last step), the newest
+        checkpoint under ``root`` that verifies."""
+        if self.last is None:
+            self.last = find_resumable(self.root, self.log)
+        return self.last
+
+    # -- resuming --------------------------------------------------------------------------------
+    def resume(self, mode: str) -> ResumeResult:
+        """checkpoint.resume ``mode``: ``auto``, the newest checkpoint under ``root`` that verifies
+        as rank 0 sees it (a collective: every rank takes rank 0's choice); ``never``, none; else
+        the explicit checkpoint or run dir (:func:`check_resume`). A checkpoint's base must match
+        this run's (unless force_base_mismatch); then adapters, optimizer and this rank's RNG are
+        restored from it."""
+        path = self._latest_resumable() if mode == "auto" else check_resume(mode, self.root)
+        if path is None:
+            return ResumeResult()
+        check_base(path, self.base_fingerprint, self.force_base_mismatch)
+        state = load_checkpoint(path, self.lora, self.optimizer, self.engine.info.rank)
+        return ResumeResult(path, state)
+
+    def _latest_resumable(self) -> Path | None:
+        choice = find_resumable(self.root, self.log) if self.engine.info.is_main else None
+        choice = self.engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
+        return Path(choice) if choice else None

@@ -20,13 +20,21 @@ import os
 import shutil
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
+from safetensors import safe_open
+from tqdm import tqdm
+
 from .config import TOKENIZER_FILES, parse_size, resolve_model_path
+from .presets import meta_model
 
 if TYPE_CHECKING:
     import torch
+
+    from .lora import AdapterSpec
+
+# The imports left inside functions are deferred on purpose: the CLI imports this module to build
+# its parser, and `bigtrain export|merge --help` must not pay for torch (tests/e2e/test_cli.py).
 
 PEFT_PREFIX = "base_model.model."
 FORMATS = ("peft",)
@@ -36,54 +44,22 @@ DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
 
 
 # -- reading a bigtrain checkpoint -------------------------------------------------------------
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint directory; a run's output dir or its ``checkpoints/`` dir resolves to the
-    checkpoint named by ``latest``."""
-    from .checkpoint import LATEST, CheckpointError
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such checkpoint directory")
-    if (p / "adapter_config.json").is_file() or (p / "manifest.json").is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
-    raise CheckpointError(f"{p}: not a bigtrain checkpoint (no adapter_config.json, manifest.json "
-                          f"or checkpoints/{LATEST})")
-
-
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor]]:
-    """Verify the checkpoint against its manifest; return (dir, adapter_config, {key: tensor})."""
-    from safetensors.torch import load_file
+    """(dir, adapter_config, {key: tensor}) of a verified checkpoint: the tuple form of
+    :func:`bigtrain.checkpoint.read_checkpoint`, for callers that unpack it."""
+    from . import checkpoint  # deferred: imports torch
 
-    from .checkpoint import ADAPTER_FILE, CheckpointError, verify
-
-    p = resolve_checkpoint(path)
-    verify(p)
-    try:
-        cfg = json.loads((p / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p / 'adapter_config.json'}: {e}") from None
-    missing = [k for k in ("r", "alpha", "modules", "base_model") if k not in cfg]
-    if missing:
-        raise CheckpointError(f"{p / 'adapter_config.json'}: missing {', '.join(missing)}")
-    tensors = load_file(str(p / ADAPTER_FILE))
-    want = {f"{m}.{part}" for m in cfg["modules"] for part in ("lora_A", "lora_B")}
-    if set(tensors) != want:
-        extra, lack = sorted(set(tensors) - want), sorted(want - set(tensors))
-        raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match adapter_config.json modules "
-                              f"(missing {lack[:3]}, unexpected {extra[:3]})")
-    return p, cfg, tensors
+    c = checkpoint.read_checkpoint(path)
+    return c.path, c.spec.to_json(), c.tensors
 
 
-def base_dir(cfg: dict, override: str | None, ckpt: Path) -> Path:
+def base_dir(spec: AdapterSpec, override: str | None, ckpt: Path) -> Path:
     """The base model directory: ``override`` (--base) or the checkpoint's ``base_model``."""
-    spec = override or cfg["base_model"]
-    if spec.startswith("preset:"):
-        raise FileNotFoundError(f"{ckpt}: base_model is {spec!r}, a randomly initialised preset with "
+    name = override or spec.base_model
+    if name.startswith("preset:"):
+        raise FileNotFoundError(f"{ckpt}: base_model is {name!r}, a randomly initialised preset with "
                                 f"no weights on disk; pass --base DIR")
-    d = Path(resolve_model_path(spec))
+    d = Path(resolve_model_path(name))
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"base model {str(d)!r} (from {'--base' if override else ckpt / 'adapter_config.json'}): "
                                 "no config.json there; pass --base DIR")
@@ -93,10 +69,9 @@ def base_dir(cfg: dict, override: str | None, ckpt: Path) -> Path:
 def conv1d_modules(base: Path, modules: list[str]) -> set[str]:
     """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on a model
     built on the meta device from the base's config.json (no weights are read)."""
-    import transformers as tf
+    import transformers as tf  # deferred: heavy
 
-    from .lora import is_conv1d
-    from .presets import meta_model
+    from .lora import is_conv1d  # deferred: imports torch
 
     model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
     named = dict(model.named_modules())
@@ -107,13 +82,13 @@ def conv1d_modules(base: Path, modules: list[str]) -> set[str]:
 
 
 # -- PEFT export --------------------------------------------------------------------------------
-def peft_config(cfg: dict, base_name: str, fan_in_fan_out: bool) -> dict:
+def peft_config(spec: AdapterSpec, base_name: str, fan_in_fan_out: bool) -> dict:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg.get("dropout", 0.0),
-        "use_rslora": bool(cfg.get("rslora", False)),
+        "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "use_rslora": bool(spec.rslora),
         # exact dotted names: PEFT matches a target when the module name equals it
-        "target_modules": list(cfg["modules"]),
+        "target_modules": list(spec.modules),
         # PEFT's flag for GPT-2 Conv1D, whose *base* weight is (d_in, d_out); lora_A / lora_B keep
         # the nn.Linear orientation (r, d_in) / (d_out, r) either way
         "fan_in_fan_out": fan_in_fan_out, "bias": "none", "inference_mode": True,
@@ -126,25 +101,28 @@ def peft_config(cfg: dict, base_name: str, fan_in_fan_out: bool) -> dict:
 def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                 base: str | None = None) -> Path:
     """Write ``out/adapter_config.json`` and ``out/adapter_model.safetensors`` in PEFT's format."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: imports torch
+
+    from . import checkpoint  # deferred: imports torch
 
     _check_out_dir(Path(out), replaceable=("adapter_model.safetensors", "adapter_config.json", "README.md"))
-    p, cfg, tensors = read_checkpoint(ckpt)
-    bdir = base_dir(cfg, base, p)
-    conv = conv1d_modules(bdir, cfg["modules"])
-    if conv and len(conv) != len(cfg["modules"]):
-        raise ValueError(f"{p}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is one flag")
+    c = checkpoint.read_checkpoint(ckpt)
+    spec = c.spec
+    bdir = base_dir(spec, base, c.path)
+    conv = conv1d_modules(bdir, spec.modules)
+    if conv and len(conv) != len(spec.modules):
+        raise ValueError(f"{c.path}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is one flag")
     tdtype = _dtype(dtype) if dtype else None
     peft_tensors = {}
-    for m in cfg["modules"]:
+    for m in spec.modules:
         for part in ("lora_A", "lora_B"):
-            t = tensors[f"{m}.{part}"]
+            t = c.tensors[f"{m}.{part}"]
             peft_tensors[f"{PEFT_PREFIX}{m}.{part}.weight"] = (t.to(tdtype) if tdtype else t).contiguous()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base_name = base or (str(bdir) if cfg["base_model"].startswith("builtin:") else cfg["base_model"])
+    base_name = base or (str(bdir) if spec.base_model.startswith("builtin:") else spec.base_model)
     save_file(peft_tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_name, bool(conv)), indent=2))
+    (out / "adapter_config.json").write_text(json.dumps(peft_config(spec, base_name, bool(conv)), indent=2))
     return out
 
 
@@ -165,7 +143,7 @@ def _check_out_dir(out: Path, replaceable: tuple[str, ...] = ()) -> None:
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
-    import torch
+    import torch  # deferred: heavy
 
     return getattr(torch, DTYPE_NAMES[name])
 
@@ -191,7 +169,7 @@ class _ShardWriter:
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # deferred: imports torch
 
         if not self.pending:
             return
@@ -240,7 +218,7 @@ def _write_side_files(out: Path, hf_config: dict, tok_dir: Path | None, tokenize
     if not tok_files:
         label = "(the run's tokenizer)"
         if tokenizer is None:
-            from .data import load_tokenizer
+            from .data import load_tokenizer  # deferred: imports datasets and torch
 
             tokenizer, label = load_tokenizer(None), "(built-in tokenizer)"
         tokenizer.save_pretrained(str(out))
@@ -260,10 +238,10 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     under the final name. ``vocab``: the real vocabulary of a run whose model is padded
     (:mod:`bigtrain.vocab`): the embedding and head are written with their first ``vocab`` rows, and
     the config with ``vocab_size = vocab``. Returns stats on rank 0, None elsewhere."""
-    import torch
+    import torch  # deferred: heavy
 
-    from .lora import is_conv1d
-    from .vocab import vocab_parameters
+    from .lora import is_conv1d  # deferred: imports torch
+    from .vocab import vocab_parameters  # deferred: imports torch
 
     is_main = engine.info.is_main
     out = Path(out)
@@ -285,8 +263,6 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     writer = _ShardWriter(tmp, parse_size(max_shard_size)) if is_main else None
     bar = None
     if is_main and progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(named), desc="merge", unit="tensor", dynamic_ncols=True)
     merged = 0
     with torch.no_grad():
@@ -328,7 +304,7 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
 
 
 def _weight_key(module: str, keys: set[str]) -> str | None:
-    from .loader import resolve_key
+    from .loader import resolve_key  # deferred: imports torch
 
     return resolve_key(module + ".weight", dict.fromkeys(keys))
 
@@ -337,17 +313,16 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                      max_shard_size: str | int = "2GB", dtype: str | None = None,
                      progress: bool = False) -> dict:
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
-    from safetensors import safe_open
+    from . import checkpoint  # deferred: imports torch
+    from .loader import checkpoint_files  # deferred: imports torch
 
-    from .loader import checkpoint_files
-    from .lora import AdapterSpec
-
-    p, cfg, tensors = read_checkpoint(ckpt)
-    bdir = base_dir(cfg, base, p)
+    c = checkpoint.read_checkpoint(ckpt)
+    tensors = c.tensors
+    bdir = base_dir(c.spec, base, c.path)
     files = checkpoint_files(bdir)
-    modules = list(cfg["modules"])
+    modules = list(c.spec.modules)
     conv = conv1d_modules(bdir, modules)
-    scale = AdapterSpec.from_json(cfg).scale
+    scale = c.spec.scale
     targets: dict[str, str] = {}  # weight key in the base files -> module
     for m in modules:
         key = _weight_key(m, set(files))
@@ -368,8 +343,6 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
         merged = 0
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=sum(f.stat().st_size for f in by_file), desc="merge", unit="B",
                        unit_scale=True, dynamic_ncols=True)
         for f, keys in by_file.items():  # one input file open at a time

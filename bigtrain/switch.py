@@ -13,10 +13,10 @@ import os
 
 from torch import nn
 
+from .checkpoint import read_checkpoint
 from .engine import DTYPES
 from .inject import inject_lora
-from .lora import AdapterSpec, LoRAModel
-
+from .lora import LoRAModel
 
 
 class AdapterBank:
@@ -39,10 +39,8 @@ class AdapterBank:
 
     def load(self, name: str, checkpoint: str | os.PathLike) -> LoRAModel:
         """Attach a bigtrain checkpoint (verified against its manifest) under ``name``."""
-        from .export import read_checkpoint
-
-        p, cfg, tensors = read_checkpoint(checkpoint)
-        spec = AdapterSpec.from_json(cfg)
+        c = read_checkpoint(checkpoint)
+        p, spec = c.path, c.spec
         device = next(self.model.parameters()).device
         lora = inject_lora(self.model, list(spec.modules), spec.r, spec.alpha, spec.dropout, spec.rslora,
                            DTYPES[spec.dtype], device)
@@ -50,7 +48,7 @@ class AdapterBank:
             lora.remove_hooks()
             raise ValueError(f"{p}: its modules do not match this model's")
         try:
-            lora.load_adapter_state_dict(tensors)
+            lora.load_adapter_state_dict(c.tensors)
         except (KeyError, ValueError) as e:
             lora.remove_hooks()
             raise ValueError(f"{p}: {e}") from None

@@ -47,7 +47,7 @@ from .compile import compile_layers
 from .config import Config, ConfigError
 from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
-from .export import merge_live, resolve_checkpoint
+from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .lora import AdapterSpec
 from .losses import token_loss_sum
@@ -159,7 +159,7 @@ class Trainer:
         self.loggers: Loggers | None = None
         self.state = TrainState()
         self.last_eval: float | None = None
-        self.last_save: Path | None = None
+        self.checkpoints: ckpt.CheckpointManager | None = None  # built with the adapters (_load_state)
         self.measured: dict | None = None  # model states at the last step, when all exist
         self._farewell: str | None = None  # the run's last line, printed after the loggers close
         self._closed = False
@@ -205,7 +205,7 @@ class Trainer:
         self.meta = meta
         check_world(cfg.zero, t.device)
         _check_positions(cfg, hf_config)
-        self.explicit_resume = _check_resume_choice(cfg, self.ckpt_root)
+        ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
 
@@ -279,23 +279,26 @@ class Trainer:
 
     def _load_state(self) -> None:
         """3. The data order, and a resume from the last good checkpoint if there is one."""
-        cfg, t, info, say = self.cfg, self.cfg.train, self.info, self.say
+        cfg, t, ck, info, say = self.cfg, self.cfg.train, self.cfg.checkpoint, self.info, self.say
         self.sampler = GlobalSampler(len(self.train_ds), t.seed)
         self.global_batch = t.micro_batch_size * t.grad_accum * info.world_size
         self.pad_id = self.tokenizer.pad_token_id
-        self.fingerprint = ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed)
-        resume_from = (_latest_resumable(self.ckpt_root, self.engine, say) if cfg.checkpoint.resume == "auto"
-                       else self.explicit_resume)
-        if resume_from is None:
+        self.checkpoints = ckpt.CheckpointManager(
+            self.ckpt_root, self.engine, self.lora, self.optimizer,
+            adapter_config=adapter_config(cfg, self.lora),
+            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed),
+            config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
+            every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
+            log=say)
+        resumed = self.checkpoints.resume(ck.resume)
+        if resumed.path is None:
             return
-        ckpt.check_base(resume_from, self.fingerprint, cfg.checkpoint.force_base_mismatch)
-        saved = ckpt.load_checkpoint(resume_from, self.lora, self.optimizer, info.rank)
-        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scheduler.load_state_dict(resumed.state["scheduler"])
         for note in _apply_changed_hparams(cfg, self.optimizer, self.scheduler):
             say(f"[bigtrain] {note}")
-        self.state = TrainState.from_saved(saved)
-        say(f"[bigtrain] resumed from {resume_from} at step {self.state.step} "
-            f"(sample {self.state.position}, saved with {saved['world_size']} ranks, now {info.world_size})")
+        self.state = TrainState.from_saved(resumed.state)
+        say(f"[bigtrain] resumed from {resumed.path} at step {self.state.step} "
+            f"(sample {self.state.position}, saved with {resumed.world_size} ranks, now {info.world_size})")
         if info.is_main:
             (self.out_dir / "preempted").unlink(missing_ok=True)
 
@@ -310,7 +313,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         """Optimizer steps up to train.max_steps (or a stop request); returns the run's summary."""
-        t, ck, state = self.cfg.train, self.cfg.checkpoint, self.state
+        t, state = self.cfg.train, self.state
         if self.eval_ds is not None and state.step == 0:
             # the base model's own score, the reference the adapters' evals are read against
             base_eval = self._evaluate()
@@ -318,7 +321,7 @@ class Trainer:
             self.say(f"[bigtrain] step 0 (adapters are zero: the base model): eval loss {base_eval:.4f}")
         self.bar = _progress(self.cfg, state.step, self.info.is_main)
         self.window = Window()
-        self.save_clock = time.monotonic()  # rank 0's clock decides time-based saves (checkpoint.every_minutes)
+        self.checkpoints.restart_clock()  # checkpoint.every_minutes counts from the first step
         while state.step < t.max_steps:
             r = self.train_step(self._step_batches())
             # the samples are consumed even by a skipped step: a resume replays the same order
@@ -341,10 +344,7 @@ class Trainer:
                 self.loggers.log({"eval_loss": self.last_eval}, step)
                 self.say(f"\n[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
             # a stop request saves first, so that rerunning the same command resumes from here
-            if (r.stop_requested or r.save_due or (ck.every and step % ck.every == 0)
-                    or step == t.max_steps):
-                self.last_save = self.save(step)
-                self.save_clock = time.monotonic()
+            self.checkpoints.maybe_save(step, self._saved_state(), force=r.stop_requested, due=r.save_due)
             if r.stop_requested and step < t.max_steps:  # at the last step the run just ends: done
                 return self._stop_early(step)
         self.bar.close()
@@ -382,8 +382,7 @@ class Trainer:
         # One flat all-reduce: adapter gradients, the loss, whether any rank was signalled, and
         # whether rank 0's clock says a time-based checkpoint is due (so every rank agrees).
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        due = (info.is_main and self.cfg.checkpoint.every_minutes > 0
-               and time.monotonic() - self.save_clock >= 60 * self.cfg.checkpoint.every_minutes)
+        due = self.checkpoints.time_due()
         extras = torch.zeros(N_EXTRAS, dtype=torch.float32, device=dev)
         extras[LOSS_SUM] = loss_sum
         extras[PREEMPTED] = float(self.preempt.signum != 0)
@@ -437,21 +436,9 @@ class Trainer:
     def _evaluate(self) -> float:
         return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
 
-    def save(self, step: int) -> Path:
-        """Checkpoint ``step``: only adapters that are finite and identical on every rank."""
-        params, engine = self.params, self.engine
-        assert all(torch.isfinite(p).all() for p in params), "non-finite adapter weights: not saved"
-        digests = engine.replica_digests(params)
-        if len(set(digests)) != 1:  # replicas drifted: a bug or a hardware fault; never save that
-            raise RuntimeError(f"adapters differ across ranks at step {step}: sha256 per rank {digests}")
-        path = ckpt.save_checkpoint(
-            self.ckpt_root, step, engine, self.lora, self.optimizer,
-            {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()},
-            adapter_config(self.cfg, self.lora), self.fingerprint,
-            yaml.safe_dump(self.cfg.to_dict(), sort_keys=False), self.cfg.checkpoint.keep)
-        size = (path / ckpt.ADAPTER_FILE).stat().st_size
-        self.say(f"[bigtrain] checkpoint {path} (adapter {size / 1e6:.3f} MB, whole {ckpt.dir_size(path) / 1e6:.3f} MB)")
-        return path
+    def _saved_state(self) -> dict:
+        """What a checkpoint's trainer_state.json records of the loop: TrainState and the scheduler."""
+        return {**dataclasses.asdict(self.state), "scheduler": self.scheduler.state_dict()}
 
     def _stop_early(self, step: int) -> dict:
         """A signal or train.stop_at_step: step ``step`` is saved; mark the run dir as preempted."""
@@ -460,7 +447,7 @@ class Trainer:
             (self.out_dir / "preempted").write_text(f"{step}\n")
         self.say(f"[bigtrain] stopped early ({'signal' if self.preempt.signum else 'train.stop_at_step'}): "
                  f"saved step {step}; rerun the same command to resume")
-        return {"step": step, "preempted": True, "checkpoint": str(self.last_save)}
+        return {"step": step, "preempted": True, "checkpoint": str(self.checkpoints.last)}
 
     # -- the end ---------------------------------------------------------------------------------
     def _finish(self) -> dict:
@@ -476,9 +463,7 @@ class Trainer:
         if info.is_main:
             (self.out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
         _report_savings(cfg, self.meta, info.world_size, ranks, measured, engine, loggers, say)
-        last_save = self.last_save
-        if last_save is None:  # resumed at max_steps: nothing new, keep the checkpoint there
-            last_save = self.last_save = ckpt.find_resumable(self.ckpt_root, say)
+        last_save = self.checkpoints.latest()  # resumed at max_steps: nothing new, the checkpoint there
         if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
             st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
                             _tokenizer_dir(self.model_path), cfg.checkpoint.merge_max_shard_size,
@@ -623,30 +608,6 @@ def _check_positions(cfg: Config, hf_config) -> None:
                           f"set data.max_length <= {limit}")
 
 
-def _check_resume_choice(cfg: Config, root: Path) -> Path | None:
-    """checkpoint.resume, checked before any process group: an explicit checkpoint (or a run dir:
-    its latest) must exist and verify, with no silent fallback; ``never`` refuses an output_dir that
-    already holds another run's checkpoints (pruning and a later auto-resume would mix the two)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        old = ckpt.list_checkpoints(root) if root.is_dir() else []
-        if old:
-            raise ConfigError(
-                f"checkpoint.resume=never, but {root} already holds checkpoints of an earlier run "
-                f"(newest {old[0].name}): a fresh run there would prune them together with its own "
-                f"and a later checkpoint.resume=auto could pick theirs up. Use another "
-                f"train.output_dir, remove {root}, or checkpoint.resume=auto to continue that run")
-        return None
-    if mode == "auto":
-        return None
-    try:
-        p = resolve_checkpoint(mode)  # a checkpoint dir, a run dir or its checkpoints/ dir
-        ckpt.verify(p)
-    except (OSError, ckpt.CheckpointError) as e:
-        raise ConfigError(f"checkpoint.resume={mode}: {e}") from None
-    return p
-
-
 def _apply_changed_hparams(cfg: Config, optimizer, scheduler) -> list[str]:
     """The optimizer and scheduler state of a checkpoint carry the lr, weight decay and betas they
     were saved with; a resumed run uses the config's (what its config.yaml records), and says so.
@@ -668,13 +629,6 @@ def _apply_changed_hparams(cfg: Config, optimizer, scheduler) -> list[str]:
             g["lr"] = lr
         scheduler._last_lr = [lr] * len(optimizer.param_groups)
     return sorted(set(notes))
-
-
-def _latest_resumable(root: Path, engine: Engine, say) -> Path | None:
-    """checkpoint.resume=auto: the newest checkpoint under ``root`` that verifies, as rank 0 sees it."""
-    choice = ckpt.find_resumable(root, say) if engine.info.is_main else None
-    choice = engine.all_gather_objects(str(choice) if choice else None)[0]  # rank 0 decides
-    return Path(choice) if choice else None
 
 
 def _fmt_bytes(d: dict) -> str:

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 
 from bigtrain import checkpoint as ckpt
-from bigtrain.config import ZeroConfig
+from bigtrain.config import ConfigError, ZeroConfig
 from bigtrain.engine import Engine
-from bigtrain.lora import LoRAModel
+from bigtrain.lora import AdapterSpec, LoRAModel
 
 
 def _setup(r=2, seed=0):
@@ -105,6 +106,113 @@ def test_base_mismatch_refused_unless_forced(tmp_path):
         ckpt.check_base(path, {"config_sha256": "bbb"}, force=False)
     with pytest.warns(UserWarning, match="forced"):
         ckpt.check_base(path, {"config_sha256": "bbb"}, force=True)
+
+
+# -- CheckpointManager: the save rules, on a real engine at world size 1 -------------------------
+def _manager(root, lora, opt, fp=None, **rules):
+    spec = AdapterSpec(r=2, alpha=4, targets=["q_proj"], modules=lora.names(), base_model="preset:x")
+    return ckpt.CheckpointManager(root, Engine(ZeroConfig(stage=0), device="cpu"), lora, opt,
+                                  adapter_config=spec.to_json(), base_fingerprint=fp or {"config_sha256": "abc"},
+                                  config_yaml="x: 1\n", log=lambda m: None, **rules)
+
+
+def _steps_on_disk(root) -> list[int]:
+    return sorted(ckpt.step_of(p) for p in ckpt.list_checkpoints(root))
+
+
+def _state(step):
+    return {"step": step, "position": step * 8}
+
+
+def test_manager_saves_every_n_steps_and_the_last_step(tmp_path):
+    lora, opt = _setup()
+    m = _manager(tmp_path, lora, opt, keep=10, every=3, last_step=7)
+    saved = [s for s in range(1, 8) if m.maybe_save(s, _state(s)) is not None]
+    assert saved == [3, 6, 7]
+    assert _steps_on_disk(tmp_path) == [3, 6, 7]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000007"
+    assert m.last == m.latest() == tmp_path / "step-00000007"
+    state = json.loads((m.last / "trainer_state.json").read_text())
+    assert state["step"] == 7 and state["position"] == 56 and state["world_size"] == 1
+    assert ckpt.verify(m.last)["step"] == 7
+
+
+def test_manager_force_and_due_save_off_schedule(tmp_path):
+    lora, opt = _setup()
+    m = _manager(tmp_path, lora, opt, keep=10, every=0, last_step=100)
+    assert m.maybe_save(1, _state(1)) is None
+    assert m.maybe_save(2, _state(2), force=True) == tmp_path / "step-00000002"  # a stop request
+    assert m.maybe_save(3, _state(3)) is None
+    assert m.maybe_save(4, _state(4), due=True) == tmp_path / "step-00000004"  # rank 0's clock
+    assert _steps_on_disk(tmp_path) == [2, 4]
+    assert m.last == tmp_path / "step-00000004"
+
+
+def test_manager_keeps_the_newest_good_k_and_removes_partial_saves(tmp_path):
+    lora, opt = _setup()
+    m = _manager(tmp_path, lora, opt, keep=2, every=1)
+    for s in (1, 2, 3):
+        m.maybe_save(s, _state(s))
+    assert _steps_on_disk(tmp_path) == [2, 3]
+    (tmp_path / "step-00000003" / ckpt.MANIFEST).unlink()  # incomplete: does not count towards keep
+    (tmp_path / ".tmp-step-00000009" / "rng").mkdir(parents=True)  # a save that died
+    m.maybe_save(4, _state(4))
+    assert _steps_on_disk(tmp_path) == [2, 4]
+    assert not (tmp_path / ".tmp-step-00000009").exists()
+    m.maybe_save(5, _state(5))
+    assert _steps_on_disk(tmp_path) == [4, 5]
+
+
+def test_manager_time_due_on_rank0_clock_restarts_at_each_save(tmp_path):
+    lora, opt = _setup()
+    off = _manager(tmp_path / "off", lora, opt, keep=2)
+    time.sleep(0.01)
+    assert not off.time_due()  # every_minutes=0: never
+    m = _manager(tmp_path, lora, opt, keep=10, every_minutes=0.001)  # 60 ms
+    m.restart_clock()
+    assert not m.time_due()
+    time.sleep(0.1)
+    assert m.time_due()
+    assert m.maybe_save(1, _state(1), due=m.time_due()) == tmp_path / "step-00000001"
+    assert not m.time_due()  # the save restarted the clock
+    assert m.maybe_save(2, _state(2), due=m.time_due()) is None
+    assert _steps_on_disk(tmp_path) == [1]
+
+
+def test_manager_never_saves_non_finite_adapters(tmp_path):
+    lora, opt = _setup()
+    with torch.no_grad():
+        next(iter(lora.parameters()))[0, 0] = float("nan")
+    m = _manager(tmp_path, lora, opt, keep=2, every=1)
+    with pytest.raises(AssertionError, match="non-finite"):
+        m.maybe_save(1, _state(1))
+    assert _steps_on_disk(tmp_path) == [] and m.last is None
+
+
+def test_manager_resume_auto_never_explicit_and_base_check(tmp_path):
+    lora, opt = _setup()
+    assert _manager(tmp_path, lora, opt, keep=2).resume("auto").path is None  # nothing there yet
+    _manager(tmp_path, lora, opt, keep=2, every=2).maybe_save(2, _state(2))
+    lora2, opt2 = _setup(seed=1)
+    r = _manager(tmp_path, lora2, opt2, keep=2).resume("auto")
+    assert r.path == tmp_path / "step-00000002" and r.state["position"] == 16 and r.world_size == 1
+    assert all(torch.equal(a, b) for a, b in zip(lora.parameters(), lora2.parameters()))
+    assert _manager(tmp_path, lora2, opt2, keep=2).resume(str(tmp_path)).path == tmp_path / "step-00000002"
+    with pytest.raises(ConfigError, match="checkpoint.resume=never, but"):
+        _manager(tmp_path, lora2, opt2, keep=2).resume("never")
+    with pytest.raises(ConfigError, match="checkpoint.resume=.*nope"):
+        ckpt.check_resume(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="different base model"):
+        _manager(tmp_path, lora2, opt2, fp={"config_sha256": "zzz"}, keep=2).resume("auto")
+
+
+def test_read_checkpoint_gives_spec_and_tensors(tmp_path):
+    lora, opt = _setup()
+    _manager(tmp_path, lora, opt, keep=2).maybe_save(3, _state(3), force=True)
+    c = ckpt.read_checkpoint(tmp_path)  # the checkpoints dir resolves through `latest`
+    assert c.path == tmp_path / "step-00000003"
+    assert c.spec.r == 2 and c.spec.modules == lora.names() and c.spec.scale == 2.0
+    assert set(c.tensors) == set(lora.adapter_state_dict())
 
 
 CRASH = """

@@ -1,0 +1,84 @@
+# Sourced by slurm/*.sbatch (after `set -euo pipefail`): what the three batch scripts share.
+# Consumes the script's arguments (bigtrain overrides; `--config FILE` works like CONFIG=FILE) and sets
+#   PYTHON      default python
+#   ARGS        the `bigtrain train` argument list: train [--config $CONFIG] <overrides>
+#               [train.output_dir=$OUTPUT_DIR when OUTPUT_DIR came from the environment]
+#   OUTPUT_DIR  env, else resolved from the config file and the overrides exactly as bigtrain does
+#   NODES, HEAD_NODE, HEAD_ADDR   the allocation's nodes, the first one, the address its slurmd is reached at
+# exports the NCCL defaults, creates logs/, and defines
+#   bt_gpus_per_node    sets GPUS_PER_NODE (env, else SLURM_GPUS_ON_NODE, else nvidia-smi, else 1)
+#   bt_requeue_or_exit RC   requeue the job after a clean preemption exit; then exit RC
+
+PYTHON=${PYTHON:-python}
+mkdir -p logs   # for later jobs: Slurm opens --output before this line runs, so create it at submit too
+
+bt_gpus_per_node() {
+  if [[ -z ${GPUS_PER_NODE:-} ]]; then
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+      GPUS_PER_NODE=$SLURM_GPUS_ON_NODE
+    elif command -v nvidia-smi >/dev/null && (( $(nvidia-smi -L 2>/dev/null | wc -l) > 0 )); then
+      GPUS_PER_NODE=$(nvidia-smi -L | wc -l)
+    else
+      GPUS_PER_NODE=1   # CPU node: one gloo worker
+    fi
+  fi
+}
+
+# ---- config and output directory ---------------------------------------------------------------
+# `--config FILE` among the arguments works like CONFIG=FILE
+OVERRIDES=()
+while (($#)); do
+  case $1 in
+    --config) CONFIG=$2; shift 2 ;;
+    --config=*) CONFIG=${1#--config=}; shift ;;
+    *) OVERRIDES+=("$1"); shift ;;
+  esac
+done
+set -- "${OVERRIDES[@]}"
+ARGS=(train)
+[[ -n ${CONFIG:-} ]] && ARGS+=(--config "$CONFIG")
+ARGS+=("$@")
+if [[ -n ${OUTPUT_DIR:-} ]]; then
+  ARGS+=("train.output_dir=$OUTPUT_DIR")
+else
+  # the output dir the trainer will use, resolved exactly as bigtrain does (file + overrides)
+  OUTPUT_DIR=$("$PYTHON" - "${CONFIG:-}" "$@" <<'PY'
+import sys
+from bigtrain.config import load_config
+print(load_config(sys.argv[1] or None, sys.argv[2:], validate=False).train.output_dir)
+PY
+)
+fi
+
+# ---- the allocation's nodes --------------------------------------------------------------------
+mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD_NODE=${NODES[0]}
+# NodeAddr is what slurmd itself is reached at (often equal to the node name).
+HEAD_ADDR=$(scontrol show node "$HEAD_NODE" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+HEAD_ADDR=${HEAD_ADDR:-$HEAD_NODE}
+
+# ---- NCCL (ignored on CPU / gloo) ---------------------------------------------------------------
+# Fail fast instead of hanging forever when one rank dies or a collective times out.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}   # name used by torch < 2.2
+# NVLink SHARP (NVLS) multicast needs fabric-manager/IMEX support that many clusters (and
+# partitioned/MIG or container setups) lack; NCCL then errors or hangs at init. Off by default.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+# Choose the network interface yourself if NCCL picks a wrong one, e.g.:
+#   export NCCL_SOCKET_IFNAME=ib0      (or eth0, bond0 ...; GLOO_SOCKET_IFNAME for gloo)
+# export NCCL_DEBUG=INFO               # prints the topology and transport NCCL chose
+
+# ---- after training ----------------------------------------------------------------------------
+bt_requeue_or_exit() {
+  local rc=$1
+  # Requeue only a clean preemption exit: a rerun that failed (bad node, OOM, a config or checkpoint
+  # error) while an old `preempted` marker was still there must not requeue itself forever.
+  if [[ -f $OUTPUT_DIR/preempted && $rc -eq 0 ]]; then
+    echo "preempted at step $(cat "$OUTPUT_DIR/preempted"); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"   # the rerun resumes from $OUTPUT_DIR/checkpoints/latest
+  elif [[ -f $OUTPUT_DIR/preempted ]]; then
+    echo "training exited $rc; not requeueing (fix the cause, then resubmit: it resumes from" \
+         "$OUTPUT_DIR/checkpoints/latest)" >&2
+  fi
+  exit "$rc"
+}

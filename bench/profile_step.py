@@ -15,7 +15,6 @@ packed), FSDP2 + PEFT is bench/scaling.py's worker recipe.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -81,10 +81,7 @@ def run_bigtrain(args, out: Path) -> None:
 
 def run_fsdp2(args, out: Path) -> None:
     import torch.distributed as dist
-    import transformers as tf
-    from bench_gpu import peft_lora
-    from scaling import _decoder_layers, init_shards, model_config
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from scaling import build_fsdp2_peft, model_config
 
     if CUDA:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -94,15 +91,7 @@ def run_fsdp2(args, out: Path) -> None:
         dev = torch.device("cpu")
         dist.init_process_group("gloo")
     cfg = model_config(args.preset, args.num_layers)
-    with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = peft_lora(model, True, args.lora_r, args.lora_targets.split(","))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for layer in _decoder_layers(model, cfg.num_hidden_layers):
-        fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=True)
-    model.to_empty(device=dev)
-    init_shards(model, dev)
+    model = build_fsdp2_peft(cfg, True, args.lora_r, args.lora_targets.split(","), dev)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=CUDA)
     ids = torch.randint(3, cfg.vocab_size, (1, args.seq), device=dev)
 

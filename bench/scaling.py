@@ -105,6 +105,29 @@ def _decoder_layers(model, n_layers: int):
     raise RuntimeError("no ModuleList of decoder layers found")
 
 
+def build_fsdp2_peft(cfg, ac: bool, r: int, lora_targets, dev):
+    """The FSDP2 + PEFT baseline model: PEFT LoRA (fp32 adapters) on a bf16 base, ``fully_shard`` on
+    each decoder layer then the root, bf16 params and fp32 gradient reduction. The whole model never
+    exists: it is built on the meta device and sharded, then each rank allocates and initialises
+    only its own shards (``to_empty`` + :func:`init_shards`)."""
+    import torch
+    import transformers as tf
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from bench_gpu import peft_lora
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = peft_lora(model, ac, r, lora_targets)  # PEFT upcasts the adapters to fp32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in _decoder_layers(model, cfg.num_hidden_layers):
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=True)
+    model.to_empty(device=dev)
+    init_shards(model, dev)
+    return model
+
+
 def init_shards(model, dev) -> None:
     """After ``to_empty``: each rank fills its own shards as ``transformers`` would initialise the
     whole tensors (matrices N(0, 0.02²), norm weights 1, biases 0; LoRA A N(0, 0.02²), B 0) and
@@ -149,20 +172,8 @@ def worker(job: dict) -> None:
     torch.manual_seed(0)  # same random base on every rank (values do not matter, shapes do)
 
     if name == "fsdp2-peft":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         dist.init_process_group("gloo" if cpu else "nccl", device_id=None if cpu else dev)
-        # the whole model never exists: built on the meta device, sharded, then each rank allocates
-        # and initialises only its own shards (to_empty + init_shards)
-        with torch.device("meta"):
-            model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-        model = peft_lora(model, ac, r, lora_targets)  # PEFT upcasts the adapters to fp32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in _decoder_layers(model, cfg.num_hidden_layers):
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=True)
-        model.to_empty(device=dev)
-        init_shards(model, dev)
+        model = build_fsdp2_peft(cfg, ac, r, lora_targets, dev)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=not cpu)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .lora import LoRAModel, is_conv1d
+from .presets import count_parameters
 
 ALL_LINEAR = "all-linear"
 
@@ -26,29 +27,35 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
-def find_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
-    """Modules whose dotted name equals a target or ends with ``.<target>``. ``all-linear`` picks every
-    linear layer except the output head. A target that matches nothing is an error that lists the
-    linear-layer names the model does have."""
-    linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
+def select_targets(linear_names: list[str], targets: list[str], heads: set[str],
+                   model_name: str = "the model") -> list[str]:
+    """The one matching rule, on names alone (training and the estimator both use it): a linear
+    layer is a target when its dotted name equals a target or ends with ``.<target>``;
+    ``all-linear`` picks every linear layer but the output ``heads``. A target that matches nothing
+    is an error that lists the linear-layer names the model does have. The model's own order."""
     if targets == [ALL_LINEAR]:
-        heads = output_layer_names(model)
-        found = {n: m for n, m in linear.items() if n not in heads}
+        found = {n for n in linear_names if n not in heads}
     else:
         if ALL_LINEAR in targets:
             raise ValueError(f"lora.targets: {ALL_LINEAR!r} cannot be combined with other names")
-        found, unmatched = {}, []
+        found, unmatched = set(), []
         for t in targets:
-            hits = {n: m for n, m in linear.items() if n == t or n.endswith("." + t)}
+            hits = {n for n in linear_names if n == t or n.endswith("." + t)}
             if not hits:
                 unmatched.append(t)
-            found.update(hits)
+            found |= hits
         if unmatched:
-            avail = sorted({n.split(".")[-1] for n in linear})
+            avail = sorted({n.split(".")[-1] for n in linear_names})
             raise ValueError(f"lora.targets: {', '.join(map(repr, unmatched))} matched no linear layer of "
-                             f"{type(model).__name__}; its linear layers are named: {', '.join(avail)}")
-    # keep the model's own order
-    return {n: found[n] for n in linear if n in found}
+                             f"{model_name}; its linear layers are named: {', '.join(avail)}")
+    return [n for n in linear_names if n in found]
+
+
+def find_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """The modules of ``model`` that LoRA adapts for ``targets`` (:func:`select_targets`)."""
+    linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
+    names = select_targets(list(linear), targets, output_layer_names(model), type(model).__name__)
+    return {n: linear[n] for n in names}
 
 
 def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float = 0.0,
@@ -63,11 +70,7 @@ def inject_lora(model: nn.Module, targets: list[str], r: int, alpha: float, drop
 def parameter_report(model: nn.Module, lora: LoRAModel) -> dict:
     """Trainable (adapter) and total parameter counts; the base counted from ZeRO-3's full shapes
     when partitioned, tied weights once."""
-    base, seen = 0, set()
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            base += getattr(p, "ds_numel", p.numel())
+    base = count_parameters(model)
     trainable = lora.num_parameters()
     return {"trainable": trainable, "base": base, "total": base + trainable,
             "trainable_pct": 100.0 * trainable / (base + trainable)}

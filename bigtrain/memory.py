@@ -96,6 +96,7 @@ class ModelShape:
     layer_params: int  # parameters of one decoder layer (the bigtrain ZeRO-3 fetch unit)
     largest_module_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
     linears: dict = field(default_factory=dict)  # dotted name -> (d_in, d_out)
+    output_layers: frozenset = frozenset()  # the LM head's names (never adapted by all-linear)
     ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
     ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
 
@@ -103,20 +104,11 @@ class ModelShape:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
 
     def lora_shapes(self, targets: list[str]) -> dict:
-        from .inject import ALL_LINEAR
+        """(d_in, d_out) of each adapted linear layer, chosen by the same rule as training
+        (:func:`bigtrain.inject.select_targets`)."""
+        from .inject import select_targets
 
-        if targets == [ALL_LINEAR]:
-            return {n: s for n, s in self.linears.items()
-                    if n.split(".")[-1] not in ("lm_head", "embed_out")}
-        out = {}
-        for n, s in self.linears.items():
-            if any(n == t or n.endswith("." + t) for t in targets):
-                out[n] = s
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in self.linears)]
-        if missing:
-            avail = sorted({n.split(".")[-1] for n in self.linears})
-            raise ValueError(f"lora targets {missing} match no linear layer; available: {', '.join(avail)}")
-        return out
+        return {n: self.linears[n] for n in select_targets(list(self.linears), targets, set(self.output_layers), self.name)}
 
 
 def _hf_config(source):
@@ -137,16 +129,11 @@ def _hf_config(source):
 
 def shape_from_model(model, name: str = "model") -> ModelShape:
     """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
-    from .inject import _is_linear
+    from .inject import _is_linear, output_layer_names
     from .lora import linear_shape
 
     cfg = getattr(model, "config", None)
-    numels, seen = Counter(), set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        numels[int(getattr(p, "ds_numel", p.numel()))] += 1
+    numels = Counter(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
     linears = {n: linear_shape(m) for n, m in model.named_modules() if _is_linear(m)}
     layer_params, largest = 0, 0
     for m in model.modules():
@@ -166,7 +153,8 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         hidden=hidden,
         heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
         vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
-        largest_module_params=largest, linears=linears, ffn=ffn or 4 * hidden, ffn_maps=ffn_maps)
+        largest_module_params=largest, linears=linears, output_layers=frozenset(output_layer_names(model)),
+        ffn=ffn or 4 * hidden, ffn_maps=ffn_maps)
 
 
 def _decoder_layers(model):

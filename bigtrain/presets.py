@@ -144,10 +144,6 @@ def meta_model(hf_config):
 
 
 def count_parameters(model) -> int:
-    """Distinct parameter elements (tied weights counted once)."""
-    seen, n = set(), 0
-    for p in model.parameters():  # parameters() already de-duplicates shared tensors
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
+    """Distinct parameter elements, tied weights once (``parameters()`` yields a shared tensor once),
+    at full size under ZeRO-3 (``ds_numel``: a partitioned parameter's own ``numel`` is 0)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())

@@ -51,3 +51,45 @@ def test_scaling_smoke(tmp_path):
         assert (out / "logs" / f"{r['name']}.txt").exists()
     assert "| tiny-opt (CPU smoke) | bigtrain | 2 |" in (out / "scaling.md").read_text()
     assert (out / "scaling.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_scale_resume_smoke(tmp_path):
+    """bench/scale.py resume --cpu: the scale run's checkpoint-and-resume on a GQA LLaMA cut to 3
+    layers, 2 gloo ranks, r=16 on q,k,v,o: the second run resumes at step 2 and trains step 3; the
+    adapter file holds exactly the 16·(d_in + d_out) fp32 values per adapted matrix."""
+    out = tmp_path / "resume"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "resume", "tiny-llama", "--num-layers", "3",
+                        "--seq", "64", "--lora-r", "16", "--lora-targets", "q_proj,k_proj,v_proj,o_proj", "--cpu",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "resume.json").read_text())
+    assert res["ok"] and res["resumed_at"] == 2 and len(res["first_losses"]) == 2 and len(res["second_losses"]) == 1
+    # tiny-llama: d 64, 4 heads = kv heads (16 each); per layer q, k, v, o are 64 -> 64
+    values = 3 * 4 * 16 * (64 + 64)
+    assert values * 4 < res["adapter_bytes"] < values * 4 + 20_000  # + the safetensors header
+    assert all(r["host_peak_rss_bytes"] > 0 for r in res["ranks"])
+
+
+def test_scale_report_and_chart_from_the_committed_rows(tmp_path):
+    """The README's scale table and memory chart re-render from the committed H200 rows: the 70B
+    row's estimate, the targets, and the chart's full-FT vs LoRA numbers."""
+    rows = ROOT / "bench" / "results" / "scale"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "report", "--rows",
+                        str(rows / "scale_h200x2_rows.jsonl"), "--resume", str(rows / "resume_llama2-70b.json"),
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (tmp_path / "scale_h200x2.md").read_text()
+    assert "| llama2-70b (69.0B) | bigtrain | 2 | 8192 | r=16 q+k+v+o | 1,070 | 0.432 | 82.9 | 85.4 | 0.970 |" in md
+    assert "peak within 10 % of the estimate: 82.9 vs 85.4 GiB (-3.0 %) **met**" in md
+    assert "≥ 1,400 tokens/s per GPU: 1,070 **missed**" in md
+    assert "adapter file 262.2 MB" in md
+    png = tmp_path / "chart.png"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "chart", "--measured",
+                        str(rows / "scale_h200x2_rows.jsonl"), "--out", str(png)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert png.stat().st_size > 0
+    table = png.with_suffix(".md").read_text()
+    assert "| Llama-2 70B (8192) LoRA | 162 | 97 | 61 | 43 | 33 | 29 | 27 | 2 |" in table
+    assert "| GPT-3 175B (2048) full FT | 2,943 | 1,477 | 743 | 377 | 193 | 102 | 56 | 22 |" in table

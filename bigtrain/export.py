@@ -416,28 +416,34 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# export and merge read one bigtrain checkpoint into OUT: (help, description, epilog, OUT's help,
+# --base's help) of each
+_SUBCOMMANDS = {
+    "export": ("convert a bigtrain checkpoint to a PEFT LoRA adapter",
+               "Convert a bigtrain adapter checkpoint to another format (PEFT: adapter_config.json + "
+               "adapter_model.safetensors).", EXPORT_EPILOG, "output directory",
+               "base model dir (default: the checkpoint's base_model); read for its config only"),
+    "merge": ("merge adapters into the base, write a Hugging Face checkpoint",
+              "Write W0 + s·B·A for every adapted weight as a plain Hugging Face checkpoint (sharded "
+              "safetensors, config, tokenizer).", MERGE_EPILOG, "output directory (must not exist or be empty)",
+              "base model dir (default: the checkpoint's base_model)"),
+}
+
+
 def add_export_parsers(subparsers) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    e = subparsers.add_parser("export", help="convert a bigtrain checkpoint to a PEFT LoRA adapter",
-                              description="Convert a bigtrain adapter checkpoint to another format "
-                                          "(PEFT: adapter_config.json + adapter_model.safetensors).",
-                              epilog=EXPORT_EPILOG, formatter_class=fmt)
-    e.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (step-N), or a run dir (uses its latest)")
-    e.add_argument("out", metavar="OUT", help="output directory")
+    p = {}
+    for name, (help_, description, epilog, out_help, base_help) in _SUBCOMMANDS.items():
+        p[name] = subparsers.add_parser(name, help=help_, description=description, epilog=epilog,
+                                        formatter_class=argparse.RawDescriptionHelpFormatter)
+        p[name].add_argument("checkpoint", metavar="CKPT",
+                             help="checkpoint dir (step-N), or a run dir (uses its latest)")
+        p[name].add_argument("out", metavar="OUT", help=out_help)
+        p[name].add_argument("--base", metavar="DIR", default=None, help=base_help)
+    e, m = p["export"], p["merge"]
     e.add_argument("--format", default="peft", help="output format (only: peft)")
     e.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="adapter tensor dtype (default: as stored in the checkpoint)")
-    e.add_argument("--base", metavar="DIR", default=None,
-                   help="base model dir (default: the checkpoint's base_model); read for its config only")
     e.set_defaults(func=cmd_export)
-    m = subparsers.add_parser("merge", help="merge adapters into the base, write a Hugging Face checkpoint",
-                              description="Write W0 + s·B·A for every adapted weight as a plain Hugging "
-                                          "Face checkpoint (sharded safetensors, config, tokenizer).",
-                              epilog=MERGE_EPILOG, formatter_class=fmt)
-    m.add_argument("checkpoint", metavar="CKPT", help="checkpoint dir (step-N), or a run dir (uses its latest)")
-    m.add_argument("out", metavar="OUT", help="output directory (must not exist or be empty)")
-    m.add_argument("--base", metavar="DIR", default=None,
-                   help="base model dir (default: the checkpoint's base_model)")
     m.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
     m.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
                    help="dtype of the written weights (default: the base's)")

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 
 from .config import ConfigError, describe, load_config
+from .presets import PRESETS, count_parameters, hf_config_for, meta_model
+
+# Deferred imports: the training, data, export and estimator modules load torch; `bigtrain --help`
+# must answer without it (tests/e2e/test_cli.py), so each command imports its own module.
 
 TRAIN_EPILOG = """\
 examples:
@@ -35,7 +40,6 @@ def _config_reference(width: int = 100) -> str:
 def cmd_train(args) -> int:
     # a preemption signal (SIGTERM, Slurm's SIGUSR1) during the seconds torch/DeepSpeed take to
     # import would kill the rank: remember it; train() acts on it at the first step boundary
-    import signal
 
     pending: list[int] = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
@@ -50,7 +54,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .presets import PRESETS, count_parameters, hf_config_for, meta_model
 
     print(f"{'name':<12} {'arch':<8} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'ffn':>6} "
           f"{'vocab':>7} {'context':>7} {'params':>16}  source")

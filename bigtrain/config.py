@@ -10,7 +10,9 @@ environment).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import os
 import types
 import typing
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -90,7 +94,6 @@ class ModelConfig:
                                   f"safetensors only, never pickled .bin files; re-save the model with "
                                   f"save_pretrained(..., safe_serialization=True))")
         if self.path is None:
-            from .presets import PRESETS
 
             _choice(p + ".preset", self.preset, tuple(PRESETS))
         if self.num_layers is not None:
@@ -484,8 +487,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, doc) for every leaf field: the config reference in the README and
     ``bigtrain train --help`` are generated from this, so they cannot drift from the code."""
-    import ast
-    import inspect
 
     docs: dict[str, str] = {}
     try:  # attribute docstrings: a string literal right after the field

@@ -17,8 +17,11 @@ is not imported at module level: importing it is slow, and stage 0 runs never ne
 from __future__ import annotations
 
 import datetime
+import hashlib
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -179,7 +182,6 @@ def all_gather_objects(info: DistInfo, obj) -> list:
 def replica_digests(info: DistInfo, tensors: Iterable[torch.Tensor]) -> list[str]:
     """sha256 of the bytes of ``tensors`` on every rank (rank order): equal digests prove the
     replicated adapters (or their optimizer state) are bit-identical across ranks."""
-    import hashlib
 
     h = hashlib.sha256()
     for t in tensors:
@@ -206,8 +208,6 @@ def exit_after_teardown(code: int = 0) -> None:
     aborts the process (SIGABRT, "terminate called without an active exception"; seen twice in
     this project's CI under load; pytorch/pytorch#179291 describes the mechanism). Every output
     is already closed and fsynced by then, so flush what is left and leave with ``os._exit``."""
-    import logging
-    import sys
 
     for stream in (sys.stdout, sys.stderr):
         try:

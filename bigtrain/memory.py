@@ -50,10 +50,17 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .presets import meta_model
+
+# Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
+# torch (inject, lora, losses, zero3) are imported where used: `bigtrain estimate --help` builds this
+# module's parser without loading torch, and the comparisons with other tools are optional.
 
 GiB = 2 ** 30
 GB = 10 ** 9
@@ -169,7 +176,6 @@ def _decoder_layers(model):
 
 @functools.lru_cache(maxsize=4)
 def _meta_cached(source: str):
-    from .presets import meta_model
 
     return meta_model(_hf_config(source)[1])
 
@@ -184,7 +190,6 @@ def preset_shape(name: str, num_layers: int | None = None) -> ModelShape:
     if num_layers is None:
         return model_shape(name)
     from . import presets
-    from .presets import meta_model
 
     if name not in presets.PRESETS:
         raise ValueError(f"--num-layers changes a preset's depth; {name!r} is not a preset "
@@ -202,7 +207,6 @@ def model_shape(source) -> ModelShape:
         return _shape_cached(source)
     if hasattr(source, "parameters"):
         return shape_from_model(source, type(source).__name__)
-    from .presets import meta_model
 
     name, cfg = _hf_config(source)
     return shape_from_model(meta_model(cfg), name)
@@ -454,7 +458,6 @@ def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) 
     """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
     ``limit``; stage 0 never improves with more GPUs). With hpZ only multiples of ``st.hpz`` are
     world sizes DeepSpeed accepts, so the search runs over those."""
-    from dataclasses import replace
 
     unit = max(1, st.hpz)
 
@@ -603,7 +606,6 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
     elif hasattr(model, "parameters"):
         mm = model
     else:
-        from .presets import meta_model
 
         mm = meta_model(_hf_config(model)[1])
     shape = model_shape(model)
@@ -626,7 +628,6 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
     N = num_gpus_per_node * num_nodes
     ds: dict = {}
     try:
-        import logging
 
         from deepspeed.runtime.zero import stage3 as s3
 
@@ -735,7 +736,6 @@ def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from dataclasses import replace
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     bottoms = [0.0, 0.0]

@@ -15,6 +15,8 @@ from typing import Protocol
 
 from .config import LoggingConfig
 
+# Deferred imports: wandb and TensorBoard are optional loggers, imported only when enabled.
+
 # Dense bf16 matmul peak used for MFU, by GPU name (790 TFLOP/s: measured on an H200 with random
 # bf16 matrices; the H100 shares its compute).
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0}

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Deferred imports: torch and transformers are imported where used, so the preset table is cheap to
+# read (config validation, `bigtrain --help`).
+
 GPT3_VOCAB = 50257
 GPT3_CONTEXT = 2048
 

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# Deferred imports: deepspeed (and transformers' DeepSpeed integration) are imported where used, so
+# that stage-0 runs and the CPU-only tools never pay DeepSpeed's import time (its op builders).
 from torch import nn
 
 from .config import ConfigError, ZeroConfig

@@ -39,7 +39,7 @@ def _config_reference(width: int = 100) -> str:
 
 def cmd_train(args) -> int:
     # a preemption signal (SIGTERM, Slurm's SIGUSR1) during the seconds torch/DeepSpeed take to
-    # import would kill the rank: remember it; train() acts on it at the first step boundary
+    # import would kill the rank: remember it; train() then stops before any work, marked preempted
 
     pending: list[int] = []
     for s in (signal.SIGTERM, signal.SIGUSR1):

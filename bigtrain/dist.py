@@ -108,8 +108,11 @@ def init_distributed(device_pref: str, backend: str, timeout_s: float, stage: in
                 # DeepSpeed's own comm layer, which zero.Init and DeepSpeedZeRoOffload go through.
                 import deepspeed
 
-                deepspeed.init_distributed(dist_backend=backend, timeout=timeout,
-                                           rank=rank, world_size=world, verbose=False)
+                from .zero3 import no_shm_comm_build  # (zero3 imports this module)
+
+                with no_shm_comm_build():  # a stale build lock would hang every later start
+                    deepspeed.init_distributed(dist_backend=backend, timeout=timeout,
+                                               rank=rank, world_size=world, verbose=False)
             else:
                 dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                         timeout=timeout)

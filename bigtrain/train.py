@@ -35,5 +35,5 @@ __all__ = ["Preemption", "StepResult", "TrainState", "Trainer", "adapter_config"
 def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     """Run training as ``cfg`` says; return the result dict (step, eval_loss, checkpoint, ...; or
     step, preempted, checkpoint after a stop). ``pending_signals``: SIGTERM/SIGUSR1 the CLI caught
-    while importing, acted on at the first step boundary."""
+    while importing: the run then stops before any work, marked preempted."""
     return Trainer(cfg, pending_signals).run()

@@ -59,16 +59,38 @@ from .vocab import run_config as pad_vocab
 from .zero3 import check_world
 
 
+class PreemptedBeforeStep(Exception):
+    """SIGTERM or SIGUSR1 before the run's first optimizer step: nothing new exists to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Preemption:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary."""
+    """SIGTERM or SIGUSR1. Once the loop runs (``arm``), the signal is remembered and the loop saves
+    and stops at the next step boundary. Before that (start-up, the step-0 eval) nothing new exists
+    to save, so the run ends at once (``PreemptedBeforeStep``): a start-up that takes minutes at
+    scale, or hangs, must not outlive the scheduler's grace period."""
 
     def __init__(self, pending: list[int] | None = None):
         self.signum = pending[-1] if pending else 0  # caught by the CLI before torch was imported
+        self.armed = False
         for s in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(s, self._handler)
 
+    def check(self) -> None:
+        """Raise for a signal that came before the loop (the CLI's, caught while importing)."""
+        if self.signum and not self.armed:
+            raise PreemptedBeforeStep(self.signum)
+
+    def arm(self) -> None:
+        self.armed = True
+
     def _handler(self, signum, frame):
         self.signum = signum
+        if not self.armed:
+            raise PreemptedBeforeStep(signum)
 
 
 def set_seed(seed: int) -> None:
@@ -149,8 +171,8 @@ class Trainer:
     def __init__(self, cfg: Config, pending_signals: list[int] | None = None):
         self.cfg = cfg
         # SIGTERM/SIGUSR1 from here on (and those `bigtrain train` caught while importing, passed in
-        # ``pending_signals``) are acted on at the first step boundary: a preemption notice during the
-        # (long, at scale) start-up must not kill the job or be dropped
+        # ``pending_signals``): before the first step they end the run at once, marked preempted so
+        # that the Slurm scripts requeue it; from the first step on, at the next step boundary
         self.preempt = Preemption(pending_signals)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
@@ -166,14 +188,32 @@ class Trainer:
 
     def run(self) -> dict:
         """Set up and train; :meth:`close` runs exactly once, however this ends."""
-        failed = True
+        failed, early = True, False
         try:
+            self.preempt.check()
             self.setup()
             result = self.train()
             failed = False
             return result
+        except PreemptedBeforeStep as e:
+            failed, early = False, True
+            return self._preempted_before_step(e.signum)
         finally:
-            self.close(failed)
+            self.close(failed, leave_group=early)
+
+    def _preempted_before_step(self, signum: int) -> dict:
+        """A signal before the first step: nothing new to save. Mark the run dir preempted (at the
+        step of the checkpoint it will resume from) so that the Slurm scripts requeue the job, and
+        return; the caller exits 0. The process group is left to the process's exit, as after a
+        failure: the other ranks may be anywhere in their start-up."""
+        step = self.state.step
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "preempted").write_text(f"{step}\n")
+            print(f"[bigtrain] {signal.Signals(signum).name} before the first step: stopped, nothing new to "
+                  f"save; rerun the same command to "
+                  f"{f'resume from step {step}' if step else 'start again'}", file=sys.stderr, flush=True)
+        return {"step": step, "preempted": True, "checkpoint": None}
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -322,6 +362,7 @@ class Trainer:
         self.bar = _progress(self.cfg, state.step, self.info.is_main)
         self.window = Window()
         self.checkpoints.restart_clock()  # checkpoint.every_minutes counts from the first step
+        self.preempt.arm()  # from here a signal saves at the next step boundary
         while state.step < t.max_steps:
             r = self.train_step(self._step_batches())
             # the samples are consumed even by a skipped step: a resume replays the same order
@@ -487,14 +528,15 @@ class Trainer:
                           f"{last_save / ckpt.ADAPTER_FILE if last_save else '-'} ({size / 1e6:.3f} MB)")
         return result
 
-    def close(self, failed: bool = False) -> None:
-        """Tear down, once: the loggers, then (unless the run failed) the engine and its process group."""
+    def close(self, failed: bool = False, leave_group: bool = False) -> None:
+        """Tear down, once: the loggers, then (unless the run failed, or ``leave_group``: stopped
+        before its first step) the engine and its process group."""
         if self._closed:
             return
         self._closed = True
         if self.loggers is not None:
             self.loggers.close(failed=failed)  # a failed run is marked so in W&B
-        if failed:
+        if failed or leave_group:
             # An exception may be this rank's alone while the others wait in a collective: the
             # engine's tear-down starts with a barrier that could then wait forever. The process
             # group is left to the process's exit (torchrun ends the other ranks).

@@ -62,6 +62,7 @@ PRIVATE_APIS = (
     ("deepspeed.utils.groups", "_get_zero_param_intra_parallel_group"),
     ("deepspeed.utils", "set_z3_leaf_modules"),
     ("deepspeed", "zero.GatheredParameters"),
+    ("deepspeed.comm.torch", "build_shm_op"),
 )
 # Attributes zero.Init puts on every partitioned parameter, read or written here and by
 # ``loader.load_partitions``. Some runs also use ds_persist (persistent parameters) and, with hpZ,
@@ -108,6 +109,28 @@ def check_deepspeed_version() -> None:
               f"parameter attributes {', '.join(PARAM_ATTRS)}, ds_secondary_tensor", file=sys.stderr,
               flush=True)
     _checked = True
+
+
+@contextlib.contextmanager
+def no_shm_comm_build():
+    """Start DeepSpeed's comm layer without its shared-memory all-reduce op.
+
+    ``deepspeed.init_distributed`` JIT-builds (or loads) the ``deepspeed_shm_comm`` C++ op on CPU at
+    every start, under a file lock in torch's extensions cache (``~/.cache/torch_extensions``, or
+    ``$TORCH_EXTENSIONS_DIR``). A process killed while it holds the lock (6-10 ms normally, 30-40 s
+    when the op is rebuilt) leaves the lock file behind, and every later start by that user then
+    waits on it forever, silently. bigtrain never uses the op: it serves DeepSpeed's inference
+    all-reduce, while training's collectives (bigtrain's and ZeRO-3's) go through torch.distributed.
+    So the build is skipped, and no lock is ever taken."""
+    # by module path: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``,
+    # which is torch itself
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    build = ds_comm.build_shm_op
+    ds_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_comm.build_shm_op = build
 
 
 def check_param_attrs(model: nn.Module) -> None:

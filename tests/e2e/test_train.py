@@ -173,9 +173,10 @@ def test_input_the_model_cannot_take_and_stop_at_last_step(tmp_path):
     assert not (out / "preempted").exists()
 
 
-def test_signal_during_startup_is_kept_for_the_first_step(tmp_path):
-    """SIGUSR1/SIGTERM while the model loads (minutes at scale) is not lost and does not kill the
-    run: it is acted on at the first step boundary (save, `preempted`, exit 0)."""
+def test_signal_during_startup_stops_at_once_marked_preempted(tmp_path):
+    """SIGUSR1/SIGTERM while the model loads (minutes at scale, or a start-up that hangs) ends the
+    run at once, before any step: nothing new exists to save. It exits 0 with `preempted` holding
+    the step it will resume from (0 here), so the Slurm scripts requeue the job."""
     import signal
     import subprocess
     import time
@@ -193,14 +194,18 @@ def test_signal_during_startup_is_kept_for_the_first_step(tmp_path):
         if " on host " in line:
             proc.send_signal(signal.SIGUSR1)
             break
+    t0 = time.monotonic()
     rest, _ = proc.communicate(timeout=300)
+    waited = time.monotonic() - t0
     text = "".join(lines) + rest
     assert proc.returncode == 0, text[-3000:]
-    # sent right after the process group came up, before the model was built and evaluated (the
-    # handler used to be installed only after that: the signal killed the run, rc -10)
-    assert text.index(" on host ") < text.index("step 0 (adapters are zero")
-    assert "stopped early (signal): saved step 1" in text
-    assert (out / "preempted").read_text().strip() == "1"
+    # sent right after the process group came up: no model evaluated, no step, no checkpoint (it
+    # used to run on to step 1 and save it there; before that, the signal killed the run, rc -10)
+    assert "SIGUSR1 before the first step: stopped, nothing new to save; rerun the same command to start again" in text
+    assert "step 0 (adapters are zero" not in text and "saved step" not in text
+    assert (out / "preempted").read_text().strip() == "0"
+    assert not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else True
+    assert waited < 30, f"took {waited:.0f} s to stop"
 
 
 SIGNAL_WHILE_IMPORTING = """
@@ -216,11 +221,26 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))
 """
 
 
-def test_signal_while_importing_is_kept_for_the_first_step(tmp_path):
+def test_signal_while_importing_stops_at_once_marked_preempted(tmp_path):
     """The same for a signal that arrives while `bigtrain train` is still importing torch."""
     import sys
 
     out = tmp_path / "imp"
     p = run([sys.executable, "-c", SIGNAL_WHILE_IMPORTING, *tiny_overrides(out, BUILTIN, 50, 2)])
-    assert "stopped early (signal): saved step 1" in p.stdout, p.stdout[-2000:]
-    assert (out / "preempted").read_text().strip() == "1"
+    assert "SIGUSR1 before the first step: stopped" in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+    assert (out / "preempted").read_text().strip() == "0"
+    assert not (out / "train_log.jsonl").exists() or "loss" not in (out / "train_log.jsonl").read_text()
+
+
+def test_stale_extension_build_lock_does_not_hang_the_start(tmp_path):
+    """A lock file left in torch's extensions cache by a process killed while DeepSpeed built its
+    shared-memory comm op made every later start wait forever. bigtrain no longer builds that op
+    (it never uses it), so a stale lock is never touched: the run starts and finishes."""
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    out = tmp_path / "lock"
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 1, 2)), timeout=240, env={"TORCH_EXTENSIONS_DIR": str(ext)})
+    assert "done: 1 steps" in p.stdout, p.stdout[-2000:]
+    assert "shm_comm" not in p.stdout + p.stderr  # not built, not loaded
+    assert [f.name for f in (ext / "deepspeed_shm_comm").iterdir()] == ["lock"]

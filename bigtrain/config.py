@@ -22,8 +22,6 @@ from typing import Any, Optional
 
 import yaml
 
-from .presets import PRESETS
-
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
@@ -94,6 +92,8 @@ class ModelConfig:
                                   f"safetensors only, never pickled .bin files; re-save the model with "
                                   f"save_pretrained(..., safe_serialization=True))")
         if self.path is None:
+
+            from .presets import PRESETS  # deferred: config is the package's leaf, imported by every module
 
             _choice(p + ".preset", self.preset, tuple(PRESETS))
         if self.num_layers is not None:

@@ -85,6 +85,10 @@ def test_config_error_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[nope]"]), check=False)
     assert p.returncode != 0 and "'nope' matched no linear layer" in p.stderr
+    # the LM head: refused in one line before any process group (it used to fail at step 1)
+    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[q_proj,lm_head]"]), check=False)
+    assert p.returncode == 2 and "config error: lora.targets: 'lm_head' is the output head" in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "x").exists()
 
 
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):

@@ -89,6 +89,12 @@ def test_config_error_before_any_work(tmp_path):
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[q_proj,lm_head]"]), check=False)
     assert p.returncode == 2 and "config error: lora.targets: 'lm_head' is the output head" in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
+    # data that is not UTF-8: named file:line before any process group (it used to train on U+FFFD)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "café:", "completion": " crème"}\n'.encode("latin-1"))
+    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"data.train={bad}"]), check=False)
+    assert p.returncode == 1 and f"error: {bad}:1: not valid UTF-8 (byte 0xe9" in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "x").exists()
 
 
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):

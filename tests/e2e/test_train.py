@@ -154,6 +154,25 @@ def test_changed_lr_on_resume_is_used_and_said(tmp_path):
     assert lr[6] == pytest.approx(0.5 * lr_lambda(cfg, 6), rel=1e-12)
 
 
+def test_changed_adapter_hparams_on_resume(tmp_path):
+    """lora.alpha / lora.rslora changed on resume used to pass silently (the scale jumped, and the
+    new adapter_config.json claimed the new alpha for adapters trained at the old one): refused in
+    one line naming the key and both values. A changed lora.dropout is used, and said."""
+    out = tmp_path / "r"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert (f"config error: {out / 'checkpoints' / 'step-00000004'}: lora.alpha changed on resume: "
+            f"checkpoint 16.0, now 32.0") in p.stderr
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})), check=False)
+    assert p.returncode == 2 and "lora.rslora changed on resume: checkpoint false, now true" in p.stderr
+    assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing trained by the refused runs
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.dropout": 0.1})))
+    assert "lora.dropout changed on resume: 0.0 -> 0.1 (the config's value is used)" in p.stdout
+    cfg = json.loads((out / "checkpoints" / "step-00000006" / "adapter_config.json").read_text())
+    assert cfg["dropout"] == 0.1 and cfg["alpha"] == 16.0
+
+
 def test_eval_loss_does_not_depend_on_micro_batch_or_ranks(tmp_path):
     """Eval scores the first train.eval_examples examples once each, split over the ranks with
     masked fillers: the same figure at micro-batch 8, 3 and on 2 ranks (float rounding apart).

@@ -114,9 +114,10 @@ class LoRAConfig:
     r: int = 8
     """Rank of the update BA (paper: 1..8; GPT-3 175B used 4)."""
     alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
+    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora). Fixed for a
+    run, like r, rslora and targets: a resume with another value is refused."""
     dropout: float = 0.0
-    """Dropout on the adapter input (not on the frozen path)."""
+    """Dropout on the adapter input (not on the frozen path). Changed on resume, the new value is used."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module-name suffixes to adapt (paper: W_q, W_v), or ["all-linear"]."""
     rslora: bool = False

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
 from .config import ConfigError
-from .lora import AdapterSpec, LoRAModel
+from .lora import AdapterSpec, LoRAModel, lora_scale
 
 LATEST = "latest"
 PREFIX = "step-"
@@ -331,6 +331,37 @@ def check_base(path: Path, current: dict, force: bool) -> None:
         warnings.warn(msg + " (forced)")
 
 
+def check_adapter(path: Path, current: dict) -> list[str]:
+    """A resume must continue the same adapters: a changed lora.r, lora.alpha, lora.rslora or set of
+    adapted modules (lora.targets) is refused, naming the key, the checkpoint's value and the new
+    one (a changed alpha or rslora would make the effective scale s jump, and the new
+    adapter_config.json would claim a scale the adapters were not trained at). A changed
+    lora.dropout only regularises what follows: it is used, and returned as a note to say. Keys an
+    older checkpoint lacks are not compared."""
+    saved = read_json(path / ADAPTER_CONFIG)
+    for key in ("r", "alpha", "rslora", "modules"):
+        if key not in saved or key not in current or saved[key] == current[key]:
+            continue
+        if key == "modules":
+            raise ConfigError(f"{path}: lora.targets changed on resume: the checkpoint adapts "
+                              f"{len(saved['modules'])} modules ({saved.get('targets')}), now "
+                              f"{len(current['modules'])} ({current.get('targets')}); resume with the "
+                              f"checkpoint's lora.targets, or start a fresh run in another train.output_dir")
+        why = ""
+        if key in ("alpha", "rslora"):
+            old = {k: saved.get(k, current.get(k)) for k in ("r", "alpha", "rslora")}
+            why = (f" (the adapters' scale would jump from {lora_scale(old['alpha'], old['r'], old['rslora']):g} "
+                   f"to {lora_scale(current['alpha'], current['r'], current.get('rslora', False)):g})")
+        was, now = (json.dumps(v) if isinstance(v, bool) else v for v in (saved[key], current[key]))
+        raise ConfigError(f"{path}: lora.{key} changed on resume: checkpoint {was}, now {now}{why}; "
+                          f"resume with lora.{key}={was}, or start a fresh run in another train.output_dir")
+    notes = []
+    if "dropout" in saved and "dropout" in current and saved["dropout"] != current["dropout"]:
+        notes.append(f"lora.dropout changed on resume: {saved['dropout']} -> {current['dropout']} "
+                     f"(the config's value is used)")
+    return notes
+
+
 def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int) -> dict:
     """What identifies the frozen base: its config (hash) and, for a checkpoint on disk, its weight
     files and sizes; for a random-initialised preset, the seed that built it."""
@@ -517,12 +548,14 @@ class CheckpointManager:
         """checkpoint.resume ``mode``: ``auto``, the newest checkpoint under ``root`` that verifies
         as rank 0 sees it (a collective: every rank takes rank 0's choice); ``never``, none; else
         the explicit checkpoint or run dir (:func:`check_resume`). A checkpoint's base must match
-        this run's (unless force_base_mismatch); then adapters, optimizer and this rank's RNG are
-        restored from it."""
+        this run's (unless force_base_mismatch), and its adapters this run's (:func:`check_adapter`);
+        then adapters, optimizer and this rank's RNG are restored from it."""
         path = self._latest_resumable() if mode == "auto" else check_resume(mode, self.root)
         if path is None:
             return ResumeResult()
         check_base(path, self.base_fingerprint, self.force_base_mismatch)
+        for note in check_adapter(path, self.adapter_config):
+            self.log(f"[bigtrain] {note}")
         state = load_checkpoint(path, self.lora, self.optimizer, self.engine.info.rank)
         return ResumeResult(path, state)
 

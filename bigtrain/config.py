@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import os
 import types
 import typing
@@ -113,9 +114,10 @@ class LoRAConfig:
     r: int = 8
     """Rank of the update BA (paper: 1..8; GPT-3 175B used 4)."""
     alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora)."""
+    """Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora). Fixed for a
+    run, like r, rslora and targets: a resume with another value is refused."""
     dropout: float = 0.0
-    """Dropout on the adapter input (not on the frozen path)."""
+    """Dropout on the adapter input (not on the frozen path). Changed on resume, the new value is used."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module-name suffixes to adapt (paper: W_q, W_v), or ["all-linear"]."""
     rslora: bool = False
@@ -180,9 +182,9 @@ class TrainConfig:
     schedule: str = "cosine"
     """cosine, linear or constant decay after warm-up."""
     min_lr_ratio: float = 0.1
-    """The decay ends at lr * min_lr_ratio at max_steps."""
+    """The decay ends at lr * min_lr_ratio at max_steps (0 to 1)."""
     max_grad_norm: float = 1.0
-    """Clip the global adapter gradient norm; 0 disables."""
+    """Clip the global adapter gradient norm to this (>= 0); 0 disables."""
     precision: str = "auto"
     """auto (bf16 autocast on a bf16-capable GPU, fp32 on CPU), bf16 or fp32."""
     device: str = "auto"
@@ -212,6 +214,13 @@ class TrainConfig:
                               f"got {self.eval_every}")
         if self.lr <= 0:
             raise ConfigError(f"{p}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{p}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{p}.min_lr_ratio must be in [0, 1] (the decay ends at lr * min_lr_ratio), "
+                              f"got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"{p}.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -330,6 +339,7 @@ class Config:
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
+            _check_finite(getattr(self, f.name), f.name)
             getattr(self, f.name).validate(f.name)
         if self.model.compile and self.zero.stage == 3 and not self.zero.leaf_blocks:
             raise ConfigError("model.compile needs zero.leaf_blocks=true at zero.stage=3: ZeRO-3's "
@@ -355,6 +365,21 @@ def resolve_model_path(path: str) -> str:
     if path.startswith("builtin:"):
         return str(ASSETS / path[len("builtin:"):])
     return path
+
+
+def _check_finite(section: Any, p: str) -> None:
+    """Every float of a section (float, optional float, list of floats) is finite: nan passes every
+    ``<`` and ``>`` check of the validate() methods (they are written to fail on it, but a new key
+    might not be), and inf is no setting of any key. Runs before the section's validate()."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        tp, value = hints[f.name], getattr(section, f.name)
+        if float not in (tp, *typing.get_args(tp)):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{p}.{f.name} must be {'finite numbers' if isinstance(value, list) else 'a finite number'}, "
+                              f"got {value}")
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:

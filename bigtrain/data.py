@@ -18,6 +18,7 @@ directory written by ``datasets.Dataset.save_to_disk``. Order is kept: shuffling
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,11 +130,31 @@ class _Reader:
         return {"text": self.texts}
 
 
+# Files are decoded with errors="surrogateescape": a byte that is not valid UTF-8 becomes a lone
+# surrogate U+DC80..U+DCFF, which valid UTF-8 never decodes to, so each line can be checked on its
+# own (and named) while line splitting stays that of a text-mode read. (errors="replace" trained on
+# U+FFFD: a latin-1 file became mojibake and random bytes became examples, silently.)
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(line: str) -> str | None:
+    """The bad-line reason for a line holding bytes that are not UTF-8, else None."""
+    m = _NOT_UTF8.search(line)
+    if m is None:
+        return None
+    return (f"not valid UTF-8 (byte 0x{ord(m.group()) - 0xDC00:02x} at column {m.start() + 1}; "
+            f"convert the file to UTF-8)")
+
+
 def _read_jsonl(path: Path, r: _Reader) -> None:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue  # blank lines are not records
+            bad = _not_utf8(line)
+            if bad:
+                r.bad_line(str(i), bad)
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -143,15 +164,22 @@ def _read_jsonl(path: Path, r: _Reader) -> None:
 
 
 def _read_paragraphs(path: Path, r: _Reader) -> None:
-    """Plain text: one text example per non-empty paragraph (blank-line separated)."""
+    """Plain text: one text example per non-empty paragraph (blank-line separated). A paragraph
+    with a line that is not UTF-8 is a bad line (named by that line; skipped whole)."""
     para: list[str] = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    bad: tuple[int, str] | None = None  # the paragraph's first non-UTF-8 line
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     for i, line in enumerate(lines + [""], 1):
         if line.strip():
             para.append(line)
+            if bad is None and (reason := _not_utf8(line)):
+                bad = (i, reason)
         elif para:
-            r.add(str(i - len(para)), {"text": "\n".join(para)})
-            para = []
+            if bad:
+                r.bad_line(str(bad[0]), bad[1])
+            else:
+                r.add(str(i - len(para)), {"text": "\n".join(para)})
+            para, bad = [], None
 
 
 def _read_saved(path: Path, r: _Reader) -> None:
@@ -282,7 +310,7 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig) -> tuple[datasets.Datas
     boundaries (no block-diagonal mask, as in most packing recipes); ``rows_crossing_examples``
     counts such rows.
 
-    Bad records (unparseable JSON, not an object, missing or non-string fields, empty completion or
+    Bad records (bytes that are not UTF-8, unparseable JSON, not an object, missing or non-string fields, empty completion or
     text, a record of the other format) raise ``DataError("path:LINE: reason")`` with
     ``cfg.on_bad_line == "error"``; with ``"skip"`` they are counted in ``stats["skipped"]`` and the
     first few are listed in ``stats["bad_lines"]``. Blank lines are ignored.

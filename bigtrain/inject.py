@@ -16,8 +16,9 @@ def _is_linear(m: nn.Module) -> bool:
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
-    """The LM head (never adapted by all-linear, as in PEFT: it is tied to the embeddings in many
-    models and maps to the vocabulary, not between hidden states)."""
+    """The LM head (never adapted: all-linear skips it, as in PEFT, and naming it in lora.targets is
+    an error; it is tied to the embeddings in many models and maps to the vocabulary, not between
+    hidden states)."""
     names = set()
     get = getattr(model, "get_output_embeddings", None)
     head = get() if get else None
@@ -32,7 +33,10 @@ def select_targets(linear_names: list[str], targets: list[str], heads: set[str],
     """The one matching rule, on names alone (training and the estimator both use it): a linear
     layer is a target when its dotted name equals a target or ends with ``.<target>``;
     ``all-linear`` picks every linear layer but the output ``heads``. A target that matches nothing
-    is an error that lists the linear-layer names the model does have. The model's own order."""
+    is an error that lists the linear-layer names the model does have (the heads not among them).
+    A target that matches an output head is an error too: the head is not adaptable (it is tied to
+    the embeddings in many models, and the loss projects through the head's own weight in chunks,
+    :mod:`bigtrain.losses`, so a head adapter would never be applied). The model's own order."""
     if targets == [ALL_LINEAR]:
         found = {n for n in linear_names if n not in heads}
     else:
@@ -43,9 +47,14 @@ def select_targets(linear_names: list[str], targets: list[str], heads: set[str],
             hits = {n for n in linear_names if n == t or n.endswith("." + t)}
             if not hits:
                 unmatched.append(t)
+            if hits & heads:
+                raise ValueError(f"lora.targets: {t!r} is the output head ({', '.join(sorted(hits & heads))}) "
+                                 f"of {model_name}, which LoRA cannot adapt: it is tied to the embeddings "
+                                 f"in many models and the loss projects through the head in chunks, "
+                                 f"bypassing any adapter on it")
             found |= hits
         if unmatched:
-            avail = sorted({n.split(".")[-1] for n in linear_names})
+            avail = sorted({n.split(".")[-1] for n in linear_names if n not in heads})
             raise ValueError(f"lora.targets: {', '.join(map(repr, unmatched))} matched no linear layer of "
                              f"{model_name}; its linear layers are named: {', '.join(avail)}")
     return [n for n in linear_names if n in found]

@@ -103,7 +103,7 @@ class ModelShape:
     layer_params: int  # parameters of one decoder layer (the bigtrain ZeRO-3 fetch unit)
     largest_module_params: int  # the largest module's own parameters (DeepSpeed's "largest layer")
     linears: dict = field(default_factory=dict)  # dotted name -> (d_in, d_out)
-    output_layers: frozenset = frozenset()  # the LM head's names (never adapted by all-linear)
+    output_layers: frozenset = frozenset()  # the LM head's names (never adapted)
     ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
     ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
 

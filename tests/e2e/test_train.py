@@ -85,6 +85,16 @@ def test_config_error_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[nope]"]), check=False)
     assert p.returncode != 0 and "'nope' matched no linear layer" in p.stderr
+    # the LM head: refused in one line before any process group (it used to fail at step 1)
+    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[q_proj,lm_head]"]), check=False)
+    assert p.returncode == 2 and "config error: lora.targets: 'lm_head' is the output head" in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "x").exists()
+    # data that is not UTF-8: named file:line before any process group (it used to train on U+FFFD)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "café:", "completion": " crème"}\n'.encode("latin-1"))
+    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"data.train={bad}"]), check=False)
+    assert p.returncode == 1 and f"error: {bad}:1: not valid UTF-8 (byte 0xe9" in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "x").exists()
 
 
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):
@@ -142,6 +152,25 @@ def test_changed_lr_on_resume_is_used_and_said(tmp_path):
     assert lr[4] == pytest.approx(0.005 * lr_lambda(load_config(None, tiny_overrides(out, BUILTIN, 4, 2)), 4))
     assert lr[5] == pytest.approx(0.5 * lr_lambda(cfg, 5), rel=1e-12)
     assert lr[6] == pytest.approx(0.5 * lr_lambda(cfg, 6), rel=1e-12)
+
+
+def test_changed_adapter_hparams_on_resume(tmp_path):
+    """lora.alpha / lora.rslora changed on resume used to pass silently (the scale jumped, and the
+    new adapter_config.json claimed the new alpha for adapters trained at the old one): refused in
+    one line naming the key and both values. A changed lora.dropout is used, and said."""
+    out = tmp_path / "r"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert (f"config error: {out / 'checkpoints' / 'step-00000004'}: lora.alpha changed on resume: "
+            f"checkpoint 16.0, now 32.0") in p.stderr
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})), check=False)
+    assert p.returncode == 2 and "lora.rslora changed on resume: checkpoint false, now true" in p.stderr
+    assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing trained by the refused runs
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.dropout": 0.1})))
+    assert "lora.dropout changed on resume: 0.0 -> 0.1 (the config's value is used)" in p.stdout
+    cfg = json.loads((out / "checkpoints" / "step-00000006" / "adapter_config.json").read_text())
+    assert cfg["dropout"] == 0.1 and cfg["alpha"] == 16.0
 
 
 def test_eval_loss_does_not_depend_on_micro_batch_or_ranks(tmp_path):

@@ -109,8 +109,8 @@ def test_base_mismatch_refused_unless_forced(tmp_path):
 
 
 # -- CheckpointManager: the save rules, on a real engine at world size 1 -------------------------
-def _manager(root, lora, opt, fp=None, **rules):
-    spec = AdapterSpec(r=2, alpha=4, targets=["q_proj"], modules=lora.names(), base_model="preset:x")
+def _manager(root, lora, opt, fp=None, spec=None, **rules):
+    spec = spec or AdapterSpec(r=2, alpha=4, targets=["q_proj"], modules=lora.names(), base_model="preset:x")
     return ckpt.CheckpointManager(root, Engine(ZeroConfig(stage=0), device="cpu"), lora, opt,
                                   adapter_config=spec.to_json(), base_fingerprint=fp or {"config_sha256": "abc"},
                                   config_yaml="x: 1\n", log=lambda m: None, **rules)
@@ -204,6 +204,47 @@ def test_manager_resume_auto_never_explicit_and_base_check(tmp_path):
         ckpt.check_resume(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="different base model"):
         _manager(tmp_path, lora2, opt2, fp={"config_sha256": "zzz"}, keep=2).resume("auto")
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"alpha": 8.0}, "lora.alpha changed on resume: checkpoint 4.0, now 8.0 (the adapters' scale would jump "
+                     "from 2 to 4); resume with lora.alpha=4.0, or start a fresh run in another train.output_dir"),
+    ({"rslora": True}, "lora.rslora changed on resume: checkpoint false, now true (the adapters' scale would jump "
+                       "from 2 to 2.82843); resume with lora.rslora=false, or start a fresh run in another "
+                       "train.output_dir"),
+    ({"r": 4}, "lora.r changed on resume: checkpoint 2, now 4; resume with lora.r=2"),
+    ({"targets": ["k_proj"], "modules": ["layers.0.k_proj"]},
+     "lora.targets changed on resume: the checkpoint adapts 2 modules (['q_proj']), now 1 (['k_proj'])"),
+])
+def test_manager_resume_refuses_changed_adapter_hparams(tmp_path, change, msg):
+    """A changed alpha or rslora used to resume silently: the scale jumped and the new
+    adapter_config.json claimed it for adapters trained at the old one. Refused like a changed r."""
+    lora, opt = _setup()
+    base = AdapterSpec(r=2, alpha=4.0, targets=["q_proj"], modules=lora.names(), base_model="preset:x")
+    _manager(tmp_path, lora, opt, spec=base, keep=2).maybe_save(2, _state(2), force=True)
+    spec = AdapterSpec(**{**base.to_json(), **change})
+    lora2, opt2 = _setup(seed=1)
+    with pytest.raises(ConfigError) as e:
+        _manager(tmp_path, lora2, opt2, spec=spec, keep=2).resume("auto")
+    assert str(e.value).startswith(f"{tmp_path / 'step-00000002'}: {msg}") and "\n" not in str(e.value)
+    assert not any(torch.equal(a, b) for a, b in zip(lora.parameters(), lora2.parameters()))  # nothing loaded
+
+
+def test_manager_resume_with_changed_dropout_says_so(tmp_path):
+    lora, opt = _setup()
+    base = AdapterSpec(r=2, alpha=4.0, dropout=0.1, targets=["q_proj"], modules=lora.names(), base_model="x")
+    _manager(tmp_path, lora, opt, spec=base, keep=2).maybe_save(2, _state(2), force=True)
+    lora2, opt2 = _setup(seed=1)
+    said = []
+    m = _manager(tmp_path, lora2, opt2, spec=AdapterSpec(**{**base.to_json(), "dropout": 0.0}), keep=2)
+    m.log = said.append
+    assert m.resume("auto").path == tmp_path / "step-00000002"
+    assert said == ["[bigtrain] lora.dropout changed on resume: 0.1 -> 0.0 (the config's value is used)"]
+    said.clear()
+    m = _manager(tmp_path, lora2, opt2, spec=base, keep=2)
+    m.log = said.append
+    m.resume("auto")
+    assert said == []  # unchanged: nothing said
 
 
 def test_read_checkpoint_gives_spec_and_tensors(tmp_path):

@@ -43,6 +43,49 @@ def test_errors_name_the_key(override, msg):
     assert msg in str(e.value)
 
 
+@pytest.mark.parametrize("override,msg", [
+    ("lora.alpha=nan", "lora.alpha must be a finite number, got nan"),
+    ("lora.alpha=inf", "lora.alpha must be a finite number, got inf"),
+    ("lora.alpha=.inf", "lora.alpha must be a finite number, got inf"),
+    ("lora.dropout=nan", "lora.dropout must be a finite number, got nan"),
+    ("train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("train.lr=-inf", "train.lr must be a finite number, got -inf"),
+    ("train.weight_decay=nan", "train.weight_decay must be a finite number, got nan"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0, got -0.1"),
+    ("train.betas=[0.9,nan]", "train.betas must be finite numbers, got [0.9, nan]"),
+    ("train.min_lr_ratio=5", "train.min_lr_ratio must be in [0, 1] (the decay ends at lr * min_lr_ratio), got 5.0"),
+    ("train.min_lr_ratio=-0.1", "train.min_lr_ratio must be in [0, 1] (the decay ends at lr * min_lr_ratio), got -0.1"),
+    ("train.min_lr_ratio=nan", "train.min_lr_ratio must be a finite number, got nan"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm must be >= 0 (0: no clipping), got -1.0"),
+    ("train.max_grad_norm=inf", "train.max_grad_norm must be a finite number, got inf"),
+    ("checkpoint.every_minutes=inf", "checkpoint.every_minutes must be a finite number, got inf"),
+])
+def test_float_keys_finite_and_in_range(override, msg):
+    """nan passed every ordered check (lr=nan and alpha=nan failed later with tracebacks), a
+    min_lr_ratio of 5 made the lr climb to 5x the peak, max_grad_norm=-1 silently disabled clipping:
+    each is now one line naming the key and the value."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == msg
+
+
+def test_float_keys_documented_edges_still_accepted():
+    c = load_config(None, ["train.max_grad_norm=0", "train.min_lr_ratio=0", "train.weight_decay=0",
+                           "checkpoint.every_minutes=0", "lora.dropout=0"])
+    assert c.train.max_grad_norm == 0.0  # 0: no clipping, as documented
+    assert load_config(None, ["train.min_lr_ratio=1"]).train.min_lr_ratio == 1.0
+
+
+def test_every_float_key_is_checked_finite():
+    """A float key added later is covered too: the finite check walks the declared types."""
+    floats = [k for k, tp, _, _ in describe() if "float" in tp]
+    assert {"lora.alpha", "lora.dropout", "train.lr", "train.min_lr_ratio", "train.max_grad_norm",
+            "checkpoint.every_minutes"} <= set(floats)
+    for k in floats:
+        with pytest.raises(ConfigError, match=f"^{k} must be (a finite number|finite numbers), got"):
+            load_config(None, [f"{k}=[nan, nan]" if k == "train.betas" else f"{k}=nan"])
+
+
 def test_bad_yaml_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("lora: [1, 2\n")

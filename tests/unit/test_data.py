@@ -230,6 +230,33 @@ def test_bad_lines_skipped_and_counted(tok, tmp_path):
     assert ds[1]["input_ids"] == [1] + _ids(tok, "last:") + _ids(tok, " z") + [2]
 
 
+def test_non_utf8_lines_are_bad_lines(tok, tmp_path):
+    """Bytes that are not UTF-8 used to be replaced by U+FFFD silently: a latin-1 file trained on
+    mojibake, random bytes trained as examples. Now they are bad lines like any other."""
+    good = json.dumps(GOOD).encode()
+    latin1 = json.dumps({"prompt": "café:", "completion": " crème"}, ensure_ascii=False).encode("latin-1")
+    noise = b'{"text": "' + bytes([0x9c, 0xff, 0x80, 0x41]) + b'"}'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join([good, b"", latin1, good]) + b"\n")
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), tok, DataConfig(on_bad_line="error"))
+    assert str(e.value) == f"{path}:3: not valid UTF-8 (byte 0xe9 at column 16; convert the file to UTF-8)"
+    path.write_bytes(b"\n".join([good, latin1, noise, good]) + b"\n")
+    ds, st = load_examples(str(path), tok, DataConfig(on_bad_line="skip"))
+    assert st["skipped"] == 2 and st["examples"] == len(ds) == 2
+    assert st["bad_lines"] == [f"{path}:2: not valid UTF-8 (byte 0xe9 at column 16; convert the file to UTF-8)",
+                               f"{path}:3: not valid UTF-8 (byte 0x9c at column 11; convert the file to UTF-8)"]
+    # plain-text paragraphs: the paragraph holding the line is bad, named by that line
+    txt = tmp_path / "t.txt"
+    txt.write_bytes("first paragraph\n\nsecond, line one\n".encode() + "caf\xe9 line two\n".encode("latin-1")
+                    + b"\nthird\n")
+    with pytest.raises(DataError, match=f"^{txt}:4: not valid UTF-8 \\(byte 0xe9 at column 4"):
+        load_examples(str(txt), tok, DataConfig(on_bad_line="error"))
+    ds, st = load_examples(str(txt), tok, DataConfig(on_bad_line="skip"))
+    assert st["skipped"] == 1 and len(ds) == 2
+    assert ds[1]["input_ids"] == [1] + _ids(tok, "third") + [2]
+
+
 def test_missing_and_empty_inputs(tok, tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_examples(str(tmp_path / "missing.jsonl"), tok, DataConfig())

@@ -49,3 +49,20 @@ def test_unmatched_target_lists_available(tiny_models):
     msg = str(e.value)
     assert "'q_proj' matched no linear layer of GPT2LMHeadModel" in msg
     assert "c_attn" in msg and "c_fc" in msg
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_head_target_refused_and_not_offered(tiny_models, name):
+    """The chunked loss projects through the head's own weight: an adapter on it would never be
+    applied (before: accepted, then a shape error at step 1). Refused, naming why; and the
+    unmatched-target error does not offer the head as a choice."""
+    model = tf.AutoModelForCausalLM.from_pretrained(tiny_models[name])
+    head = "lm_head"
+    with pytest.raises(ValueError) as e:
+        find_targets(model, [CASES[name][0][0], head])
+    msg = str(e.value)
+    assert msg.startswith(f"lora.targets: {head!r} is the output head") and "\n" not in msg
+    assert "tied to the embeddings" in msg and "in chunks" in msg
+    with pytest.raises(ValueError) as e:
+        find_targets(model, ["nope"])
+    assert "matched no linear layer" in str(e.value) and head not in str(e.value)

@@ -49,6 +49,7 @@ from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
+from .loader import checkpoint_files
 from .lora import AdapterSpec
 from .losses import token_loss_sum
 from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
@@ -205,6 +206,12 @@ class Trainer:
         self.meta = meta
         check_world(cfg.zero, t.device)
         _check_positions(cfg, hf_config)
+        _check_output_dir(self.out_dir, t.output_dir)
+        if model_path:  # every weight file's header: a truncated or garbled file is named now
+            try:
+                checkpoint_files(model_path, check=True)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"model.path: {e}") from None
         ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
@@ -591,6 +598,26 @@ def adapter_config(cfg: Config, lora) -> dict:
     return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
                        targets=cfg.lora.targets, modules=lora.names(),
                        base_model=cfg.model.path or f"preset:{cfg.model.preset}", dtype=cfg.lora.dtype).to_json()
+
+
+def _check_output_dir(out: Path, given: str) -> None:
+    """train.output_dir must be a directory this process can create or write into: a file there
+    (or above it), or a read-only parent, would otherwise fail in mkdir or in the first save, with
+    a traceback and, for the save, after the base was built. Nothing is created here."""
+    shown = repr(given) if str(out) == given else f"{given!r} ({out})"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {shown} is a file, not a directory; "
+                          f"choose another train.output_dir")
+    d = out
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        raise ConfigError(f"train.output_dir: {shown} cannot be created: {d} is a file; "
+                          f"choose another train.output_dir")
+    if not os.access(d, os.W_OK | os.X_OK):
+        what = "" if d == out else f": {d} is not writable"
+        raise ConfigError(f"train.output_dir: {shown} is not writable{what} (read-only or another user's); "
+                          f"choose a directory you can write to")
 
 
 def _check_positions(cfg: Config, hf_config) -> None:

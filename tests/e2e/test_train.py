@@ -224,3 +224,54 @@ def test_signal_while_importing_is_kept_for_the_first_step(tmp_path):
     p = run([sys.executable, "-c", SIGNAL_WHILE_IMPORTING, *tiny_overrides(out, BUILTIN, 50, 2)])
     assert "stopped early (signal): saved step 1" in p.stdout, p.stdout[-2000:]
     assert (out / "preempted").read_text().strip() == "1"
+
+
+def test_bad_output_dir_and_unreadable_weights_are_one_line_before_any_work(tmp_path):
+    """train.output_dir that is a file (or under one), and a model.safetensors that is truncated or
+    not safetensors at all: one config-error line naming the file and what to do, exit 2, before any
+    process group (no 'on host' line), nothing created or touched."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, said in ((afile, "is a file, not a directory"), (afile / "sub", f"{afile} is a file")):
+        p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 2, 2)), check=False)
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1].startswith("bigtrain: config error: train.output_dir: ")
+        assert said in p.stderr and "Traceback" not in p.stderr and "on host" not in p.stdout
+    assert afile.read_text() == "mine"
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in BUILTIN.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[:len(whole) - 100], b"\x00" * 64):  # truncated; garbage
+        weights.write_bytes(broken)
+        p = run(train_cmd(1, tiny_overrides(tmp_path / "o", model, 2, 2)), check=False)
+        assert p.returncode == 2, p.stderr[-3000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"bigtrain: config error: model.path: {weights}: cannot be read as safetensors")
+        assert "truncated" in last and "Traceback" not in p.stderr and "on host" not in p.stdout
+        assert not (tmp_path / "o").exists()
+
+
+def test_read_only_output_dir_is_refused_naming_it(tmp_path, monkeypatch):
+    """A train.output_dir (or the existing directory it would be created in) this process cannot
+    write to is refused before any work, naming both. os.access is patched: the tests may run as
+    root, for whom a chmod'ed directory is writable."""
+    import os
+
+    from bigtrain.config import ConfigError
+    from bigtrain.trainer import _check_output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    with pytest.raises(ConfigError, match=f"train.output_dir: .*{ro / 'run'}.* is not writable: {ro} is not writable"):
+        _check_output_dir(ro / "run", str(ro / "run"))
+    with pytest.raises(ConfigError, match="is not writable \\(read-only"):
+        _check_output_dir(ro, str(ro))
+    assert list(ro.iterdir()) == []
+    _check_output_dir(tmp_path / "fine" / "deeper", "fine/deeper")  # creatable: no error, nothing made
+    assert not (tmp_path / "fine").exists()
+

@@ -153,7 +153,9 @@ class Trainer:
         # ``pending_signals``) are acted on at the first step boundary: a preemption notice during the
         # (long, at scale) start-up must not kill the job or be dropped
         self.preempt = Preemption(pending_signals)
-        self.out_dir = Path(cfg.train.output_dir)
+        # `..` resolved by name (runs/x/../demo is runs/demo): mkdir(parents=True) of the literal
+        # path would also create the stray runs/x
+        self.out_dir = Path(os.path.abspath(os.path.expanduser(cfg.train.output_dir)))
         self.ckpt_root = self.out_dir / "checkpoints"
         self.say = _silent
         self.engine: Engine | None = None
@@ -226,6 +228,7 @@ class Trainer:
         print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {self.host} device {dev}", flush=True)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            say(f"[bigtrain] output directory {self.out_dir}")
             cfg.dump(self.out_dir / "config.yaml")
             for name in ckpt.clean_partial(self.ckpt_root):
                 say(f"[bigtrain] removed {name}: left by a save that did not finish")
@@ -597,7 +600,18 @@ def adapter_config(cfg: Config, lora) -> dict:
     """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`)."""
     return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
                        targets=cfg.lora.targets, modules=lora.names(),
-                       base_model=cfg.model.path or f"preset:{cfg.model.preset}", dtype=cfg.lora.dtype).to_json()
+                       base_model=_base_model_name(cfg.model.path, cfg.model.preset), dtype=cfg.lora.dtype).to_json()
+
+
+def _base_model_name(path: str | None, preset: str) -> str:
+    """adapter_config.json's base_model: a directory as an absolute path (export and merge read it
+    from wherever they run; a relative one only worked from the training's directory), `..` resolved
+    by name and symlinks kept, so it reads as the user wrote it; builtin:NAME and preset:NAME as they are."""
+    if path is None:
+        return f"preset:{preset}"
+    if path.startswith("builtin:"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _check_output_dir(out: Path, given: str) -> None:

@@ -275,3 +275,31 @@ def test_read_only_output_dir_is_refused_naming_it(tmp_path, monkeypatch):
     _check_output_dir(tmp_path / "fine" / "deeper", "fine/deeper")  # creatable: no error, nothing made
     assert not (tmp_path / "fine").exists()
 
+def test_relative_paths_are_resolved(tmp_path):
+    """A relative model.path is stored absolute in adapter_config.json (export and merge then work
+    from any directory); `..` in train.output_dir is resolved by name (no stray directory) and the
+    real output directory is printed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT, _env
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(BUILTIN, work / "model")
+
+    def bigtrain(cwd, *argv):
+        p = subprocess.run([sys.executable, "-m", "bigtrain", *argv], cwd=cwd, env=_env({"PYTHONPATH": str(ROOT)}),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    p = bigtrain(work, "train", *tiny_overrides("stray/../run", "model", 2, 2))
+    out = work / "run"
+    assert not (work / "stray").exists() and (out / "checkpoints" / "latest").is_file()
+    assert f"[bigtrain] output directory {out}\n" in p.stdout
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "adapter_config.json").read_text())["base_model"] == str(work / "model")
+    bigtrain(elsewhere, "merge", str(out), "merged")
+    assert (elsewhere / "merged" / "config.json").is_file()

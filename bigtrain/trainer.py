@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -215,6 +216,8 @@ class Trainer:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.path: {e}") from None
         ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
+            datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
 
@@ -352,7 +355,8 @@ class Trainer:
             if self.eval_ds is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
                 self.last_eval = self._evaluate()
                 self.loggers.log({"eval_loss": self.last_eval}, step)
-                self.say(f"\n[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
+                sep = "\n" if isinstance(self.bar, tqdm) else ""  # a line of its own after the bar's
+                self.say(f"{sep}[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
             # a stop request saves first, so that rerunning the same command resumes from here
             self.checkpoints.maybe_save(step, self._saved_state(), force=r.stop_requested, due=r.save_due)
             if r.stop_requested and step < t.max_steps:  # at the last step the run just ends: done
@@ -477,7 +481,7 @@ class Trainer:
         if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
             st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
                             _tokenizer_dir(self.model_path), cfg.checkpoint.merge_max_shard_size,
-                            progress=cfg.logging.progress_bar, vocab=self.vocab)
+                            progress=_use_bar(cfg), vocab=self.vocab)
             if st is not None:
                 say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
                     f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
@@ -693,10 +697,47 @@ def _tokenizer_dir(model_path: str | None) -> str | None:
     return None
 
 
+def _use_bar(cfg: Config) -> bool:
+    """logging.progress_bar: true or false as set; null: the bar on a terminal only (a bar redraws
+    itself with carriage returns, which a log file keeps, and later lines get glued onto it)."""
+    bar = cfg.logging.progress_bar
+    return sys.stderr.isatty() if bar is None else bar
+
+
+def _fmt_time(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _Lines:
+    """Progress as plain lines (``[bigtrain] step 20/300: loss ..., elapsed ..., ETA ...``), one per
+    logged step, for logs that are not a terminal; the elapsed time and ETA count from the first step
+    of this process (a resumed run's own pace)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.initial, self.n = total, initial, initial
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, loss: str, tok_s: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        done = self.n - self.initial
+        eta = elapsed / done * (self.total - self.n) if done else 0.0
+        print(f"[bigtrain] step {self.n}/{self.total}: loss {loss}, {tok_s} tokens/s, "
+              f"elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(eta)}", flush=True)
+
+    def close(self) -> None: ...
+
+
 def _progress(cfg: Config, initial: int, is_main: bool):
-    if is_main and cfg.logging.progress_bar:
+    """Rank 0's progress: a tqdm bar (:func:`_use_bar`), or plain lines printed at every log step."""
+    if is_main and _use_bar(cfg):
         return tqdm(total=cfg.train.max_steps, initial=initial, desc="train", unit="step",
                     dynamic_ncols=True, file=sys.stderr)
+    if is_main:
+        return _Lines(cfg.train.max_steps, initial)
 
     class _Null:
         def update(self, n): ...

@@ -303,3 +303,32 @@ def test_relative_paths_are_resolved(tmp_path):
     assert json.loads((latest / "adapter_config.json").read_text())["base_model"] == str(work / "model")
     bigtrain(elsewhere, "merge", str(out), "merged")
     assert (elsewhere / "merged" / "config.json").is_file()
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
+    """Output to a pipe (a Slurm log): no carriage return anywhere (no bar, no datasets bars), one
+    `[bigtrain] step N/max` line per logged step, with loss, tokens/s, elapsed and ETA, and later
+    lines on their own lines. logging.progress_bar=true still forces the bar. Read as bytes: text
+    mode would turn each \\r into a newline."""
+    import re
+    import subprocess
+
+    from helpers import ROOT, _env
+
+    def train(out, steps, **extra):
+        p = subprocess.run(train_cmd(1, tiny_overrides(out, BUILTIN, steps, 2, **extra)), cwd=ROOT, env=_env(),
+                           capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout.decode(), p.stderr.decode()
+
+    out, err = train(tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
+                                           "data.eval": "builtin:e2e", "train.eval_every": 4})
+    assert "\r" not in out + err
+    lines = re.findall(r"^\[bigtrain\] step (\d+)/5: loss \d+\.\d{4}, [\d,]+ tokens/s, elapsed \d+:\d\d:\d\d, "
+                       r"ETA \d+:\d\d:\d\d$", out, re.M)
+    assert lines == ["2", "4", "5"], out          # log steps 2, 4 and the last
+    assert re.search(r"^\[bigtrain\] step 4: eval loss \d", out, re.M)
+    assert "\n\n[bigtrain] step" not in out       # no blank line left for a bar that is not there
+    out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+    assert "\r" in err and "train: 100%" in err
+    assert "[bigtrain] step 3/3:" not in out

@@ -293,6 +293,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if p.is_file():
+        what = "" if p.suffix == ".safetensors" else " (bigtrain reads safetensors adapters only, never pickles)"
+        raise CheckpointError(f"{p}: a file, not a checkpoint directory{what}; pass the bigtrain checkpoint "
+                              f"that holds {ADAPTER_FILE} (<output_dir>/checkpoints/step-N) or the run's output_dir")
+    pickled = [f.name for f in (p / "adapter_model.bin", p / "adapter_model.pt") if f.is_file()]
+    if pickled and not (p / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"{p / pickled[0]}: a pickled adapter, not a bigtrain checkpoint (bigtrain reads "
+                              f"safetensors only, never pickles); pass a checkpoint written by bigtrain train "
+                              f"(<output_dir>/checkpoints/step-N)")
     if (p / ADAPTER_CONFIG).is_file() or (p / MANIFEST).is_file():
         return p
     for root in (p, p / "checkpoints"):

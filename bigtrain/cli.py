@@ -21,8 +21,9 @@ examples:
   torchrun --nproc_per_node 8 -m bigtrain train --config my.yaml      # ZeRO-3 over 8 ranks
   launch/torchrun.sh, launch/deepspeed.sh, slurm/*.sbatch              # multi-GPU / multi-node
 
-Overrides are dotted keys with YAML values; they apply on top of --config. A rerun with the same
-train.output_dir resumes from its last good checkpoint (checkpoint.resume=auto).
+Overrides are dotted keys with YAML values, before or after --config; they apply on top of it, in
+the order given. A rerun with the same train.output_dir resumes from its last good checkpoint
+(checkpoint.resume=auto).
 
 config keys (key, type, default):
 """
@@ -103,9 +104,24 @@ def _optional_commands():
     return out
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that ``bigtrain train`` takes its key=value overrides on both
+    sides of ``--config`` (``train a=1 --config f.yaml b=2``), in the order given. argparse fills a
+    ``nargs="*"`` positional once, so the overrides after an option came back as "unrecognized
+    arguments"; ``parse_intermixed_args`` refuses parsers with subcommands. Anything left that
+    looks like an option is still an error."""
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides = [*args.overrides, *(e for e in extra if not e.startswith("-"))]
+        extra = [e for e in extra if e.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

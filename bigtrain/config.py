@@ -320,8 +320,11 @@ class LoggingConfig:
     """auto (online if WANDB_API_KEY is set, else offline), online, offline or disabled."""
     tensorboard: bool = False
     """Also write TensorBoard events to output_dir/tensorboard."""
-    progress_bar: bool = True
-    """A tqdm bar on rank 0 with loss and tokens/s (stderr)."""
+    progress_bar: Optional[bool] = None
+    """null (auto): a tqdm bar on rank 0 with loss and tokens/s (stderr) when stderr is a terminal;
+    otherwise (Slurm logs, a pipe) one plain line per train.log_every steps (step/max_steps, loss,
+    tokens/s, elapsed and ETA), with no carriage returns. true: the bar always; false: the lines
+    always."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".wandb_mode", self.wandb_mode, ("auto", "online", "offline", "disabled"))

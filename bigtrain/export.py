@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import TOKENIZER_FILES, parse_size, resolve_model_path
@@ -314,12 +313,12 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                      progress: bool = False) -> dict:
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
     from . import checkpoint  # deferred: imports torch
-    from .loader import checkpoint_files  # deferred: imports torch
+    from .loader import checkpoint_files, open_safetensors  # deferred: imports torch
 
     c = checkpoint.read_checkpoint(ckpt)
     tensors = c.tensors
     bdir = base_dir(c.spec, base, c.path)
-    files = checkpoint_files(bdir)
+    files = checkpoint_files(bdir, check=True)  # a truncated shard is named before OUT is created
     modules = list(c.spec.modules)
     conv = conv1d_modules(bdir, modules)
     scale = c.spec.scale
@@ -346,7 +345,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
             bar = tqdm(total=sum(f.stat().st_size for f in by_file), desc="merge", unit="B",
                        unit_scale=True, dynamic_ncols=True)
         for f, keys in by_file.items():  # one input file open at a time
-            with safe_open(str(f), "pt") as h:
+            with open_safetensors(f) as h:
                 for k in keys:
                     t = h.get_tensor(k)
                     if k in targets:

@@ -27,9 +27,25 @@ import torch.distributed as dist
 from torch import nn
 
 
-def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
+def open_safetensors(f: Path):
+    """``safe_open(f)``; a file that is truncated, garbled or missing raises a one-line error that
+    names it and what to do (safetensors' own error names no file)."""
+    from safetensors import safe_open
+
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing (named by {f.parent / 'model.safetensors.index.json'}); "
+                                "copy the whole checkpoint again")
+    try:
+        return safe_open(str(f), "pt")
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise ValueError(f"{f}: cannot be read as safetensors ({e}): the file is truncated or not "
+                         "safetensors; copy it again, or re-save the model with save_pretrained") from None
+
+
+def checkpoint_files(path: str | os.PathLike, check: bool = False) -> dict[str, Path]:
     """tensor name -> safetensors file of a local HF checkpoint (single file or sharded with an
-    index). Errors name the directory and what is missing."""
+    index). Errors name the directory and what is missing. ``check``: also open every file's header
+    (cheap: no tensor is read), so a truncated or garbled file is named before any work."""
     d = Path(path)
     index = d / "model.safetensors.index.json"
     if index.is_file():
@@ -37,12 +53,15 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        return {k: d / f for k, f in weight_map.items()}
+        files = {k: d / f for k, f in weight_map.items()}
+        if check:
+            for f in sorted(set(files.values())):
+                with open_safetensors(f):
+                    pass
+        return files
     single = d / "model.safetensors"
     if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     raise FileNotFoundError(f"{d}: no model.safetensors or model.safetensors.index.json "
                             "(bigtrain loads safetensors checkpoints only; convert .bin with save_pretrained)")
@@ -70,8 +89,6 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
     of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once.
     Parameters named in ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint:
     those fill the first rows, and the rest are zeros."""
-    from safetensors import safe_open
-
     files = checkpoint_files(path)
     handles: dict[Path, object] = {}
     read = 0
@@ -82,7 +99,7 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
                 raise KeyError(f"{path}: parameter {name!r} is not in the checkpoint")
             f = files[key]
             if f not in handles:
-                handles[f] = stack.enter_context(safe_open(str(f), "pt"))
+                handles[f] = stack.enter_context(open_safetensors(f))
             sl = handles[f].get_slice(key)
             shape = tuple(sl.get_shape())
             want = tuple(p.ds_shape)

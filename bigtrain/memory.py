@@ -690,6 +690,7 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
     if st["full_recipe"] == "torch-amp":
         lines.append("(torch-amp: gradients and activations never coexist, so the full FT peak is below "
                      "the sum of its rows)")
+    lines += ["", *_legend(est)]
     if paper:
         p = paper
         lines += [
@@ -728,6 +729,47 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
         lines.append(f"  bigtrain: LoRA keeps no grads/Adam for the base and shards it: "
                      f"{_gb(lo['per_gpu_total'])} GB per GPU including activations and buffers")
     return "\n".join(lines)
+
+
+def _legend(est: dict) -> list[str]:
+    """What each row of :func:`format_table` counts, for this setup (the two rows that are not a
+    tensor the model owns above all: the gather buffers and the CUDA allowance)."""
+    st = est["setup"]
+    N, w = st["world_size"], st["dtype"]
+    full_st, lora_st = est["full"]["stage"], est["lora"]["stage"]
+    if full_st == 3:
+        full_buf = "the largest module gathered + DeepSpeed's prefetch bucket (5e7) + reduce bucket (5e8)"
+    elif full_st >= 1:
+        full_buf = "DeepSpeed's reduce bucket (5e8 elements)"
+    else:
+        full_buf = ("autocast's 16-bit copy of every weight" if st["full_recipe"] == "torch-amp" else "none")
+    if lora_st == 3 and N > 1:
+        lora_buf = (f"3 decoder layers gathered in {w} (the one computing, the next prefetched, its "
+                    f"all-gather output) + embeddings and head, gathered for the whole step; and the fp32 "
+                    f"all-reduce of the adapter gradients")
+    elif N > 1:
+        lora_buf = "the fp32 all-reduce of the adapter gradients"
+    else:
+        lora_buf = "none at 1 GPU (each partition is the whole tensor: nothing is gathered)"
+    ctx = (f"{CUDA_CONTEXT_BYTES / GiB:g} GiB CUDA context + {FRAGMENTATION:.0%} of every other row for "
+           f"the allocator's fragmentation; neither is in torch.cuda.max_memory_allocated"
+           if st.get("include_context", True) else "not counted in this estimate")
+    return [
+        "what the rows count (per GPU):",
+        (f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base ({w}), plus small parameters "
+         f"kept whole (persistence threshold)" if lora_st == 3 else
+         f"  frozen weights      LoRA: the whole base ({w}) on every GPU"),
+        "  trainable weights   full FT: the 16-bit weights; LoRA: the fp32 adapters (A, B)",
+        "  gradients           of the trainable weights only (LoRA: the adapters')",
+        "  optimizer state     full FT: fp32 master + Adam m, v; LoRA: AdamW m, v of the adapters",
+        ("  activations         kept for backward: each layer's input + one layer being recomputed "
+         "(checkpointing)" if st["checkpointing"] else "  activations         kept for backward, every layer"),
+        "  logits + loss       the logits, their fp32 copy and the log-softmax kept for backward "
+        "(LoRA: one chunk at a time)",
+        f"  ZeRO/comm buffers   full FT: {full_buf}",
+        f"                      LoRA: {lora_buf}",
+        f"  CUDA context + frag {ctx}",
+    ]
 
 
 def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup | None = None) -> str:

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 import transformers
@@ -49,6 +50,7 @@ from .data import DataError, collate, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
+from .loader import checkpoint_files
 from .lora import AdapterSpec
 from .losses import token_loss_sum
 from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
@@ -174,7 +176,9 @@ class Trainer:
         # ``pending_signals``): before the first step they end the run at once, marked preempted so
         # that the Slurm scripts requeue it; from the first step on, at the next step boundary
         self.preempt = Preemption(pending_signals)
-        self.out_dir = Path(cfg.train.output_dir)
+        # `..` resolved by name (runs/x/../demo is runs/demo): mkdir(parents=True) of the literal
+        # path would also create the stray runs/x
+        self.out_dir = Path(os.path.abspath(os.path.expanduser(cfg.train.output_dir)))
         self.ckpt_root = self.out_dir / "checkpoints"
         self.say = _silent
         self.engine: Engine | None = None
@@ -245,7 +249,15 @@ class Trainer:
         self.meta = meta
         check_world(cfg.zero, t.device)
         _check_positions(cfg, hf_config)
+        _check_output_dir(self.out_dir, t.output_dir)
+        if model_path:  # every weight file's header: a truncated or garbled file is named now
+            try:
+                checkpoint_files(model_path, check=True)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"model.path: {e}") from None
         ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
+            datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
 
@@ -259,6 +271,7 @@ class Trainer:
         print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {self.host} device {dev}", flush=True)
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            say(f"[bigtrain] output directory {self.out_dir}")
             cfg.dump(self.out_dir / "config.yaml")
             for name in ckpt.clean_partial(self.ckpt_root):
                 say(f"[bigtrain] removed {name}: left by a save that did not finish")
@@ -383,7 +396,8 @@ class Trainer:
             if self.eval_ds is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps):
                 self.last_eval = self._evaluate()
                 self.loggers.log({"eval_loss": self.last_eval}, step)
-                self.say(f"\n[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
+                sep = "\n" if isinstance(self.bar, tqdm) else ""  # a line of its own after the bar's
+                self.say(f"{sep}[bigtrain] step {step}: eval loss {self.last_eval:.4f}")
             # a stop request saves first, so that rerunning the same command resumes from here
             self.checkpoints.maybe_save(step, self._saved_state(), force=r.stop_requested, due=r.save_due)
             if r.stop_requested and step < t.max_steps:  # at the last step the run just ends: done
@@ -508,7 +522,7 @@ class Trainer:
         if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
             st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
                             _tokenizer_dir(self.model_path), cfg.checkpoint.merge_max_shard_size,
-                            progress=cfg.logging.progress_bar, vocab=self.vocab)
+                            progress=_use_bar(cfg), vocab=self.vocab)
             if st is not None:
                 say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
                     f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
@@ -632,7 +646,38 @@ def adapter_config(cfg: Config, lora) -> dict:
     """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`)."""
     return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
                        targets=cfg.lora.targets, modules=lora.names(),
-                       base_model=cfg.model.path or f"preset:{cfg.model.preset}", dtype=cfg.lora.dtype).to_json()
+                       base_model=_base_model_name(cfg.model.path, cfg.model.preset), dtype=cfg.lora.dtype).to_json()
+
+
+def _base_model_name(path: str | None, preset: str) -> str:
+    """adapter_config.json's base_model: a directory as an absolute path (export and merge read it
+    from wherever they run; a relative one only worked from the training's directory), `..` resolved
+    by name and symlinks kept, so it reads as the user wrote it; builtin:NAME and preset:NAME as they are."""
+    if path is None:
+        return f"preset:{preset}"
+    if path.startswith("builtin:"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _check_output_dir(out: Path, given: str) -> None:
+    """train.output_dir must be a directory this process can create or write into: a file there
+    (or above it), or a read-only parent, would otherwise fail in mkdir or in the first save, with
+    a traceback and, for the save, after the base was built. Nothing is created here."""
+    shown = repr(given) if str(out) == given else f"{given!r} ({out})"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {shown} is a file, not a directory; "
+                          f"choose another train.output_dir")
+    d = out
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        raise ConfigError(f"train.output_dir: {shown} cannot be created: {d} is a file; "
+                          f"choose another train.output_dir")
+    if not os.access(d, os.W_OK | os.X_OK):
+        what = "" if d == out else f": {d} is not writable"
+        raise ConfigError(f"train.output_dir: {shown} is not writable{what} (read-only or another user's); "
+                          f"choose a directory you can write to")
 
 
 def _check_positions(cfg: Config, hf_config) -> None:
@@ -694,10 +739,47 @@ def _tokenizer_dir(model_path: str | None) -> str | None:
     return None
 
 
+def _use_bar(cfg: Config) -> bool:
+    """logging.progress_bar: true or false as set; null: the bar on a terminal only (a bar redraws
+    itself with carriage returns, which a log file keeps, and later lines get glued onto it)."""
+    bar = cfg.logging.progress_bar
+    return sys.stderr.isatty() if bar is None else bar
+
+
+def _fmt_time(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _Lines:
+    """Progress as plain lines (``[bigtrain] step 20/300: loss ..., elapsed ..., ETA ...``), one per
+    logged step, for logs that are not a terminal; the elapsed time and ETA count from the first step
+    of this process (a resumed run's own pace)."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.initial, self.n = total, initial, initial
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, loss: str, tok_s: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        done = self.n - self.initial
+        eta = elapsed / done * (self.total - self.n) if done else 0.0
+        print(f"[bigtrain] step {self.n}/{self.total}: loss {loss}, {tok_s} tokens/s, "
+              f"elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(eta)}", flush=True)
+
+    def close(self) -> None: ...
+
+
 def _progress(cfg: Config, initial: int, is_main: bool):
-    if is_main and cfg.logging.progress_bar:
+    """Rank 0's progress: a tqdm bar (:func:`_use_bar`), or plain lines printed at every log step."""
+    if is_main and _use_bar(cfg):
         return tqdm(total=cfg.train.max_steps, initial=initial, desc="train", unit="step",
                     dynamic_ncols=True, file=sys.stderr)
+    if is_main:
+        return _Lines(cfg.train.max_steps, initial)
 
     class _Null:
         def update(self, n): ...

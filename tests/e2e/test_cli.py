@@ -25,3 +25,23 @@ def test_help_answers_without_importing_torch(cmd):
     assert "usage: bigtrain" in p.stdout
     if cmd == ["train"]:
         assert "train.output_dir" in p.stdout and "lora.r" in p.stdout   # the config reference
+
+
+def test_train_overrides_on_both_sides_of_config(tmp_path):
+    """`bigtrain train a=1 --config f.yaml b=2`: both overrides are taken, in the order given (the
+    last one wins), instead of argparse's "unrecognized arguments: b=2"; a real unknown option is
+    still refused. Checked through config errors, so no training runs."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora:\n  r: 4\n")
+
+    def train(*argv):
+        return subprocess.run([sys.executable, "-m", "bigtrain", "train", *argv], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    p = train(f"train.output_dir={tmp_path}/x", "--config", str(cfg), "lora.r=0")
+    assert p.returncode == 2 and "config error: lora.r must be a positive integer, got 0" in p.stderr, p.stderr
+    p = train("lora.r=0", "--config", str(cfg), f"train.output_dir={tmp_path}/x", "lora.r=-3")
+    assert p.returncode == 2 and "got -3" in p.stderr and "unrecognized" not in p.stderr, p.stderr
+    p = train("lora.r=0", "--config", str(cfg), "lora.r=2", "--nope")
+    assert p.returncode == 2 and "unrecognized arguments: --nope" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()

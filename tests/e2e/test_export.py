@@ -343,3 +343,47 @@ def test_merge_at_end_from_zero3_partitions_equals_file_merge(tiny_models, tmp_p
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(_load(live)(ids).logits, _load(offline)(ids).logits)
+
+
+def test_merge_of_a_truncated_base_names_the_file(tiny_models, tmp_path, capsys):
+    """A base whose model.safetensors is truncated or not safetensors: one line naming the file and
+    what to do (safetensors' own error names none), before OUT is created."""
+    from bigtrain.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_models["tiny-opt"], base)
+    ckpt, _ = make_ckpt(tmp_path / "ck", base, ["q_proj"], seed=1)
+    weights = base / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[:len(whole) - 100], b"\x00" * 64):
+        weights.write_bytes(broken)
+        capsys.readouterr()
+        assert main(["merge", str(ckpt), str(tmp_path / "m")]) == 1
+        e = capsys.readouterr().err.strip()
+        assert len(e.splitlines()) == 1, e
+        assert e.startswith(f"bigtrain: error: {weights}: cannot be read as safetensors") and "truncated" in e
+        assert not (tmp_path / "m").exists()
+
+
+def test_export_of_an_adapter_file_or_a_pickled_adapter_says_what_to_pass(tiny_models, tmp_path, capsys):
+    """export/merge given an adapter *file* (a .bin or the .safetensors itself) or a directory holding
+    a pickled adapter_model.bin: one line naming it, saying bigtrain reads safetensors checkpoints
+    only and what to pass instead; nothing is written."""
+    from bigtrain.cli import main
+
+    ckpt, _ = make_ckpt(tmp_path / "ck", tiny_models["tiny-opt"], ["q_proj"], seed=1)
+    pickled = tmp_path / "peft"
+    pickled.mkdir()
+    torch.save({"w": torch.zeros(2)}, pickled / "adapter_model.bin")
+    (pickled / "adapter_config.json").write_text("{}")
+    for cmd in ("export", "merge"):
+        for given, named, said in ((pickled / "adapter_model.bin", pickled / "adapter_model.bin", "a file"),
+                                   (ckpt / "adapter_model.safetensors", ckpt / "adapter_model.safetensors", "a file"),
+                                   (pickled, pickled / "adapter_model.bin", "a pickled adapter")):
+            capsys.readouterr()
+            assert main([cmd, str(given), str(tmp_path / "o")]) == 1
+            e = capsys.readouterr().err.strip()
+            assert len(e.splitlines()) == 1, e
+            assert e.startswith(f"bigtrain: error: {named}: {said}") and "checkpoints/step-N" in e, e
+            assert not (tmp_path / "o").exists()
+    assert "never pickles" in e

@@ -273,3 +273,111 @@ def test_stale_extension_build_lock_does_not_hang_the_start(tmp_path):
     assert "done: 1 steps" in p.stdout, p.stdout[-2000:]
     assert "shm_comm" not in p.stdout + p.stderr  # not built, not loaded
     assert [f.name for f in (ext / "deepspeed_shm_comm").iterdir()] == ["lock"]
+
+
+def test_bad_output_dir_and_unreadable_weights_are_one_line_before_any_work(tmp_path):
+    """train.output_dir that is a file (or under one), and a model.safetensors that is truncated or
+    not safetensors at all: one config-error line naming the file and what to do, exit 2, before any
+    process group (no 'on host' line), nothing created or touched."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, said in ((afile, "is a file, not a directory"), (afile / "sub", f"{afile} is a file")):
+        p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 2, 2)), check=False)
+        assert p.returncode == 2, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines()[-1].startswith("bigtrain: config error: train.output_dir: ")
+        assert said in p.stderr and "Traceback" not in p.stderr and "on host" not in p.stdout
+    assert afile.read_text() == "mine"
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in BUILTIN.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[:len(whole) - 100], b"\x00" * 64):  # truncated; garbage
+        weights.write_bytes(broken)
+        p = run(train_cmd(1, tiny_overrides(tmp_path / "o", model, 2, 2)), check=False)
+        assert p.returncode == 2, p.stderr[-3000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"bigtrain: config error: model.path: {weights}: cannot be read as safetensors")
+        assert "truncated" in last and "Traceback" not in p.stderr and "on host" not in p.stdout
+        assert not (tmp_path / "o").exists()
+
+
+def test_read_only_output_dir_is_refused_naming_it(tmp_path, monkeypatch):
+    """A train.output_dir (or the existing directory it would be created in) this process cannot
+    write to is refused before any work, naming both. os.access is patched: the tests may run as
+    root, for whom a chmod'ed directory is writable."""
+    import os
+
+    from bigtrain.config import ConfigError
+    from bigtrain.trainer import _check_output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    with pytest.raises(ConfigError, match=f"train.output_dir: .*{ro / 'run'}.* is not writable: {ro} is not writable"):
+        _check_output_dir(ro / "run", str(ro / "run"))
+    with pytest.raises(ConfigError, match="is not writable \\(read-only"):
+        _check_output_dir(ro, str(ro))
+    assert list(ro.iterdir()) == []
+    _check_output_dir(tmp_path / "fine" / "deeper", "fine/deeper")  # creatable: no error, nothing made
+    assert not (tmp_path / "fine").exists()
+
+def test_relative_paths_are_resolved(tmp_path):
+    """A relative model.path is stored absolute in adapter_config.json (export and merge then work
+    from any directory); `..` in train.output_dir is resolved by name (no stray directory) and the
+    real output directory is printed."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT, _env
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(BUILTIN, work / "model")
+
+    def bigtrain(cwd, *argv):
+        p = subprocess.run([sys.executable, "-m", "bigtrain", *argv], cwd=cwd, env=_env({"PYTHONPATH": str(ROOT)}),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    p = bigtrain(work, "train", *tiny_overrides("stray/../run", "model", 2, 2))
+    out = work / "run"
+    assert not (work / "stray").exists() and (out / "checkpoints" / "latest").is_file()
+    assert f"[bigtrain] output directory {out}\n" in p.stdout
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "adapter_config.json").read_text())["base_model"] == str(work / "model")
+    bigtrain(elsewhere, "merge", str(out), "merged")
+    assert (elsewhere / "merged" / "config.json").is_file()
+
+
+def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
+    """Output to a pipe (a Slurm log): no carriage return anywhere (no bar, no datasets bars), one
+    `[bigtrain] step N/max` line per logged step, with loss, tokens/s, elapsed and ETA, and later
+    lines on their own lines. logging.progress_bar=true still forces the bar. Read as bytes: text
+    mode would turn each \\r into a newline."""
+    import re
+    import subprocess
+
+    from helpers import ROOT, _env
+
+    def train(out, steps, **extra):
+        p = subprocess.run(train_cmd(1, tiny_overrides(out, BUILTIN, steps, 2, **extra)), cwd=ROOT, env=_env(),
+                           capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout.decode(), p.stderr.decode()
+
+    out, err = train(tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
+                                           "data.eval": "builtin:e2e", "train.eval_every": 4})
+    assert "\r" not in out + err
+    lines = re.findall(r"^\[bigtrain\] step (\d+)/5: loss \d+\.\d{4}, [\d,]+ tokens/s, elapsed \d+:\d\d:\d\d, "
+                       r"ETA \d+:\d\d:\d\d$", out, re.M)
+    assert lines == ["2", "4", "5"], out          # log steps 2, 4 and the last
+    assert re.search(r"^\[bigtrain\] step 4: eval loss \d", out, re.M)
+    assert "\n\n[bigtrain] step" not in out       # no blank line left for a bar that is not there
+    out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+    assert "\r" in err and "train: 100%" in err
+    assert "[bigtrain] step 3/3:" not in out

@@ -335,3 +335,20 @@ def test_estimate_num_layers(capsys):
     assert est["model"] == "gpt3-175b (40 layers)"
     assert M.run_estimate(_args("gpt3-175b", "--num-layers", "0")) == 2
     assert "--num-layers must be > 0" in capsys.readouterr().err
+
+
+def test_table_says_what_each_row_counts(capsys):
+    """Every row of the table is explained under it; the two allowances that are no tensor of the
+    model (the CUDA context + fragmentation, LoRA's buffer of gathered layers) say what they hold,
+    and the LoRA buffer line follows the world size."""
+    assert M.run_estimate(_args("gpt3-2.7b", "--gpus-per-node", "2")) == 0
+    text = capsys.readouterr().out
+    legend = text.split("what the rows count (per GPU):\n", 1)[1]
+    for label in ("frozen weights", "trainable weights", "gradients", "optimizer state", "activations",
+                  "logits + loss", "ZeRO/comm buffers", "CUDA context"):
+        assert f"\n  {label}" in "\n" + legend, label
+    assert "0.5 GiB CUDA context + 5% of every other row" in legend
+    assert "3 decoder layers gathered" in legend and "embeddings and head" in legend
+    assert M.run_estimate(_args("gpt3-2.7b", "--gpus-per-node", "1")) == 0
+    one = capsys.readouterr().out
+    assert "3 decoder layers gathered" not in one and "nothing is gathered" in one

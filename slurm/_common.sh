@@ -50,6 +50,14 @@ PY
 )
 fi
 
+# The preemption marker bigtrain writes when a signal stops it: which one was there before this run
+# (inode and mtime; none: empty), so that a marker this run wrote can be told from an old one.
+bt_marker() { stat -c '%i %y' "$OUTPUT_DIR/preempted" 2>/dev/null || true; }
+BT_MARKER_BEFORE=$(bt_marker)
+# A site's preemption may SIGTERM the batch shell too: survive it, so that the requeue logic below
+# runs once the ranks have saved (the trap is reset in the launched processes).
+trap 'echo "SIGTERM: waiting for the ranks to save" >&2' TERM
+
 # ---- the allocation's nodes --------------------------------------------------------------------
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 HEAD_NODE=${NODES[0]}
@@ -70,12 +78,17 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
 # ---- after training ----------------------------------------------------------------------------
 bt_requeue_or_exit() {
-  local rc=$1
+  local rc=$1 fresh=0
+  [[ -f $OUTPUT_DIR/preempted && "$(bt_marker)" != "$BT_MARKER_BEFORE" ]] && fresh=1
   # Requeue only a clean preemption exit: a rerun that failed (bad node, OOM, a config or checkpoint
-  # error) while an old `preempted` marker was still there must not requeue itself forever.
-  if [[ -f $OUTPUT_DIR/preempted && $rc -eq 0 ]]; then
+  # error) while an old `preempted` marker was still there must not requeue itself forever. A marker
+  # this run wrote is a clean preemption even when the launcher's own exit code is not 0: torchrun
+  # and the deepspeed launcher end with an error on SIGTERM, after their ranks have saved.
+  if [[ -f $OUTPUT_DIR/preempted && ( $rc -eq 0 || $fresh -eq 1 ) ]]; then
+    (( rc == 0 )) || echo "the launcher exited $rc after the ranks saved and marked the run preempted"
     echo "preempted at step $(cat "$OUTPUT_DIR/preempted"); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"   # the rerun resumes from $OUTPUT_DIR/checkpoints/latest
+    exit 0
   elif [[ -f $OUTPUT_DIR/preempted ]]; then
     echo "training exited $rc; not requeueing (fix the cause, then resubmit: it resumes from" \
          "$OUTPUT_DIR/checkpoints/latest)" >&2

@@ -142,18 +142,21 @@ def test_two_node_job_completes(cluster, script, tmp_path):
     assert not (out / "preempted").exists()
 
 
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
 @pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
                                     "train_deepspeed.sbatch"])
-def test_usr1_checkpoints_requeues_and_resumes(cluster, script, tmp_path):
-    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) reaches every
-    rank (through torchrun / the deepspeed launcher too, which must not die of it); they checkpoint,
-    the script sees $OUTPUT_DIR/preempted and `scontrol requeue`s the job, and the rerun (same job
-    id) resumes from the saved step and finishes."""
+def test_preemption_checkpoints_requeues_and_resumes(cluster, script, sig, tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) or TERM (a site's
+    preemption) reaches every rank; they checkpoint, the script sees $OUTPUT_DIR/preempted and
+    `scontrol requeue`s the job, and the rerun (same job id) resumes from the saved step and
+    finishes. torchrun and the deepspeed launcher ignore USR1 and wait for their ranks; on TERM they
+    end with an error after the ranks saved, and the script still requeues (the marker is this
+    run's own)."""
     out, steps = tmp_path / "out", 80
     jid = submit(script, tmp_path, out, steps)
     wait_for(lambda: (s := logged_steps(out)) and s[-1] >= 5, "step 5 in train_log.jsonl", jid, tmp_path)
     # without --batch/--full this signals every job step (the srun'd ranks), not the batch shell
-    assert _run(["scancel", "--signal=USR1", jid]).returncode == 0
+    assert _run(["scancel", f"--signal={sig}", jid]).returncode == 0
 
     # requeued: back to PENDING with Restarts=1, held by Slurm's requeue BeginTime (~2 min)
     wait_for(lambda: (i := job_info(jid))["Restarts"] == "1" and i["JobState"] == "PENDING",

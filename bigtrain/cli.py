@@ -129,15 +129,29 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except ConfigError as e:
         print(f"bigtrain: config error: {e}", file=sys.stderr)
-        return 2
+        return _leave(2)
     except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line, then the trace
         from .checkpoint import CheckpointError
         from .data import DataError
 
         if isinstance(e, (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError)):
             print(f"bigtrain: error: {e}", file=sys.stderr)
-            return 1
+            return _leave(1)
         raise
+
+
+def _leave(code: int) -> int:
+    """After a one-line error: a process that started a process group (an error the ranks agreed on,
+    e.g. different data on different ranks) leaves without the interpreter's finalisation, as a
+    finished run does (:func:`bigtrain.dist.exit_after_teardown`: gloo's threads torn down during
+    finalisation abort the process now and then, turning exit code 1 into SIGABRT); any other
+    process returns the code."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        from .dist import exit_after_teardown  # (torch is loaded already here)
+
+        exit_after_teardown(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -41,10 +41,11 @@ H200_USABLE_GIB = 139.0  # the H200's "141 GB" as torch sees it: ~139.8 GiB, les
 H200_BYTES = int(H200_USABLE_GIB * GiB)
 
 
-def setup(args, world: int, include_context: bool = True) -> Setup:
-    return Setup(world_size=world, micro_batch=args.mb, seq_len=args.seq, checkpointing=True,
-                 lora_r=args.lora_r, lora_targets=tuple(args.lora_targets.split(",")), dtype="bfloat16",
-                 gpu_mem_bytes=int(args.mem_gib * GiB), include_context=include_context)
+def setup(world: int, mb: int, seq: int, r: int, targets, mem_gib: float = H200_USABLE_GIB,
+          include_context: bool = True) -> Setup:
+    return Setup(world_size=world, micro_batch=mb, seq_len=seq, checkpointing=True, lora_r=r,
+                 lora_targets=tuple(targets), dtype="bfloat16", gpu_mem_bytes=int(mem_gib * GiB),
+                 include_context=include_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def deepest_fit(preset: str, st: Setup, headroom: float) -> tuple[int, int]:
 
 
 def cmd_fit(args) -> int:
-    st = setup(args, args.gpus)
+    st = setup(args.gpus, args.mb, args.seq, args.lora_r, args.lora_targets.split(","), args.mem_gib)
     layers, peak = deepest_fit(args.preset, st, args.headroom)
     print(layers)
     print(f"# {args.preset} with {layers} layers: LoRA estimate {peak / GiB:.1f} GiB per GPU of "
@@ -82,9 +83,11 @@ def cmd_fit(args) -> int:
 
 
 def _train(args, out: Path, steps: int, log: Path) -> tuple[int, float]:
+    from scaling import free_port
+
     data = out / "train.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus),
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "bigtrain", "train",
+           "--master_port", str(free_port()), "-m", "bigtrain", "train",
            "model.path=null", f"model.preset={args.preset}", "model.dtype=bfloat16",
            "model.gradient_checkpointing=true", f"data.train={data}", "data.eval=null", "data.pack=true",
            f"data.max_length={args.seq}", f"train.micro_batch_size={args.mb}", f"train.max_steps={steps}",
@@ -147,9 +150,8 @@ def _rows(path: Path) -> list[dict]:
 
 
 def est_for(row: dict, include_context: bool) -> dict:
-    ns = argparse.Namespace(mb=row["mb"], seq=row["seq"], lora_r=row.get("r", 8),
-                            lora_targets=",".join(row.get("targets", ["q_proj", "v_proj"])), mem_gib=H200_USABLE_GIB)
-    st = setup(ns, row["gpus"], include_context)
+    st = setup(row["gpus"], row["mb"], row["seq"], row.get("r", 8), row.get("targets", ["q_proj", "v_proj"]),
+               include_context=include_context)
     return estimate(preset_shape(row["model"], row.get("layers")), st)
 
 

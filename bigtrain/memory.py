@@ -56,7 +56,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .presets import meta_model
+from .presets import PRESETS, hf_config_for, meta_model
 
 # Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
 # torch (inject, lora, losses, zero3) are imported where used: `bigtrain estimate --help` builds this
@@ -120,16 +120,14 @@ class ModelShape:
 
 def _hf_config(source):
     """A preset name, a local HF config directory, or an HF config object -> (name, config)."""
-    from . import presets
-
     if isinstance(source, str):
-        if source in presets.PRESETS:
-            return source, presets.hf_config_for(source, vocab_size=512)
+        if source in PRESETS:
+            return source, hf_config_for(source, vocab_size=512)
         if Path(source).is_dir():
             import transformers as tf
 
             return Path(source).name, tf.AutoConfig.from_pretrained(source)
-        raise ValueError(f"{source!r} is neither a preset ({', '.join(presets.PRESETS)}) "
+        raise ValueError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) "
                          f"nor a local Hugging Face config directory")
     return getattr(source, "model_type", "model"), source
 
@@ -189,12 +187,10 @@ def preset_shape(name: str, num_layers: int | None = None) -> ModelShape:
     """:class:`ModelShape` of a preset, at its own depth or at ``num_layers`` (``model.num_layers``)."""
     if num_layers is None:
         return model_shape(name)
-    from . import presets
-
-    if name not in presets.PRESETS:
+    if name not in PRESETS:
         raise ValueError(f"--num-layers changes a preset's depth; {name!r} is not a preset "
-                         f"({', '.join(presets.PRESETS)})")
-    cfg = presets.hf_config_for(name, vocab_size=512, num_layers=num_layers)
+                         f"({', '.join(PRESETS)})")
+    cfg = hf_config_for(name, vocab_size=512, num_layers=num_layers)
     return shape_from_model(meta_model(cfg), f"{name} ({num_layers} layers)")
 
 

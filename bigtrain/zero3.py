@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-# Deferred imports: deepspeed (and transformers' DeepSpeed integration) are imported where used, so
-# that stage-0 runs and the CPU-only tools never pay DeepSpeed's import time (its op builders).
 from torch import nn
 
 from .config import ConfigError, ZeroConfig
 from .dist import DistInfo, detect_world, wants_cuda
+
+# Deferred imports: deepspeed (and transformers' DeepSpeed integration) are imported where used, so
+# that stage-0 runs and the CPU-only tools never pay DeepSpeed's import time (its op builders).
 
 # The DeepSpeed release this module was written and tested against (pyproject.toml pins it).
 DEEPSPEED_VERSION = "0.19.8"

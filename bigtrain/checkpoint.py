@@ -329,6 +329,24 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
     return AdapterCheckpoint(p, AdapterSpec.from_json(cfg), tensors)
 
 
+def newest_adapter_config(root: Path) -> Path | None:
+    """Before any process group, cheaply: the newest checkpoint under ``root`` whose manifest lists
+    an adapter_config.json that matches it (size and sha256). It is the checkpoint an ``auto``
+    resume continues unless its large files turn out corrupt, and the adapter config is the same
+    in every checkpoint of a run (a resume refuses a change), so checking this one's refuses a
+    changed lora.r / alpha / rslora / targets before the base is built. Rank 0's full
+    verification (:func:`find_resumable`) still decides what is resumed."""
+    for p in list_checkpoints(root):
+        try:
+            want = json.loads((p / MANIFEST).read_text())["files"][ADAPTER_CONFIG]
+            f = p / ADAPTER_CONFIG
+            if f.stat().st_size == want["size"] and _sha256(f) == want["sha256"]:
+                return p
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def check_base(path: Path, current: dict, force: bool) -> None:
     saved = read_json(path / "base.json")
     diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]

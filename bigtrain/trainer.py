@@ -255,7 +255,14 @@ class Trainer:
                 checkpoint_files(model_path, check=True)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.path: {e}") from None
-        ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        # the checkpoint a resume will continue: a changed lora.r / alpha / rslora / targets is
+        # refused now, not after the base is built (for a 70B job, after minutes of loading); a
+        # changed lora.dropout is said at the resume itself (CheckpointManager.resume)
+        resume_from = ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if cfg.checkpoint.resume == "auto":
+            resume_from = ckpt.newest_adapter_config(self.ckpt_root)
+        if resume_from is not None:
+            ckpt.check_adapter(resume_from, adapter_config(cfg, list(targets)))
         if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
             datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
@@ -338,7 +345,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.checkpoints = ckpt.CheckpointManager(
             self.ckpt_root, self.engine, self.lora, self.optimizer,
-            adapter_config=adapter_config(cfg, self.lora),
+            adapter_config=adapter_config(cfg, self.lora.names()),
             base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed),
             config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
             every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
@@ -642,10 +649,11 @@ def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
                         f"different data ({diff}); every rank must see the same files")
 
 
-def adapter_config(cfg: Config, lora) -> dict:
-    """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`)."""
+def adapter_config(cfg: Config, modules: list[str]) -> dict:
+    """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`) for the adapted
+    ``modules`` (their names, in the model's order)."""
     return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
-                       targets=cfg.lora.targets, modules=lora.names(),
+                       targets=cfg.lora.targets, modules=list(modules),
                        base_model=_base_model_name(cfg.model.path, cfg.model.preset), dtype=cfg.lora.dtype).to_json()
 
 

@@ -157,15 +157,27 @@ def test_changed_lr_on_resume_is_used_and_said(tmp_path):
 def test_changed_adapter_hparams_on_resume(tmp_path):
     """lora.alpha / lora.rslora changed on resume used to pass silently (the scale jumped, and the
     new adapter_config.json claimed the new alpha for adapters trained at the old one): refused in
-    one line naming the key and both values. A changed lora.dropout is used, and said."""
+    one line naming the key and both values. A changed lora.dropout is used, and said. The refusal
+    comes before the process group and the base exist (no 'rank 0/1 on host' line: for a 70B job
+    it used to come after the load), for an automatic and an explicit checkpoint.resume."""
     out = tmp_path / "r"
     run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})), check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert (f"config error: {out / 'checkpoints' / 'step-00000004'}: lora.alpha changed on resume: "
             f"checkpoint 16.0, now 32.0") in p.stderr
+    assert "on host" not in p.stdout and "output directory" not in p.stdout, p.stdout[-2000:]
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})), check=False)
     assert p.returncode == 2 and "lora.rslora changed on resume: checkpoint false, now true" in p.stderr
+    assert "on host" not in p.stdout
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.r": 4})), check=False)
+    assert p.returncode == 2 and "lora.r changed on resume: checkpoint 8, now 4; resume with lora.r=8" in p.stderr
+    assert "on host" not in p.stdout
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "other", BUILTIN, 6, 2, **{
+        "lora.targets": "[q_proj]", "checkpoint.resume": out})), check=False)
+    assert p.returncode == 2 and ("lora.targets changed on resume: the checkpoint adapts 8 modules "
+                                  "(['q_proj', 'v_proj']), now 4 (['q_proj'])") in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "other").exists()
     assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing trained by the refused runs
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.dropout": 0.1})))
     assert "lora.dropout changed on resume: 0.0 -> 0.1 (the config's value is used)" in p.stdout

@@ -247,6 +247,8 @@ class Trainer:
         if self.build_config is not hf_config:
             meta = meta_model(self.build_config)
         self.meta = meta
+        # config.yaml (written at start-up, and in every checkpoint) records the kernel used
+        cfg.model.attn_implementation, self.attn_note = _attention(cfg.model.attn_implementation, meta)
         check_world(cfg.zero, t.device)
         _check_positions(cfg, hf_config)
         _check_output_dir(self.out_dir, t.output_dir)
@@ -286,6 +288,7 @@ class Trainer:
         say(f"[bigtrain] train data {cfg.data.train}: {self.train_stats['examples']} examples, "
             f"{self.train_stats.get('skipped', 0)} skipped, {self.train_stats.get('truncated', 0)} truncated")
 
+        say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
         set_seed(t.seed)
         self.model = model = engine.build_base(self.build_config, self.model_path, cfg.model.dtype,
                                                cfg.model.attn_implementation, self.vocab)
@@ -686,6 +689,27 @@ def _check_output_dir(out: Path, given: str) -> None:
         what = "" if d == out else f": {d} is not writable"
         raise ConfigError(f"train.output_dir: {shown} is not writable{what} (read-only or another user's); "
                           f"choose a directory you can write to")
+
+
+def _attention(requested: str | None, meta) -> tuple[str, str]:
+    """model.attn_implementation for this architecture, asked of transformers (the model class's
+    own check, on the meta-device model) before the base is built: null gives sdpa where the class
+    supports it, else eager (Bloom, Gemma2, ...); a value it cannot run is a config error. Returns
+    the kernel and what to say about the choice."""
+    name = type(meta).__name__
+    try:
+        chosen = meta.get_correct_attn_implementation(requested, is_init_check=True)
+    except (ValueError, ImportError) as e:
+        why = str(e).split(". ")[0].rstrip(".")  # transformers' first sentence; the rest is its advice
+        raise ConfigError(f"model.attn_implementation={requested}: transformers {transformers.__version__} "
+                          f"says: {why}; set model.attn_implementation=eager, or null to let bigtrain "
+                          f"pick") from None
+    if requested is not None:
+        return chosen, " (model.attn_implementation)"
+    if chosen != "sdpa":
+        return chosen, (f" ({name} does not support sdpa in transformers {transformers.__version__}; "
+                        f"model.attn_implementation=null picked {chosen})")
+    return chosen, " (model.attn_implementation=null: sdpa, which this architecture supports)"
 
 
 def _check_positions(cfg: Config, hf_config) -> None:

@@ -393,3 +393,56 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
     out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
     assert "\r" in err and "train: 100%" in err
     assert "[bigtrain] step 3/3:" not in out
+
+
+@pytest.fixture(scope="module")
+def no_sdpa_models(tmp_path_factory):
+    """A tiny Bloom and a tiny Gemma2 (architectures transformers runs with eager attention only),
+    saved with save_pretrained with the built-in tokenizer's vocabulary."""
+    import transformers as tf
+
+    from bigtrain.data import load_tokenizer
+
+    tok = load_tokenizer(None)
+    v = len(tok)
+    root = tmp_path_factory.mktemp("no-sdpa")
+    out = {}
+    for name, cfg in (("bloom", tf.BloomConfig(vocab_size=v, hidden_size=64, n_layer=2, n_head=4)),
+                      ("gemma2", tf.Gemma2Config(vocab_size=v, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, head_dim=16,
+                                                 max_position_embeddings=256))):
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name,targets", [("bloom", "[query_key_value]"), ("gemma2", "[q_proj,v_proj]")])
+def test_architecture_without_sdpa_trains_with_eager(tmp_path, no_sdpa_models, name, targets):
+    """Bloom and Gemma2 have no sdpa attention in transformers: with bigtrain's default they failed
+    after start-up with transformers' wording. model.attn_implementation=null (the default) asks the
+    model class before the base is built and picks eager, saying so: the same losses, bit for bit,
+    as model.attn_implementation=eager. An explicit sdpa is refused in one line naming the key,
+    before any process group or output directory exists."""
+    model = no_sdpa_models[name]
+    auto, eager = tmp_path / "auto", tmp_path / "eager"
+    p = run(train_cmd(1, tiny_overrides(auto, model, 2, 2, **{"lora.targets": targets})))
+    cls = {"bloom": "BloomForCausalLM", "gemma2": "Gemma2ForCausalLM"}[name]
+    assert (f"[bigtrain] attention: eager ({cls} does not support sdpa in transformers "
+            f"{__import__('transformers').__version__}; model.attn_implementation=null picked eager)") in p.stdout
+    assert "attn_implementation: eager" in (auto / "config.yaml").read_text()
+    run(train_cmd(1, tiny_overrides(eager, model, 2, 2, **{"lora.targets": targets,
+                                                            "model.attn_implementation": "eager"})))
+    assert sorted(losses(auto)) == [1, 2] and losses(auto) == losses(eager)
+    A, B = final_adapters(auto), final_adapters(eager)
+    assert all(torch.equal(A[k], B[k]) for k in A)
+    bad = tmp_path / "sdpa"
+    p = run(train_cmd(1, tiny_overrides(bad, model, 2, 2, **{"lora.targets": targets,
+                                                          "model.attn_implementation": "sdpa"})), check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    assert p.stderr.startswith(f"bigtrain: config error: model.attn_implementation=sdpa: transformers ")
+    assert f"{cls} does not support an attention implementation through" in p.stderr
+    assert "set model.attn_implementation=eager" in p.stderr
+    assert "on host" not in p.stdout and not bad.exists()

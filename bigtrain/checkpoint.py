@@ -304,6 +304,10 @@ def _save_failed_message(step: int, fail: tuple, root: Path, partial: str) -> st
             else "rerun the same command to start again (no checkpoint was saved yet)")
     who = f" on rank {rank}" if rank else ""
     code = f" (errno {errno.errorcode.get(err, err)})" if err else ""
+    if have is not None and step_of(have) == step:  # renamed into place; only `latest` did not move
+        return (f"checkpoint of step {step} written, but then writing {path}{who} failed: {text}{code}; "
+                f"{todo}, then {then} ({have.name} is complete: a resume takes the newest complete "
+                f"checkpoint, whatever {LATEST} names)")
     return (f"checkpoint of step {step} not saved: writing {path}{who} failed: {text}{code}; {todo}, "
             f"then {then} (nothing saved before was touched; {partial} was removed)")
 

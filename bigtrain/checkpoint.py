@@ -28,10 +28,13 @@ adapter bank share.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 import warnings
@@ -41,6 +44,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import faults  # test-only crash points during a save (no-ops unless a test sets them)
@@ -59,6 +63,47 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
 
 
+class CheckpointSaveError(CheckpointError):
+    """A save that could not be written (disk full, quota, file-size limit, I/O error). Raised on
+    every rank with the same one-line message: what failed, what to do, the step a rerun resumes
+    from. Nothing already saved was touched; the partial ``.tmp-`` directory is removed. The CLI
+    exits with :data:`SAVE_FAILED_EXIT`."""
+
+
+SAVE_FAILED_EXIT = 3  # `bigtrain train`'s exit status after a CheckpointSaveError (slurm/_common.sh)
+
+
+class _WriteFailed(Exception):
+    """A write of a save failed on this rank: the file and the OS error (errno, text)."""
+
+    def __init__(self, path: Path, err: int | None, text: str):
+        super().__init__(f"{path}: {text}")
+        self.path, self.errno, self.text = Path(path), err, text
+
+
+def _write_failure(path: Path, e: Exception) -> _WriteFailed:
+    """An OSError, or safetensors' own error (which carries the OS error only in its text, as
+    "... (os error 28)"), as a :class:`_WriteFailed` naming ``path``."""
+    err = getattr(e, "errno", None)
+    if err is None:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        err = int(m.group(1)) if m else None
+    text = os.strerror(err) if err else str(e)
+    return _WriteFailed(Path(getattr(e, "filename", None) or path), err, text)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Turn a failed write of ``path`` (OSError, SafetensorError) into :class:`_WriteFailed`."""
+    try:
+        faults.disk_full(path)
+        yield
+    except _WriteFailed:
+        raise
+    except (OSError, SafetensorError) as e:
+        raise _write_failure(path, e) from None
+
+
 # -- small durable-write helpers ---------------------------------------------------------------
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -74,8 +119,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    _fsync_file(path)
+    with _writing(path):
+        path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        _fsync_file(path)
 
 
 def _sha256(path: Path) -> str:
@@ -87,9 +133,10 @@ def _sha256(path: Path) -> str:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
-              metadata={k: str(v) for k, v in (meta or {}).items()})
-    _fsync_file(path)
+    with _writing(path):
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={k: str(v) for k, v in (meta or {}).items()})
+        _fsync_file(path)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -243,6 +290,28 @@ def clean_partial(root: Path) -> list[str]:
     return removed
 
 
+def _save_failed_message(step: int, fail: tuple, root: Path, partial: str) -> str:
+    """The one line a failed save ends the run with: the file, the OS error, what to do, and the
+    step a rerun of the same command resumes from (the newest checkpoint that verifies, which may
+    be ``step`` itself when only moving ``latest`` failed)."""
+    rank, path, err, text = fail
+    todo = {errno.ENOSPC: f"free space on the filesystem of {root}",
+            errno.EDQUOT: f"free space within your disk quota on {root} (or have it raised)",
+            errno.EFBIG: f"raise the file-size limit (ulimit -f) or put train.output_dir on a filesystem "
+                         f"that takes larger files"}.get(err, f"check that {root} is writable and healthy")
+    have = find_resumable(root, log=lambda _: None)
+    then = (f"rerun the same command to resume from step {step_of(have)}" if have is not None
+            else "rerun the same command to start again (no checkpoint was saved yet)")
+    who = f" on rank {rank}" if rank else ""
+    code = f" (errno {errno.errorcode.get(err, err)})" if err else ""
+    if have is not None and step_of(have) == step:  # renamed into place; only `latest` did not move
+        return (f"checkpoint of step {step} written, but then writing {path}{who} failed: {text}{code}; "
+                f"{todo}, then {then} ({have.name} is complete: a resume takes the newest complete "
+                f"checkpoint, whatever {LATEST} names)")
+    return (f"checkpoint of step {step} not saved: writing {path}{who} failed: {text}{code}; {todo}, "
+            f"then {then} (nothing saved before was touched; {partial} was removed)")
+
+
 # -- load --------------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
     try:
@@ -327,6 +396,24 @@ def read_checkpoint(path: str | os.PathLike) -> AdapterCheckpoint:
         raise CheckpointError(f"{p / ADAPTER_FILE}: keys do not match {ADAPTER_CONFIG} modules "
                               f"(missing {lack[:3]}, unexpected {extra[:3]})")
     return AdapterCheckpoint(p, AdapterSpec.from_json(cfg), tensors)
+
+
+def newest_adapter_config(root: Path) -> Path | None:
+    """Before any process group, cheaply: the newest checkpoint under ``root`` whose manifest lists
+    an adapter_config.json that matches it (size and sha256). It is the checkpoint an ``auto``
+    resume continues unless its large files turn out corrupt, and the adapter config is the same
+    in every checkpoint of a run (a resume refuses a change), so checking this one's refuses a
+    changed lora.r / alpha / rslora / targets before the base is built. Rank 0's full
+    verification (:func:`find_resumable`) still decides what is resumed."""
+    for p in list_checkpoints(root):
+        try:
+            want = json.loads((p / MANIFEST).read_text())["files"][ADAPTER_CONFIG]
+            f = p / ADAPTER_CONFIG
+            if f.stat().st_size == want["size"] and _sha256(f) == want["sha256"]:
+                return p
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def check_base(path: Path, current: dict, force: bool) -> None:
@@ -499,21 +586,21 @@ class CheckpointManager:
     def write(self, step: int, trainer_state: dict) -> Path:
         """Write checkpoint ``step`` (the files in the module docstring, atomically), move
         ``latest`` to it and prune to ``keep``. Collective: every rank calls it. Returns the
-        checkpoint path (on every rank)."""
+        checkpoint path (on every rank). A write that fails (disk full, ...) on any rank raises
+        :class:`CheckpointSaveError` on every rank (:meth:`_together`): nothing saved before is
+        touched and the partial directory is removed."""
         engine, root = self.engine, self.root
         rank, world = engine.info.rank, engine.info.world_size
         final = root / f"{PREFIX}{step:08d}"
         tmp = root / (TMP_PREFIX + final.name)
-        if rank == 0:
+
+        def prepare():
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
-        engine.barrier()
-        rng_file = tmp / "rng" / f"rank{rank:05d}.json"
-        _write_json(rng_file, rng_state())
-        engine.barrier()
-        if rank == 0:
+
+        def files():  # rank 0: the adapters are replicated
             faults.crash_point("save:start", step)
             _save_tensors(tmp / ADAPTER_FILE, self.lora.adapter_state_dict(), {"format": "bigtrain-lora"})
             _write_json(tmp / ADAPTER_CONFIG, self.adapter_config)
@@ -522,12 +609,13 @@ class CheckpointManager:
             _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
             _write_json(tmp / "trainer_state.json", {**trainer_state, "optimizer": opt_meta, "world_size": world})
             _write_json(tmp / "base.json", self.base_fingerprint)
-            (tmp / "config.yaml").write_text(self.config_yaml)
-            _fsync_file(tmp / "config.yaml")
+            with _writing(tmp / "config.yaml"):
+                (tmp / "config.yaml").write_text(self.config_yaml)
+                _fsync_file(tmp / "config.yaml")
             faults.crash_point("save:before_manifest", step)
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             manifest = {"step": step, "files": {f: {"size": (tmp / f).stat().st_size,
-                                                    "sha256": _sha256(tmp / f)} for f in files}}
+                                                    "sha256": _sha256(tmp / f)} for f in names}}
             _write_json(tmp / MANIFEST, manifest)
             _fsync_dir(tmp / "rng")
             _fsync_dir(tmp)
@@ -537,13 +625,43 @@ class CheckpointManager:
             _fsync_dir(root)
             faults.crash_point("save:before_latest", step)
             ptr = root / (LATEST + ".tmp")
-            ptr.write_text(final.name + "\n")
-            _fsync_file(ptr)
+            with _writing(ptr):
+                ptr.write_text(final.name + "\n")
+                _fsync_file(ptr)
             os.replace(ptr, root / LATEST)
             _fsync_dir(root)
             _prune(root, self.keep, protect=final)
-        engine.barrier()
+
+        rng_file = tmp / "rng" / f"rank{rank:05d}.json"
+        self._together(step, tmp, prepare if rank == 0 else None)
+        self._together(step, tmp, lambda: _write_json(rng_file, rng_state()))
+        self._together(step, tmp, files if rank == 0 else None)
         return final
+
+    def _together(self, step: int, tmp: Path, work: Callable[[], None] | None) -> None:
+        """One phase of a save: this rank's ``work`` (None: nothing to write), then every rank learns
+        whether any rank's write failed (an all-gather, which is also the phase's barrier). If one
+        did, rank 0 removes the partial ``tmp`` and every rank raises the same
+        :class:`CheckpointSaveError`: rank 0 failing alone while the others wait in the next
+        collective would hang the job (until the collective timeout, or forever under srun)."""
+        failed = None
+        if work is not None:
+            try:
+                work()
+            except _WriteFailed as e:
+                failed = (self.engine.info.rank, str(e.path), e.errno, e.text)
+            except OSError as e:  # a directory: mkdir, rename, fsync
+                f = _write_failure(Path(e.filename or tmp), e)
+                failed = (self.engine.info.rank, str(f.path), f.errno, f.text)
+        fails = [f for f in self.engine.all_gather_objects(failed) if f]
+        if not fails:
+            return
+        msg = None
+        if self.engine.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what it held; clean_partial would at the next start
+            (self.root / (LATEST + ".tmp")).unlink(missing_ok=True)
+            msg = _save_failed_message(step, fails[0], self.root, tmp.name)
+        raise CheckpointSaveError(self.engine.all_gather_objects(msg)[0])
 
     def latest(self) -> Path | None:
         """What this run saved last; when it saved nothing (resumed at its last step), the newest

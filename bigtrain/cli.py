@@ -131,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigtrain: config error: {e}", file=sys.stderr)
         return _leave(2)
     except Exception as e:  # noqa: BLE001 - user-facing errors get one clear line, then the trace
-        from .checkpoint import CheckpointError
+        from .checkpoint import SAVE_FAILED_EXIT, CheckpointError, CheckpointSaveError
         from .data import DataError
 
+        if isinstance(e, CheckpointSaveError):  # every rank agreed; its own code for the Slurm scripts
+            print(f"bigtrain: error: {e}", file=sys.stderr)
+            return _leave(SAVE_FAILED_EXIT)
         if isinstance(e, (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError)):
             print(f"bigtrain: error: {e}", file=sys.stderr)
             return _leave(1)

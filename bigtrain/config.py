@@ -63,8 +63,10 @@ class ModelConfig:
     40 layers, to fit the GPUs at hand); every other shape stays the preset's."""
     dtype: str = "float32"
     """Storage dtype of the frozen base: float32, bfloat16 or float16."""
-    attn_implementation: str = "sdpa"
-    """transformers attention kernel: sdpa or eager."""
+    attn_implementation: Optional[str] = None
+    """transformers attention kernel: sdpa or eager; null: sdpa where the architecture supports it,
+    else eager (e.g. Bloom, Gemma2), said at start-up. A value the architecture cannot run is
+    refused before start-up."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward (keeps only layer inputs)."""
     tokenizer: Optional[str] = None
@@ -80,7 +82,7 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice(p + ".attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _choice(p + ".attn_implementation", self.attn_implementation, (None, "sdpa", "eager"))
         if self.path is not None:
             d = Path(resolve_model_path(self.path))
             if not d.is_dir():
@@ -387,7 +389,8 @@ def _check_finite(section: Any, p: str) -> None:
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        raise ConfigError(f"{key}: {value!r} is not one of "
+                          f"{', '.join('null' if a is None else repr(a) for a in allowed)}")
 
 
 # ---------------------------------------------------------------------------------------------

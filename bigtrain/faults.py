@@ -8,11 +8,16 @@ Driven by environment variables that normal runs never set (then every check is 
 * ``BIGTRAIN_CRASH_AT=<point>`` (and ``BIGTRAIN_CRASH_AT_STEP=<step>``, if set): die at that point
   of a checkpoint save as abruptly as kill -9 would (exit status 137); see :func:`crash_point`.
 
+* ``BIGTRAIN_FAULT_ENOSPC=<path suffix>``: a checkpoint save's write of a file whose path ends
+  with it (``optimizer.safetensors``, ``.tmp-step-00000004/optimizer.safetensors``) fails with
+  ENOSPC ("No space left on device"), as on a full disk; see :func:`disk_full`.
+
 tests/test_faults.py and tests/test_checkpoint.py set them; nothing else should.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 
 _FIRED: set[str] = set()  # STEP:RANK keys of BIGTRAIN_FAULT_NAN already injected in this process
@@ -34,3 +39,11 @@ def crash_point(point: str, step: int | None = None) -> None:
     if os.environ.get("BIGTRAIN_CRASH_AT") == point and \
             os.environ.get("BIGTRAIN_CRASH_AT_STEP", str(step)) == str(step):
         os._exit(137)
+
+
+def disk_full(path) -> None:
+    """With BIGTRAIN_FAULT_ENOSPC=<path suffix>: raise the OSError a full disk gives for a write of
+    ``path`` when it ends with that suffix."""
+    suffix = os.environ.get("BIGTRAIN_FAULT_ENOSPC")
+    if suffix and str(path).endswith(suffix):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -247,6 +247,8 @@ class Trainer:
         if self.build_config is not hf_config:
             meta = meta_model(self.build_config)
         self.meta = meta
+        # config.yaml (written at start-up, and in every checkpoint) records the kernel used
+        cfg.model.attn_implementation, self.attn_note = _attention(cfg.model.attn_implementation, meta)
         check_world(cfg.zero, t.device)
         _check_positions(cfg, hf_config)
         _check_output_dir(self.out_dir, t.output_dir)
@@ -255,7 +257,14 @@ class Trainer:
                 checkpoint_files(model_path, check=True)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"model.path: {e}") from None
-        ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        # the checkpoint a resume will continue: a changed lora.r / alpha / rslora / targets is
+        # refused now, not after the base is built (for a 70B job, after minutes of loading); a
+        # changed lora.dropout is said at the resume itself (CheckpointManager.resume)
+        resume_from = ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
+        if cfg.checkpoint.resume == "auto":
+            resume_from = ckpt.newest_adapter_config(self.ckpt_root)
+        if resume_from is not None:
+            ckpt.check_adapter(resume_from, adapter_config(cfg, list(targets)))
         if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
             datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
@@ -279,6 +288,7 @@ class Trainer:
         say(f"[bigtrain] train data {cfg.data.train}: {self.train_stats['examples']} examples, "
             f"{self.train_stats.get('skipped', 0)} skipped, {self.train_stats.get('truncated', 0)} truncated")
 
+        say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
         set_seed(t.seed)
         self.model = model = engine.build_base(self.build_config, self.model_path, cfg.model.dtype,
                                                cfg.model.attn_implementation, self.vocab)
@@ -338,7 +348,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id
         self.checkpoints = ckpt.CheckpointManager(
             self.ckpt_root, self.engine, self.lora, self.optimizer,
-            adapter_config=adapter_config(cfg, self.lora),
+            adapter_config=adapter_config(cfg, self.lora.names()),
             base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed),
             config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
             every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
@@ -642,10 +652,11 @@ def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
                         f"different data ({diff}); every rank must see the same files")
 
 
-def adapter_config(cfg: Config, lora) -> dict:
-    """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`)."""
+def adapter_config(cfg: Config, modules: list[str]) -> dict:
+    """The checkpoint's adapter_config.json (:class:`bigtrain.lora.AdapterSpec`) for the adapted
+    ``modules`` (their names, in the model's order)."""
     return AdapterSpec(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, rslora=cfg.lora.rslora,
-                       targets=cfg.lora.targets, modules=lora.names(),
+                       targets=cfg.lora.targets, modules=list(modules),
                        base_model=_base_model_name(cfg.model.path, cfg.model.preset), dtype=cfg.lora.dtype).to_json()
 
 
@@ -678,6 +689,27 @@ def _check_output_dir(out: Path, given: str) -> None:
         what = "" if d == out else f": {d} is not writable"
         raise ConfigError(f"train.output_dir: {shown} is not writable{what} (read-only or another user's); "
                           f"choose a directory you can write to")
+
+
+def _attention(requested: str | None, meta) -> tuple[str, str]:
+    """model.attn_implementation for this architecture, asked of transformers (the model class's
+    own check, on the meta-device model) before the base is built: null gives sdpa where the class
+    supports it, else eager (Bloom, Gemma2, ...); a value it cannot run is a config error. Returns
+    the kernel and what to say about the choice."""
+    name = type(meta).__name__
+    try:
+        chosen = meta.get_correct_attn_implementation(requested, is_init_check=True)
+    except (ValueError, ImportError) as e:
+        why = str(e).split(". ")[0].rstrip(".")  # transformers' first sentence; the rest is its advice
+        raise ConfigError(f"model.attn_implementation={requested}: transformers {transformers.__version__} "
+                          f"says: {why}; set model.attn_implementation=eager, or null to let bigtrain "
+                          f"pick") from None
+    if requested is not None:
+        return chosen, " (model.attn_implementation)"
+    if chosen != "sdpa":
+        return chosen, (f" ({name} does not support sdpa in transformers {transformers.__version__}; "
+                        f"model.attn_implementation=null picked {chosen})")
+    return chosen, " (model.attn_implementation=null: sdpa, which this architecture supports)"
 
 
 def _check_positions(cfg: Config, hf_config) -> None:

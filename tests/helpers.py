@@ -15,6 +15,7 @@ def _env(extra=None):
     env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1"})
     env.pop("BIGTRAIN_CRASH_AT", None)
+    env.pop("BIGTRAIN_FAULT_ENOSPC", None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(k, None)
     env.update(extra or {})
@@ -29,8 +30,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(cmd, timeout=600, env=None, check=True):
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=600, env=None, check=True, preexec_fn=None):
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=preexec_fn)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
                              f"\n--- stderr\n{p.stderr[-6000:]}")

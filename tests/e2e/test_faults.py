@@ -36,7 +36,7 @@ def test_too_many_bad_steps_stop_every_rank(tmp_path):
     assert "more than train.max_bad_steps=1 non-finite steps" in p.stdout + p.stderr
 
 
-def run_ranks_apart(overrides, world=2, timeout=180, per_rank=None):
+def run_ranks_apart(overrides, world=2, timeout=180, per_rank=None, env=None, preexec_fn=None):
     """Start ``world`` bigtrain processes the way `srun` does (SLURM_PROCID / SLURM_NTASKS, one
     shared MASTER_PORT), but with nothing that kills the others when one fails, so each rank's own
     decision shows. Returns [(returncode, stdout + stderr)] by rank. A rank that started a process
@@ -48,8 +48,9 @@ def run_ranks_apart(overrides, world=2, timeout=180, per_rank=None):
                                *(per_rank[r] if per_rank else [])], cwd=ROOT,
                               env=_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": str(world),
                                         "SLURM_LOCALID": str(r), "MASTER_ADDR": "127.0.0.1",
-                                        "MASTER_PORT": port}),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        "MASTER_PORT": port, **(env or {})}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=preexec_fn)
              for r in range(world)]
     out = []
     for pr in procs:
@@ -214,3 +215,100 @@ def test_world_size_the_config_cannot_use(tmp_path):
     p = run(train_cmd(1, tiny_overrides(tmp_path / "b", BUILTIN, 2, 2, **{"zero.ds_config": bad})),
             check=False)
     assert p.returncode == 2 and f"{bad} is not valid JSON (line 2)" in p.stderr
+
+
+def _file_size_limit(limit):
+    """preexec_fn: writes past ``limit`` bytes fail with EFBIG (RLIMIT_FSIZE; inherited by torchrun's
+    workers), as a full disk fails a write, without root or a mount: the real OS error through
+    the real writes (safetensors' and Python's). SIGXFSZ is ignored, as Python itself does."""
+    import resource
+
+    def pre():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return pre
+
+
+def _snapshot(ckpts):
+    """Every file under checkpoints/ (bytes), to show that a failed save touched nothing."""
+    return {str(p.relative_to(ckpts)): p.read_bytes() for p in sorted(ckpts.rglob("*")) if p.is_file()}
+
+
+def _save_sizes(step_dir):
+    rng = max(p.stat().st_size for p in (step_dir / "rng").iterdir())
+    adapter = (step_dir / "adapter_model.safetensors").stat().st_size
+    opt = (step_dir / "optimizer.safetensors").stat().st_size
+    assert rng < adapter < opt, (rng, adapter, opt)  # so a limit can fail one file and not the ones before
+    return rng, adapter, opt
+
+
+def _error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("bigtrain: error")]
+
+
+def test_disk_full_during_save_one_rank(tmp_path):
+    """#16 item 8: a save whose adapter file cannot be written (a real write failure: the file-size
+    limit, EFBIG) ended in safetensors' SafetensorError traceback. Now: one line naming the file,
+    the OS error, what to do and the step a rerun resumes from; exit 3; the checkpoint before it
+    untouched and still `latest`; the partial directory removed; the rerun then ends with adapters
+    equal, bit for bit, to an uninterrupted run's."""
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    args = tiny_overrides(out, BUILTIN, 4, 2, **{"checkpoint.every": 2})
+    run(train_cmd(1, tiny_overrides(ref, BUILTIN, 4, 2, **{"checkpoint.every": 2})))
+    run(train_cmd(1, args + ["train.stop_at_step=2"]))
+    ckpts = out / "checkpoints"
+    rng, adapter, _ = _save_sizes(ckpts / "step-00000002")
+    before = _snapshot(ckpts)
+    p = run(train_cmd(1, args), check=False, preexec_fn=_file_size_limit((rng + adapter) // 2))
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "SafetensorError" not in p.stderr
+    assert _error_lines(p.stderr) == [
+        f"bigtrain: error: checkpoint of step 4 not saved: writing {ckpts}/.tmp-step-00000004/"
+        f"adapter_model.safetensors failed: File too large (errno EFBIG); raise the file-size limit "
+        f"(ulimit -f) or put train.output_dir on a filesystem that takes larger files, then rerun the same "
+        f"command to resume from step 2 (nothing saved before was touched; .tmp-step-00000004 was removed)"]
+    assert _snapshot(ckpts) == before  # step 2 byte for byte, `latest` still naming it, no .tmp- left
+    assert not (out / "preempted").exists()
+    p = run(train_cmd(1, args))
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in p.stdout
+    A, B = final_adapters(ref), final_adapters(out)
+    assert all(torch.equal(A[k], B[k]) for k in A)
+
+
+def test_disk_full_during_save_two_ranks(tmp_path):
+    """The same at world size 2: rank 0 alone writes the adapters and optimizer state while rank 1
+    waits in the save's barrier; on a rank-0 failure rank 1 stayed there until rank 0's exit broke
+    the connection (gloo's 'Connection closed by peer' traceback, exit 1 on both ranks). Now every
+    rank learns of it and leaves with the same line and exit 3. Ranks
+    started apart (as srun does, nothing else ends them) with a real write failure of the
+    optimizer-state file (file-size limit); then under torchrun, ENOSPC on that file
+    (bigtrain.faults: a full disk, which the sandbox cannot make without root)."""
+    out = tmp_path / "o"
+    args = tiny_overrides(out, BUILTIN, 4, 2, **{"checkpoint.every": 2})
+    run(train_cmd(2, args + ["train.stop_at_step=2"]))
+    ckpts = out / "checkpoints"
+    _, adapter, opt = _save_sizes(ckpts / "step-00000002")
+    before = _snapshot(ckpts)
+    t0 = time.time()
+    results = run_ranks_apart(args, preexec_fn=_file_size_limit((adapter + opt) // 2))
+    line = (f"bigtrain: error: checkpoint of step 4 not saved: writing {ckpts}/.tmp-step-00000004/"
+            f"optimizer.safetensors failed: File too large (errno EFBIG); raise the file-size limit "
+            f"(ulimit -f) or put train.output_dir on a filesystem that takes larger files, then rerun the "
+            f"same command to resume from step 2 (nothing saved before was touched; .tmp-step-00000004 "
+            f"was removed)")
+    for rc, text in results:
+        assert rc == 3 and _error_lines(text) == [line], text[-3000:]
+        assert "Traceback" not in text
+    assert time.time() - t0 < 120
+    assert _snapshot(ckpts) == before
+    p = run(train_cmd(2, args), check=False,
+            env={"BIGTRAIN_FAULT_ENOSPC": ".tmp-step-00000004/optimizer.safetensors"})
+    assert p.returncode == 1  # torchrun's own (it ends with its ChildFailedError report), not the ranks'
+    assert p.stderr.count(f"bigtrain: error: checkpoint of step 4 not saved: writing {ckpts}/.tmp-step-00000004/"
+                          f"optimizer.safetensors failed: No space left on device (errno ENOSPC); free space "
+                          f"on the filesystem of {ckpts}, then rerun the same command to resume from step 2 "
+                          f"(nothing saved before was touched; .tmp-step-00000004 was removed)") == 2, p.stderr[-3000:]
+    assert "exitcode  : 3" in p.stderr  # torchrun's report of the ranks' status
+    assert _snapshot(ckpts) == before
+    p = run(train_cmd(2, args))
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in p.stdout and max(losses(out)) == 4

@@ -157,15 +157,27 @@ def test_changed_lr_on_resume_is_used_and_said(tmp_path):
 def test_changed_adapter_hparams_on_resume(tmp_path):
     """lora.alpha / lora.rslora changed on resume used to pass silently (the scale jumped, and the
     new adapter_config.json claimed the new alpha for adapters trained at the old one): refused in
-    one line naming the key and both values. A changed lora.dropout is used, and said."""
+    one line naming the key and both values. A changed lora.dropout is used, and said. The refusal
+    comes before the process group and the base exist (no 'rank 0/1 on host' line: for a 70B job
+    it used to come after the load), for an automatic and an explicit checkpoint.resume."""
     out = tmp_path / "r"
     run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})), check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert (f"config error: {out / 'checkpoints' / 'step-00000004'}: lora.alpha changed on resume: "
             f"checkpoint 16.0, now 32.0") in p.stderr
+    assert "on host" not in p.stdout and "output directory" not in p.stdout, p.stdout[-2000:]
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})), check=False)
     assert p.returncode == 2 and "lora.rslora changed on resume: checkpoint false, now true" in p.stderr
+    assert "on host" not in p.stdout
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.r": 4})), check=False)
+    assert p.returncode == 2 and "lora.r changed on resume: checkpoint 8, now 4; resume with lora.r=8" in p.stderr
+    assert "on host" not in p.stdout
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "other", BUILTIN, 6, 2, **{
+        "lora.targets": "[q_proj]", "checkpoint.resume": out})), check=False)
+    assert p.returncode == 2 and ("lora.targets changed on resume: the checkpoint adapts 8 modules "
+                                  "(['q_proj', 'v_proj']), now 4 (['q_proj'])") in p.stderr
+    assert "on host" not in p.stdout and not (tmp_path / "other").exists()
     assert sorted(losses(out)) == [1, 2, 3, 4]  # nothing trained by the refused runs
     p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.dropout": 0.1})))
     assert "lora.dropout changed on resume: 0.0 -> 0.1 (the config's value is used)" in p.stdout
@@ -381,3 +393,56 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
     out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
     assert "\r" in err and "train: 100%" in err
     assert "[bigtrain] step 3/3:" not in out
+
+
+@pytest.fixture(scope="module")
+def no_sdpa_models(tmp_path_factory):
+    """A tiny Bloom and a tiny Gemma2 (architectures transformers runs with eager attention only),
+    saved with save_pretrained with the built-in tokenizer's vocabulary."""
+    import transformers as tf
+
+    from bigtrain.data import load_tokenizer
+
+    tok = load_tokenizer(None)
+    v = len(tok)
+    root = tmp_path_factory.mktemp("no-sdpa")
+    out = {}
+    for name, cfg in (("bloom", tf.BloomConfig(vocab_size=v, hidden_size=64, n_layer=2, n_head=4)),
+                      ("gemma2", tf.Gemma2Config(vocab_size=v, hidden_size=64, intermediate_size=128,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=2, head_dim=16,
+                                                 max_position_embeddings=256))):
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name,targets", [("bloom", "[query_key_value]"), ("gemma2", "[q_proj,v_proj]")])
+def test_architecture_without_sdpa_trains_with_eager(tmp_path, no_sdpa_models, name, targets):
+    """Bloom and Gemma2 have no sdpa attention in transformers: with bigtrain's default they failed
+    after start-up with transformers' wording. model.attn_implementation=null (the default) asks the
+    model class before the base is built and picks eager, saying so: the same losses, bit for bit,
+    as model.attn_implementation=eager. An explicit sdpa is refused in one line naming the key,
+    before any process group or output directory exists."""
+    model = no_sdpa_models[name]
+    auto, eager = tmp_path / "auto", tmp_path / "eager"
+    p = run(train_cmd(1, tiny_overrides(auto, model, 2, 2, **{"lora.targets": targets})))
+    cls = {"bloom": "BloomForCausalLM", "gemma2": "Gemma2ForCausalLM"}[name]
+    assert (f"[bigtrain] attention: eager ({cls} does not support sdpa in transformers "
+            f"{__import__('transformers').__version__}; model.attn_implementation=null picked eager)") in p.stdout
+    assert "attn_implementation: eager" in (auto / "config.yaml").read_text()
+    run(train_cmd(1, tiny_overrides(eager, model, 2, 2, **{"lora.targets": targets,
+                                                            "model.attn_implementation": "eager"})))
+    assert sorted(losses(auto)) == [1, 2] and losses(auto) == losses(eager)
+    A, B = final_adapters(auto), final_adapters(eager)
+    assert all(torch.equal(A[k], B[k]) for k in A)
+    bad = tmp_path / "sdpa"
+    p = run(train_cmd(1, tiny_overrides(bad, model, 2, 2, **{"lora.targets": targets,
+                                                          "model.attn_implementation": "sdpa"})), check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    assert p.stderr.startswith(f"bigtrain: config error: model.attn_implementation=sdpa: transformers ")
+    assert f"{cls} does not support an attention implementation through" in p.stderr
+    assert "set model.attn_implementation=eager" in p.stderr
+    assert "on host" not in p.stdout and not bad.exists()

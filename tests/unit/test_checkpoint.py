@@ -303,3 +303,40 @@ def test_175b_adapter_checkpoint_is_37_7_mb(tmp_path):
     assert 2 * n <= size < 2 * n + 64 * 1024  # data + a JSON header of 384 entries
     print(f"175B r=4 q,v adapter: {n:,} params, {size / 1e6:.2f} MB in bf16")
     assert round(size / 1e6, 1) == 37.8 or round(2 * n / 1e6, 1) == 37.7
+
+
+@pytest.mark.parametrize("fail,first", [
+    ("optimizer.safetensors", "checkpoint of step 4 not saved: writing {tmp}/optimizer.safetensors failed"),
+    ("rank00000.json", "checkpoint of step 4 not saved: writing {tmp}/rng/rank00000.json failed"),
+    ("latest.tmp", "checkpoint of step 4 written, but then writing {root}/latest.tmp failed"),
+])
+def test_save_on_a_full_disk_says_what_and_where_to_resume(tmp_path, monkeypatch, fail, first):
+    """A write of a save failing with ENOSPC (bigtrain.faults): one CheckpointSaveError line naming
+    the file, what to do and the step to resume from; what was saved before stays byte for byte,
+    and the partial directory is gone. When only moving `latest` failed, step 4 is complete and is
+    what a resume takes."""
+    lora, opt = _setup()
+    _save(tmp_path, 2, lora, opt)
+    before = {p: p.read_bytes() for p in (tmp_path / "step-00000002").rglob("*") if p.is_file()}
+    monkeypatch.setenv("BIGTRAIN_FAULT_ENOSPC", fail)
+    with pytest.raises(ckpt.CheckpointSaveError) as e:
+        _save(tmp_path, 4, lora, opt)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(first.format(tmp=tmp_path / ".tmp-step-00000004", root=tmp_path))
+    assert (": No space left on device (errno ENOSPC); free space on the filesystem of "
+            f"{tmp_path}, then rerun the same command to resume from step ") in msg
+    assert {p: p.read_bytes() for p in (tmp_path / "step-00000002").rglob("*") if p.is_file()} == before
+    assert (tmp_path / "latest").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["latest", "step-00000002", "step-00000004"] if fail == "latest.tmp" else ["latest", "step-00000002"])
+    want = 4 if fail == "latest.tmp" else 2
+    assert f"resume from step {want} " in msg and ckpt.step_of(ckpt.find_resumable(tmp_path)) == want
+
+
+def test_save_failing_with_nothing_saved_before_says_start_again(tmp_path, monkeypatch):
+    lora, opt = _setup()
+    monkeypatch.setenv("BIGTRAIN_FAULT_ENOSPC", "adapter_model.safetensors")
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"then rerun the same command to start again "
+                                                        r"\(no checkpoint was saved yet\)"):
+        _save(tmp_path, 2, lora, opt)
+    assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
-"""Run under torchrun: load a mixture-of-experts checkpoint into ZeRO-3 partitions through bigtrain,
+"""Run under torchrun: load a checkpoint (mixture-of-experts or not) into ZeRO-3 partitions through bigtrain,
 and compare with transformers' from_pretrained of the same checkpoint: every parameter gathered
-back, the logits of one batch, then the base again after a few LoRA steps on the attention."""
+back, the logits of one batch, then the base again after a few LoRA steps (on q_proj, v_proj, or
+the comma-separated targets of the third argument)."""
 import json
 import sys
 
@@ -12,6 +13,7 @@ from bigtrain.inject import inject_lora
 from bigtrain.losses import token_loss_sum
 
 model_dir, out = sys.argv[1], sys.argv[2]
+targets = sys.argv[3].split(",") if len(sys.argv) > 3 else ["q_proj", "v_proj"]
 eng = Engine(ZeroConfig(stage=3, persistence_threshold=0), device="cpu")
 rank, world = eng.info.rank, eng.info.world_size
 import transformers as tf
@@ -35,7 +37,7 @@ with torch.no_grad():
     theirs = ref(ids).logits
 eng.after_backward()  # as after an eval: every gathered unit back to its partitions
 before = compare()
-lora = inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+lora = inject_lora(model, targets, r=4, alpha=8)
 eng.broadcast_(lora.parameters())
 opt = torch.optim.AdamW(lora.parameters(), lr=1e-2)
 torch.manual_seed(rank)

@@ -65,19 +65,15 @@ def base_dir(spec: AdapterSpec, override: str | None, ckpt: Path) -> Path:
     return d
 
 
-def base_meta_model(base: Path):
-    """The base's model built on the meta device from its config.json (no weights are read)."""
+def conv1d_modules(base: Path, modules: list[str]) -> set[str]:
+    """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on a model
+    built on the meta device from the base's config.json (no weights are read)."""
     import transformers as tf  # deferred: heavy
 
-    return meta_model(tf.AutoConfig.from_pretrained(str(base)))
-
-
-def conv1d_modules(base: Path, modules: list[str], model=None) -> set[str]:
-    """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on the
-    base's meta-device model (``model``, or built here)."""
     from .lora import is_conv1d  # deferred: imports torch
 
-    named = dict((model if model is not None else base_meta_model(base)).named_modules())
+    model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
+    named = dict(model.named_modules())
     absent = [m for m in modules if m not in named]
     if absent:
         raise ValueError(f"{base}: the checkpoint adapts modules this model does not have: {absent[:3]}")
@@ -317,22 +313,18 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                      progress: bool = False) -> dict:
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
     from . import checkpoint  # deferred: imports torch
-    from .loader import checkpoint_files, open_safetensors, plan_keys  # deferred: imports torch
+    from .loader import checkpoint_files, open_safetensors  # deferred: imports torch
 
     c = checkpoint.read_checkpoint(ckpt)
     tensors = c.tensors
     bdir = base_dir(c.spec, base, c.path)
     files = checkpoint_files(bdir, check=True)  # a truncated shard is named before OUT is created
     modules = list(c.spec.modules)
-    meta = base_meta_model(bdir)
-    conv = conv1d_modules(bdir, modules, meta)
-    # each adapted weight's key in the files, matched as the loader and from_pretrained match it
-    # (transformers' renamings: a hub MoE checkpoint's keys are not the module names)
-    plan = plan_keys(meta, files)
+    conv = conv1d_modules(bdir, modules)
     scale = c.spec.scale
     targets: dict[str, str] = {}  # weight key in the base files -> module
     for m in modules:
-        key = plan.keys.get(f"{m}.weight") or _weight_key(m, set(files))
+        key = _weight_key(m, set(files))
         if key is None:
             raise ValueError(f"{bdir}: no weight for adapted module {m!r} in the checkpoint files "
                              "(a tied output head cannot be merged without untying it)")

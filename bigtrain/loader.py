@@ -17,11 +17,11 @@ models mapped to ``qwen2_moe`` likewise). A renamed key is read slice-wise like 
 parameter is not: the converter's operations (stack the experts, concatenate gate and up) are
 ``transformers``' and do not work on slices, so the loader builds that one parameter whole on the
 host, from its source tensors alone, cuts this rank's slice and frees it before the next. The host
-peak this adds is about twice the largest fused parameter in the checkpoint's dtype (the per-expert
-tensors plus the stacked result; the concatenation makes one more copy of the same size): for
-Mixtral-8x7B one layer's ``gate_up_proj`` is 8 × 28,672 × 4,096 = 0.94e9 elements, 1.88 GB in
-bf16, so ≈ 3.8 GB per rank while that layer loads (every rank on a host builds it at once). A
-checkpoint already in the fused layout (keys equal to the parameter names, as ``merge_at_end``
+peak this adds is about three times the largest fused parameter in the checkpoint's dtype (the
+per-expert tensors, the file pages mapped while reading them, and the stacked result; measured
+3.1x by ``tests/unit/test_loader.py``): for Mixtral-8x7B one layer's ``gate_up_proj`` is
+8 × 28,672 × 4,096 = 0.94e9 elements, 1.88 GB in bf16, so ≈ 5.8 GB per rank while that layer loads
+(every rank on a host builds it at once). A checkpoint already in the fused layout (keys equal to the parameter names, as ``merge_at_end``
 writes) is read slice-wise with no conversion.
 
 It reads the attributes DeepSpeed's ``zero.Init`` puts on partitioned parameters (``ds_tensor``,

@@ -21,8 +21,8 @@ peak this adds is about three times the largest fused parameter in the checkpoin
 per-expert tensors, the file pages mapped while reading them, and the stacked result; measured
 3.1x by ``tests/unit/test_loader.py``): for Mixtral-8x7B one layer's ``gate_up_proj`` is
 8 × 28,672 × 4,096 = 0.94e9 elements, 1.88 GB in bf16, so ≈ 5.8 GB per rank while that layer loads
-(every rank on a host builds it at once). A checkpoint already in the fused layout (keys equal to the parameter names, as ``merge_at_end``
-writes) is read slice-wise with no conversion.
+(every rank on a host builds it at once). A checkpoint already in the fused layout (keys equal to
+the parameter names, as ``merge_at_end`` writes) is read slice-wise with no conversion.
 
 It reads the attributes DeepSpeed's ``zero.Init`` puts on partitioned parameters (``ds_tensor``,
 ``ds_shape``, ``ds_numel``, ``ds_process_group``; with hpZ ``ds_secondary_tensor`` and
@@ -132,18 +132,16 @@ class KeyPlan:
 
 
 def plan_keys(model: nn.Module, files: dict, read=None) -> KeyPlan:
-    """Match ``model``'s parameters to the keys of ``files`` (:func:`checkpoint_files`): a name found
-    as is (or by :func:`resolve_key`'s prefix rule) is read as is; otherwise each checkpoint key is
-    renamed as ``from_pretrained`` renames it (``transformers.core_model_loading.rename_source_key``
-    with the model's :func:`transformers_conversions`), and keys a converter claims are collected
-    into it. ``read(key)`` (a callable giving the whole tensor) is what a converter calls when it
-    converts; without it the plan only names keys (``bigtrain merge``)."""
+    """Match ``model``'s parameters to the keys of ``files`` (:func:`checkpoint_files`): a name that
+    is a key is read as is; if any is not, each checkpoint key is renamed as ``from_pretrained``
+    renames it (``transformers.core_model_loading.rename_source_key`` with the model's
+    :func:`transformers_conversions`, which also adds or strips the wrapper prefix), keys a converter
+    claims are collected into it, and a name still unmatched falls back to :func:`resolve_key`.
+    ``read(key)`` (a callable giving the whole tensor) is what a converter calls when it converts;
+    without it the plan only names keys."""
     names = [n for n, _ in model.named_parameters()]
-    keys: dict[str, str] = {}
-    missing = []
-    for n in names:
-        k = n if n in files else None
-        (keys.__setitem__(n, k) if k is not None else missing.append(n))
+    keys = {n: n for n in names if n in files}
+    missing = [n for n in names if n not in keys]
     converted: dict[str, object] = {}
     if not missing:
         return KeyPlan(keys, converted)
@@ -207,14 +205,13 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
         for first, conv in plan.converted.items():
             built = conv.convert(first, model=model, config=getattr(model, "config", None))
             for name in sorted(built):
-                t = built[name]
+                t = built.pop(name)
                 t = t[0] if isinstance(t, list) else t
-                if name not in params:
-                    continue
-                src = f"{path}: {', '.join(plan.converted_sources[first][:2])}, ... (converted by transformers)"
-                _fill_param(params[name], name, t, tuple(t.shape), src, rank, short_rows)
-                done.add(name)
-            del built
+                if name in params:
+                    src = f"{path}: {', '.join(plan.converted_sources[first][:2])}, ... (converted by transformers)"
+                    _fill_param(params[name], name, t, tuple(t.shape), src, rank, short_rows)
+                    done.add(name)
+                del t  # nothing of this parameter is held while the next one is built
         for name, p in params.items():
             if name in done:
                 continue
@@ -250,8 +247,8 @@ def _fill_param(p, name: str, src, shape: tuple, where: str, rank: int, short_ro
 
 def _fill_slice(dst: torch.Tensor, sl, shape: tuple, numel: int, index: int) -> int:
     """Copy elements [index·n, (index+1)·n) of the flattened checkpoint tensor (``sl``, a lazy
-    safetensors slice, or a whole tensor) into ``dst`` (n elements; zero padding past the tensor's end), reading only
-    the rows that cover them. Returns the number of elements read."""
+    safetensors slice, or a whole tensor) into ``dst`` (n elements; zero padding past the tensor's
+    end), reading only the rows that cover them. Returns the number of elements read."""
     n = dst.numel()
     start, end = n * index, min(n * (index + 1), numel)
     local = dst.data.view(-1)

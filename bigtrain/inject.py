@@ -29,14 +29,15 @@ def output_layer_names(model: nn.Module) -> set[str]:
 
 
 def select_targets(linear_names: list[str], targets: list[str], heads: set[str],
-                   model_name: str = "the model") -> list[str]:
+                   model_name: str = "the model", note: str = "") -> list[str]:
     """The one matching rule, on names alone (training and the estimator both use it): a linear
     layer is a target when its dotted name equals a target or ends with ``.<target>``;
     ``all-linear`` picks every linear layer but the output ``heads``. A target that matches nothing
     is an error that lists the linear-layer names the model does have (the heads not among them).
     A target that matches an output head is an error too: the head is not adaptable (it is tied to
     the embeddings in many models, and the loss projects through the head's own weight in chunks,
-    :mod:`bigtrain.losses`, so a head adapter would never be applied). The model's own order."""
+    :mod:`bigtrain.losses`, so a head adapter would never be applied). ``note`` ends the unmatched
+    error (:func:`fused_expert_note`). The model's own order."""
     if targets == [ALL_LINEAR]:
         found = {n for n in linear_names if n not in heads}
     else:
@@ -56,14 +57,27 @@ def select_targets(linear_names: list[str], targets: list[str], heads: set[str],
         if unmatched:
             avail = sorted({n.split(".")[-1] for n in linear_names if n not in heads})
             raise ValueError(f"lora.targets: {', '.join(map(repr, unmatched))} matched no linear layer of "
-                             f"{model_name}; its linear layers are named: {', '.join(avail)}")
+                             f"{model_name}; its linear layers are named: {', '.join(avail)}{note}")
     return [n for n in linear_names if n in found]
+
+
+def fused_expert_note(model: nn.Module) -> str:
+    """For a mixture-of-experts model whose experts are fused 3-D parameters (transformers 5.x:
+    ``mlp.experts.gate_up_proj``, all experts in one tensor, not ``nn.Linear`` layers): the clause
+    saying so, for the unmatched-target error; else ""."""
+    fused = sorted({".".join(n.split(".")[-2:]) for n, p in model.named_parameters()
+                    if len(getattr(p, "ds_shape", p.shape)) >= 3})
+    if not fused:
+        return ""
+    return (f" (the experts' weights {', '.join(fused)} are 3-D parameters holding every expert, not "
+            f"linear layers, and cannot be adapted)")
 
 
 def find_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """The modules of ``model`` that LoRA adapts for ``targets`` (:func:`select_targets`)."""
     linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
-    names = select_targets(list(linear), targets, output_layer_names(model), type(model).__name__)
+    names = select_targets(list(linear), targets, output_layer_names(model), type(model).__name__,
+                           fused_expert_note(model))
     return {n: linear[n] for n in names}
 
 

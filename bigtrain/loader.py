@@ -7,12 +7,28 @@ partition of each parameter from the files: a rank reads only the rows of each t
 the slice it owns, so no rank ever holds the whole model. ``bigtrain merge`` uses the first two
 to stream a base from disk.
 
+Checkpoint keys are matched to parameters the way ``from_pretrained`` matches them: through
+``transformers``' own conversion mapping for the model (``get_model_conversion_mapping``: the
+``WeightRenaming`` and ``WeightConverter`` entries it applies when it loads), not a table of
+bigtrain's. Mixture-of-experts models need it: a hub Mixtral stores each expert's ``w1``/``w3``/``w2``
+under ``block_sparse_moe.experts.N``, which ``transformers`` (5.x) renames to ``mlp`` and fuses into
+one 3-D ``mlp.experts.gate_up_proj`` / ``down_proj`` per layer (Qwen2-MoE, Qwen3-MoE and the other
+models mapped to ``qwen2_moe`` likewise). A renamed key is read slice-wise like any other. A fused
+parameter is not: the converter's operations (stack the experts, concatenate gate and up) are
+``transformers``' and do not work on slices, so the loader builds that one parameter whole on the
+host, from its source tensors alone, cuts this rank's slice and frees it before the next. The host
+peak this adds is about three times the largest fused parameter in the checkpoint's dtype (the
+per-expert tensors, the file pages mapped while reading them, and the stacked result; measured
+3.1x by ``tests/unit/test_loader.py``): for Mixtral-8x7B one layer's ``gate_up_proj`` is
+8 × 28,672 × 4,096 = 0.94e9 elements, 1.88 GB in bf16, so ≈ 5.8 GB per rank while that layer loads
+(every rank on a host builds it at once). A checkpoint already in the fused layout (keys equal to
+the parameter names, as ``merge_at_end`` writes) is read slice-wise with no conversion.
+
 It reads the attributes DeepSpeed's ``zero.Init`` puts on partitioned parameters (``ds_tensor``,
 ``ds_shape``, ``ds_numel``, ``ds_process_group``; with hpZ ``ds_secondary_tensor`` and
 ``ds_zero_param_process_group``), which ``zero3.check_param_attrs`` checks, but imports no
 DeepSpeed and nothing of bigtrain's config.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -81,6 +97,82 @@ def resolve_key(name: str, available: dict) -> str | None:
     return None
 
 
+def transformers_conversions(model: nn.Module) -> tuple[list, list]:
+    """(renamings, converters): ``transformers``' conversion mapping for ``model``, the list
+    ``from_pretrained`` applies (``get_model_conversion_mapping``: the model type's entries, any
+    sub-model's, and the legacy renamings), split as ``from_pretrained`` splits it. Empty where this
+    ``transformers`` has no such mapping (4.x, whose modules match the hub checkpoints' keys)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    if not hasattr(model, "base_model_prefix"):  # not a transformers model: nothing to convert
+        return [], []
+    mapping = get_model_conversion_mapping(model) or []
+    return ([m for m in mapping if isinstance(m, WeightRenaming)],
+            [m for m in mapping if isinstance(m, WeightConverter)])
+
+
+class KeyPlan:
+    """Where each parameter of a model comes from in a checkpoint's files, matched as
+    ``from_pretrained`` matches them. ``keys``: parameter name -> the one checkpoint key that holds
+    it (the name itself, a wrapper prefix off/on, or a ``transformers`` renaming); ``converted``:
+    the first parameter name a ``transformers`` ``WeightConverter`` produces -> that converter, its
+    source keys collected (not read) in ``from_pretrained``'s order, so that ``convert`` builds the
+    parameter (and any others the same converter produces) exactly as ``from_pretrained`` does."""
+
+    def __init__(self, keys: dict[str, str], converted: dict[str, object]):
+        self.keys, self.converted = keys, converted
+
+    @property
+    def converted_sources(self) -> dict[str, list[str]]:
+        """first target parameter -> the checkpoint keys its converter reads."""
+        return {n: sorted(set().union(*c.layer_targets.values())) for n, c in self.converted.items()}
+
+
+def plan_keys(model: nn.Module, files: dict, read=None) -> KeyPlan:
+    """Match ``model``'s parameters to the keys of ``files`` (:func:`checkpoint_files`): a name that
+    is a key is read as is; if any is not, each checkpoint key is renamed as ``from_pretrained``
+    renames it (``transformers.core_model_loading.rename_source_key`` with the model's
+    :func:`transformers_conversions`, which also adds or strips the wrapper prefix), keys a converter
+    claims are collected into it, and a name still unmatched falls back to :func:`resolve_key`.
+    ``read(key)`` (a callable giving the whole tensor) is what a converter calls when it converts;
+    without it the plan only names keys."""
+    names = [n for n, _ in model.named_parameters()]
+    keys = {n: n for n in names if n in files}
+    missing = [n for n in names if n not in keys]
+    converted: dict[str, object] = {}
+    if not missing:
+        return KeyPlan(keys, converted)
+    renamings, converters = transformers_conversions(model)
+    if renamings or converters:
+        import copy
+
+        from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+        wanted = dict.fromkeys(names, True)  # rename_source_key reads .get(name) is not None
+        prefix = getattr(model, "base_model_prefix", None)
+        by_pattern = {pat: c for c in converters for pat in c.source_patterns}
+        for key in sorted(files, key=dot_natural_key):
+            new, pattern = rename_source_key(key, renamings, converters, prefix, wanted)
+            if new not in wanted and key in wanted:  # as from_pretrained: a name already right
+                new, pattern = rename_source_key(key, [], [], prefix, wanted)
+            if new not in wanted or new in keys:
+                continue
+            if pattern is None:
+                keys[new] = key
+            else:
+                conv = converted.setdefault(new, copy.deepcopy(by_pattern[pattern]))
+                conv.add_tensor(new, key, pattern, (lambda k=key: read(k)) if read else None)
+    for n in missing:
+        if n not in keys and n not in converted:
+            k = resolve_key(n, files)
+            if k is not None:
+                keys[n] = k
+    return KeyPlan(keys, converted)
+
+
 @torch.no_grad()
 def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
                     short_rows: Collection[str] = ()) -> int:
@@ -88,42 +180,75 @@ def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
     the rows of each tensor that cover this rank's slice of the flattened tensor. Returns the number
     of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once.
     Parameters named in ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint:
-    those fill the first rows, and the rest are zeros."""
+    those fill the first rows, and the rest are zeros. A parameter that ``transformers`` builds from
+    several checkpoint tensors (an MoE layer's fused experts) is built whole on the host by
+    ``transformers``' own converter, one at a time, and this rank's slice cut from it (module doc)."""
     files = checkpoint_files(path)
     handles: dict[Path, object] = {}
     read = 0
     with contextlib.ExitStack() as stack:
-        for name, p in model.named_parameters():
-            key = resolve_key(name, files)
-            if key is None:
-                raise KeyError(f"{path}: parameter {name!r} is not in the checkpoint")
+        def handle(key: str):
             f = files[key]
             if f not in handles:
                 handles[f] = stack.enter_context(open_safetensors(f))
-            sl = handles[f].get_slice(key)
-            shape = tuple(sl.get_shape())
-            want = tuple(p.ds_shape)
-            numel = p.ds_numel
-            if name in short_rows and shape[1:] == want[1:] and shape[0] <= want[0]:
-                numel = math.prod(shape)  # rows past the checkpoint's are zero-filled
-            elif shape != want:
-                raise ValueError(f"{f.name}: tensor {key!r} has shape {shape}, the model expects {want}")
-            prank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else rank
-            read += _fill_slice(p.ds_tensor, sl, shape, numel, prank)
-            # hpZ: the secondary partition (this rank's slice within its node's group) was cut by
-            # zero.Init from the *initial* weights; DeepSpeed gathers from it, so it must hold the
-            # checkpoint too (else every forward would see random weights). Same read, other slice.
-            sec = getattr(p, "ds_secondary_tensor", None)
-            if sec is not None:
-                srank = dist.get_rank(group=p.ds_zero_param_process_group)
-                read += _fill_slice(sec, sl, shape, numel, srank)
+            return handles[f]
+
+        def whole(key: str) -> torch.Tensor:
+            nonlocal read
+            t = handle(key).get_tensor(key)
+            read += t.numel()
+            return t
+
+        plan = plan_keys(model, files, read=whole)
+        params = dict(model.named_parameters())
+        done: set[str] = set()
+        for first, conv in plan.converted.items():
+            built = conv.convert(first, model=model, config=getattr(model, "config", None))
+            for name in sorted(built):
+                t = built.pop(name)
+                t = t[0] if isinstance(t, list) else t
+                if name in params:
+                    src = f"{path}: {', '.join(plan.converted_sources[first][:2])}, ... (converted by transformers)"
+                    _fill_param(params[name], name, t, tuple(t.shape), src, rank, short_rows)
+                    done.add(name)
+                del t  # nothing of this parameter is held while the next one is built
+        for name, p in params.items():
+            if name in done:
+                continue
+            key = plan.keys.get(name)
+            if key is None:
+                raise KeyError(f"{path}: parameter {name!r} is not in the checkpoint")
+            sl = handle(key).get_slice(key)
+            read += _fill_param(p, name, sl, tuple(sl.get_shape()), f"{files[key].name}: tensor {key!r}",
+                                rank, short_rows)
+    return read
+
+
+def _fill_param(p, name: str, src, shape: tuple, where: str, rank: int, short_rows: Collection[str]) -> int:
+    """Fill ``p``'s partition (and its hpZ secondary partition) from ``src``: a lazy safetensors
+    slice or a whole tensor of ``shape``. Returns the number of elements read."""
+    want = tuple(p.ds_shape)
+    numel = p.ds_numel
+    if name in short_rows and shape[1:] == want[1:] and shape[0] <= want[0]:
+        numel = math.prod(shape)  # rows past the checkpoint's are zero-filled
+    elif shape != want:
+        raise ValueError(f"{where} has shape {shape}, the model expects {want}")
+    prank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else rank
+    read = _fill_slice(p.ds_tensor, src, shape, numel, prank)
+    # hpZ: the secondary partition (this rank's slice within its node's group) was cut by
+    # zero.Init from the *initial* weights; DeepSpeed gathers from it, so it must hold the
+    # checkpoint too (else every forward would see random weights). Same read, other slice.
+    sec = getattr(p, "ds_secondary_tensor", None)
+    if sec is not None:
+        srank = dist.get_rank(group=p.ds_zero_param_process_group)
+        read += _fill_slice(sec, src, shape, numel, srank)
     return read
 
 
 def _fill_slice(dst: torch.Tensor, sl, shape: tuple, numel: int, index: int) -> int:
     """Copy elements [index·n, (index+1)·n) of the flattened checkpoint tensor (``sl``, a lazy
-    safetensors slice) into ``dst`` (n elements; zero padding past the tensor's end), reading only
-    the rows that cover them. Returns the number of elements read."""
+    safetensors slice, or a whole tensor) into ``dst`` (n elements; zero padding past the tensor's
+    end), reading only the rows that cover them. Returns the number of elements read."""
     n = dst.numel()
     start, end = n * index, min(n * (index + 1), numel)
     local = dst.data.view(-1)

@@ -32,3 +32,59 @@ def tiny_models(tmp_path_factory):
         tok.save_pretrained(d)
         out[name] = d
     return out
+
+
+def moe_config(name: str, vocab_size: int):
+    """A tiny mixture-of-experts config (4 experts, top-2, 2 layers): Mixtral, Qwen2-MoE (shared
+    expert, attention biases) or Qwen3-MoE (q/k norms). Tests only: bigtrain has no MoE presets."""
+    import transformers as tf
+
+    if name == "tiny-mixtral":
+        return tf.MixtralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "tiny-qwen2-moe":
+        return tf.Qwen2MoeConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                                 shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                 max_position_embeddings=256, tie_word_embeddings=False,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if name == "tiny-qwen3-moe":
+        return tf.Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 num_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                                 tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory):
+    """Tiny Mixtral, Qwen2-MoE and Qwen3-MoE with the built-in tokenizer, each in two layouts: ``<name>`` as
+    ``save_pretrained`` writes it (transformers 5.x reverts its conversions on save: per-expert
+    ``experts.N.w1/w2/w3`` under ``block_sparse_moe`` for Mixtral, ``experts.N.gate_proj/...`` for
+    Qwen2-MoE, the layout of hub checkpoints), and ``<name>-fused``: the same weights written with
+    safetensors straight from the module's state dict (one 3-D ``mlp.experts.gate_up_proj`` and
+    ``down_proj`` per layer)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from bigtrain.data import load_tokenizer
+
+    tok = load_tokenizer(None)
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for name in ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe"):
+        torch.manual_seed(1234)
+        model = tf.AutoModelForCausalLM.from_config(moe_config(name, len(tok)))
+        d, fused = root / name, root / f"{name}-fused"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        fused.mkdir()
+        model.config.save_pretrained(fused)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"),
+                  metadata={"format": "pt"})
+        tok.save_pretrained(fused)
+        out[name], out[f"{name}-fused"] = d, fused
+    return out

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import datasets
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .config import ASSETS, TOKENIZER_FILES, DataConfig
@@ -472,11 +473,12 @@ class _RowWriter:
     def write(self, input_ids: list[list[int]], labels: list[list[int]]) -> None:
         if not input_ids:
             return
-        self.writer.write_batch(pa.record_batch([pa.array(input_ids, pa.list_(pa.int32())),
-                                                 pa.array(labels, pa.list_(pa.int32()))], schema=SCHEMA))
+        lab = pa.array(labels, pa.list_(pa.int32()))
+        self.writer.write_batch(pa.record_batch([pa.array(input_ids, pa.list_(pa.int32())), lab], schema=SCHEMA))
+        flat = lab.flatten()
         self.rows += len(input_ids)
-        self.tokens += sum(len(x) for x in labels)
-        self.target_tokens += sum(t != IGNORE_INDEX for x in labels for t in x)
+        self.tokens += len(flat)
+        self.target_tokens += pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0
 
     def close(self) -> None:
         self.writer.close()

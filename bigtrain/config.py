@@ -142,7 +142,8 @@ class LoRAConfig:
 @dataclass
 class DataConfig:
     train: str = "builtin:e2e"
-    """jsonl file ({prompt, completion} or {text}), a saved `datasets` directory, or builtin:e2e."""
+    """jsonl file ({prompt, completion}, {text} or {messages}), a .txt file, a saved `datasets`
+    directory, or builtin:e2e / builtin:e2e-chat."""
     eval: Optional[str] = "builtin:e2e-eval"
     """Held-out set in the same forms; null disables eval."""
     max_length: int = 128
@@ -154,11 +155,26 @@ class DataConfig:
     """error: stop naming file and line; skip: drop it and count it."""
     num_proc: int = 1
     """Processes for tokenisation."""
+    format: str = "auto"
+    """auto (decided per file from its first good record, and said), prompt_completion, text or
+    messages (chat: {"messages": [{"role", "content"}, ...]}, rendered with the tokenizer's
+    chat_template, loss on the assistant's turns only)."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template file for messages data; null: the tokenizer's own."""
+    cache_dir: Optional[str] = None
+    """Where tokenised data is cached (Arrow files, memory-mapped by every rank; the first rank to
+    arrive tokenises, the others wait and read it). null: $BIGTRAIN_DATA_CACHE, else
+    ~/.cache/bigtrain/data. On a filesystem all nodes share, a job tokenises once."""
 
     def validate(self, p: str) -> None:
         if self.max_length < 8:
             raise ConfigError(f"{p}.max_length must be >= 8, got {self.max_length}")
         _choice(p + ".on_bad_line", self.on_bad_line, ("error", "skip"))
+        _choice(p + ".format", self.format, ("auto", "prompt_completion", "text", "messages"))
+        if self.num_proc < 1:
+            raise ConfigError(f"{p}.num_proc must be >= 1, got {self.num_proc}")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ConfigError(f"{p}.chat_template: {self.chat_template}: no such file")
 
 
 @dataclass

@@ -1,6 +1,8 @@
-"""Data: tokenizer loading, examples -> (input_ids, labels) rows, and the batch collator.
+"""Data: tokenizer loading, examples -> (input_ids, labels) rows, the tokenise-once cache, and the
+batch collator.
 
-Two input formats, detected per file from its first good record:
+Three input formats, decided per file from its first good record (``data.format=auto``, said in the
+run's log) or named by ``data.format``:
 
 * prompt/completion: ``{"prompt": str, "completion": str}``. A row is
   ``[bos] + prompt + completion + [eos]`` and only completion + eos carry labels: the conditional
@@ -8,21 +10,49 @@ Two input formats, detected per file from its first good record:
   ``input_ids`` (the loss shifts, see :mod:`bigtrain.losses`).
 * text: ``{"text": str}`` (or plain-text paragraphs). A row is ``[bos] + text + [eos]`` with labels on
   everything but bos.
+* messages (chat): ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}``.
+  A row is the conversation rendered by the tokenizer's own ``chat_template`` (transformers'
+  ``apply_chat_template``; ``data.chat_template`` overrides it), and only the assistant's turns carry
+  labels. Where the template marks them (``{% generation %}`` blocks) the mask is transformers'
+  ``return_assistant_tokens_mask`` exactly (the convention TRL's ``assistant_only_loss`` uses). Where
+  it does not, each assistant turn is found by rendering the conversation prefix by prefix: the
+  characters between ``render(messages[:i], add_generation_prompt=True)`` and
+  ``render(messages[:i+1])`` (the turn's text and whatever the template closes it with, e.g. an
+  end-of-turn token), mapped to tokens by their offsets as transformers does.
 
 Sources: ``builtin:e2e`` / ``builtin:e2e-eval`` (the generated data-to-text set, see
-:mod:`bigtrain.datagen`), ``builtin:lora-ko`` (a Korean excerpt of the LoRA paper, one text example
-per paragraph), a ``.jsonl`` file, a ``.txt`` file (paragraphs separated by blank lines), or a
+:mod:`bigtrain.datagen`), ``builtin:e2e-chat`` / ``builtin:e2e-chat-eval`` (the same task as
+conversations, some multi-turn), ``builtin:lora-ko`` (a Korean excerpt of the LoRA paper, one text
+example per paragraph), a ``.jsonl`` file, a ``.txt`` file (paragraphs separated by blank lines), or a
 directory written by ``datasets.Dataset.save_to_disk``. Order is kept: shuffling is the sampler's job.
+
+Tokenise once: the rows of a source are written to an Arrow file under ``data.cache_dir``, keyed by
+the source's content hash, the tokenizer and the data settings. The first process to arrive (under an
+``fcntl`` lock on the key, which the kernel releases if that process dies) reads the source line by
+line and writes the rows batch by batch; every other rank of the node (or of the job, on a shared
+filesystem) waits on the lock, then memory-maps the same file. So no rank holds the source or its
+rows in Python objects, and a source of many GB streams. A half-written cache never counts: it is
+written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import multiprocessing
+import os
 import re
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .config import ASSETS, TOKENIZER_FILES, DataConfig
@@ -31,10 +61,18 @@ from .losses import IGNORE_INDEX
 BUILTIN = {
     "builtin:e2e": ASSETS / "e2e_train.jsonl",
     "builtin:e2e-eval": ASSETS / "e2e_eval.jsonl",
+    "builtin:e2e-chat": ASSETS / "e2e_chat_train.jsonl",
+    "builtin:e2e-chat-eval": ASSETS / "e2e_chat_eval.jsonl",
     "builtin:lora-ko": ASSETS / "lora_intro_ko.txt",
 }
 BUILTIN_TOKENIZER = ASSETS / "tokenizer"
 MAX_BAD_LINES_REPORTED = 5
+ROLES = ("system", "user", "assistant", "tool")
+FORMAT_NAMES = {"pc": "prompt_completion", "text": "text", "messages": "messages"}
+FORMAT_KEYS = {v: k for k, v in FORMAT_NAMES.items()}
+BATCH = 1000  # records tokenised (and rows written) at a time
+CACHE_VERSION = 1  # bump when the rows made from the same input change
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 class DataError(ValueError):
@@ -47,8 +85,8 @@ class DataError(ValueError):
 
 def load_tokenizer(path: str | None = None):
     """A ``transformers`` tokenizer from a local directory; ``None``: the built-in byte-level BPE
-    (vocabulary 1024, ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3). Never touches the Hub.
-    A tokenizer without a pad token gets pad = eos."""
+    (vocabulary 1024, ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, and a small chat template).
+    Never touches the Hub. A tokenizer without a pad token gets pad = eos."""
     from transformers import AutoTokenizer
 
     d = Path(path) if path is not None else BUILTIN_TOKENIZER
@@ -66,19 +104,31 @@ def load_tokenizer(path: str | None = None):
     return tok
 
 
+def tokenizer_fingerprint(tok) -> str:
+    """A digest of everything of the tokenizer that decides the rows: its vocabulary and rules, the
+    special tokens and the chat template. The same on every rank and in every process."""
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary
+        h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps([type(tok).__name__, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                         tok.chat_template]).encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
-# Reading records (validated, in file order)
+# Reading records (validated, in file order, one at a time)
 
 
 class _Reader:
-    """Collects good records and bad-line reports under the ``on_bad_line`` policy."""
+    """Validates records one by one under the ``on_bad_line`` policy and the file's format."""
 
-    def __init__(self, where: str, on_bad_line: str):
+    def __init__(self, where: str, on_bad_line: str, fmt: str = "auto"):
         self.where, self.policy = where, on_bad_line
-        self.fmt: str | None = None  # "pc" or "text", fixed by the first good record
-        self.prompts: list[str] = []
-        self.completions: list[str] = []
-        self.texts: list[str] = []
+        self.fmt: str | None = None if fmt == "auto" else FORMAT_KEYS[fmt]
+        self.named = fmt != "auto"
         self.skipped = 0
         self.bad: list[str] = []
 
@@ -90,44 +140,70 @@ class _Reader:
         if len(self.bad) < MAX_BAD_LINES_REPORTED:
             self.bad.append(msg)
 
-    def add(self, loc: str, obj: Any) -> None:
+    def check(self, loc: str, obj: Any) -> dict | None:
+        """The record to keep (with its location), or None after reporting a bad line."""
         if not isinstance(obj, dict):
             return self.bad_line(loc, f"expected a JSON object, got {type(obj).__name__}")
-        if "prompt" in obj or "completion" in obj:
-            fmt = "pc"
-            for k in ("prompt", "completion"):
-                if k not in obj or obj[k] is None:
-                    return self.bad_line(loc, f"missing field {k!r}")
-                if not isinstance(obj[k], str):
-                    return self.bad_line(loc, f"field {k!r} must be a string, got {type(obj[k]).__name__}")
-            if not obj["completion"].strip():
-                return self.bad_line(loc, "empty completion")
+        if "messages" in obj:
+            fmt, reason = "messages", _check_messages(obj["messages"])
+        elif "prompt" in obj or "completion" in obj:
+            fmt, reason = "pc", _check_fields(obj, ("prompt", "completion"))
+            if reason is None and not obj["completion"].strip():
+                reason = "empty completion"
         elif "text" in obj:
-            fmt = "text"
-            if obj["text"] is None:
-                return self.bad_line(loc, "missing field 'text'")
-            if not isinstance(obj["text"], str):
-                return self.bad_line(loc, f"field 'text' must be a string, got {type(obj['text']).__name__}")
-            if not obj["text"].strip():
-                return self.bad_line(loc, "empty text")
+            fmt, reason = "text", _check_fields(obj, ("text",))
+            if reason is None and not obj["text"].strip():
+                reason = "empty text"
         else:
-            return self.bad_line(loc, "missing fields: need 'prompt' and 'completion', or 'text'")
+            return self.bad_line(loc, "missing fields: need 'prompt' and 'completion', 'text', or 'messages'")
+        if reason is not None:
+            return self.bad_line(loc, reason)
         if self.fmt is None:
             self.fmt = fmt
         elif fmt != self.fmt:
-            want = "prompt/completion" if self.fmt == "pc" else "text"
-            return self.bad_line(loc, f"a {'text' if fmt == 'text' else 'prompt/completion'} record "
-                                      f"in a {want} dataset")
+            names = {"pc": "prompt/completion", "text": "text", "messages": "messages"}
+            how = f" (data.format={FORMAT_NAMES[self.fmt]})" if self.named else ""
+            return self.bad_line(loc, f"a {names[fmt]} record in a {names[self.fmt]} dataset{how}")
+        if fmt == "messages":
+            return {"messages": obj["messages"], "_loc": loc}
         if fmt == "pc":
-            self.prompts.append(obj["prompt"])
-            self.completions.append(obj["completion"])
-        else:
-            self.texts.append(obj["text"])
+            return {"prompt": obj["prompt"], "completion": obj["completion"], "_loc": loc}
+        return {"text": obj["text"], "_loc": loc}
 
-    def records(self) -> dict[str, list[str]]:
-        if self.fmt == "pc":
-            return {"prompt": self.prompts, "completion": self.completions}
-        return {"text": self.texts}
+
+def _check_fields(obj: dict, keys: tuple[str, ...]) -> str | None:
+    for k in keys:
+        if k not in obj or obj[k] is None:
+            return f"missing field {k!r}"
+        if not isinstance(obj[k], str):
+            return f"field {k!r} must be a string, got {type(obj[k]).__name__}"
+    return None
+
+
+def _check_messages(messages: Any) -> str | None:
+    """The bad-line reason for a ``messages`` value, else None. Roles are checked by name; each
+    message needs non-empty string content (an assistant message may carry ``tool_calls`` instead)."""
+    if not isinstance(messages, list):
+        return f"field 'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}"
+    if not messages:
+        return "field 'messages' is empty"
+    for j, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return f"message {j}: expected an object with 'role' and 'content', got {type(m).__name__}"
+        role = m.get("role")
+        if role not in ROLES:
+            return f"message {j}: unknown role {role!r} (roles: {', '.join(ROLES)})"
+        content = m.get("content")
+        if content is None and role == "assistant" and m.get("tool_calls"):
+            continue
+        if not isinstance(content, str):
+            return (f"message {j} ({role}): 'content' must be a string, got {type(content).__name__}"
+                    if content is not None else f"message {j} ({role}): missing 'content'")
+        if not content.strip():
+            return f"message {j} ({role}): empty content"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to learn from (the loss is on the assistant's turns)"
+    return None
 
 
 # Files are decoded with errors="surrogateescape": a byte that is not valid UTF-8 becomes a lone
@@ -146,7 +222,7 @@ def _not_utf8(line: str) -> str | None:
             f"convert the file to UTF-8)")
 
 
-def _read_jsonl(path: Path, r: _Reader) -> None:
+def _read_jsonl(path: Path, r: _Reader) -> Iterator[dict]:
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -160,29 +236,43 @@ def _read_jsonl(path: Path, r: _Reader) -> None:
             except json.JSONDecodeError as e:
                 r.bad_line(str(i), f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            r.add(str(i), obj)
+            rec = r.check(str(i), obj)
+            if rec is not None:
+                yield rec
 
 
-def _read_paragraphs(path: Path, r: _Reader) -> None:
+def _read_paragraphs(path: Path, r: _Reader) -> Iterator[dict]:
     """Plain text: one text example per non-empty paragraph (blank-line separated). A paragraph
     with a line that is not UTF-8 is a bad line (named by that line; skipped whole)."""
     para: list[str] = []
     bad: tuple[int, str] | None = None  # the paragraph's first non-UTF-8 line
-    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
-    for i, line in enumerate(lines + [""], 1):
-        if line.strip():
-            para.append(line)
-            if bad is None and (reason := _not_utf8(line)):
-                bad = (i, reason)
-        elif para:
-            if bad:
-                r.bad_line(str(bad[0]), bad[1])
-            else:
-                r.add(str(i - len(para)), {"text": "\n".join(para)})
-            para, bad = [], None
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        i = 0
+        for i, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                para.append(line)
+                if bad is None and (reason := _not_utf8(line)):
+                    bad = (i, reason)
+                continue
+            if para:
+                rec = _paragraph(r, para, bad, i)
+                if rec is not None:
+                    yield rec
+                para, bad = [], None
+        if para:
+            rec = _paragraph(r, para, bad, i + 1)
+            if rec is not None:
+                yield rec
 
 
-def _read_saved(path: Path, r: _Reader) -> None:
+def _paragraph(r: _Reader, para: list[str], bad: tuple[int, str] | None, end: int) -> dict | None:
+    if bad:
+        return r.bad_line(str(bad[0]), bad[1])
+    return r.check(str(end - len(para)), {"text": "\n".join(para)})
+
+
+def _open_saved(path: Path) -> datasets.Dataset:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
@@ -190,18 +280,27 @@ def _read_saved(path: Path, r: _Reader) -> None:
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path}: holds a DatasetDict with splits {list(ds)}; point at one split's "
                         f"directory")
+    return ds
+
+
+def _read_saved(path: Path, r: _Reader) -> Iterator[dict]:
+    ds = _open_saved(path)
     cols = set(ds.column_names)
-    keys = ["prompt", "completion"] if {"prompt", "completion"} <= cols else ["text"] if "text" in cols else None
+    keys = (["messages"] if "messages" in cols else ["prompt", "completion"] if {"prompt", "completion"} <= cols
+            else ["text"] if "text" in cols else None)
     if keys is None:
-        raise DataError(f"{path}: columns {sorted(cols)}: need 'prompt' and 'completion', or 'text'")
-    columns = [ds[k] for k in keys]
-    for i, values in enumerate(zip(*columns), 1):
-        r.add(f"row {i}", dict(zip(keys, values)))
+        raise DataError(f"{path}: columns {sorted(cols)}: need 'prompt' and 'completion', 'text', or 'messages'")
+    i = 0
+    for batch in ds.select_columns(keys).iter(batch_size=BATCH):  # Arrow batches: never all rows at once
+        for values in zip(*(batch[k] for k in keys)):
+            i += 1
+            rec = r.check(f"row {i}", dict(zip(keys, values)))
+            if rec is not None:
+                yield rec
 
 
-def read_records(spec: str, on_bad_line: str = "error") -> tuple[dict[str, list[str]], dict]:
-    """Validated records of ``spec`` in source order: ``{"prompt": [...], "completion": [...]}`` or
-    ``{"text": [...]}``, plus ``{"skipped": k, "bad_lines": [...]}``."""
+def source_path(spec: str) -> Path:
+    """The file or directory behind ``spec`` (``builtin:NAME`` or a path); a one-line error if none."""
     path = BUILTIN.get(spec)
     if path is None:
         if spec.startswith("builtin:"):
@@ -209,16 +308,34 @@ def read_records(spec: str, on_bad_line: str = "error") -> tuple[dict[str, list[
         path = Path(spec)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
-    r = _Reader(str(path), on_bad_line)
+    return path
+
+
+def iter_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tuple[Iterator[dict], _Reader]:
+    """Validated records of ``spec`` in source order, one at a time (each with its ``_loc``), and the
+    reader that counts bad lines and knows the format once the first good record is read."""
+    path = source_path(spec)
+    r = _Reader(str(path), on_bad_line, fmt)
     if path.is_dir():
-        _read_saved(path, r)
-    elif path.suffix == ".txt":
-        _read_paragraphs(path, r)
-    else:
-        _read_jsonl(path, r)
-    if r.fmt is None:
-        raise DataError(f"{path}: no usable examples" + (f" ({r.skipped} bad lines skipped)" if r.skipped else ""))
-    return r.records(), {"skipped": r.skipped, "bad_lines": r.bad}
+        return _read_saved(path, r), r
+    if path.suffix == ".txt":
+        return _read_paragraphs(path, r), r
+    return _read_jsonl(path, r), r
+
+
+def read_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tuple[dict[str, list], dict]:
+    """All validated records of ``spec`` in source order, as columns (``prompt``/``completion``,
+    ``text`` or ``messages``), plus ``{"skipped": k, "bad_lines": [...], "format": ...}``. For small
+    sources (tools, tests); training streams through :func:`load_examples`."""
+    it, r = iter_records(spec, on_bad_line, fmt)
+    cols: dict[str, list] = {}
+    for rec in it:
+        for k, v in rec.items():
+            if k != "_loc":
+                cols.setdefault(k, []).append(v)
+    if r.fmt is None or not cols:
+        raise DataError(f"{source_path(spec)}: no usable examples" + (f" ({r.skipped} bad lines skipped)" if r.skipped else ""))
+    return cols, {"skipped": r.skipped, "bad_lines": r.bad, "format": FORMAT_NAMES[r.fmt]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,46 +372,264 @@ def _text_rows(text_ids: list[list[int]], bos: list[int], eos: int, max_length: 
     return out
 
 
-class _Tokenize:
-    """Batched map function (a class, so ``num_proc`` workers can pickle it)."""
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and _GENERATION_BLOCK.search(template) is not None
 
-    def __init__(self, tokenizer, max_length: int):
-        self.tok, self.max_length = tokenizer, max_length
+
+def chat_tokens(tok, messages: list[dict], chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant mask) of one conversation rendered with the chat template (the
+    tokenizer's own unless given): transformers' ``return_assistant_tokens_mask`` where the template
+    has generation markers, else the prefix-by-prefix spans described in the module docstring."""
+    template = chat_template or tok.chat_template
+    if has_generation_markers(template):
+        out = tok.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        return list(out["input_ids"]), list(out["assistant_masks"])
+    render = lambda msgs, gen=False: tok.apply_chat_template(  # noqa: E731
+        msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+    text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], True) if i else "", render(messages[:i + 1])
+        if not (end.startswith(start) and text.startswith(end)):
+            raise ValueError("the chat template does not render a conversation's prefix as a prefix of "
+                             "the whole; give it {% generation %} markers around the assistant's turns")
+        spans.append((len(start), len(end)))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [0] * len(enc["input_ids"])
+    k = 0
+    for t, (a, b) in enumerate(enc["offset_mapping"]):  # tokens overlapping a span, as transformers
+        while k < len(spans) and a >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if b > spans[k][0]:
+            mask[t] = 1
+    return list(enc["input_ids"]), mask
+
+
+class _Tokenize:
+    """Records -> rows (a class, so ``num_proc`` workers can pickle it)."""
+
+    def __init__(self, tokenizer, max_length: int, where: str, chat_template: str | None = None):
+        self.tok, self.max_length, self.where = tokenizer, max_length, where
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.eos = tokenizer.eos_token_id
+        self.chat_template = chat_template
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return self.tok(texts, add_special_tokens=False, return_attention_mask=False,
                         verbose=False)["input_ids"]
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        if "prompt" in batch:
-            return _pc_rows(self._ids(batch["prompt"]), self._ids(batch["completion"]), self.bos,
-                            self.eos, self.max_length)
-        return _text_rows(self._ids(batch["text"]), self.bos, self.eos, self.max_length)
+    def __call__(self, records: list[dict]) -> dict[str, Any]:
+        first = records[0]
+        if "messages" in first:
+            out = self._chat(records)
+        elif "prompt" in first:
+            out = _pc_rows(self._ids([r["prompt"] for r in records]),
+                           self._ids([r["completion"] for r in records]), self.bos, self.eos, self.max_length)
+        else:
+            out = _text_rows(self._ids([r["text"] for r in records]), self.bos, self.eos, self.max_length)
+        out["_examples"] = len(records)
+        return out
+
+    def _chat(self, records: list[dict]) -> dict[str, Any]:
+        if not (self.chat_template or self.tok.chat_template):
+            raise DataError(f"{self.where}: messages data needs a chat template and the tokenizer has "
+                            "none; give one with data.chat_template=FILE.jinja")
+        out: dict[str, Any] = {"input_ids": [], "labels": [], "_truncated": [], "_no_target": 0}
+        for r in records:
+            try:
+                ids, mask = chat_tokens(self.tok, r["messages"], self.chat_template)
+            except Exception as e:  # jinja's TemplateError (e.g. roles must alternate) and the like
+                raise DataError(f"{self.where}:{r['_loc']}: the chat template cannot render it: "
+                                f"{type(e).__name__}: {e}") from None
+            cut = len(ids) > self.max_length  # keep the start: the first turns, as TRL's keep_start
+            ids, mask = ids[:self.max_length], mask[:self.max_length]
+            out["input_ids"].append(ids)
+            out["labels"].append([t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
+            out["_truncated"].append(int(cut))
+            out["_no_target"] += not any(mask)  # cut before its first assistant token: no loss
+        return out
 
 
-def _pack(input_ids: list[list[int]], labels: list[list[int]], max_length: int
-          ) -> tuple[dict[str, list], dict]:
-    flat_ids = [t for row in input_ids for t in row]
-    flat_labels = [t for row in labels for t in row]
-    starts, pos = set(), 0  # token offsets where an example begins
-    for row in input_ids:
-        starts.add(pos)
-        pos += len(row)
-    n_rows = len(flat_ids) // max_length
-    rows: dict[str, list] = {"input_ids": [], "labels": []}
-    crossing = 0
-    for k in range(n_rows):
-        a, b = k * max_length, (k + 1) * max_length
-        rows["input_ids"].append(flat_ids[a:b])
-        rows["labels"].append(flat_labels[a:b])
-        crossing += any(s in starts for s in range(a + 1, b))
-    return rows, {"packed_rows": n_rows, "dropped_tokens": len(flat_ids) - n_rows * max_length,
-                  "rows_crossing_examples": crossing}
+# ---------------------------------------------------------------------------------------------
+# Writing rows (Arrow, batch by batch) and packing
 
 
-def load_examples(spec: str, tokenizer, cfg: DataConfig) -> tuple[datasets.Dataset, dict]:
+SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
+class _RowWriter:
+    """Rows appended batch by batch to an Arrow stream file (the format ``datasets`` memory-maps)."""
+
+    def __init__(self, path: Path):
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, SCHEMA)
+        self.rows = self.tokens = self.target_tokens = 0
+
+    def write(self, input_ids: list[list[int]], labels: list[list[int]]) -> None:
+        if not input_ids:
+            return
+        lab = pa.array(labels, pa.list_(pa.int32()))
+        self.writer.write_batch(pa.record_batch([pa.array(input_ids, pa.list_(pa.int32())), lab], schema=SCHEMA))
+        flat = lab.flatten()
+        self.rows += len(input_ids)
+        self.tokens += len(flat)
+        self.target_tokens += pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sink.close()
+
+
+class _Packer:
+    """Concatenates rows (labels with them) and cuts rows of exactly ``max_length``; what is left at
+    the end (less than one row) is dropped. Streams: holds less than one row between batches."""
+
+    def __init__(self, max_length: int):
+        self.n = max_length
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.starts: list[int] = []  # offsets in the buffer where an example begins
+        self.rows = self.crossing = 0
+
+    def add(self, input_ids: list[list[int]], labels: list[list[int]]) -> tuple[list, list]:
+        for a, b in zip(input_ids, labels):
+            self.starts.append(len(self.ids))
+            self.ids.extend(a)
+            self.labels.extend(b)
+        out_ids, out_labels = [], []
+        n_rows = len(self.ids) // self.n
+        for k in range(n_rows):
+            a, b = k * self.n, (k + 1) * self.n
+            out_ids.append(self.ids[a:b])
+            out_labels.append(self.labels[a:b])
+            self.crossing += any(a < s < b for s in self.starts)
+        cut = n_rows * self.n
+        if cut:
+            self.ids, self.labels = self.ids[cut:], self.labels[cut:]
+            self.starts = [s - cut for s in self.starts if s >= cut]
+        self.rows += n_rows
+        return out_ids, out_labels
+
+    def stats(self) -> dict:
+        return {"packed_rows": self.rows, "dropped_tokens": len(self.ids),
+                "rows_crossing_examples": self.crossing}
+
+
+def _batches(it: Iterable[dict], n: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for rec in it:
+        batch.append(rec)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _tokenise_to(path: Path, spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> dict:
+    """Read ``spec``, tokenise it and write its rows to the Arrow file ``path``; returns the stats."""
+    records, r = iter_records(spec, cfg.on_bad_line, cfg.format)
+    fn = _Tokenize(tokenizer, cfg.max_length, r.where, chat_template)
+    writer = _RowWriter(path)
+    packer = _Packer(cfg.max_length) if cfg.pack else None
+    n = truncated = no_target = 0
+    t0 = time.perf_counter()
+    pool = multiprocessing.get_context("spawn").Pool(cfg.num_proc) if cfg.num_proc > 1 else None
+    try:
+        batches = _batches(records, BATCH)
+        results = pool.imap(fn, batches) if pool else map(fn, batches)  # imap keeps the order
+        for rows in results:
+            truncated += sum(rows["_truncated"])
+            n += rows["_examples"]
+            no_target += rows.get("_no_target", 0)
+            ids, labels = rows["input_ids"], rows["labels"]
+            if packer is not None:
+                ids, labels = packer.add(ids, labels)
+            writer.write(ids, labels)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        writer.close()
+    if r.fmt is None:
+        raise DataError(f"{r.where}: no usable examples" + (f" ({r.skipped} bad lines skipped)" if r.skipped else ""))
+    stats: dict[str, Any] = {"format": FORMAT_NAMES[r.fmt], "examples": n, "skipped": r.skipped,
+                             "bad_lines": r.bad, "truncated": truncated, "seconds": time.perf_counter() - t0}
+    if r.fmt == "messages":
+        stats["rows_without_target"] = no_target
+    if packer is not None:
+        stats.update(packer.stats())
+        if packer.rows == 0:
+            raise DataError(f"{spec}: {packer.stats()['dropped_tokens']} tokens in all, fewer than one "
+                            f"packed row of max_length={cfg.max_length}")
+    stats.update(rows=writer.rows, tokens=writer.tokens, target_tokens=writer.target_tokens)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: tokenise once, memory-map everywhere
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    d = cfg.cache_dir or os.environ.get("BIGTRAIN_DATA_CACHE") or Path.home() / ".cache" / "bigtrain" / "data"
+    return Path(d).expanduser()
+
+
+def _file_digest(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+
+
+def source_fingerprint(path: Path) -> str:
+    """The content hash of a data file (or of a saved dataset's files)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+            _file_digest(f, h)
+    else:
+        _file_digest(path, h)
+    return h.hexdigest()
+
+
+def cache_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
+    path = source_path(spec)
+    # the path too: the stats' bad-line reports name it
+    parts = [CACHE_VERSION, str(path.resolve()), source_fingerprint(path), tokenizer_fingerprint(tokenizer), chat_template,
+             cfg.max_length, cfg.pack, cfg.on_bad_line, cfg.format]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _locked(path: Path, say: Callable[[str], None]):
+    """An exclusive ``flock`` on ``path`` (released by the kernel if this process dies, so it can
+    never be left stale). Says once that it waits, naming the lock, if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            say(f"[bigtrain] waiting for another process tokenising the same data (lock {path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _open_rows(d: Path) -> tuple[datasets.Dataset, dict]:
+    stats = json.loads((d / "stats.json").read_text())
+    return datasets.Dataset.from_file(str(d / "rows.arrow"), in_memory=False), stats
+
+
+def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], None] = lambda s: None
+                  ) -> tuple[datasets.Dataset, dict]:
     """Rows ``{"input_ids": [int], "labels": [int]}`` (equal lengths, at most ``cfg.max_length``) in
     the order of the source, and statistics.
 
@@ -303,46 +638,58 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig) -> tuple[datasets.Datas
     ``max_length - 1`` the completion keeps its beginning (and loses eos). text rows are
     ``[bos] + text + [eos]``, labels -100 on bos only; too long: split into consecutive chunks of
     ``max_length`` (later chunks start mid-text, without bos; nothing is dropped). A tokenizer
-    without a bos token gets no bos.
+    without a bos token gets no bos. messages rows are the rendered conversation, labels on the
+    assistant's turns only; too long: its first ``max_length`` tokens are kept.
 
     ``cfg.pack``: all rows are concatenated (labels with them) and cut into rows of exactly
     ``max_length``; the last partial row is dropped. Attention in a packed row crosses example
     boundaries (no block-diagonal mask, as in most packing recipes); ``rows_crossing_examples``
     counts such rows.
 
-    Bad records (bytes that are not UTF-8, unparseable JSON, not an object, missing or non-string fields, empty completion or
-    text, a record of the other format) raise ``DataError("path:LINE: reason")`` with
-    ``cfg.on_bad_line == "error"``; with ``"skip"`` they are counted in ``stats["skipped"]`` and the
-    first few are listed in ``stats["bad_lines"]``. Blank lines are ignored.
+    Bad records (bytes that are not UTF-8, unparseable JSON, not an object, missing or non-string
+    fields, empty completion or text, a malformed conversation, a record of another format) raise
+    ``DataError("path:LINE: reason")`` with ``cfg.on_bad_line == "error"``; with ``"skip"`` they are
+    counted in ``stats["skipped"]`` and the first few are listed in ``stats["bad_lines"]``. Blank
+    lines are ignored.
 
-    stats: examples (source records used), rows (len of the dataset), skipped, bad_lines, truncated
-    (records cut or split), tokens and target_tokens (labels != -100) over the returned rows, and with
-    packing packed_rows, dropped_tokens, rows_crossing_examples.
+    The rows are memory-mapped from the cache (see the module docstring); ``stats["cache"]`` is
+    ``"built"`` in the process that tokenised, ``"hit"`` in the others.
+
+    stats: format, examples (source records used), rows (len of the dataset), skipped, bad_lines,
+    truncated (records cut or split), tokens and target_tokens (labels != -100) over the returned
+    rows, and with packing packed_rows, dropped_tokens, rows_crossing_examples; cache and cache_dir.
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; rows need one to end each example")
-    records, read_stats = read_records(spec, cfg.on_bad_line)
-    n = len(next(iter(records.values())))
-    ds = datasets.Dataset.from_dict(records)
-    columns = ds.column_names
-    ds = ds.map(_Tokenize(tokenizer, cfg.max_length), batched=True, remove_columns=columns,
-                num_proc=cfg.num_proc if cfg.num_proc > 1 and n >= cfg.num_proc else None,
-                desc=f"tokenizing {spec}" if n > 10_000 else None)
-    truncated = sum(ds["_truncated"])
-    ds = ds.remove_columns("_truncated")
-    stats: dict[str, Any] = {"examples": n, "skipped": read_stats["skipped"],
-                             "bad_lines": read_stats["bad_lines"], "truncated": truncated}
-    if cfg.pack:
-        rows, pack_stats = _pack(ds["input_ids"], ds["labels"], cfg.max_length)
-        if not rows["input_ids"]:
-            raise DataError(f"{spec}: {pack_stats['dropped_tokens']} tokens in all, fewer than one "
-                            f"packed row of max_length={cfg.max_length}")
-        ds = datasets.Dataset.from_dict(rows)
-        stats.update(pack_stats)
-    labels = ds["labels"]
-    stats["rows"] = len(ds)
-    stats["tokens"] = sum(len(x) for x in labels)
-    stats["target_tokens"] = sum(t != IGNORE_INDEX for x in labels for t in x)
+    chat_template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+    key = cache_key(spec, tokenizer, cfg, chat_template)
+    root = cache_root(cfg)
+    final = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = root / f"{key}.lock"
+        lock.touch(exist_ok=True)
+    except OSError as e:
+        raise DataError(f"data.cache_dir: cannot write the tokenised-data cache at {root} "
+                        f"({e.strerror}); set data.cache_dir to a writable directory") from None
+    how = "hit"
+    if not (final / "stats.json").is_file():
+        with _locked(lock, say):
+            if not (final / "stats.json").is_file():
+                for old in root.glob(f".{key}.*"):  # left by a build that was killed
+                    shutil.rmtree(old, ignore_errors=True)
+                tmp = root / f".{key}.{os.getpid()}"
+                tmp.mkdir()
+                try:
+                    stats = _tokenise_to(tmp / "rows.arrow", spec, tokenizer, cfg, chat_template)
+                    (tmp / "stats.json").write_text(json.dumps(stats))
+                    os.replace(tmp, final)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                how = "built"
+    ds, stats = _open_rows(final)
+    stats.update(cache=how, cache_dir=str(final))
     return ds, stats
 
 

@@ -28,6 +28,23 @@ N_EVAL = 400
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0, 1, 2, 3
 PROMPT_TEMPLATE = "<mr> {mr}\nDescription:"
+N_CHAT_TRAIN, N_CHAT_EVAL = 2000, 200
+CHAT_SYSTEM = "You describe a restaurant in one or two sentences, from its attributes."
+# The built-in tokenizer's chat template: role headers as plain text (no new tokens: the vocabulary and
+# the shipped tiny model stay as they are), each assistant turn closed by eos, and {% generation %}
+# markers so transformers' return_assistant_tokens_mask (and bigtrain's loss mask) cover exactly the
+# assistant's words and its eos.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{%- else %}"
+    "{{ '<|' + m['role'] + '|>\n' + m['content'] + '\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+)
 
 # ---------------------------------------------------------------------------------------------
 # The meaning-representation space (attribute values as in E2E).
@@ -205,6 +222,26 @@ def make_examples(n_train: int = N_TRAIN, n_eval: int = N_EVAL, seed: int = SEED
     return train, evals
 
 
+def chat_examples(rows: list[dict], n: int) -> list[dict]:
+    """The first ``n`` examples as conversations: the MR as the user's turn, the description as the
+    assistant's; every other one opens with a system message, and every fourth goes on to a second
+    turn (the next example's MR and description), so multi-turn masking is exercised. Derived from
+    the prompt/completion set, so no draw of the generator changes."""
+    def mr(r: dict) -> str:
+        return r["prompt"].removeprefix("<mr> ").removesuffix("\nDescription:")
+
+    out = []
+    for i, r in enumerate(rows[:n]):
+        messages = [{"role": "system", "content": CHAT_SYSTEM}] if i % 2 == 0 else []
+        messages += [{"role": "user", "content": mr(r)}, {"role": "assistant", "content": r["completion"].strip()}]
+        if i % 4 == 1 and i + 1 < len(rows):
+            nxt = rows[i + 1]
+            messages += [{"role": "user", "content": "And this one: " + mr(nxt)},
+                         {"role": "assistant", "content": nxt["completion"].strip()}]
+        out.append({"messages": messages})
+    return out
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
@@ -248,6 +285,8 @@ def generate(out_dir: str | Path = ASSETS, korean_source: str | Path | None = No
     train, evals = make_examples()
     _write_jsonl(out / "e2e_train.jsonl", train)
     _write_jsonl(out / "e2e_eval.jsonl", evals)
+    _write_jsonl(out / "e2e_chat_train.jsonl", chat_examples(train, N_CHAT_TRAIN))
+    _write_jsonl(out / "e2e_chat_eval.jsonl", chat_examples(evals, N_CHAT_EVAL))
 
     src = Path(korean_source) if korean_source else ASSETS / "lora_intro_ko.txt"
     if not src.is_file():
@@ -260,6 +299,7 @@ def generate(out_dir: str | Path = ASSETS, korean_source: str | Path | None = No
     texts = [r["prompt"] + r["completion"] for r in train]
     texts += [p for p in korean.split("\n\n") if p.strip()]
     tok = train_tokenizer(texts)
+    tok.chat_template = CHAT_TEMPLATE
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)

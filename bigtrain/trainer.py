@@ -284,9 +284,20 @@ class Trainer:
             cfg.dump(self.out_dir / "config.yaml")
             for name in ckpt.clean_partial(self.ckpt_root):
                 say(f"[bigtrain] removed {name}: left by a save that did not finish")
-        _check_same_data(engine, cfg, self.train_stats, self.eval_ds)
-        say(f"[bigtrain] train data {cfg.data.train}: {self.train_stats['examples']} examples, "
-            f"{self.train_stats.get('skipped', 0)} skipped, {self.train_stats.get('truncated', 0)} truncated")
+        built_by = _check_same_data(engine, cfg, self.train_stats, self.eval_ds)
+        st = self.train_stats
+        decided = "decided from its first record" if cfg.data.format == "auto" else "data.format"
+        say(f"[bigtrain] train data {cfg.data.train}: {st['format']} ({decided}), {st['examples']} examples, "
+            f"{st.get('skipped', 0)} skipped, {st.get('truncated', 0)} truncated"
+            + (f", {st['rows_without_target']} rows with no assistant token within data.max_length"
+               if st.get("rows_without_target") else ""))
+        if built_by:
+            shared = (f"; {info.world_size - len(built_by)} of {info.world_size} rank(s) memory-mapped it"
+                      if info.world_size > 1 else "")
+            say(f"[bigtrain] train data tokenised by rank {built_by[0]} in {st['seconds']:.1f} s{shared} "
+                f"(cached at {st['cache_dir']})")
+        else:
+            say(f"[bigtrain] train data read from the cache {st['cache_dir']} (tokenised by an earlier run)")
 
         say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
         set_seed(t.seed)
@@ -639,17 +650,21 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int,
     return total / max(count, 1)
 
 
-def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> None:
+def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> list[int]:
     """Every rank read its own copy of the data (node-local disks, a stale copy on one node...).
     The global sample order assumes they are the same: compare a summary across ranks and, if any
-    differs, every rank raises the same error (after also serving as the start-up barrier)."""
+    differs, every rank raises the same error (after also serving as the start-up barrier).
+    Returns the ranks that tokenised the training data (the others read the cache they wrote)."""
     mine = {k: stats.get(k) for k in ("examples", "skipped", "rows", "tokens", "target_tokens")}
     mine["eval_rows"] = len(eval_ds) if eval_ds is not None else None
-    seen = engine.all_gather_objects(mine)
+    seen = engine.all_gather_objects((mine, stats.get("cache")))
+    built = [r for r, (_, how) in enumerate(seen) if how == "built"]
+    seen = [s for s, _ in seen]
     if any(s != seen[0] for s in seen):
         diff = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v}" for k, v in s.items()) for r, s in enumerate(seen))
         raise DataError(f"data.train {cfg.data.train} / data.eval {cfg.data.eval}: the ranks read "
                         f"different data ({diff}); every rank must see the same files")
+    return built
 
 
 def adapter_config(cfg: Config, modules: list[str]) -> dict:

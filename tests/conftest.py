@@ -9,6 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tokenised data is cached per content hash; the tests' cache is their own (not ~/.cache), shared by
+# the session (a test that counts tokenisations gives its run a fresh one)
+if "BIGTRAIN_DATA_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["BIGTRAIN_DATA_CACHE"] = tempfile.mkdtemp(prefix="bigtrain-test-data-")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ That difference is the noise floor; the distributed run must agree with the sing
 twice the floor measured in the same test.
 """
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,12 @@ def _compare(a_dir, b_dir, floor):
 def test_zero3_ranks_match_single_process(tmp_path, tiny_models, world, micro, accum):
     model = tiny_models["tiny-opt"]
     dist_dir, single_dir, alt_dir = tmp_path / "dist", tmp_path / "single", tmp_path / "alt"
-    run(train_cmd(world, tiny_overrides(dist_dir, model, STEPS, micro, **{"train.grad_accum": accum})))
+    p = run(train_cmd(world, tiny_overrides(dist_dir, model, STEPS, micro, **{"train.grad_accum": accum})),
+            env={"BIGTRAIN_DATA_CACHE": str(tmp_path / "cache")})
+    # tokenised once: one rank built the rows, the others waited and memory-mapped them
+    assert re.search(rf"tokenised by rank \d in [\d.]+ s; {world - 1} of {world} rank\(s\) memory-mapped it",
+                     p.stdout), p.stdout[-3000:]
+    assert len(list((tmp_path / "cache").glob("*/rows.arrow"))) == 1
     run(train_cmd(1, tiny_overrides(single_dir, model, STEPS, micro * world,
                                     **{"train.grad_accum": accum, "zero.stage": 0})))
     # the same global batch in one process, cut into smaller micro-batches: only the order differs

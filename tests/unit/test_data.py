@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bigtrain import datagen
-from bigtrain.config import DataConfig
+from bigtrain.config import ConfigError, DataConfig, load_config
 from bigtrain.data import (ASSETS, IGNORE_INDEX, DataError, collate, load_examples,
                            load_tokenizer)
 
@@ -40,11 +40,14 @@ def _ids(tok, s: str) -> list[int]:
 def test_regenerated_assets_are_byte_identical(tmp_path):
     written = datagen.generate(tmp_path)
     rel = sorted(str(p.relative_to(tmp_path)) for p in written)
-    assert rel == ["e2e_eval.jsonl", "e2e_train.jsonl", "lora_intro_ko.txt",
-                   "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+    assert rel == ["e2e_chat_eval.jsonl", "e2e_chat_train.jsonl", "e2e_eval.jsonl", "e2e_train.jsonl",
+                   "lora_intro_ko.txt", "tokenizer/chat_template.jinja", "tokenizer/tokenizer.json",
+                   "tokenizer/tokenizer_config.json"]
     for r in rel:
         assert (tmp_path / r).read_bytes() == (ASSETS / r).read_bytes(), r
-    assert sum((ASSETS / r).stat().st_size for r in rel) < 1.5e6
+    assert sum((ASSETS / r).stat().st_size for r in rel) < 2.5e6
+    # the shipped tiny model carries the same tokenizer, chat template included
+    assert (ASSETS / "tiny-opt" / "chat_template.jinja").read_bytes() == (tmp_path / "tokenizer/chat_template.jinja").read_bytes()
 
 
 def test_builtin_dataset_shape():
@@ -292,7 +295,7 @@ def test_saved_dataset_directory_loads(tok, tmp_path):
     assert ds["input_ids"] == [[1] + _ids(tok, "hello there") + [2]] and st["skipped"] == 1
 
     datasets.Dataset.from_dict({"foo": ["x"]}).save_to_disk(str(tmp_path / "foo"))
-    with pytest.raises(DataError, match="need 'prompt' and 'completion', or 'text'"):
+    with pytest.raises(DataError, match="need 'prompt' and 'completion', 'text', or 'messages'"):
         load_examples(str(tmp_path / "foo"), tok, DataConfig())
 
 
@@ -309,3 +312,179 @@ def test_collate_pads_right():
     assert all(t.dtype == torch.int64 for t in batch.values())
     odd = collate([{"input_ids": [4], "labels": [4]}], pad_id=9)
     assert odd["input_ids"].tolist() == [[4]] and odd["attention_mask"].tolist() == [[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations: {"messages": [...]} rendered with the tokenizer's chat template
+
+# A ChatML template (Qwen's layout: system/user/assistant/tool turns, <|im_start|>/<|im_end|> as text)
+# with transformers' {% generation %} markers around each assistant turn's words and its end.
+CHATML = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ m['content'] }}{{ '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "name[Aromi], area[riverside]"},
+     {"role": "assistant", "content": "Aromi is on the riverside."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "Describe The Eagle."},
+     {"role": "assistant", "content": "A French coffee shop."},
+     {"role": "user", "content": "Where?"},
+     {"role": "assistant", "content": "In the city centre, near Burger King."}],
+    [{"role": "user", "content": "What is the weather?"},
+     {"role": "assistant", "content": "I will look it up."},
+     {"role": "tool", "content": "{\"temp\": 21}"},
+     {"role": "assistant", "content": "It is 21 degrees."}],
+]
+
+
+def _chat_tok(template):
+    t = load_tokenizer(None)
+    t.chat_template = template
+    return t
+
+
+def _reference(t, conv, max_length=10_000):
+    """transformers' own ids and assistant mask (TRL's assistant_only_loss uses this mask)."""
+    out = t.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"][:max_length], out["assistant_masks"][:max_length]
+    return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+
+
+@pytest.mark.parametrize("strip_markers", [False, True])
+def test_chat_rows_equal_transformers_assistant_mask(tmp_path, strip_markers):
+    """Ids and labels equal apply_chat_template(return_assistant_tokens_mask=True) on a real template
+    with generation markers; with the markers removed, bigtrain's prefix-by-prefix spans give the
+    same mask (the generation blocks here cover the whole assistant turn, as the prefixes do)."""
+    ref_tok = _chat_tok(CHATML)
+    t = _chat_tok(CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+                  if strip_markers else CHATML)
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    ds, st = load_examples(str(path), t, DataConfig(max_length=512))
+    assert st["format"] == "messages" and st["examples"] == len(ds) == 3
+    for row, conv in zip(ds, CONVERSATIONS):
+        ids, labels = _reference(ref_tok, conv)
+        assert row["input_ids"] == ids and row["labels"] == labels
+    # what is learnt: exactly the assistant's words and the end of each turn
+    got = t.decode([x for x in ds[1]["labels"] if x != IGNORE_INDEX])
+    assert got == "A French coffee shop.<|im_end|>\nIn the city centre, near Burger King.<|im_end|>\n"
+
+
+def test_chat_truncation_keeps_the_start(tmp_path):
+    t = _chat_tok(CHATML)
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[1]}])
+    ds, st = load_examples(str(path), t, DataConfig(max_length=40))
+    ids, labels = _reference(t, CONVERSATIONS[1], 40)
+    assert ds[0]["input_ids"] == ids and ds[0]["labels"] == labels and st["truncated"] == 1
+
+
+def test_builtin_chat_set_and_template():
+    """builtin:e2e-chat through the built-in tokenizer's own template: the labels are the
+    assistant's descriptions and eos, nothing of the system or user turns."""
+    t = load_tokenizer(None)
+    assert t.chat_template is not None
+    ds, st = load_examples("builtin:e2e-chat-eval", t, DataConfig(max_length=256))
+    assert st["format"] == "messages" and st["examples"] == 200 and st["truncated"] == 0
+    records = [json.loads(x) for x in (ASSETS / "e2e_chat_eval.jsonl").read_text("utf-8").splitlines()]
+    assert sum(len(r["messages"]) > 3 for r in records) == 50  # multi-turn: every fourth
+    for row, rec in zip(ds.select(range(8)), records[:8]):
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        target = [x for x in row["labels"] if x != IGNORE_INDEX]
+        assert target == [tok_id for a in answers for tok_id in _ids(t, a) + [t.eos_token_id]]
+        assert row["input_ids"] == t.apply_chat_template(rec["messages"], tokenize=True, return_dict=True)["input_ids"]
+
+
+CHAT_GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+CHAT_BAD = [
+    ({"messages": "hi"}, "field 'messages' must be a list of {role, content} objects, got str"),
+    ({"messages": []}, "field 'messages' is empty"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "message 1: unknown role 'bot' (roles: system, user, assistant, tool)"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
+     "message 2 (assistant): empty content"),
+    ({"messages": [{"role": "user", "content": "x"}]}, "no assistant message"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "message 1 (user): missing 'content'"),
+    ({"messages": ["hi"]}, "message 1: expected an object with 'role' and 'content', got str"),
+    ({"prompt": "x:", "completion": " y"}, "a prompt/completion record in a messages dataset"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", CHAT_BAD)
+def test_chat_bad_lines_name_file_line_and_role(tok, tmp_path, bad, reason):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [CHAT_GOOD, CHAT_GOOD, bad])  # line 3
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), tok, DataConfig())
+    assert str(e.value) == f"{path}:3: {reason}" or str(e.value).startswith(f"{path}:3: {reason}")
+
+
+def test_chat_without_template_and_unrenderable_conversations(tmp_path):
+    no_template = _chat_tok(None)
+    path = _write_jsonl(tmp_path / "c.jsonl", [CHAT_GOOD])
+    with pytest.raises(DataError, match=r"c.jsonl: messages data needs a chat template .*data.chat_template"):
+        load_examples(str(path), no_template, DataConfig())
+    # a template that refuses a conversation (as Llama-2's does when roles do not alternate)
+    strict = _chat_tok("{%- for m in messages %}{%- if loop.index0 % 2 == 0 and m['role'] != 'user' %}"
+                       "{{ raise_exception('roles must alternate user/assistant') }}{%- endif %}"
+                       "{{ m['content'] }}{%- endfor %}")
+    path = _write_jsonl(tmp_path / "d.jsonl", [CHAT_GOOD, {"messages": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the chat template cannot render it: .*roles must alternate"):
+        load_examples(str(path), strict, DataConfig())
+    # data.chat_template: a template file instead of the tokenizer's own
+    (tmp_path / "t.jinja").write_text(CHATML)
+    ds, _ = load_examples(str(path.with_name("c.jsonl")), no_template,
+                          DataConfig(chat_template=str(tmp_path / "t.jinja")))
+    assert ds[0]["input_ids"] == _reference(_chat_tok(CHATML), CHAT_GOOD["messages"])[0]
+
+
+def test_format_auto_and_named(tok, tmp_path):
+    pc = _write_jsonl(tmp_path / "pc.jsonl", [GOOD, GOOD])
+    assert load_examples(str(pc), tok, DataConfig())[1]["format"] == "prompt_completion"
+    txt = _write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}])
+    assert load_examples(str(txt), tok, DataConfig())[1]["format"] == "text"
+    with pytest.raises(DataError) as e:
+        load_examples(str(pc), tok, DataConfig(format="messages"))
+    assert str(e.value) == f"{pc}:1: a prompt/completion record in a messages dataset (data.format=messages)"
+    with pytest.raises(ConfigError, match=r"data.format: 'chat' is not one of 'auto', 'prompt_completion', 'text', 'messages'"):
+        load_config(None, ["data.format=chat"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: tokenise once, memory-map everywhere
+
+
+def test_cache_hit_is_the_same_rows_and_a_changed_file_is_retokenised(tok, tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), max_length=32)
+    path = _write_jsonl(tmp_path / "a.jsonl", [GOOD, {"prompt": "p:", "completion": " q"}])
+    a, sa = load_examples(str(path), tok, cfg)
+    b, sb = load_examples(str(path), tok, cfg)
+    assert (sa["cache"], sb["cache"]) == ("built", "hit") and sa["cache_dir"] == sb["cache_dir"]
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    assert b.cache_files and b.cache_files[0]["filename"].endswith("rows.arrow")  # memory-mapped, not copied
+    _write_jsonl(path, [GOOD])  # same path, new content: new key
+    c, sc = load_examples(str(path), tok, cfg)
+    assert sc["cache"] == "built" and len(c) == 1
+    assert load_examples(str(path), tok, DataConfig(cache_dir=cfg.cache_dir, max_length=16))[1]["cache"] == "built"
+
+
+def test_cache_dir_not_writable_is_one_line(tok, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"data.cache_dir: cannot write the tokenised-data cache at .*file/sub"):
+        load_examples("builtin:e2e-eval", tok, DataConfig(cache_dir=str(tmp_path / "file" / "sub")))
+
+
+def test_killed_build_leaves_no_cache_and_the_next_run_builds(tok, tmp_path):
+    """A build that fails half way (here: a bad line past the first batch) leaves no rows.arrow that
+    a later run could take for complete; the lock is free again."""
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"))
+    recs = [GOOD] * 2500 + ["{broken"]
+    path = _write_jsonl(tmp_path / "big.jsonl", recs)
+    with pytest.raises(DataError, match=r"big.jsonl:2501: invalid JSON"):
+        load_examples(str(path), tok, cfg)
+    assert not list((tmp_path / "cache").glob("*/rows.arrow")) and not list((tmp_path / "cache").glob(".*"))
+    ds, st = load_examples(str(path), tok, DataConfig(cache_dir=cfg.cache_dir, on_bad_line="skip"))
+    assert st["cache"] == "built" and len(ds) == 2500 and st["skipped"] == 1

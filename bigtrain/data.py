@@ -46,6 +46,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -623,6 +624,16 @@ def _locked(path: Path, say: Callable[[str], None]):
         os.close(fd)  # closing releases the lock
 
 
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _open_rows(d: Path) -> tuple[datasets.Dataset, dict]:
     stats = json.loads((d / "stats.json").read_text())
     return datasets.Dataset.from_file(str(d / "rows.arrow"), in_memory=False), stats
@@ -676,14 +687,21 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
     if not (final / "stats.json").is_file():
         with _locked(lock, say):
             if not (final / "stats.json").is_file():
-                for old in root.glob(f".{key}.*"):  # left by a build that was killed
-                    shutil.rmtree(old, ignore_errors=True)
-                tmp = root / f".{key}.{os.getpid()}"
+                host = socket.gethostname()
+                for old in root.glob(f".{key}.{host}.*"):  # left by a build on this host that was killed
+                    if not _alive(old.name.rsplit(".", 1)[-1]):
+                        shutil.rmtree(old, ignore_errors=True)
+                tmp = root / f".{key}.{host}.{os.getpid()}"
                 tmp.mkdir()
                 try:
                     stats = _tokenise_to(tmp / "rows.arrow", spec, tokenizer, cfg, chat_template)
                     (tmp / "stats.json").write_text(json.dumps(stats))
-                    os.replace(tmp, final)
+                    try:
+                        os.replace(tmp, final)
+                    except OSError:  # another node finished first (a filesystem that ignores flock)
+                        if not (final / "stats.json").is_file():
+                            raise
+                        shutil.rmtree(tmp, ignore_errors=True)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise

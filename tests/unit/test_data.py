@@ -4,6 +4,7 @@ bad-line handling, saved datasets and the collator."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -486,5 +487,18 @@ def test_killed_build_leaves_no_cache_and_the_next_run_builds(tok, tmp_path):
     with pytest.raises(DataError, match=r"big.jsonl:2501: invalid JSON"):
         load_examples(str(path), tok, cfg)
     assert not list((tmp_path / "cache").glob("*/rows.arrow")) and not list((tmp_path / "cache").glob(".*"))
-    ds, st = load_examples(str(path), tok, DataConfig(cache_dir=cfg.cache_dir, on_bad_line="skip"))
+    # a build killed with -9 leaves its temporary directory: the next build on the host removes it
+    # (its pid is gone), and never one of a live process (another node's, on a shared filesystem)
+    import socket
+
+    from bigtrain.data import cache_key
+
+    skip = DataConfig(cache_dir=cfg.cache_dir, on_bad_line="skip")
+    key = cache_key(str(path), tok, skip, None)
+    dead = tmp_path / "cache" / f".{key}.{socket.gethostname()}.999999999"
+    live = tmp_path / "cache" / f".{key}.other-node.{os.getpid()}"
+    dead.mkdir()
+    live.mkdir()
+    ds, st = load_examples(str(path), tok, skip)
     assert st["cache"] == "built" and len(ds) == 2500 and st["skipped"] == 1
+    assert not dead.exists() and live.exists()

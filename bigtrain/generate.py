@@ -14,7 +14,7 @@ left-padded batches) and it already knows ZeRO-3's one constraint: with ``synced
 rank keeps running forwards until all ranks are done, so the collective gathers of the partitioned
 base stay matched. The LoRA hooks sit on the base's own modules, so ``generate`` needs nothing of
 bigtrain's. Every rank generates the same prompts with the same seed: the greedy tokens at N ranks
-are those of one process (``tests/e2e/test_generate.py``). Only the real vocabulary can be
+are those of one process (``tests/e2e/test_generate_eval.py``). Only the real vocabulary can be
 generated when the run pads it (:mod:`bigtrain.vocab`).
 
 ``bigtrain eval`` scores a data file with training's own :func:`bigtrain.trainer.evaluate` and
@@ -442,6 +442,10 @@ def cmd_eval(args) -> int:
         if args.examples < 0:
             raise ConfigError(f"--examples must be >= 0 (0: all), got {args.examples}")
         prep.cfg.train.eval_examples = args.examples
+    if not sys.stderr.isatty():  # datasets' tokenisation bar would put carriage returns into a log
+        import datasets
+
+        datasets.disable_progress_bars()
     ds = load_examples(args.data, prep.tokenizer, prep.cfg.data)[0]  # a bad line is named before any work
     sess = open_session(prep, say=_err)
     # on an error from here on the process group is left to the process's exit, as training does

@@ -494,7 +494,14 @@ class Trainer:
         self.window = Window()
 
     def _evaluate(self) -> float:
-        return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+        """The eval loss with the adapters in eval mode: LoRA dropout off, as ``bigtrain eval`` scores
+        them (it was on, so with lora.dropout > 0 the logged figure carried dropout noise and drew
+        from the training's dropout stream)."""
+        self.lora.eval()
+        try:
+            return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+        finally:
+            self.lora.train()
 
     def _saved_state(self) -> dict:
         """What a checkpoint's trainer_state.json records of the loop: TrainState and the scheduler."""

@@ -70,6 +70,24 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def position_limit(hf_config) -> int | None:
+    """The model's position table (None for rotary models, which have none): a prompt plus its new
+    tokens must fit it."""
+    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
+        return None
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+def check_positions(hf_config, prompts: list[list[int]], max_new_tokens: int, where: list[str]) -> None:
+    """Every prompt plus ``max_new_tokens`` fits the model's positions, or an error naming the first
+    that does not (``where``: how to name each prompt)."""
+    limit = position_limit(hf_config)
+    for p, w in zip(prompts, where):
+        if limit and len(p) + max_new_tokens > limit:
+            raise ConfigError(f"{w}: {len(p)} prompt tokens plus --max-new-tokens {max_new_tokens} exceed the "
+                              f"model's {limit} positions; shorten the prompt or lower --max-new-tokens")
+
+
 # -- generation -------------------------------------------------------------------------------------
 def _real_vocab_processor(vocab: int):
     from transformers import LogitsProcessor  # deferred: heavy
@@ -110,8 +128,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], s: Sampling, *, voc
                                                                         "out_features") else None
     if vocab is not None and model_vocab is not None and model_vocab > vocab:
         processors.append(_real_vocab_processor(vocab))
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_theta", None)
+    limit = position_limit(model.config)
     out: list[list[int]] = []
     was_training = model.training
     model.eval()  # no dropout; transformers' gradient checkpointing (training mode) would turn the cache off
@@ -119,7 +136,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], s: Sampling, *, voc
         for b0 in range(0, len(prompts), batch_size):
             batch = prompts[b0:b0 + batch_size]
             T = max(len(p) for p in batch)
-            if limit and not rope and T + s.max_new_tokens > limit:
+            if limit and T + s.max_new_tokens > limit:
                 raise ValueError(f"a prompt of {T} tokens plus --max-new-tokens {s.max_new_tokens} exceeds the "
                                  f"model's {limit} positions; shorten the prompt or lower --max-new-tokens")
             ids = torch.full((len(batch), T), pad, dtype=torch.long)
@@ -385,6 +402,8 @@ def cmd_generate(args) -> int:
     rows = read_prompts(args.prompts) if args.prompts else [{"prompt": p} for p in args.prompt]
     prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
     jobs = plan(rows, args.use or [prep.names[0]], prep.names, args.prompts or "--prompt")
+    check_positions(prep.hf_config, [prompt_ids(prep.tokenizer, row["prompt"]) for row in rows], s.max_new_tokens,
+                    [f"{args.prompts}:{row['_line']}" if args.prompts else f"--prompt {i + 1}" for i, row in enumerate(rows)])
     sess = open_session(prep, say=_err)
     # on an error from here on the process group is left to the process's exit, as training does
     out = run_generate(sess, jobs, s, args.batch_size)

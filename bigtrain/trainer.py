@@ -566,10 +566,19 @@ class Trainer:
         if cfg.model.compile:
             say("[bigtrain] samples skipped: model.compile would compile the layers again for every generated length")
             return
-        from .generate import Sampling, generate_ids, prompt_ids  # deferred: only runs that print samples
+        from .generate import Sampling, generate_ids, position_limit, prompt_ids  # deferred: only runs that print samples
 
         s = Sampling(max_new_tokens=cfg.train.sample_max_new_tokens)
         ids = [prompt_ids(self.tokenizer, p) for p, _ in self.samples]
+        limit = position_limit(self.hf_config)
+        if limit:  # a prompt too long for the positions loses its left end, as training's prompts do
+            room = limit - s.max_new_tokens
+            if room < 2:
+                say(f"[bigtrain] samples skipped: train.sample_max_new_tokens={s.max_new_tokens} leaves no room "
+                    f"for a prompt in the model's {limit} positions")
+                return
+            nb = int(self.tokenizer.bos_token_id is not None)  # bos stays, as in training's rows
+            ids = [p[:nb] + p[len(p) - room + nb:] if len(p) > room else p for p in ids]
         outs, t0 = {}, time.perf_counter()
         was_training = self.lora.training
         self.lora.eval()  # no adapter dropout

@@ -106,3 +106,25 @@ def test_prompts_file_and_plan_name_the_line(tmp_path):
     f.write_text('{"prompt": "a"}\n{"text": 1}\n')
     with pytest.raises(ValueError, match=f"{f}:2: expected an object with a string field 'prompt'"):
         read_prompts(str(f))
+
+
+def test_a_prompt_too_long_for_the_positions_is_named_before_any_work(tmp_path, capsys):
+    from bigtrain.cli import main
+    from bigtrain.generate import check_positions, position_limit
+    from bigtrain.presets import hf_config_for
+
+    opt, llama = hf_config_for("tiny-opt", vocab_size=1024), hf_config_for("tiny-llama", vocab_size=1024)
+    assert position_limit(opt) == opt.max_position_embeddings and position_limit(llama) is None  # rotary: no table
+    n = opt.max_position_embeddings
+    check_positions(opt, [[1] * (n - 10)], 10, ["p"])
+    with pytest.raises(ValueError, match=f"^p: {n - 9} prompt tokens plus --max-new-tokens 10 exceed the model's {n}"):
+        check_positions(opt, [[1] * (n - 9)], 10, ["p"])
+    check_positions(llama, [[1] * 10_000], 10, ["p"])
+    # through the command, on a real checkpoint of the shipped base: one line, before any process group
+    ckpt, _ = make_ckpt(tmp_path / "ck", BUILTIN, ["q_proj"], seed=1)
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "short"}\n' + '{"prompt": "%s"}\n' % ("x " * 300))
+    capsys.readouterr()
+    assert main(["generate", str(ckpt), "--prompts", str(f)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{f}:2: " in err and "exceed the model's 256 positions" in err, err

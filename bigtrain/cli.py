@@ -1,4 +1,5 @@
-"""Command line: ``bigtrain train | presets | estimate | export | merge`` (also ``python -m bigtrain``)."""
+"""Command line: ``bigtrain train | presets | estimate | export | merge | generate | eval`` (also
+``python -m bigtrain``)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,11 @@ def _optional_commands():
     try:
         from .export import add_export_parsers
         out.append(add_export_parsers)
+    except ImportError:
+        pass
+    try:
+        from .generate import add_generate_parsers
+        out.append(add_generate_parsers)
     except ImportError:
         pass
     return out

@@ -220,6 +220,13 @@ class TrainConfig:
     (time-boxed jobs; a rerun resumes)."""
     max_bad_steps: int = 10
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
+    sample_prompts: int = 2
+    """At the end of a run, greedy generations for the first sample_prompts prompts of data.eval
+    (prompt/completion data), with the adapters off (the base) and on, printed beside the reference
+    completion: what LoRA changed. 0: none. After the last eval and save: the run's figures are
+    unchanged. Skipped with model.compile (each generated length would compile the layers again)."""
+    sample_max_new_tokens: int = 48
+    """Tokens generated per sample at most (fewer when eos comes first)."""
 
     def validate(self, p: str) -> None:
         for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -230,6 +237,10 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ConfigError(f"{p}.eval_every must be >= 0 (0: only at step 0 and the end), "
                               f"got {self.eval_every}")
+        if self.sample_prompts < 0:
+            raise ConfigError(f"{p}.sample_prompts must be >= 0 (0: none), got {self.sample_prompts}")
+        if self.sample_max_new_tokens < 1:
+            raise ConfigError(f"{p}.sample_max_new_tokens must be >= 1, got {self.sample_max_new_tokens}")
         if self.lr <= 0:
             raise ConfigError(f"{p}.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

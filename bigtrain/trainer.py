@@ -46,7 +46,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .compile import compile_layers
 from .config import Config, ConfigError
-from .data import DataError, collate, load_examples, load_tokenizer
+from .data import DataError, collate, load_examples, load_tokenizer, read_records
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -93,6 +93,13 @@ class Preemption:
         self.signum = signum
         if not self.armed:
             raise PreemptedBeforeStep(signum)
+
+
+def autocast_for(precision: str, dev: torch.device):
+    """train.precision as a context factory: bf16 autocast (bf16, or auto on a bf16-capable GPU),
+    else none. Training, its eval, and bigtrain generate/eval all run under this one rule."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    return (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
 
 def set_seed(seed: int) -> None:
@@ -269,6 +276,7 @@ class Trainer:
             datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
+        self.samples = _sample_prompts(cfg)
 
     def _build_base(self) -> None:
         """1. The process group and the frozen base."""
@@ -311,10 +319,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # transformers only recomputes in training mode; the base has no dropout left
-        use_bf16 = t.precision == "bf16" or (t.precision == "auto" and dev.type == "cuda"
-                                             and torch.cuda.is_bf16_supported())
-        self.autocast = ((lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16
-                         else contextlib.nullcontext)
+        self.autocast = autocast_for(t.precision, dev)
         self.peak = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
         self.flops_per_token = lora_flops_per_token(
             self.base_params, getattr(self.hf_config, "num_hidden_layers", 0),
@@ -510,7 +515,14 @@ class Trainer:
         self.window = Window()
 
     def _evaluate(self) -> float:
-        return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+        """The eval loss with the adapters in eval mode: LoRA dropout off, as ``bigtrain eval`` scores
+        them (it was on, so with lora.dropout > 0 the logged figure carried dropout noise and drew
+        from the training's dropout stream)."""
+        self.lora.eval()
+        try:
+            return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+        finally:
+            self.lora.train()
 
     def _saved_state(self) -> dict:
         """What a checkpoint's trainer_state.json records of the loop: TrainState and the scheduler."""
@@ -559,9 +571,57 @@ class Trainer:
             say(f"[bigtrain] model.compile: {counters['stats']['unique_graphs']} graphs compiled, "
                 f"{result['compile_graph_breaks']} graph breaks")
         loggers.summary(result)
+        self._show_samples()
         self._farewell = (f"[bigtrain] done: {self.state.step} steps; adapter written to "
                           f"{last_save / ckpt.ADAPTER_FILE if last_save else '-'} ({size / 1e6:.3f} MB)")
         return result
+
+    def _show_samples(self) -> None:
+        """train.sample_prompts held-out prompts, generated greedily with the adapters off (the base)
+        and on (what training made), printed with the reference: what LoRA changed. Every rank
+        generates (the base's gathers are collective); rank 0 prints. Greedy draws no random
+        numbers, and this comes after the last eval and save."""
+        cfg, say = self.cfg, self.say
+        if not self.samples:
+            return
+        if cfg.model.compile:
+            say("[bigtrain] samples skipped: model.compile would compile the layers again for every generated length")
+            return
+        from .generate import Sampling, generate_ids, position_limit, prompt_ids  # deferred: only runs that print samples
+
+        s = Sampling(max_new_tokens=cfg.train.sample_max_new_tokens)
+        ids = [prompt_ids(self.tokenizer, p) for p, _ in self.samples]
+        limit = position_limit(self.hf_config)
+        if limit:  # a prompt too long for the positions loses its left end, as training's prompts do
+            room = limit - s.max_new_tokens
+            if room < 2:
+                say(f"[bigtrain] samples skipped: train.sample_max_new_tokens={s.max_new_tokens} leaves no room "
+                    f"for a prompt in the model's {limit} positions")
+                return
+            nb = int(self.tokenizer.bos_token_id is not None)  # bos stays, as in training's rows
+            ids = [p[:nb] + p[len(p) - room + nb:] if len(p) > room else p for p in ids]
+        outs, t0 = {}, time.perf_counter()
+        was_training = self.lora.training
+        self.lora.eval()  # no adapter dropout
+        try:
+            for label, enabled in (("base", False), ("after", True)):
+                self.lora.enabled = enabled
+                outs[label] = generate_ids(self.model, self.tokenizer, ids, s, vocab=self.vocab,
+                                           synced=self.engine.distributed, autocast=self.autocast,
+                                           after=self.engine.after_backward)
+        finally:
+            self.lora.enabled = True
+            self.lora.train(was_training)
+        dt = time.perf_counter() - t0
+        n = sum(len(o) for out in outs.values() for o in out)
+        say(f"[bigtrain] {len(ids)} held-out prompt(s) of {cfg.data.eval}, greedy, at most "
+            f"{s.max_new_tokens} new tokens ({n} generated in {dt:.2f} s); before training (the base) and after:")
+        dec = self.tokenizer.decode
+        for k, (prompt, ref) in enumerate(self.samples):
+            say(f"  [{k + 1}] prompt:    {_one_line(prompt)}")
+            say(f"      reference: {_one_line(ref)}")
+            say(f"      before:    {_one_line(dec(outs['base'][k], skip_special_tokens=True))}")
+            say(f"      after:     {_one_line(dec(outs['after'][k], skip_special_tokens=True))}")
 
     def close(self, failed: bool = False, leave_group: bool = False) -> None:
         """Tear down, once: the loggers, then (unless the run failed, or ``leave_group``: stopped
@@ -648,6 +708,21 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int,
     engine.after_backward()
     total, count = engine.all_reduce_scalars([total, count])
     return total / max(count, 1)
+
+
+def _sample_prompts(cfg: Config) -> list[tuple[str, str]]:
+    """(prompt, reference completion) of the first train.sample_prompts examples of data.eval, or
+    none when there is no eval set or it is text data (no prompt to continue)."""
+    if not (cfg.data.eval and cfg.train.sample_prompts):
+        return []
+    records, _ = read_records(cfg.data.eval, cfg.data.on_bad_line)
+    if "prompt" not in records:
+        return []
+    return list(zip(records["prompt"], records["completion"]))[:cfg.train.sample_prompts]
+
+
+def _one_line(text: str) -> str:
+    return text.strip().replace("\n", "\\n")
 
 
 def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> list[int]:

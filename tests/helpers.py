@@ -69,3 +69,36 @@ def final_adapters(out_dir):
 
 def ranks(out_dir):
     return json.loads((Path(out_dir) / "ranks.json").read_text())
+
+
+def load_model(d, dtype=None):
+    """A saved Hugging Face model, loaded by plain transformers, in eval mode (fp32 unless ``dtype``)."""
+    import torch
+    import transformers as tf
+
+    return tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype or torch.float32).eval()
+
+
+def make_ckpt(root, base_dir, targets, seed, r=4, alpha=8.0, rslora=False, base_model=None, base_json=None):
+    """A real bigtrain checkpoint (save_checkpoint) with random, non-zero A and B; ``base_json``: the
+    base fingerprint it records (base.json). Returns (its directory, its adapter tensors)."""
+    import torch
+
+    from bigtrain.checkpoint import save_checkpoint
+    from bigtrain.config import ZeroConfig
+    from bigtrain.engine import Engine
+    from bigtrain.inject import inject_lora
+
+    model = load_model(base_dir)
+    torch.manual_seed(seed)
+    lora = inject_lora(model, targets, r, alpha, rslora=rslora)
+    with torch.no_grad():
+        for _, ad in lora.named_adapters():
+            ad.lora_B.normal_(0, 0.2)
+    engine = Engine(ZeroConfig(stage=0), device="cpu")
+    opt = torch.optim.AdamW(lora.parameters(), lr=1e-3)
+    cfg = {"r": r, "alpha": alpha, "dropout": 0.0, "rslora": rslora, "targets": targets,
+           "modules": lora.names(), "base_model": base_model or str(base_dir), "dtype": "float32"}
+    path = save_checkpoint(Path(root), 10, engine, lora, opt, {"step": 10}, cfg, base_json or {}, "", keep=2)
+    lora.remove_hooks()
+    return path, lora.adapter_state_dict()

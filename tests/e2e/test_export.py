@@ -1,4 +1,4 @@
-"""bigtrain export (PEFT), bigtrain merge (streaming) and AdapterBank, checked against real PEFT and
+"""bigtrain export (PEFT) and bigtrain merge (streaming), checked against real PEFT and
 plain transformers on tiny OPT / GPT-2 (Conv1D) / LLaMA models."""
 import json
 import shutil
@@ -10,37 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigtrain.checkpoint import save_checkpoint
-from bigtrain.config import ZeroConfig
-from bigtrain.engine import Engine
 from bigtrain.inject import inject_lora
+from helpers import load_model as _load
+from helpers import make_ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"tiny-opt": ["q_proj", "v_proj"], "tiny-gpt2": ["c_attn"],
            "tiny-llama": ["q_proj", "v_proj", "down_proj"]}
-
-
-def _load(d, dtype=torch.float32):
-    import transformers as tf
-
-    return tf.AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
-
-
-def make_ckpt(root, base_dir, targets, seed, r=4, alpha=8.0, rslora=False, base_model=None):
-    """A real bigtrain checkpoint (save_checkpoint) with random, non-zero A and B."""
-    model = _load(base_dir)
-    torch.manual_seed(seed)
-    lora = inject_lora(model, targets, r, alpha, rslora=rslora)
-    with torch.no_grad():
-        for _, ad in lora.named_adapters():
-            ad.lora_B.normal_(0, 0.2)
-    engine = Engine(ZeroConfig(stage=0), device="cpu")
-    opt = torch.optim.AdamW(lora.parameters(), lr=1e-3)
-    cfg = {"r": r, "alpha": alpha, "dropout": 0.0, "rslora": rslora, "targets": targets,
-           "modules": lora.names(), "base_model": base_model or str(base_dir), "dtype": "float32"}
-    path = save_checkpoint(Path(root), 10, engine, lora, opt, {"step": 10}, cfg, {}, "", keep=2)
-    lora.remove_hooks()
-    return path, lora.adapter_state_dict()
 
 
 def _ids(vocab, seed=0):
@@ -216,36 +192,6 @@ def test_merge_streams_with_bounded_memory(tiny_models, tmp_path):
     assert m["stats"]["peak_tensor_bytes"] <= 2e6 + 1024 * 256 * 4  # one shard + the largest tensor
     assert merge_growth < model_bytes / 4
     assert load_growth > model_bytes * 0.7
-
-
-def test_adapter_bank_switches_exactly(tiny_models, tmp_path):
-    from bigtrain.switch import AdapterBank
-
-    base = tiny_models["tiny-opt"]
-    ck_x, _ = make_ckpt(tmp_path / "x", base, ["q_proj", "v_proj"], seed=21)
-    ck_y, _ = make_ckpt(tmp_path / "y", base, ["all-linear"], seed=22, r=2, alpha=4.0)
-    ids = _ids(1000, seed=3)
-    with torch.no_grad():
-        plain = _load(base)(ids).logits
-        only_x, _ = adapted_logits(base, ck_x, ids)
-        only_y, _ = adapted_logits(base, ck_y, ids)
-        model = _load(base)
-        bank = AdapterBank.from_checkpoints(model, {"x": ck_x, "y": ck_y})
-        assert bank.names() == ["x", "y"]
-        bank.use(None)
-        assert torch.equal(model(ids).logits, plain)
-        bank.use("x")
-        assert torch.equal(model(ids).logits, only_x)
-        bank.use("y")
-        assert torch.equal(model(ids).logits, only_y)
-        with bank.using("x"):
-            assert torch.equal(model(ids).logits, only_x)
-        assert bank.active == "y"
-        bank.use(None)
-        assert torch.equal(model(ids).logits, plain)
-    assert (only_x - only_y).abs().max() > 1e-2 and (only_x - plain).abs().max() > 1e-2
-    with pytest.raises(KeyError, match="'z'"):
-        bank.use("z")
 
 
 def test_cli_errors_are_one_line_and_name_the_path(tiny_models, tmp_path, capsys):

@@ -1,0 +1,563 @@
+"""``bigtrain generate`` and ``bigtrain eval``: what an adapter learned, over the base it was trained on.
+
+Both commands open a *session*: the run's own config (the checkpoint's ``config.yaml``), its
+recorded base (``adapter_config.json``'s ``base_model``, or ``--base DIR``) built by the training
+engine exactly as training builds it (:meth:`bigtrain.engine.Engine.build_base`: whole at world
+size 1, partitioned by ZeRO-3 under ``torchrun``, the vocabulary padded the same way), and an
+:class:`~bigtrain.switch.AdapterBank` holding every adapter given, over that one base. The adapters
+are applied unmerged, through the LoRA forward hooks training used, so what is generated or scored
+is what was trained.
+
+Generation is Hugging Face ``generate`` over that model. It is a well-kept implementation of what a
+generate command needs (a KV cache, greedy and nucleus sampling with temperature, stop strings,
+left-padded batches) and it already knows ZeRO-3's one constraint: with ``synced_gpus=True`` every
+rank keeps running forwards until all ranks are done, so the collective gathers of the partitioned
+base stay matched. The LoRA hooks sit on the base's own modules, so ``generate`` needs nothing of
+bigtrain's. Every rank generates the same prompts with the same seed: the greedy tokens at N ranks
+are those of one process (``tests/e2e/test_generate_eval.py``). Only the real vocabulary can be
+generated when the run pads it (:mod:`bigtrain.vocab`).
+
+``bigtrain eval`` scores a data file with training's own :func:`bigtrain.trainer.evaluate` and
+:func:`bigtrain.data.load_examples` under the run's data settings and ``train.eval_examples``, so
+its figure for the run's eval set is the one the run logged.
+
+Nothing here touches DeepSpeed: the engine owns that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError
+
+# Deferred imports: the CLI imports this module to build its parser and `bigtrain --help` must not
+# pay for torch (tests/e2e/test_cli.py); each command imports what it runs.
+
+BASE = "base"  # the adapter name that means the bare base model
+
+
+# -- settings ---------------------------------------------------------------------------------------
+@dataclass
+class Sampling:
+    """How to decode. ``temperature`` 0: greedy (argmax; no random numbers drawn)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ConfigError("--stop: an empty stop string would end every generation at once")
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """A prompt as training saw it (:mod:`bigtrain.data`): ``[bos] + prompt``, no eos."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def position_limit(hf_config) -> int | None:
+    """The model's position table (None for rotary models, which have none): a prompt plus its new
+    tokens must fit it."""
+    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
+        return None
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
+def check_positions(hf_config, prompts: list[list[int]], max_new_tokens: int, where: list[str]) -> None:
+    """Every prompt plus ``max_new_tokens`` fits the model's positions, or an error naming the first
+    that does not (``where``: how to name each prompt)."""
+    limit = position_limit(hf_config)
+    for p, w in zip(prompts, where):
+        if limit and len(p) + max_new_tokens > limit:
+            raise ConfigError(f"{w}: {len(p)} prompt tokens plus --max-new-tokens {max_new_tokens} exceed the "
+                              f"model's {limit} positions; shorten the prompt or lower --max-new-tokens")
+
+
+# -- generation -------------------------------------------------------------------------------------
+def _real_vocab_processor(vocab: int):
+    from transformers import LogitsProcessor  # deferred: heavy
+
+    class RealVocab(LogitsProcessor):
+        """Rows from ``vocab`` on are the run's padding (zero weights, :mod:`bigtrain.vocab`): never
+        generated, as the loss never scores them."""
+
+        def __call__(self, input_ids, scores):
+            scores[:, vocab:] = -float("inf")
+            return scores
+
+    return RealVocab()
+
+
+def generate_ids(model, tokenizer, prompts: list[list[int]], s: Sampling, *, vocab: int | None = None,
+                 batch_size: int = 8, synced: bool = False, autocast=None, after=None) -> list[list[int]]:
+    """New token ids for each prompt (ids from :func:`prompt_ids`), up to and without eos.
+
+    Batches of ``batch_size`` prompts, left-padded. ``synced``: the base is partitioned over several
+    ranks (every rank must call this with the same prompts). ``after``: called after each batch
+    (the engine's release of the gathered base). Draws random numbers only when sampling."""
+    import contextlib
+
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    dev = next(iter(model.parameters())).device
+    sample = s.temperature > 0
+    gc = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=sample, num_beams=1, use_cache=True,
+                          pad_token_id=pad, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id,
+                          stop_strings=list(s.stop) or None,
+                          **({"temperature": s.temperature, "top_p": s.top_p, "top_k": 0} if sample else {}))
+    processors = LogitsProcessorList()
+    model_vocab = model.get_output_embeddings().out_features if hasattr(model.get_output_embeddings(),
+                                                                        "out_features") else None
+    if vocab is not None and model_vocab is not None and model_vocab > vocab:
+        processors.append(_real_vocab_processor(vocab))
+    limit = position_limit(model.config)
+    out: list[list[int]] = []
+    was_training = model.training
+    model.eval()  # no dropout; transformers' gradient checkpointing (training mode) would turn the cache off
+    try:
+        for b0 in range(0, len(prompts), batch_size):
+            batch = prompts[b0:b0 + batch_size]
+            T = max(len(p) for p in batch)
+            if limit and T + s.max_new_tokens > limit:
+                raise ValueError(f"a prompt of {T} tokens plus --max-new-tokens {s.max_new_tokens} exceeds the "
+                                 f"model's {limit} positions; shorten the prompt or lower --max-new-tokens")
+            ids = torch.full((len(batch), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for i, p in enumerate(batch):  # left padding: every prompt ends where generation starts
+                ids[i, T - len(p):] = torch.tensor(p, dtype=torch.long)
+                mask[i, T - len(p):] = 1
+            with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+                gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gc,
+                                     logits_processor=processors, synced_gpus=synced,
+                                     tokenizer=tokenizer if s.stop else None)
+            if after is not None:
+                after()
+            for row in gen[:, T:].tolist():
+                new = []
+                for t in row:
+                    if t == eos:
+                        break
+                    new.append(t)
+                out.append(new)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string (generation ends on one; it is not part of the answer)."""
+    cut = min((i for i in (text.find(x) for x in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+# -- a session: the run's base, built as training builds it, and a bank of adapters ----------------
+@dataclass
+class Session:
+    cfg: object  # bigtrain.config.Config of the run
+    engine: object
+    model: object
+    tokenizer: object
+    bank: object  # AdapterBank
+    vocab: int
+    autocast: object
+    default: str  # the name of the adapter given as RUN_OR_CKPT
+
+    @property
+    def is_main(self) -> bool:
+        return self.engine.info.is_main
+
+    @property
+    def synced(self) -> bool:
+        return self.engine.distributed
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def default_name(ckpt: Path) -> str:
+    """The adapter name of a checkpoint: its run's directory name (runs/demo/checkpoints/step-N:
+    demo), else the checkpoint directory's own."""
+    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else ckpt.name
+
+
+def parse_adapters(items: list[str]) -> list[tuple[str, str]]:
+    out, seen = [], set()
+    for it in items or []:
+        name, sep, path = it.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {it!r}: expected NAME=PATH (a checkpoint or a run directory)")
+        if name == BASE:
+            raise ConfigError(f"--adapter {it!r}: the name {BASE!r} means the bare base model; choose another")
+        if name in seen:
+            raise ConfigError(f"--adapter {it!r}: the name {name!r} is given twice")
+        seen.add(name)
+        out.append((name, path))
+    return out
+
+
+def run_config(c, base: str | None, device: str | None):
+    """The run's config (the checkpoint's config.yaml; the defaults if it has none), with the base
+    at ``--base`` or the recorded one, and the device asked for."""
+    from .config import Config, load_config
+    from .export import base_dir
+
+    bdir = base_dir(c.spec, base, c.path)  # a preset base (random weights) has no files: --base needed
+    saved = c.path / "config.yaml"
+    overrides = [f"model.path={bdir}"] + ([f"train.device={device}"] if device else [])
+    if saved.is_file() and saved.read_text().strip():
+        return load_config(saved, overrides)
+    cfg = Config()
+    cfg.model.path = str(bdir)
+    if device:
+        cfg.train.device = device
+    return cfg.validate()
+
+
+@dataclass
+class Prepared:
+    """Everything of a session that needs no process group: read and checked first."""
+
+    cfg: object
+    named: list  # (name, AdapterCheckpoint), RUN_OR_CKPT's first
+    tokenizer: object
+    hf_config: object
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.named]
+
+
+def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = None,
+            device: str | None = None) -> Prepared:
+    """Read and verify every checkpoint, check that they can share one bank, read the run's config
+    and tokenizer: every error of bad input, before any process group starts."""
+    from . import checkpoint as ck
+    from .data import load_tokenizer
+    from .switch import check_compatible
+    from .trainer import _hf_config, _tokenizer_dir
+
+    first = ck.read_checkpoint(ckpt)
+    named = [(default_name(first.path), first)]
+    for name, path in adapters:
+        if name == named[0][0]:
+            raise ConfigError(f"--adapter {name}={path}: {name!r} is already the name of {ckpt} "
+                              f"(RUN_OR_CKPT); choose another")
+        named.append((name, ck.read_checkpoint(path)))
+    check_compatible([(n, c.path, c.spec, _base_json(c.path)) for n, c in named])
+    cfg = run_config(first, base, device)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(cfg.model.local_path))
+    return Prepared(cfg, named, tokenizer, _hf_config(cfg, cfg.model.local_path, len(tokenizer)))
+
+
+def open_session(prep: Prepared, say=print) -> Session:
+    """Start the process group, build the base as the run did, load the adapters into one bank.
+    What DeepSpeed prints while it starts (its logger writes to stdout) goes to stderr: stdout is
+    the commands' output (jsonl)."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return _open_session(prep, say)
+
+
+def _open_session(prep: Prepared, say) -> Session:
+    from .engine import Engine
+    from .switch import AdapterBank
+    from .trainer import autocast_for, set_seed
+    from .vocab import run_config as pad_vocab
+
+    cfg, hf_config = prep.cfg, prep.hf_config
+    model_path = cfg.model.local_path
+    build = pad_vocab(hf_config, head_is_target=False)  # the head is never a LoRA target (inject.py)
+    engine = Engine(cfg.zero, cfg.train.device, cfg.train.micro_batch_size, 1)
+    set_seed(cfg.train.seed)
+    model = engine.build_base(build, model_path, cfg.model.dtype, cfg.model.attn_implementation,
+                              int(hf_config.vocab_size))
+    bank = AdapterBank(model, engine.info.device)
+    for name, c in prep.named:
+        bank.add(name, c.spec, c.tensors, str(c.path), _base_json(c.path))
+    if engine.info.is_main:
+        where = f"partitioned over {engine.info.world_size} ranks" if engine.distributed else "one process"
+        say(f"[bigtrain] base {model_path} ({where}, {cfg.model.dtype}); adapters: " + ", ".join(
+            f"{n} ({c.path}, r={c.spec.r}, {len(c.spec.modules)} modules, {bank.nbytes(n):,} bytes)"
+            for n, c in prep.named))
+    return Session(cfg, engine, model, prep.tokenizer, bank, int(hf_config.vocab_size),
+                   autocast_for(cfg.train.precision, engine.info.device), prep.names[0])
+
+
+def _base_json(path: Path) -> dict:
+    from .checkpoint import read_json
+
+    return read_json(path / "base.json") if (path / "base.json").is_file() else {}
+
+
+# -- bigtrain generate --------------------------------------------------------------------------
+def read_prompts(path: str) -> list[dict]:
+    """A prompts file: one JSON object per line with "prompt" (a string) and optionally "adapter"
+    (a name given to --adapter or RUN_OR_CKPT, or "base"); other fields (a "completion": the
+    reference) are kept. Errors name the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    rows = []
+    with open(p, encoding="utf-8", errors="surrogateescape") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{path}:{i}: expected an object with a string field 'prompt'")
+            if "adapter" in obj and obj["adapter"] is not None and not isinstance(obj["adapter"], str):
+                raise ValueError(f"{path}:{i}: field 'adapter' must be a name (a string)")
+            rows.append({**obj, "_line": i})
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def plan(rows: list[dict], use: list[str], names: list[str], where: str) -> list[tuple[int, str, dict]]:
+    """(index, adapter, row) for every generation to make: a row's own "adapter", else each of
+    ``use``. Unknown names are errors naming the row."""
+    known = set(names) | {BASE}
+    out = []
+    for row in rows:
+        chosen = [row["adapter"]] if row.get("adapter") else use
+        for name in chosen:
+            if name not in known:
+                loc = f"{where}:{row['_line']}" if "_line" in row else "--use"
+                raise ValueError(f"{loc}: no adapter named {name!r}; loaded: {', '.join(names)} (and {BASE!r}: "
+                                 f"the bare base)")
+            out.append((len(out), name, row))
+    return out
+
+
+def run_generate(sess: Session, jobs: list[tuple[int, str, dict]], s: Sampling, batch_size: int) -> dict:
+    """Generate every job, grouped by adapter (one switch per adapter, in order of first use);
+    results in the jobs' order, with timings."""
+    import torch
+
+    torch.manual_seed(s.seed)  # the same on every rank: the same samples everywhere
+    order: dict[str, list] = {}
+    for job in jobs:
+        order.setdefault(job[1], []).append(job)
+    results: dict[int, dict] = {}
+    switches, gen_s, new_tokens = [], 0.0, 0
+    for name, group in order.items():
+        sw = sess.bank.use(None if name == BASE else name)
+        switches.append(sw)
+        ids = [prompt_ids(sess.tokenizer, row["prompt"]) for _, _, row in group]
+        t0 = time.perf_counter()
+        outs = generate_ids(sess.model, sess.tokenizer, ids, s, vocab=sess.vocab, batch_size=batch_size,
+                            synced=sess.synced, autocast=sess.autocast, after=sess.engine.after_backward)
+        gen_s += time.perf_counter() - t0
+        for (i, _, row), new in zip(group, outs):
+            text = sess.tokenizer.decode(new, skip_special_tokens=True)
+            r = {k: v for k, v in row.items() if k not in ("_line", "adapter", "completion")}
+            if "completion" in row:  # a training-format file: its completion is the reference
+                r["reference"] = row["completion"]
+            r.update(adapter=name, completion=cut_at_stop(text, s.stop) if s.stop else text,
+                     new_tokens=len(new), token_ids=new)
+            results[i] = r
+            new_tokens += len(new)
+    return {"results": [results[i] for i in range(len(jobs))], "switches": switches, "seconds": gen_s,
+            "new_tokens": new_tokens}
+
+
+def _format_switches(switches) -> str:
+    copies = [sw for sw in switches if sw.bytes]
+    if not copies:
+        return "no adapter weights copied"
+    ms = sorted(sw.seconds * 1e3 for sw in copies)
+    return (f"{len(copies)} adapter switch(es), {copies[0].bytes:,} bytes copied each, "
+            f"{ms[len(ms) // 2]:.3f} ms median (max {ms[-1]:.3f} ms); the base was built once")
+
+
+def cmd_generate(args) -> int:
+    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, list(args.stop or []))
+    s.check()
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if bool(args.prompt) == bool(args.prompts):
+        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")
+    rows = read_prompts(args.prompts) if args.prompts else [{"prompt": p} for p in args.prompt]
+    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
+    jobs = plan(rows, args.use or [prep.names[0]], prep.names, args.prompts or "--prompt")
+    check_positions(prep.hf_config, [prompt_ids(prep.tokenizer, row["prompt"]) for row in rows], s.max_new_tokens,
+                    [f"{args.prompts}:{row['_line']}" if args.prompts else f"--prompt {i + 1}" for i, row in enumerate(rows)])
+    sess = open_session(prep, say=_err)
+    # on an error from here on the process group is left to the process's exit, as training does
+    out = run_generate(sess, jobs, s, args.batch_size)
+    if sess.is_main:
+        for r in out["results"]:
+            if args.format == "jsonl":
+                print(json.dumps(r, ensure_ascii=False), flush=True)
+            else:
+                print(f"--- [{r['adapter']}] {r['new_tokens']} new tokens\n{r['prompt']}{r['completion']}",
+                      flush=True)
+        _err(f"[bigtrain] generated {out['new_tokens']:,} tokens for {len(jobs)} prompt(s) in "
+             f"{out['seconds']:.2f} s: {out['new_tokens'] / max(out['seconds'], 1e-9):,.1f} tokens/s "
+             f"({'greedy' if s.temperature == 0 else f'temperature {s.temperature:g}, top-p {s.top_p:g}, seed {s.seed}'}"
+             f", batch {args.batch_size}, {sess.engine.info.world_size} rank(s)); "
+             f"{_format_switches(out['switches'])}")
+    sess.close()
+    _leave_process()
+    return 0
+
+
+def _leave_process() -> None:
+    """As ``bigtrain train`` ends: after the engine's teardown, without the interpreter's
+    finalisation when a process group ran (:func:`bigtrain.dist.exit_after_teardown`)."""
+    from .dist import exit_after_teardown
+
+    exit_after_teardown(0)
+
+
+# -- bigtrain eval ------------------------------------------------------------------------------
+def run_eval(sess: Session, ds, names: list[str | None]) -> list[dict]:
+    """Loss and perplexity of each of ``names`` (None: the bare base) on ``ds`` (rows of
+    :func:`bigtrain.data.load_examples` under the run's data settings) with training's evaluate():
+    the first ``train.eval_examples`` rows (0: all), each scored once."""
+    from .losses import IGNORE_INDEX
+    from .trainer import evaluate
+
+    cfg = sess.cfg
+    n = len(ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(ds))
+    targets = sum(int(t != IGNORE_INDEX) for row in ds.select(range(n))["labels"] for t in row[1:])
+    out = []
+    for name in names:
+        sess.bank.use(name)
+        loss = evaluate(sess.model, ds, sess.engine, cfg, sess.autocast, sess.tokenizer.pad_token_id, sess.vocab)
+        out.append({"adapter": name or BASE, "loss": loss, "perplexity": math.exp(loss), "examples": n,
+                    "target_tokens": targets})
+    sess.bank.use(None)
+    return out
+
+
+def cmd_eval(args) -> int:
+    from .data import load_examples
+
+    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
+    if args.examples is not None:
+        if args.examples < 0:
+            raise ConfigError(f"--examples must be >= 0 (0: all), got {args.examples}")
+        prep.cfg.train.eval_examples = args.examples
+    if not sys.stderr.isatty():  # datasets' tokenisation bar would put carriage returns into a log
+        import datasets
+
+        datasets.disable_progress_bars()
+    ds = load_examples(args.data, prep.tokenizer, prep.cfg.data)[0]  # a bad line is named before any work
+    sess = open_session(prep, say=_err)
+    # on an error from here on the process group is left to the process's exit, as training does
+    t0 = time.perf_counter()
+    rows = run_eval(sess, ds, [None] + sess.bank.names())
+    dt = time.perf_counter() - t0
+    if sess.is_main:
+        if args.json:
+            print(json.dumps({"data": args.data, "results": rows}), flush=True)
+        else:
+            print(f"{'adapter':<20} {'loss':>8} {'perplexity':>10}   ({rows[0]['examples']} examples of "
+                  f"{args.data}, {rows[0]['target_tokens']:,} target tokens)")
+            for r in rows:
+                print(f"{r['adapter']:<20} {r['loss']:>8.4f} {r['perplexity']:>10.4f}")
+        _err(f"[bigtrain] eval of {len(rows)} model(s) in {dt:.2f} s at {sess.engine.info.world_size} rank(s)")
+    sess.close()
+    _leave_process()
+    return 0
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+GENERATE_EPILOG = """\
+examples (after `bigtrain train`, which writes runs/demo):
+  bigtrain generate runs/demo --prompt $'<mr> name[The Eagle], food[French]\\nDescription:'
+  bigtrain generate runs/demo --use base --use demo --prompt $'<mr> name[Alimentum]\\nDescription:'
+  bigtrain generate runs/demo --prompts bigtrain/assets/e2e_eval.jsonl --format jsonl > out.jsonl
+  bigtrain generate runs/demo --adapter short=runs/short --prompts mixed.jsonl   # per-prompt "adapter"
+  bigtrain generate runs/demo --prompt 'x' --temperature 0.8 --top-p 0.95 --seed 1 --stop '.'
+  torchrun --nproc_per_node 8 -m bigtrain generate runs/big --prompts p.jsonl   # base partitioned (ZeRO-3)
+
+A prompts file holds one JSON object per line: {"prompt": "...", "adapter": "NAME"} ("adapter" is
+optional: without it, the --use adapters; "base" is the bare base; a "completion" field, as in
+training data, is written out as "reference"). The base is built once; a switch
+between adapters copies only the adapter's A and B (its bytes and time are printed). The adapter is
+applied unmerged, through the hooks training used. Outputs go to stdout, timings to stderr.
+"""
+
+EVAL_EPILOG = """\
+examples:
+  bigtrain eval runs/demo --data builtin:e2e-eval             # the figure the run logged at its end
+  bigtrain eval runs/demo --data my_eval.jsonl --examples 0   # every example of a file
+  bigtrain eval runs/demo --adapter other=runs/other --data builtin:e2e-eval --json
+  torchrun --nproc_per_node 2 -m bigtrain eval runs/demo --data builtin:e2e-eval
+
+Scores the bare base and every adapter with training's own eval: the run's data settings
+(data.max_length, data.pack, ...), its micro-batch, and its train.eval_examples first examples
+(--examples to change). Data: any form training takes (prompt/completion or text jsonl, .txt, a
+saved datasets directory, builtin:NAME).
+"""
+
+
+def _common(p) -> None:
+    p.add_argument("checkpoint", metavar="RUN_OR_CKPT",
+                   help="a run's output_dir (its latest checkpoint) or a checkpoint dir (step-N); its name is "
+                        "the run directory's")
+    p.add_argument("--adapter", action="append", metavar="NAME=PATH", default=[],
+                   help="another adapter (checkpoint or run dir) over the same base; repeatable")
+    p.add_argument("--base", metavar="DIR", default=None,
+                   help="base model dir (default: the checkpoint's recorded base_model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: the run's train.device")
+
+
+def add_generate_parsers(subparsers) -> None:
+    g = subparsers.add_parser("generate", help="generate text with one or several adapters over one base",
+                              description="Generate continuations of prompts with trained LoRA adapters "
+                                          "over their base (greedy or sampled, KV cache, batched).",
+                              epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(g)
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
+    g.add_argument("--prompts", metavar="FILE.jsonl", help='prompts file: {"prompt": ..., "adapter": ...} per line')
+    g.add_argument("--use", action="append", metavar="NAME",
+                   help=f"adapter(s) for prompts that name none ({BASE!r}: the bare base); repeatable; "
+                        "default: RUN_OR_CKPT's")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default 64")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy; > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; the same on every rank)")
+    g.add_argument("--stop", action="append", metavar="STR", help="end a generation at this string; repeatable")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call (default 8)")
+    g.add_argument("--format", choices=("text", "jsonl"), default="text", help="output format (default text)")
+    g.set_defaults(func=cmd_generate)
+    e = subparsers.add_parser("eval", help="loss and perplexity of the base and each adapter on a data file",
+                              description="Score a data file with training's eval: the bare base and every "
+                                          "adapter given.",
+                              epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(e)
+    e.add_argument("--data", required=True, metavar="FILE", help="jsonl, .txt, saved datasets dir or builtin:NAME")
+    e.add_argument("--examples", type=int, default=None, metavar="N",
+                   help="score the first N examples (0: all; default: the run's train.eval_examples)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.set_defaults(func=cmd_eval)

@@ -70,6 +70,21 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A conversation as chat training saw it: rendered with the tokenizer's chat template, then the
+    template's header for the assistant's next turn (``add_generation_prompt``)."""
+    if not tokenizer.chat_template:
+        raise ConfigError("chat prompts (--chat, or \"messages\" in --prompts) need a chat template, and the "
+                          "run's tokenizer has none")
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
+def row_ids(tokenizer, row: dict) -> list[int]:
+    """The prompt ids of a prompts row: its "messages" through the chat template, else its "prompt"."""
+    return chat_prompt_ids(tokenizer, row["messages"]) if "messages" in row else prompt_ids(tokenizer, row["prompt"])
+
+
 def position_limit(hf_config) -> int | None:
     """The model's position table (None for rotary models, which have none): a prompt plus its new
     tokens must fit it."""
@@ -310,9 +325,10 @@ def _base_json(path: Path) -> dict:
 
 # -- bigtrain generate --------------------------------------------------------------------------
 def read_prompts(path: str) -> list[dict]:
-    """A prompts file: one JSON object per line with "prompt" (a string) and optionally "adapter"
-    (a name given to --adapter or RUN_OR_CKPT, or "base"); other fields (a "completion": the
-    reference) are kept. Errors name the file and line."""
+    """A prompts file: one JSON object per line with "prompt" (a string) or "messages" (a
+    conversation, as chat training data; a final assistant message is taken as the reference, not
+    given to the model) and optionally "adapter" (a name given to --adapter or RUN_OR_CKPT, or
+    "base"); other fields (a "completion": the reference) are kept. Errors name the file and line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
@@ -325,14 +341,33 @@ def read_prompts(path: str) -> list[dict]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{i}: expected an object with a string field 'prompt'")
+            if isinstance(obj, dict) and "messages" in obj:
+                obj = _chat_row(obj, f"{path}:{i}")
+            elif not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise ValueError(f"{path}:{i}: expected an object with a string field 'prompt' or a "
+                                 f"list 'messages'")
             if "adapter" in obj and obj["adapter"] is not None and not isinstance(obj["adapter"], str):
                 raise ValueError(f"{path}:{i}: field 'adapter' must be a name (a string)")
             rows.append({**obj, "_line": i})
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+def _chat_row(obj: dict, where: str) -> dict:
+    from .data import ROLES
+
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects with "
+                         f"roles among {', '.join(ROLES)}")
+    row = dict(obj)
+    if msgs[-1]["role"] == "assistant":  # a chat training record: its last answer is the reference
+        row["messages"], row["completion"] = msgs[:-1], msgs[-1]["content"]
+        if not row["messages"]:
+            raise ValueError(f"{where}: 'messages' holds only an assistant turn: nothing to answer")
+    return row
 
 
 def plan(rows: list[dict], use: list[str], names: list[str], where: str) -> list[tuple[int, str, dict]]:
@@ -365,14 +400,16 @@ def run_generate(sess: Session, jobs: list[tuple[int, str, dict]], s: Sampling, 
     for name, group in order.items():
         sw = sess.bank.use(None if name == BASE else name)
         switches.append(sw)
-        ids = [prompt_ids(sess.tokenizer, row["prompt"]) for _, _, row in group]
+        ids = [row_ids(sess.tokenizer, row) for _, _, row in group]
         t0 = time.perf_counter()
         outs = generate_ids(sess.model, sess.tokenizer, ids, s, vocab=sess.vocab, batch_size=batch_size,
                             synced=sess.synced, autocast=sess.autocast, after=sess.engine.after_backward)
         gen_s += time.perf_counter() - t0
-        for (i, _, row), new in zip(group, outs):
+        for (i, _, row), new, given in zip(group, outs, ids):
             text = sess.tokenizer.decode(new, skip_special_tokens=True)
             r = {k: v for k, v in row.items() if k not in ("_line", "adapter", "completion")}
+            if "messages" in row:  # what the model was given, rendered by the chat template
+                r["prompt"] = sess.tokenizer.decode(given, skip_special_tokens=False)
             if "completion" in row:  # a training-format file: its completion is the reference
                 r["reference"] = row["completion"]
             r.update(adapter=name, completion=cut_at_stop(text, s.stop) if s.stop else text,
@@ -399,10 +436,15 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if bool(args.prompt) == bool(args.prompts):
         raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")
-    rows = read_prompts(args.prompts) if args.prompts else [{"prompt": p} for p in args.prompt]
+    if args.prompts:
+        rows = read_prompts(args.prompts)
+    elif args.chat:  # each --prompt is the user's turn of a new conversation
+        rows = [{"messages": [{"role": "user", "content": p}]} for p in args.prompt]
+    else:
+        rows = [{"prompt": p} for p in args.prompt]
     prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
     jobs = plan(rows, args.use or [prep.names[0]], prep.names, args.prompts or "--prompt")
-    check_positions(prep.hf_config, [prompt_ids(prep.tokenizer, row["prompt"]) for row in rows], s.max_new_tokens,
+    check_positions(prep.hf_config, [row_ids(prep.tokenizer, row) for row in rows], s.max_new_tokens,
                     [f"{args.prompts}:{row['_line']}" if args.prompts else f"--prompt {i + 1}" for i, row in enumerate(rows)])
     sess = open_session(prep, say=_err)
     # on an error from here on the process group is left to the process's exit, as training does
@@ -497,9 +539,12 @@ examples (after `bigtrain train`, which writes runs/demo):
   bigtrain generate runs/demo --prompts bigtrain/assets/e2e_eval.jsonl --format jsonl > out.jsonl
   bigtrain generate runs/demo --adapter short=runs/short --prompts mixed.jsonl   # per-prompt "adapter"
   bigtrain generate runs/demo --prompt 'x' --temperature 0.8 --top-p 0.95 --seed 1 --stop '.'
+  bigtrain generate runs/chat --chat --prompt 'name[Aromi], area[riverside]'   # trained on builtin:e2e-chat
   torchrun --nproc_per_node 8 -m bigtrain generate runs/big --prompts p.jsonl   # base partitioned (ZeRO-3)
 
-A prompts file holds one JSON object per line: {"prompt": "...", "adapter": "NAME"} ("adapter" is
+A prompts file holds one JSON object per line: {"prompt": "...", "adapter": "NAME"}, or
+{"messages": [{"role": "user", "content": "..."}, ...]} rendered by the chat template (a final
+assistant message, as in chat training data, is the reference, not given to the model) ("adapter" is
 optional: without it, the --use adapters; "base" is the bare base; a "completion" field, as in
 training data, is written out as "reference"). The base is built once; a switch
 between adapters copies only the adapter's A and B (its bytes and time are printed). The adapter is
@@ -539,6 +584,9 @@ def add_generate_parsers(subparsers) -> None:
                               epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(g)
     g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
+    g.add_argument("--chat", action="store_true",
+                   help="each --prompt is a user's message, rendered with the tokenizer's chat template "
+                        "(for adapters trained on messages data)")
     g.add_argument("--prompts", metavar="FILE.jsonl", help='prompts file: {"prompt": ..., "adapter": ...} per line')
     g.add_argument("--use", action="append", metavar="NAME",
                    help=f"adapter(s) for prompts that name none ({BASE!r}: the bare base); repeatable; "

@@ -128,3 +128,29 @@ def test_a_prompt_too_long_for_the_positions_is_named_before_any_work(tmp_path, 
     assert main(["generate", str(ckpt), "--prompts", str(f)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{f}:2: " in err and "exceed the model's 256 positions" in err, err
+
+
+def test_chat_prompts_are_the_template_with_the_assistant_header(tmp_path):
+    """A "messages" row (and --chat) gives the model the conversation as chat training rendered it,
+    ending with the assistant's header: the ids equal transformers' apply_chat_template with
+    add_generation_prompt, and the row's final assistant turn is the reference, not the input."""
+    import json
+
+    from bigtrain.generate import row_ids
+
+    tok = load_tokenizer(None)  # the built-in tokenizer and its chat template
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "name[Aromi], area[riverside]"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": conv + [{"role": "assistant", "content": "Aromi is by the river."}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:2: 'messages' holds only an assistant turn"):
+        read_prompts(str(path))
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    (row,) = read_prompts(str(path))
+    assert row["messages"] == conv and row["completion"] == "Aromi is by the river."
+    ids = row_ids(tok, row)
+    assert ids == tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.decode(ids) == "<s><|system|>\nBe brief.\n<|user|>\nname[Aromi], area[riverside]\n<|assistant|>\n"
+    tok.chat_template = None
+    with pytest.raises(Exception, match="need a chat template"):
+        row_ids(tok, row)

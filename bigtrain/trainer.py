@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -46,7 +47,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .compile import compile_layers
 from .config import Config, ConfigError
-from .data import DataError, collate, load_examples, load_tokenizer, read_records
+from .data import DataError, collate, iter_records, load_examples, load_tokenizer
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -587,10 +588,10 @@ class Trainer:
         if cfg.model.compile:
             say("[bigtrain] samples skipped: model.compile would compile the layers again for every generated length")
             return
-        from .generate import Sampling, generate_ids, position_limit, prompt_ids  # deferred: only runs that print samples
+        from .generate import Sampling, generate_ids, position_limit, row_ids  # deferred: only runs that print samples
 
         s = Sampling(max_new_tokens=cfg.train.sample_max_new_tokens)
-        ids = [prompt_ids(self.tokenizer, p) for p, _ in self.samples]
+        ids = [row_ids(self.tokenizer, row) for row, _ in self.samples]  # as training rendered them
         limit = position_limit(self.hf_config)
         if limit:  # a prompt too long for the positions loses its left end, as training's prompts do
             room = limit - s.max_new_tokens
@@ -617,7 +618,8 @@ class Trainer:
         say(f"[bigtrain] {len(ids)} held-out prompt(s) of {cfg.data.eval}, greedy, at most "
             f"{s.max_new_tokens} new tokens ({n} generated in {dt:.2f} s); before training (the base) and after:")
         dec = self.tokenizer.decode
-        for k, (prompt, ref) in enumerate(self.samples):
+        for k, (row, ref) in enumerate(self.samples):
+            prompt = row["prompt"] if "prompt" in row else dec(ids[k], skip_special_tokens=False)
             say(f"  [{k + 1}] prompt:    {_one_line(prompt)}")
             say(f"      reference: {_one_line(ref)}")
             say(f"      before:    {_one_line(dec(outs['base'][k], skip_special_tokens=True))}")
@@ -710,15 +712,25 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int,
     return total / max(count, 1)
 
 
-def _sample_prompts(cfg: Config) -> list[tuple[str, str]]:
-    """(prompt, reference completion) of the first train.sample_prompts examples of data.eval, or
-    none when there is no eval set or it is text data (no prompt to continue)."""
-    if not (cfg.data.eval and cfg.train.sample_prompts):
+def _sample_prompts(cfg: Config) -> list[tuple[dict, str]]:
+    """(prompt row, reference) of the first train.sample_prompts examples of data.eval: a
+    ``{"prompt"}`` row and its completion, or for conversations a ``{"messages"}`` row up to the last
+    assistant turn and that turn; none when there is no eval set or it is text data (no prompt to
+    continue). Reads only those first records."""
+    n = cfg.train.sample_prompts
+    if not (cfg.data.eval and n):
         return []
-    records, _ = read_records(cfg.data.eval, cfg.data.on_bad_line)
-    if "prompt" not in records:
-        return []
-    return list(zip(records["prompt"], records["completion"]))[:cfg.train.sample_prompts]
+    records, _ = iter_records(cfg.data.eval, cfg.data.on_bad_line, cfg.data.format)
+    out = []
+    for rec in itertools.islice(records, n):
+        if "prompt" in rec:
+            out.append(({"prompt": rec["prompt"]}, rec["completion"]))
+        elif "messages" in rec:
+            msgs = rec["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            if last > 0 and msgs[last].get("content"):
+                out.append(({"messages": msgs[:last]}, msgs[last]["content"]))
+    return out
 
 
 def _one_line(text: str) -> str:

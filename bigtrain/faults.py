@@ -7,8 +7,11 @@ Driven by environment variables that normal runs never set (then every check is 
   see :func:`nan_due`.
 * ``BIGTRAIN_CRASH_AT=<point>`` (and ``BIGTRAIN_CRASH_AT_STEP=<step>``, if set): die at that point
   of a checkpoint save as abruptly as kill -9 would (exit status 137); see :func:`crash_point`.
+* ``BIGTRAIN_FAULT_MEM_CAP_RANKS="R[,R]"``: ``bigtrain measure --mem-cap-gib`` caps only these
+  ranks, so that one rank runs out of memory while the others wait in a collective; see
+  :func:`mem_cap_applies`.
 
-tests/test_faults.py and tests/test_checkpoint.py set them; nothing else should.
+tests/test_faults.py, tests/test_checkpoint.py and tests/e2e/test_measure.py set them; nothing else should.
 """
 
 from __future__ import annotations
@@ -34,3 +37,10 @@ def crash_point(point: str, step: int | None = None) -> None:
     if os.environ.get("BIGTRAIN_CRASH_AT") == point and \
             os.environ.get("BIGTRAIN_CRASH_AT_STEP", str(step)) == str(step):
         os._exit(137)
+
+
+def mem_cap_applies(rank: int) -> bool:
+    """False for a rank that BIGTRAIN_FAULT_MEM_CAP_RANKS (when set) does not list: the memory cap
+    of ``bigtrain measure`` then leaves it alone."""
+    ranks = os.environ.get("BIGTRAIN_FAULT_MEM_CAP_RANKS", "")
+    return not ranks or str(rank) in ranks.split(",")

@@ -10,6 +10,9 @@ Driven by environment variables that normal runs never set (then every check is 
 * ``BIGTRAIN_FAULT_MEM_CAP_RANKS="R[,R]"``: ``bigtrain measure --mem-cap-gib`` caps only these
   ranks, so that one rank runs out of memory while the others wait in a collective; see
   :func:`mem_cap_applies`.
+* ``BIGTRAIN_FAULT_HANG="STEP:RANK"``: ``bigtrain measure``'s full fine-tuning child of that rank
+  stops at the start of step STEP and never returns, as a rank stuck in a collective whose peer
+  died (NCCL) would; see :func:`hang_due`.
 
 tests/test_faults.py, tests/test_checkpoint.py and tests/e2e/test_measure.py set them; nothing else should.
 """
@@ -17,6 +20,7 @@ tests/test_faults.py, tests/test_checkpoint.py and tests/e2e/test_measure.py set
 from __future__ import annotations
 
 import os
+import time
 
 _FIRED: set[str] = set()  # STEP:RANK keys of BIGTRAIN_FAULT_NAN already injected in this process
 
@@ -44,3 +48,10 @@ def mem_cap_applies(rank: int) -> bool:
     of ``bigtrain measure`` then leaves it alone."""
     ranks = os.environ.get("BIGTRAIN_FAULT_MEM_CAP_RANKS", "")
     return not ranks or str(rank) in ranks.split(",")
+
+
+def hang_due(step: int, rank: int) -> None:
+    """With BIGTRAIN_FAULT_HANG="STEP:RANK" listing this step and rank: never return."""
+    if f"{step}:{rank}" in os.environ.get("BIGTRAIN_FAULT_HANG", "").split(","):
+        while True:
+            time.sleep(3600)

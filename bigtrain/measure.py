@@ -296,7 +296,8 @@ def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict
         rs = results[mode]
         which = "lora" if MODES[mode] is None else "full"
         est = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, False))[which]
-        fit = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, True))[which]
+        # the fewest GPUs that fit: with the CUDA context and fragmentation a GPU really has to hold
+        fit = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, device != "cpu"))[which]
         pred_states = {k: est["per_gpu"][k] for k in STATE_KINDS}
         pred = {"peak_bytes": est["per_gpu_total"], "states": pred_states,
                 "states_total": sum(pred_states.values()),
@@ -646,6 +647,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     import torch
 
     from . import dist as D
+    from . import faults
     from . import zero3 as Z
     from .data import collate
     from .engine import DTYPES
@@ -676,6 +678,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     prog.last = time.perf_counter()
     for k in range(1, spec["steps"] + 1):
         prog.step = k
+        faults.hang_due(k, info.rank)
         idx = sampler.take(position, global_batch)
         position += global_batch
         batches = [collate([tr.train_ds[i] for i in mb], pad)

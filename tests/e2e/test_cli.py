@@ -9,7 +9,7 @@ import pytest
 
 from helpers import ROOT
 
-SUBCOMMANDS = ["train", "presets", "estimate", "export", "merge"]
+SUBCOMMANDS = ["train", "presets", "estimate", "measure", "export", "merge"]
 
 
 @pytest.mark.parametrize("cmd", [[], *([c] for c in SUBCOMMANDS)], ids=["top", *SUBCOMMANDS])

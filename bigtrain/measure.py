@@ -222,6 +222,11 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
                 stopped = f"stopped: still running after --mode-timeout-s {args.mode_timeout_s:g}"
                 _kill(proc)
         time.sleep(0.1)
+    from .zero3 import unlink_deepspeed_shm
+
+    # the child's DeepSpeed CPU shared-memory buffer (made under the deepspeed launcher), left by a
+    # child that ran out of memory or was stopped
+    unlink_deepspeed_shm(rank, world, env["MASTER_ADDR"], port)
     if result_path.is_file():
         res = json.loads(result_path.read_text())
     else:
@@ -254,7 +259,8 @@ def _status(results: list) -> str:
         return "ok"
     ooms = [r for r in results if r.get("status") == "oom"]
     if ooms:
-        return f"out of memory at step {min(r['step'] for r in ooms)}"
+        step = min(r["step"] for r in ooms)
+        return f"out of memory at step {step}" + (" (building the model and optimizer)" if step == 0 else "")
     bad = next(r for r in results if r.get("status") != "ok")
     return f"{bad['status']} (rank {bad.get('rank')}; see {bad.get('log')})"
 

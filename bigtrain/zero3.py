@@ -405,7 +405,7 @@ def decoder_layer_classes(model: nn.Module) -> list[type]:
     return list(seen.values())
 
 
-def unlink_deepspeed_shm(rank: int, world: int) -> None:
+def unlink_deepspeed_shm(rank: int, world: int, addr: str | None = None, port: str | int | None = None) -> None:
     """Remove this rank's DeepSpeed shared-memory all-reduce buffer, which DeepSpeed never does.
 
     On CPU, when every rank is on one host and the launcher sets LOCAL_SIZE (the ``deepspeed``
@@ -413,11 +413,14 @@ def unlink_deepspeed_shm(rank: int, world: int) -> None:
     (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it:
     each such run leaked 132 MiB of RAM on tmpfs until reboot. Peers have it mapped, not open by
     name, so unlinking after the process group is gone is safe. A run killed before this point
-    still leaves its segments behind (nothing in-process can help that)."""
+    still leaves its segments behind (nothing in-process can help that), unless another process
+    unlinks them by the run's rendezvous ``addr`` and ``port``, as ``bigtrain measure`` does after
+    each mode's child, however it ended."""
     if os.environ.get("LOCAL_SIZE") != str(world):
         return
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
     with contextlib.suppress(OSError):
         os.unlink(name)
 

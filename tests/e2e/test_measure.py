@@ -72,6 +72,11 @@ def test_measure_lora_and_full_zero3_exact(tmp_path, tiny_models):
     assert all(r["tokens_per_s_per_gpu"] > 0 for r in (lora["ranks"][0], full["ranks"][0]))
     assert "full-zero3/lora: model states measured" in p.stdout and "+0.0%" in p.stdout
     assert (out / "measure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # bench/measure_table.py (the README table from measure.json files): one row per mode, the states
+    md = run([sys.executable, "bench/measure_table.py", str(out / "measure.json")]).stdout
+    gib = lambda b: f"{b / 2**30:.1f}"  # noqa: E731
+    assert f"| full-zero3 | – | {gib(full['predicted']['peak_bytes'])} |" in md
+    assert f"| {gib(full['states_total'])} ({gib(sum(full_pred.values()))}) |" in md
     (run_dir,) = glob.glob(f"{out}/wandb/offline-run-*")
     history, summary, _ = read_run(run_dir)
     table = next(h for h in history if "measure/modes/_type" in h)

@@ -392,7 +392,7 @@ def format_report(rep: dict) -> str:
     head = (f"{'mode':<12} {'peak alloc':>10} {'estimate':>9} {'error':>7} {'reserved':>9} "
             f"{'states':>8} {'est.':>8} {'rest':>8} {'est.':>8} {'tokens/s/GPU':>13}  status")
     if not gpu:
-        head = (f"{'mode':<12} {'host RSS':>10} {'states':>10} {'estimate':>10} {'error':>7} "
+        head = (f"{'mode':<12} {'host RSS':>10} {'states, B':>10} {'estimate':>10} {'error':>7} "
                 f"{'tokens/s/GPU':>13}  status")
     lines += [head, "-" * len(head)]
     for mode, m in rep["modes"].items():
@@ -413,9 +413,22 @@ def format_report(rep: dict) -> str:
             lines.append(f"{mode:<12} {_g(m.get('host_peak_rss_bytes')):>10} "
                          f"{'-' if st is None else f'{st:,}':>10} {p['states_total']:>10,} "
                          f"{_pct(m.get('states_error')):>7} {tps:>13}  {status}")
+    from .memory import CATEGORY_LABELS, _bin
+
+    for mode, m in rep["modes"].items():
+        if m["status"] != "ok":
+            continue
+        kinds = [(CATEGORY_LABELS[k], m["states"][k], m["predicted"]["states"][k]) for k in STATE_KINDS
+                 if m["states"][k] or m["predicted"]["states"][k]]
+        if "states_detail" in m:  # full fine-tuning: the optimizer state split into master and Adam
+            d, pd = m["states_detail"], m["ranks"][0]["predicted_states_detail"]
+            kinds[-1:] = [("fp32 master weights", d["master_weights"], pd["master_weights"]),
+                          ("Adam m, v, step", d["adam_states"], pd["adam_states"])]
+        lines.append(f"{mode} model states by kind, measured / estimated: "
+                     + "; ".join(f"{lab} {_bin(a)} / {_bin(b)}" for lab, a, b in kinds))
     for k, r in rep["ratios"].items():
-        meas = r.get("measured_peak", r.get("measured_states"))
-        basis = "peak" if "measured_peak" in r else "model states"
+        basis = "peak" if gpu else "model states"
+        meas = r.get("measured_peak" if gpu else "measured_states")
         pr = r["predicted_peak"] if basis == "peak" else r["predicted_states"]
         lines.append(f"{k}: {basis} measured {'-' if meas is None else f'{meas:.2f}x'}, "
                      f"predicted {pr:.2f}x" + ("" if gpu else " (CPU: model states; the peak needs a GPU)"))

@@ -7,16 +7,17 @@
 #   OUT=DIR bash bench/measure_h200.sh 2gpu    two H200s (torchrun --nproc_per_node 2)
 # Wheels in a carried .whl/ are installed into /tmp/site first. Every job appends its measure.json to
 # $OUT/measure_<phase>.jsonl and re-renders $OUT/measure_<phase>.md as soon as it ends, so a phase cut
-# short keeps what finished; jobs that would start after BUDGET_S seconds (default 480) are skipped
-# and said so. The rest (each job's logs, per-rank JSON, charts) goes into $OUT/measure_<phase>.tgz.
+# short keeps what finished; a job starts only if JOB_S seconds (default 150, about one job) remain
+# before BUDGET_S (default 540) since the script started; the others are skipped and said so. The rest (each job's logs, per-rank JSON, charts) goes into $OUT/measure_<phase>.tgz.
 # Files back: gpus.txt, <phase>.txt (console), measure_<phase>.{jsonl,md,tgz}, measure_<phase>.png.
 set -uo pipefail
 PHASE=${1:?usage: OUT=DIR bash bench/measure_h200.sh 1gpu|2gpu}
 OUT=${OUT:?set OUT}
 T0=$SECONDS
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-540}
+JOB_S=${JOB_S:-150}
 STEPS=${STEPS:-4}
-MODE_TIMEOUT_S=${MODE_TIMEOUT_S:-200}
+MODE_TIMEOUT_S=${MODE_TIMEOUT_S:-150}
 export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -55,8 +56,8 @@ done
 for job in "${JOBS[@]}"; do
   read -r preset ckpt <<<"$job"
   name=${preset#gpt3-}_$([ "$ckpt" = true ] && echo ckpt || echo nockpt)
-  if (( SECONDS - T0 > BUDGET_S )); then
-    echo "[$((SECONDS - T0))s] $name: skipped (over the ${BUDGET_S}s budget)" | tee -a "$LOG"
+  if (( SECONDS - T0 + JOB_S > BUDGET_S )); then
+    echo "[$((SECONDS - T0))s] $name: skipped (less than ${JOB_S}s left of the ${BUDGET_S}s budget)" | tee -a "$LOG"
     continue
   fi
   echo "[$((SECONDS - T0))s] $name: $preset, act. ckpt $ckpt" | tee -a "$LOG"

@@ -262,7 +262,9 @@ def predict_full_states(shape: ModelShape, world_size: int, stage: int = 3, dtyp
     """This rank's model-state bytes of full fine-tuning under DeepSpeed ZeRO-``stage`` with 16-bit
     mixed precision and torch's AdamW, by the kinds ``bigtrain measure`` counts on the live engine:
     the 16-bit weights, their gradients, the fp32 master weights, Adam's m, v and ``step``. Exact at
-    stage 3 (``tests/e2e/test_measure.py``); stages 1-2 use the flat ``ceil(Ψ / N)`` shares."""
+    stages 3 and 2 on 2 CPU ranks (``tests/e2e/test_measure.py``), where stage 2 has flat
+    ``ceil(Ψ / N)`` shares. Stage 1 keeps the ZeRO paper's whole 16-bit gradients; DeepSpeed at
+    ``gradient_accumulation_steps`` 1 was seen holding only their partition, as at stage 2."""
     N, w16 = world_size, DTYPE_BYTES[dtype]
     if stage == 3:
         flat, groups = zero3_flat_numel(shape, N), zero3_sub_groups(shape, N)
@@ -409,7 +411,8 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
         else:
             c["trainable_weights"] = w16 * P
             c["gradients"] = w16 * (P if z < 2 else flat)
-            c["optimizer_state"] = 12 * (P if z == 0 else flat)
+            # stages 1-2: one flat fp32 partition, torch AdamW's 4-byte step for it (measured: stage 2)
+            c["optimizer_state"] = 12 * (P if z == 0 else flat) + (4 if z else 0)
         if z >= 1:
             buffers += w16 * REDUCE_BUCKET
         if z == 3:

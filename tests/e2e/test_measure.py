@@ -3,7 +3,8 @@ loaded through the real path (bf16 base).
 
 * Model-state bytes counted on the live tensors equal the estimator's, exactly, per rank: LoRA (frozen
   ZeRO-3 partitions, adapters, their gradients and AdamW state) and full fine-tuning under DeepSpeed
-  ZeRO-3 (16-bit weight partitions, gradient partitions, fp32 master, Adam m, v and step); both modes
+  ZeRO-3 (16-bit weight partitions, gradient partitions, fp32 master, Adam m, v and step) and ZeRO-2;
+  the modes
   see the same data and objective (their step-1 losses agree); the table, measure.json, the PNG and
   the W&B run are written.
 * A memory cap that only rank 1 has makes full fine-tuning run out of memory at step 1 there, while
@@ -46,7 +47,8 @@ def _predicted(model):
 
 def test_measure_lora_and_full_zero3_exact(tmp_path, tiny_models):
     model, out = tiny_models["tiny-opt"], tmp_path / "m"
-    p = run(measure_cmd(out, model, "logging.wandb=true", "logging.wandb_mode=offline"))
+    p = run(measure_cmd(out, model, "logging.wandb=true", "logging.wandb_mode=offline",
+                        "--modes", "lora,full-zero3,full-zero2"))
     shape, lora_pred, full_pred = _predicted(model)
     rep = json.loads((out / "measure.json").read_text())
     assert rep["world_size"] == 2 and rep["device"] == "cpu"
@@ -61,6 +63,15 @@ def test_measure_lora_and_full_zero3_exact(tmp_path, tiny_models):
                          "gradients": 2 * flat, "master_weights": 4 * flat, "adam_states": 8 * flat + 4}
     for r in full["ranks"]:
         assert r["states_detail"] == full_pred, r["rank"]
+    # ZeRO-2: whole 16-bit weights, flat ceil(P/N) shares of gradients, master and Adam states
+    zero2 = rep["modes"]["full-zero2"]
+    assert zero2["status"] == "ok"
+    half = math.ceil(shape.total_params / 2)
+    for r in zero2["ranks"]:
+        assert r["states_detail"] == {"weights": 2 * shape.total_params, "gradients": 2 * half,
+                                      "master_weights": 4 * half, "adam_states": 8 * half + 4}, r["rank"]
+        assert r["states_detail"] == r["predicted_states_detail"]
+    assert zero2["states_total"] == zero2["predicted"]["states_total"]
     # the report's estimate (bigtrain estimate's categories) is the same figure
     assert lora["states_total"] == lora["predicted"]["states_total"] == sum(lora_pred.values())
     assert full["states_total"] == full["predicted"]["states_total"] == sum(full_pred.values())
@@ -80,7 +91,7 @@ def test_measure_lora_and_full_zero3_exact(tmp_path, tiny_models):
     (run_dir,) = glob.glob(f"{out}/wandb/offline-run-*")
     history, summary, _ = read_run(run_dir)
     table = next(h for h in history if "measure/modes/_type" in h)
-    assert table["measure/modes/_type"] == "table-file" and table["measure/modes/nrows"] == 2
+    assert table["measure/modes/_type"] == "table-file" and table["measure/modes/nrows"] == 3
     chart = next(h for h in history if "measure/chart/_type" in h)
     assert chart["measure/chart/_type"] == "image-file" and chart["measure/chart/format"] == "png"
     assert summary["measure/full-zero3/lora/measured_states"] == pytest.approx(ratio["measured_states"])

@@ -131,6 +131,10 @@ def cmd_measure(args) -> int:
     from .dist import detect_world
 
     rank, world, local_rank = detect_world()
+    # a launcher's or Slurm's TERM (or Ctrl-C) ends this rank's child too: it runs in its own session,
+    # so nothing else would, and an orphaned child would keep its GPU
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _end_child_and_exit)
     out = Path(os.path.abspath(os.path.expanduser(args.out or os.path.join(cfg.train.output_dir, "measure"))))
     store = _parent_store(rank, world, cfg.zero.timeout_s)
     results = {}
@@ -201,6 +205,7 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
     with open(mdir / f"rank{rank}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bigtrain.measure", "--child", str(spec_path)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _CHILD[:] = [proc]
     t0, failed_seen, stopped, published = time.monotonic(), None, None, False
     while True:
         rc = proc.poll()
@@ -238,6 +243,16 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
     results = [json.loads(store.get(f"{key}/result/{r}")) for r in range(world)]
     print(f"[bigtrain] measure: {mode}: {_status(results)}", flush=True)
     return results
+
+
+_CHILD: list = []  # the child process of the mode running now, for _end_child_and_exit
+
+
+def _end_child_and_exit(signum, frame) -> None:
+    for proc in _CHILD:
+        if proc.poll() is None:
+            _kill(proc)
+    raise SystemExit(128 + signum)
 
 
 def _kill(proc) -> None:

@@ -16,11 +16,15 @@ loaded through the real path (bf16 base).
 import glob
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import free_port, losses, run
+from helpers import ROOT, free_port, losses, run
 from wandb_reader import read_run
 
 pytestmark = pytest.mark.slow
@@ -119,3 +123,46 @@ def test_measure_oom_on_one_rank_is_reported_and_the_next_mode_runs(tmp_path, ti
     assert lora["status"] == "ok"
     for r in lora["ranks"]:
         assert r["states"] == lora_pred
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def test_terminating_a_rank_ends_its_child(tmp_path):
+    """Each mode's child runs in its own session (so that killing it takes what it started): a TERM
+    to the rank (a launcher tearing down, Slurm's scancel) must end the child too, not orphan it
+    with its GPU. The child here is stuck at step 1 (fault), as a hung mode would be."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "BIGTRAIN_FAULT_HANG": "1:0"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.Popen([sys.executable, "-m", "bigtrain", "measure", "model.path=null", "model.preset=tiny-opt",
+                          "model.dtype=bfloat16", "train.device=cpu", "data.max_length=64", "--steps", "2",
+                          "--modes", "full-zero3", "--out", str(tmp_path / "m")], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (kids := _children(p.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert kids, "no child started"
+        (child,) = kids
+        time.sleep(3)
+        assert p.poll() is None and os.path.exists(f"/proc/{child}")  # stuck, as set up
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{child}"), "the child outlived its rank"
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -43,7 +43,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 # Deferred imports: torch, deepspeed, transformers and the training modules are imported where used,
@@ -601,6 +600,10 @@ def _child(spec_path: str) -> int:
         print(f"[bigtrain] measure: {mode}: out of memory at step {prog.step} on rank {res['rank']}: "
               f"{res['error']}", flush=True)
         code = OOM_EXIT
+        dev = _device(cfg)
+        if dev.type == "cuda":  # for the estimate's fewest GPUs of this size, whatever else ran
+            res.update(device=torch.cuda.get_device_name(dev),
+                       device_total_bytes=torch.cuda.get_device_properties(dev).total_memory)
     res["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(res))
@@ -670,6 +673,8 @@ def _run_lora(cfg, spec, prog: Progress) -> dict:
         failed = False
     finally:
         tr.close(failed)
+    if tr.measured is None:  # the loop ended before step K: a preemption signal
+        raise RuntimeError(f"the LoRA run stopped at step {tr.state.step} of {spec['steps']}")
     world = tr.info.world_size
     return {"world_size": world, "states": tr.measured, "predicted_states": tr.predicted,
             "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
@@ -678,8 +683,6 @@ def _run_lora(cfg, spec, prog: Progress) -> dict:
 
 def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     """Full fine-tuning under DeepSpeed ZeRO-``stage``: the same base build, data order and objective."""
-    import torch
-
     from . import dist as D
     from . import faults
     from . import zero3 as Z

@@ -438,6 +438,13 @@ def format_report(rep: dict) -> str:
             d, pd = m["states_detail"], m["ranks"][0]["predicted_states_detail"]
             kinds[-1:] = [("fp32 master weights", d["master_weights"], pd["master_weights"]),
                           ("Adam m, v, step", d["adam_states"], pd["adam_states"])]
+        ph = {}
+        for r in m["ranks"]:
+            for k, v in (r.get("phase_peak_allocated_bytes") or {}).items():
+                ph[k] = max(ph.get(k, 0), v)
+        if ph:
+            lines.append(f"{mode} peak allocated by phase, GiB: "
+                         + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in ph.items()))
         lines.append(f"{mode} model states by kind, measured / estimated: "
                      + "; ".join(f"{lab} {_bin(a)} / {_bin(b)}" for lab, a, b in kinds))
     for k, r in rep["ratios"].items():
@@ -568,6 +575,31 @@ class MemCap:
         if self.cap and self.cpu and state_bytes > self.cap:
             raise torch.OutOfMemoryError(f"model states {state_bytes:,} bytes exceed the memory cap of "
                                          f"{self.cap:,} bytes (--mem-cap-gib) at step {step}")
+
+
+class PhasePeaks:
+    """Full fine-tuning on a GPU: the allocator's peak within each phase (the build, forward and
+    backward, the optimizer step: max over steps), so that a peak the estimate misses can be placed.
+    The counters are reset between phases; the overall peaks are kept here."""
+
+    def __init__(self, dev):
+        self.dev, self.peaks, self.alloc, self.reserved = dev, {}, 0, 0
+
+    def end(self, name: str) -> None:
+        import torch
+
+        if self.dev.type != "cuda":
+            return
+        a, r = torch.cuda.max_memory_allocated(self.dev), torch.cuda.max_memory_reserved(self.dev)
+        self.peaks[name] = max(self.peaks.get(name, 0), a)
+        self.alloc, self.reserved = max(self.alloc, a), max(self.reserved, r)
+        torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def report(self) -> dict:
+        if self.dev.type != "cuda":
+            return {}
+        return {"phase_peak_allocated_bytes": self.peaks, "peak_allocated_bytes": self.alloc,
+                "peak_reserved_bytes": self.reserved}
 
 
 def _child(spec_path: str) -> int:
@@ -707,6 +739,8 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     engine, opt, hf_ds = Z.build_full_ft(tr.build_config, dtype, cfg.model.attn_implementation, ds,
                                          tr.model_path, info.rank, tr.vocab, cfg.model.gradient_checkpointing)
     cap.check(0, sum(Z.full_ft_states(engine, opt).values()))
+    phases = PhasePeaks(dev)
+    phases.end("build")
     sampler = GlobalSampler(len(tr.train_ds), t.seed)
     global_batch = t.micro_batch_size * t.grad_accum * world
     pad = tr.tokenizer.pad_token_id
@@ -733,7 +767,9 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
             total += float(ls.detach())
             if stage < 3 and k == spec["steps"] and j == len(batches) - 1:
                 states = Z.full_ft_states(engine, opt)  # stages 1-2 hold gradients until the step
+            phases.end("forward_backward")
             engine.step()
+            phases.end("optimizer_step")
         losses.append(D.all_reduce_scalars(info, [total])[0] / max(g_targets, 1))
         prog.done(int(g_tokens), sync)
         cap.check(k, sum(Z.full_ft_states(engine, opt).values()))
@@ -746,7 +782,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
                       "optimizer_state": states["master_weights"] + states["adam_states"]},
            "states_detail": states, "predicted_states_detail": predicted,
            "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
-           **_device_info(dev)}
+           **_device_info(dev), **phases.report()}
     D.barrier(info)
     return out
 

@@ -1,5 +1,5 @@
-"""Command line: ``bigtrain train | presets | estimate | export | merge | generate | eval`` (also
-``python -m bigtrain``)."""
+"""Command line: ``bigtrain train | presets | estimate | measure | export | merge | generate |
+eval`` (also ``python -m bigtrain``)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,11 @@ def _optional_commands():
     except ImportError:
         pass
     try:
+        from .measure import add_measure_parser
+        out.append(add_measure_parser)
+    except ImportError:
+        pass
+    try:
         from .export import add_export_parsers
         out.append(add_export_parsers)
     except ImportError:
@@ -111,13 +116,13 @@ def _optional_commands():
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """``parser.parse_args``, except that ``bigtrain train`` takes its key=value overrides on both
+    """``parser.parse_args``, except that ``bigtrain train`` (and ``measure``) takes its key=value overrides on both
     sides of ``--config`` (``train a=1 --config f.yaml b=2``), in the order given. argparse fills a
     ``nargs="*"`` positional once, so the overrides after an option came back as "unrecognized
     arguments"; ``parse_intermixed_args`` refuses parsers with subcommands. Anything left that
     looks like an option is still an error."""
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "command", None) == "train":
+    if getattr(args, "command", None) in ("train", "measure"):
         args.overrides = [*args.overrides, *(e for e in extra if not e.startswith("-"))]
         extra = [e for e in extra if e.startswith("-")]
     if extra:

@@ -7,18 +7,25 @@ Driven by environment variables that normal runs never set (then every check is 
   see :func:`nan_due`.
 * ``BIGTRAIN_CRASH_AT=<point>`` (and ``BIGTRAIN_CRASH_AT_STEP=<step>``, if set): die at that point
   of a checkpoint save as abruptly as kill -9 would (exit status 137); see :func:`crash_point`.
-
+* ``BIGTRAIN_FAULT_MEM_CAP_RANKS="R[,R]"``: ``bigtrain measure --mem-cap-gib`` caps only these
+  ranks, so that one rank runs out of memory while the others wait in a collective; see
+  :func:`mem_cap_applies`.
+* ``BIGTRAIN_FAULT_HANG="STEP:RANK"``: ``bigtrain measure``'s full fine-tuning child of that rank
+  stops at the start of step STEP and never returns, as a rank stuck in a collective whose peer
+  died (NCCL) would; see :func:`hang_due`.
 * ``BIGTRAIN_FAULT_ENOSPC=<path suffix>``: a checkpoint save's write of a file whose path ends
   with it (``optimizer.safetensors``, ``.tmp-step-00000004/optimizer.safetensors``) fails with
   ENOSPC ("No space left on device"), as on a full disk; see :func:`disk_full`.
 
-tests/test_faults.py and tests/test_checkpoint.py set them; nothing else should.
+tests/test_faults.py, tests/test_checkpoint.py and tests/e2e/test_measure.py set them; nothing else
+should.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 
 _FIRED: set[str] = set()  # STEP:RANK keys of BIGTRAIN_FAULT_NAN already injected in this process
 
@@ -47,3 +54,17 @@ def disk_full(path) -> None:
     suffix = os.environ.get("BIGTRAIN_FAULT_ENOSPC")
     if suffix and str(path).endswith(suffix):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def mem_cap_applies(rank: int) -> bool:
+    """False for a rank that BIGTRAIN_FAULT_MEM_CAP_RANKS (when set) does not list: the memory cap
+    of ``bigtrain measure`` then leaves it alone."""
+    ranks = os.environ.get("BIGTRAIN_FAULT_MEM_CAP_RANKS", "")
+    return not ranks or str(rank) in ranks.split(",")
+
+
+def hang_due(step: int, rank: int) -> None:
+    """With BIGTRAIN_FAULT_HANG="STEP:RANK" listing this step and rank: never return."""
+    if f"{step}:{rank}" in os.environ.get("BIGTRAIN_FAULT_HANG", "").split(","):
+        while True:
+            time.sleep(3600)

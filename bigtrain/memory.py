@@ -18,8 +18,11 @@ Assumptions (every one of them is a choice stated here, not a law):
   rank once it has been gathered (after the first forward): it costs ``numel + ceil(numel / N)``.
 * Full fine-tuning, recipe ``zero`` (the ZeRO paper's mixed-precision Adam, 16 bytes/param):
   2Ψ bf16 weights + 2Ψ bf16 gradients + 12Ψ fp32 master weights, m and v. Stage 0: all of it on every
-  GPU; 1: the 12Ψ sharded; 2: grads too; 3: everything. Sharded *flat* buffers (grads, optimizer
-  state) are ``ceil(Ψ / N)`` per rank; stage-3 bf16 weights follow the per-parameter rule above.
+  GPU; 1: the 12Ψ sharded; 2: grads too; 3: everything. At stages 1-2 the sharded *flat* buffers
+  (grads, optimizer state) are ``ceil(Ψ / N)`` per rank. At stage 3 DeepSpeed flattens the
+  per-parameter padded partitions, so they are ``Σ ceil(numel / N)`` per rank (the 16-bit weights
+  follow the per-parameter rule above), and torch's AdamW keeps a 4-byte ``step`` per sub-group
+  (``sub_group_size``, 1e9 elements): exactly what ``bigtrain measure`` counts on the live optimizer.
 * Full fine-tuning, recipe ``torch-amp`` (what ``bench/memory_gpu.py`` runs on one GPU): fp32 weights
   4Ψ, fp32 grads 4Ψ, AdamW m,v 8Ψ, plus the bf16 copies that autocast makes of every weight and
   autograd keeps for backward (2Ψ, counted under "ZeRO/comm buffers + casts").
@@ -82,6 +85,7 @@ CUDA_CONTEXT_BYTES = GiB // 2
 FRAGMENTATION = 0.05
 PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
+SUB_GROUP_SIZE = int(1e9)  # DeepSpeed zero_optimization.sub_group_size (elements)
 DEFAULT_PERSISTENCE = 100000  # DeepSpeed stage3_param_persistence_threshold
 
 
@@ -106,6 +110,7 @@ class ModelShape:
     output_layers: frozenset = frozenset()  # the LM head's names (never adapted)
     ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
     ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
+    param_numels: tuple = ()  # every parameter's numel in ``model.parameters()`` order, tied once
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -138,7 +143,8 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
     from .lora import linear_shape
 
     cfg = getattr(model, "config", None)
-    numels = Counter(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
+    order = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
+    numels = Counter(order)
     linears = {n: linear_shape(m) for n, m in model.named_modules() if _is_linear(m)}
     layer_params, largest = 0, 0
     for m in model.modules():
@@ -159,7 +165,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
         vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
         largest_module_params=largest, linears=linears, output_layers=frozenset(output_layer_names(model)),
-        ffn=ffn or 4 * hidden, ffn_maps=ffn_maps)
+        ffn=ffn or 4 * hidden, ffn_maps=ffn_maps, param_numels=order)
 
 
 def _decoder_layers(model):
@@ -227,6 +233,49 @@ def zero3_local_numel(numel: int, world_size: int, persistence_threshold: int = 
     if numel <= persistence_threshold:
         return part + numel
     return part + (part * (world_size // hpz) if hpz > 1 else 0)
+
+
+def zero3_flat_numel(shape: ModelShape, world_size: int) -> int:
+    """Elements of one rank's share of ZeRO-3's flat optimizer buffers (the 16-bit gradient
+    partitions, the fp32 master, Adam's m and v): DeepSpeed pads each parameter to a multiple of N
+    and flattens the partitions, so a rank holds ``Σ ceil(numel / N)``, not ``ceil(Ψ / N)``."""
+    return sum(c * -(-n // world_size) for n, c in shape.numels.items())
+
+
+def zero3_sub_groups(shape: ModelShape, world_size: int, sub_group_size: int = SUB_GROUP_SIZE) -> int:
+    """How many sub-groups DeepSpeed's ZeRO-3 optimizer cuts a rank's partitions into (each one flat
+    fp32 tensor that the wrapped optimizer steps, torch AdamW keeping a 4-byte ``step`` for each):
+    DeepSpeed's greedy cut, in parameter order, closing a group once it reaches ``sub_group_size``."""
+    parts = [-(-n // world_size) for n in shape.param_numels]
+    if not parts or sum(parts) <= sub_group_size:
+        return 1
+    groups, acc = 0, 0
+    for i, n in enumerate(parts):
+        acc += n
+        if acc >= sub_group_size or i == len(parts) - 1:
+            groups, acc = groups + 1, 0
+    return groups
+
+
+def predict_full_states(shape: ModelShape, world_size: int, stage: int = 3, dtype: str = "bfloat16",
+                        persistence_threshold: int = DEFAULT_PERSISTENCE) -> dict:
+    """This rank's model-state bytes of full fine-tuning under DeepSpeed ZeRO-``stage`` with 16-bit
+    mixed precision and torch's AdamW, by the kinds ``bigtrain measure`` counts on the live engine:
+    the 16-bit weights, their gradients, the fp32 master weights, Adam's m, v and ``step``. Exact at
+    stages 3 and 2 on 2 CPU ranks (``tests/e2e/test_measure.py``), where stage 2 has flat
+    ``ceil(Ψ / N)`` shares. Stage 1 keeps the ZeRO paper's whole 16-bit gradients; DeepSpeed at
+    ``gradient_accumulation_steps`` 1 was seen holding only their partition, as at stage 2."""
+    N, w16 = world_size, DTYPE_BYTES[dtype]
+    if stage == 3:
+        flat, groups = zero3_flat_numel(shape, N), zero3_sub_groups(shape, N)
+        weights = frozen_base_bytes(shape, N, w16, 3, persistence_threshold)
+        grads = w16 * flat
+    else:
+        flat, groups = (-(-shape.total_params // N) if stage >= 1 else shape.total_params), 1
+        weights = w16 * shape.total_params
+        grads = w16 * (flat if stage == 2 else shape.total_params)
+    return {"weights": weights, "gradients": grads, "master_weights": 4 * flat,
+            "adam_states": 8 * flat + 4 * groups}
 
 
 def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage: int = 3,
@@ -355,10 +404,15 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
         if z == 3:
             c["trainable_weights"] = frozen_base_bytes(shape, N, w16, 3, st.persistence_threshold,
                                                        st.hpz)
+            # DeepSpeed flattens per-parameter padded partitions; torch AdamW's step per sub-group
+            sflat = zero3_flat_numel(shape, N)
+            c["gradients"] = w16 * sflat
+            c["optimizer_state"] = 12 * sflat + 4 * zero3_sub_groups(shape, N)
         else:
             c["trainable_weights"] = w16 * P
-        c["gradients"] = w16 * (P if z < 2 else flat)
-        c["optimizer_state"] = 12 * (P if z == 0 else flat)
+            c["gradients"] = w16 * (P if z < 2 else flat)
+            # stages 1-2: one flat fp32 partition, torch AdamW's 4-byte step for it (measured: stage 2)
+            c["optimizer_state"] = 12 * (P if z == 0 else flat) + (4 if z else 0)
         if z >= 1:
             buffers += w16 * REDUCE_BUCKET
         if z == 3:

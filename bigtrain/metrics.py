@@ -40,6 +40,7 @@ class Logger(Protocol):
     def log(self, metrics: dict, step: int) -> None: ...
     def summary(self, values: dict) -> None: ...
     def table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
+    def image(self, name: str, path: str) -> None: ...
     def close(self, failed: bool = False) -> None: ...
 
 
@@ -55,6 +56,9 @@ class JsonlLogger:
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.f.write(json.dumps({"table": name, "columns": columns, "rows": rows}) + "\n")
+
+    def image(self, name: str, path: str) -> None:
+        self.f.write(json.dumps({"image": name, "path": str(path)}) + "\n")
 
     def close(self, failed: bool = False) -> None:
         self.f.close()
@@ -84,6 +88,11 @@ class WandbLogger:
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)})
 
+    def image(self, name: str, path: str) -> None:
+        import wandb  # only a W&B run gets here
+
+        self.run.log({name: wandb.Image(str(path))})
+
     def close(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else None)  # a run that raised is marked failed
 
@@ -104,6 +113,9 @@ class TensorBoardLogger:
 
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.w.add_text(name, json.dumps({"columns": columns, "rows": rows}), 0)
+
+    def image(self, name: str, path: str) -> None:
+        self.w.add_text(name, str(path), 0)  # the PNG stays a file; TensorBoard gets its path
 
     def close(self, failed: bool = False) -> None:
         self.w.close()
@@ -145,6 +157,10 @@ class Loggers:
     def table(self, name: str, columns: list[str], rows: list[list]) -> None:
         for lg in self.loggers:
             lg.table(name, columns, rows)
+
+    def image(self, name: str, path: str) -> None:
+        for lg in self.loggers:
+            lg.image(name, path)
 
     def close(self, failed: bool = False) -> None:
         for lg in self.loggers:

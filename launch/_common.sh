@@ -1,6 +1,7 @@
 # Sourced by launch/*.sh: NPROC resolution and the `bigtrain train` argument list.
 # Sets NPROC (--nproc N / --nproc=N flag, else $NPROC, else the GPU count, else 2 on CPU),
-# BT_ARGS (train [--config $CONFIG] <remaining args>).
+# BT_ARGS ($BT_COMMAND [--config $CONFIG] <remaining args>; BT_COMMAND: train, the default, or
+# measure, whose own options such as --steps pass through with the overrides).
 
 _gpu_count() {
   if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | wc -l; else echo 0; fi
@@ -20,6 +21,6 @@ if [[ -z ${NPROC:-} ]]; then
   NPROC=$(_gpu_count)
   ((NPROC > 0)) || NPROC=2   # CPU: two gloo processes
 fi
-BT_ARGS=(train)
+BT_ARGS=("${BT_COMMAND:-train}")
 [[ -n ${CONFIG:-} ]] && BT_ARGS+=(--config "$CONFIG")
 BT_ARGS+=("${BT_REST[@]}")

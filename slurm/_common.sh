@@ -1,7 +1,9 @@
 # Sourced by slurm/*.sbatch (after `set -euo pipefail`): what the three batch scripts share.
 # Consumes the script's arguments (bigtrain overrides; `--config FILE` works like CONFIG=FILE) and sets
 #   PYTHON      default python
-#   ARGS        the `bigtrain train` argument list: train [--config $CONFIG] <overrides>
+#   ARGS        the bigtrain argument list: $BT_COMMAND [--config $CONFIG] <overrides>
+#               (BT_COMMAND: train, the default, or measure; BT_MEASURE_ARGS: bigtrain measure's own
+#               options, e.g. "--steps 4 --modes lora,full-zero3", added after `measure`)
 #               [train.output_dir=$OUTPUT_DIR when OUTPUT_DIR came from the environment]
 #   OUTPUT_DIR  env, else resolved from the config file and the overrides exactly as bigtrain does
 #   NODES, HEAD_NODE, HEAD_ADDR   the allocation's nodes, the first one, the address its slurmd is reached at
@@ -35,7 +37,12 @@ while (($#)); do
   esac
 done
 set -- "${OVERRIDES[@]}"
-ARGS=(train)
+BT_COMMAND=${BT_COMMAND:-train}
+case $BT_COMMAND in
+  train) ARGS=(train) ;;
+  measure) read -r -a ARGS <<<"measure ${BT_MEASURE_ARGS:-}" ;;
+  *) echo "BT_COMMAND=$BT_COMMAND: use train or measure" >&2; exit 2 ;;
+esac
 [[ -n ${CONFIG:-} ]] && ARGS+=(--config "$CONFIG")
 ARGS+=("$@")
 if [[ -n ${OUTPUT_DIR:-} ]]; then
@@ -79,6 +86,8 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # ---- after training ----------------------------------------------------------------------------
 bt_requeue_or_exit() {
   local rc=$1 fresh=0
+  # bigtrain measure never writes the marker: a stale one from a training run must not requeue it
+  [[ $BT_COMMAND == train ]] || exit "$rc"
   [[ -f $OUTPUT_DIR/preempted && "$(bt_marker)" != "$BT_MARKER_BEFORE" ]] && fresh=1
   # Requeue only a clean preemption exit: a rerun that failed (bad node, OOM, a config or checkpoint
   # error) while an old `preempted` marker was still there must not requeue itself forever. A marker

@@ -87,3 +87,30 @@ def test_launcher_runs_two_cpu_ranks(launcher, tmp_path):
     left = _shm_buffers() - shm_before
     assert not left, f"shared memory left behind: {sorted(left)}"
 
+
+
+def test_measure_under_the_deepspeed_launcher(tmp_path):
+    """`BT_COMMAND=measure launch/deepspeed.sh`: no agent store here (unlike torchrun), so rank 0's
+    parent hosts the store the parents agree through; each mode's children get their own port. Both
+    modes complete on the 2 ranks with model states equal to the estimate, and no DeepSpeed
+    shared-memory buffer of any child is left behind."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("`deepspeed` is not on PATH")
+    out = tmp_path / "m"
+    cmd = ["bash", str(ROOT / "launch" / "deepspeed.sh"), "--nproc", "2", "--steps", "2", "--out", str(out),
+           "model.path=null", "model.preset=tiny-opt", "model.dtype=bfloat16", "train.device=cpu",
+           "train.micro_batch_size=2", "data.max_length=64", f"train.output_dir={tmp_path / 'run'}"]
+    env = {**_env(), "BT_COMMAND": "measure"}
+    shm_before = _shm_buffers()
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, f"exited {p.returncode}:\n{log[-6000:]}"
+    rep = json.loads((out / "measure.json").read_text())
+    assert rep["world_size"] == 2
+    for mode in ("lora", "full-zero3"):
+        m = rep["modes"][mode]
+        assert m["status"] == "ok" and len(m["ranks"]) == 2, mode
+        assert m["states_total"] == m["predicted"]["states_total"] > 0, mode
+    assert "full-zero3/lora: model states measured" in log
+    left = _shm_buffers() - shm_before
+    assert not left, f"shared memory left behind: {sorted(left)}"

@@ -66,13 +66,13 @@ def _env() -> dict:
     return env
 
 
-def submit(script: str, tmp: Path, out: Path, steps: int, extra: tuple = ()) -> str:
+def submit(script: str, tmp: Path, out: Path, steps: int, extra: tuple = (), env: dict | None = None) -> str:
     (tmp / "logs").mkdir(exist_ok=True)
     cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--chdir={tmp}",
            f"--job-name=bt-{Path(script).stem}", "--time=00:10:00",
            str(ROOT / "slurm" / script), *TRAIN_ARGS, f"train.max_steps={steps}",
            f"train.output_dir={out}", *extra]
-    p = _run(cmd, env=_env())
+    p = _run(cmd, env={**_env(), **(env or {})})
     assert p.returncode == 0, f"sbatch failed: {p.stderr}"
     return p.stdout.strip().split(";")[0]
 
@@ -203,3 +203,30 @@ def test_failed_rerun_after_preemption_is_not_requeued(cluster, tmp_path):
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", f"{info}\n{log[-4000:]}"
     assert "config error: lora.r must be a positive integer, got 0" in log
     assert "not requeueing" in log and "requeueing job" not in log
+
+
+def test_measure_through_sbatch_is_not_requeued(cluster, tmp_path):
+    """`BT_COMMAND=measure` through slurm/train_torchrun.sbatch on two nodes: both modes run on
+    ranks on n1 and n2 (each mode's children meet on a port rank 0 picked on n1 and shared through
+    torchrun's rendezvous store) with model states equal to the estimate; a stale `preempted` marker
+    of a training run in the same output directory does not requeue the measure job."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "preempted").write_text("7\n")
+    jid = submit("train_torchrun.sbatch", tmp_path, out, 2, extra=("model.dtype=bfloat16", "data.max_length=64"),
+                 env={"BT_COMMAND": "measure", "BT_MEASURE_ARGS": "--steps 2 --modes lora,full-zero3"})
+    info = wait_done(jid, tmp_path)
+    log = job_log(tmp_path, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", \
+        f"{info}\n{log[-6000:]}"
+    assert "requeueing" not in log
+    rep = json.loads((out / "measure" / "measure.json").read_text())
+    assert rep["world_size"] == 2
+    for mode in ("lora", "full-zero3"):
+        m = rep["modes"][mode]
+        assert m["status"] == "ok", f"{mode}: {m['status']}\n{log[-4000:]}"
+        assert m["states_total"] == m["predicted"]["states_total"] > 0, mode
+    hosts = {int(r): h for r, h in re.findall(r"rank (\d+)/2 on host (\S+)",
+                                              (out / "measure" / "lora" / "rank0.log").read_text()
+                                              + (out / "measure" / "lora" / "rank1.log").read_text())}
+    assert hosts == {0: hosts[0], 1: hosts[1]} and {hosts[0], hosts[1]} == {"n1", "n2"}, hosts

@@ -9,7 +9,7 @@ import pytest
 
 from helpers import ROOT
 
-SUBCOMMANDS = ["train", "presets", "estimate", "export", "merge", "generate", "eval"]
+SUBCOMMANDS = ["train", "presets", "estimate", "measure", "export", "merge", "generate", "eval"]
 
 
 @pytest.mark.parametrize("cmd", [[], *([c] for c in SUBCOMMANDS)], ids=["top", *SUBCOMMANDS])
@@ -44,4 +44,24 @@ def test_train_overrides_on_both_sides_of_config(tmp_path):
     assert p.returncode == 2 and "got -3" in p.stderr and "unrecognized" not in p.stderr, p.stderr
     p = train("lora.r=0", "--config", str(cfg), "lora.r=2", "--nope")
     assert p.returncode == 2 and "unrecognized arguments: --nope" in p.stderr, p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_measure_refuses_bad_arguments_before_any_work(tmp_path):
+    """`bigtrain measure`'s own options are checked with the config, before any store, process or
+    model: one line naming the option and what to do, exit 2, nothing written."""
+    def measure(*argv):
+        return subprocess.run([sys.executable, "-m", "bigtrain", "measure", f"train.output_dir={tmp_path}/x", *argv],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    p = measure("model.dtype=bfloat16", "--modes", "lora,full-zero4")
+    assert p.returncode == 2 and "config error: --modes: full-zero4 is not a mode; choose from lora, " \
+        "full-zero3, full-zero2, full-zero1" in p.stderr, p.stderr
+    p = measure("model.dtype=bfloat16", "--steps", "1")
+    assert p.returncode == 2 and "--steps must be >= 2" in p.stderr, p.stderr
+    p = measure("--modes", "lora,full-zero3")  # the demo's float32 base
+    assert p.returncode == 2 and "model.dtype=float32: full fine-tuning runs DeepSpeed's 16-bit mixed " \
+        "precision" in p.stderr and "set model.dtype=bfloat16" in p.stderr, p.stderr
+    p = measure("model.dtype=bfloat16", "lora.r=0")
+    assert p.returncode == 2 and "lora.r must be a positive integer" in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()

@@ -68,6 +68,30 @@ def test_zero3_partition_rule():
     assert M.zero3_local_numel(11, 1, persistence_threshold=0) == 11
 
 
+def test_full_ft_zero3_flat_buffers_are_per_parameter_padded():
+    """DeepSpeed's ZeRO-3 optimizer flattens each parameter's padded partition (Σ ceil(numel/N)
+    elements per rank, not ceil(Ψ/N)) into its gradient, fp32 master and Adam buffers, and torch's
+    AdamW keeps a 4-byte step per sub-group; counted on the live optimizer by tests/e2e/test_measure.py."""
+    shape = model_shape("tiny-opt")
+    flat = sum(c * -(-n // 3) for n, c in shape.numels.items())
+    assert flat > -(-shape.total_params // 3)  # three ranks: odd sizes pad
+    c = per_gpu(shape, Setup(world_size=3, zero_stage=3, include_context=False), "full")
+    assert c["gradients"] == 2 * flat
+    assert c["optimizer_state"] == 12 * flat + 4
+    assert M.predict_full_states(shape, 3) == {
+        "weights": c["trainable_weights"], "gradients": 2 * flat, "master_weights": 4 * flat,
+        "adam_states": 8 * flat + 4}
+    # sub-groups: DeepSpeed's greedy cut at 1e9 elements, in parameter order (GPT-3 6.7B on one rank)
+    big67 = model_shape("gpt3-6.7b")
+    parts, groups, acc = list(big67.param_numels), 0, 0
+    assert sum(parts) > 6 * 10 ** 9
+    for i, n in enumerate(parts):
+        acc += n
+        if acc >= 10 ** 9 or i == len(parts) - 1:
+            groups, acc = groups + 1, 0
+    assert M.zero3_sub_groups(big67, 1) == groups == 7
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_full_ft_zero_stage_formulas(big, stage):
     """Mixed-precision Adam per GPU (ZeRO paper §3.1): 16Ψ; 4Ψ + 12Ψ/N; 2Ψ + 14Ψ/N; 16Ψ/N (model states only)."""

@@ -1,0 +1,798 @@
+"""``bigtrain measure``: the VRAM LoRA saves, measured on the user's own job.
+
+For the job as configured (model, micro-batch, sequence, checkpointing; GPUs and nodes from the
+launcher), every rank runs K optimizer steps of each mode in turn:
+
+* ``lora``: bigtrain's own training loop (:class:`~bigtrain.trainer.Trainer`, untouched);
+* ``full-zero3`` (``full-zero2``, ``full-zero1``): full fine-tuning as its users run it, DeepSpeed
+  ZeRO stage 3 (2, 1) with 16-bit mixed precision and DeepSpeed's AdamW (fp32 master weights and
+  Adam states in DeepSpeed's optimizer; ``torch_adam``, see :func:`bigtrain.zero3.full_ft_ds_config`),
+  every parameter trainable, the same base build, data order and objective (target-token cross
+  entropy summed and divided by the step's global target count).
+
+Clean state per mode: each rank (the *parent*, started by torchrun, the deepspeed launcher or
+``srun``) runs each mode in a child process of its own (``python -m bigtrain.measure --child``),
+with a fresh rendezvous port that rank 0 picks and publishes through a store the parents share (the
+launcher's ``env://`` rendezvous). A CUDA out-of-memory error or a hung collective in one mode
+cannot poison the next: a child that runs out of memory writes "out of memory at step N" and exits
+with :data:`OOM_EXIT`; every parent publishes its child's outcome in the store, and a parent whose
+child is still running after another rank's child failed kills it (its collectives would wait for
+the dead rank) after :data:`GRACE_S`. The parents then go on to the next mode together.
+
+Measured per rank, reported per GPU as the maximum over ranks: peak allocated and reserved memory
+(``torch.cuda.max_memory_*``; on CPU the host's peak RSS), model-state bytes by kind counted on the
+live tensors (LoRA: :func:`bigtrain.memory.measure_states`; full fine-tuning: the DeepSpeed engine's
+16-bit weights, gradient partitions, fp32 master and Adam states, :func:`bigtrain.zero3.full_ft_states`),
+activations and buffers (the peak less the model states) and tokens/s per GPU (steps 2..K). Beside
+each, ``bigtrain estimate``'s prediction for the same setting (without the CUDA context, which the
+allocator's counters do not see) and the error; and the full / LoRA ratio, measured and predicted.
+
+Outputs (rank 0): a table on the console, ``<out>/measure.json``, ``<out>/measure.png`` (per-GPU memory
+by kind, modes side by side, the estimate as outlines), each mode's logs and files under
+``<out>/<mode>/``, and, with ``logging.wandb=true``, a W&B run with the table and the chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Deferred imports: torch, deepspeed, transformers and the training modules are imported where used,
+# so that `bigtrain measure --help` answers without them and a parent process never touches CUDA
+# (a CUDA context in the parent would take GPU memory from every mode it measures).
+
+MODES = {"lora": None, "full-zero3": 3, "full-zero2": 2, "full-zero1": 1}
+OOM_EXIT = 17  # a child that ran out of memory (CUDA, or the --mem-cap-gib cap) exits with this
+GRACE_S = 10.0  # after another rank's child failed: how long a still-running child may take to end
+GiB = 2 ** 30
+
+EPILOG = """\
+examples:
+  bigtrain measure model.path=null model.preset=tiny-opt model.dtype=bfloat16 --steps 3
+  torchrun --nproc_per_node 2 -m bigtrain measure --config my.yaml --modes lora,full-zero3
+  torchrun --nproc_per_node 8 -m bigtrain measure model.path=/models/opt-6.7b model.dtype=bfloat16 \\
+      data.max_length=2048 train.micro_batch_size=2 model.gradient_checkpointing=true
+  BT_COMMAND=measure BT_MEASURE_ARGS="--steps 4" sbatch --nodes=2 slurm/train_torchrun.sbatch --config my.yaml
+
+Each mode runs --steps optimizer steps (>= 2: model states are compared in steady state) in a child
+process per rank; a mode that does not fit ends as "out of memory at step N" with the estimate's
+fewest GPUs that fit, and the other modes still run. Outputs go to --out (default
+<train.output_dir>/measure): measure.json, measure.png, <mode>/rank<R>.log.
+"""
+
+
+def add_measure_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "measure", help="measure per-GPU memory and speed of LoRA vs full fine-tuning on this job",
+        description="Run K steps of LoRA and of full fine-tuning (DeepSpeed ZeRO-3/2/1, bf16, AdamW) "
+                    "for the job as configured, each mode in a clean process per rank, and report "
+                    "per-GPU peak memory, model states by kind, activations and tokens/s beside "
+                    "bigtrain estimate's prediction.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="YAML config file, as for bigtrain train")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for bigtrain train")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per mode (>= 2, default 4)")
+    p.add_argument("--modes", default="lora,full-zero3",
+                   help=f"comma-separated, run in this order (default lora,full-zero3); of {', '.join(MODES)}")
+    p.add_argument("--out", metavar="DIR", help="output directory (default <train.output_dir>/measure)")
+    p.add_argument("--mem-cap-gib", type=float, default=None, metavar="G",
+                   help="cap each rank's memory at G GiB (GPU: the allocator's limit; CPU: the model "
+                        "states counted after setup and after every step), to see a mode run out")
+    p.add_argument("--gpu-mem-gib", type=float, default=None, metavar="G",
+                   help="GPU memory for the estimate's 'fewest GPUs that fit' (default: the cap, else "
+                        "the GPU's own, else 80)")
+    p.add_argument("--mode-timeout-s", type=float, default=3600.0,
+                   help="a mode still running after this long is stopped (default 3600)")
+    p.set_defaults(func=cmd_measure)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# The parent: one per rank, started by the launcher.
+
+
+def _check_args(args, cfg) -> list[str]:
+    """Every error that bad arguments can cause, before any process or store starts."""
+    from .config import ConfigError
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ConfigError(f"--modes: {','.join(bad) or repr(args.modes)} is not a mode; choose from "
+                          f"{', '.join(MODES)}")
+    if len(set(modes)) != len(modes):
+        raise ConfigError(f"--modes: {args.modes!r} names a mode twice")
+    if args.steps < 2:
+        raise ConfigError(f"--steps must be >= 2 (model states are compared in steady state, after "
+                          f"step 2), got {args.steps}")
+    if any(MODES[m] for m in modes) and cfg.model.dtype not in ("bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype}: full fine-tuning runs DeepSpeed's 16-bit mixed "
+                          f"precision (fp32 master weights); set model.dtype=bfloat16")
+    for flag, v in (("--mem-cap-gib", args.mem_cap_gib), ("--gpu-mem-gib", args.gpu_mem_gib)):
+        if v is not None and not v > 0:
+            raise ConfigError(f"{flag} must be > 0, got {v}")
+    return modes
+
+
+def cmd_measure(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors first, before any process starts
+    modes = _check_args(args, cfg)
+    from .dist import detect_world
+
+    rank, world, local_rank = detect_world()
+    # a launcher's or Slurm's TERM (or Ctrl-C) ends this rank's child too: it runs in its own session,
+    # so nothing else would, and an orphaned child would keep its GPU
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _end_child_and_exit)
+    out = Path(os.path.abspath(os.path.expanduser(args.out or os.path.join(cfg.train.output_dir, "measure"))))
+    store = _parent_store(rank, world, cfg.zero.timeout_s)
+    results = {}
+    for i, mode in enumerate(modes):
+        results[mode] = _run_mode(store, i, mode, args, out, rank, world, local_rank)
+    if rank == 0:
+        report = build_report(cfg, args, modes, results, world)
+        write_outputs(report, cfg, out)
+    # rank 0 may host the store: it leaves last
+    store.add("bigtrain-measure/left", 1)
+    if rank == 0:
+        deadline = time.monotonic() + 60
+        while int(store.add("bigtrain-measure/left", 0)) < world and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return 0
+
+
+def _parent_store(rank: int, world: int, timeout_s: float):
+    """The store the parents share: the launcher's ``env://`` rendezvous (torchrun's agent store, or
+    one rank 0 hosts at MASTER_ADDR:MASTER_PORT under the deepspeed launcher and srun)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if world == 1:
+        return dist.HashStore()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from .config import ConfigError
+
+        raise ConfigError("MASTER_PORT is not set: start multi-process runs with torchrun, the deepspeed "
+                          "launcher or the scripts in slurm/")
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
+                                       timeout=datetime.timedelta(seconds=timeout_s)))
+    return dist.PrefixStore("bigtrain-measure-parents", store)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, local_rank: int) -> list | None:
+    """Run ``mode`` in a child process on this rank, agree on the outcome with the other parents;
+    rank 0 returns every rank's result (others None)."""
+    key = f"bigtrain-measure/{i}"
+    mdir = out / mode
+    if rank == 0:
+        shutil.rmtree(mdir, ignore_errors=True)  # a fresh run directory: nothing to resume from
+        mdir.mkdir(parents=True, exist_ok=True)
+        store.set(f"{key}/port", str(_free_port()))
+    port = int(store.get(f"{key}/port"))  # waits for rank 0
+    mdir.mkdir(parents=True, exist_ok=True)  # another node's file system
+    result_path = mdir / f"rank{rank}.json"
+    result_path.unlink(missing_ok=True)
+    spec_path = mdir / f"spec{rank}.json"
+    spec_path.write_text(json.dumps({
+        "config": args.config, "overrides": list(args.overrides), "mode": mode, "steps": args.steps,
+        "mem_cap_bytes": int(args.mem_cap_gib * GiB) if args.mem_cap_gib else None,
+        "dir": str(mdir), "result": str(result_path)}))
+    env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": str(port),
+           "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)}
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the child's rank 0 hosts its own store
+    if rank == 0:
+        print(f"[bigtrain] measure: {mode}, {args.steps} steps on {world} rank(s); log {mdir}/rank0.log",
+              flush=True)
+    with open(mdir / f"rank{rank}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bigtrain.measure", "--child", str(spec_path)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _CHILD[:] = [proc]
+    t0, failed_seen, stopped, published = time.monotonic(), None, None, False
+    while True:
+        rc = proc.poll()
+        if rc is not None and not published:
+            if rc != 0:
+                store.add(f"{key}/failed", 1)
+            store.add(f"{key}/done", 1)
+            published = True
+        if published and int(store.add(f"{key}/done", 0)) >= world:
+            break
+        if rc is None:
+            now = time.monotonic()
+            if int(store.add(f"{key}/failed", 0)) > 0:
+                failed_seen = failed_seen or now
+                if now - failed_seen > GRACE_S:
+                    stopped = "stopped: another rank's child failed"
+                    _kill(proc)
+            if now - t0 > args.mode_timeout_s:
+                stopped = f"stopped: still running after --mode-timeout-s {args.mode_timeout_s:g}"
+                _kill(proc)
+        time.sleep(0.1)
+    from .zero3 import unlink_deepspeed_shm
+
+    # the child's DeepSpeed CPU shared-memory buffer (made under the deepspeed launcher), left by a
+    # child that ran out of memory or was stopped
+    unlink_deepspeed_shm(rank, world, env["MASTER_ADDR"], port)
+    if result_path.is_file():
+        res = json.loads(result_path.read_text())
+    else:
+        res = {"status": stopped or f"failed: exit code {proc.returncode}", "rank": rank}
+    res["log"] = str(mdir / f"rank{rank}.log")
+    store.set(f"{key}/result/{rank}", json.dumps(res))
+    if rank != 0:
+        return None
+    results = [json.loads(store.get(f"{key}/result/{r}")) for r in range(world)]
+    print(f"[bigtrain] measure: {mode}: {_status(results)}", flush=True)
+    return results
+
+
+_CHILD: list = []  # the child process of the mode running now, for _end_child_and_exit
+
+
+def _end_child_and_exit(signum, frame) -> None:
+    for proc in _CHILD:
+        if proc.poll() is None:
+            _kill(proc)
+    raise SystemExit(128 + signum)
+
+
+def _kill(proc) -> None:
+    """End a child we started (its own session: the child and anything it started), TERM then KILL."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _status(results: list) -> str:
+    if all(r.get("status") == "ok" for r in results):
+        return "ok"
+    ooms = [r for r in results if r.get("status") == "oom"]
+    if ooms:
+        step = min(r["step"] for r in ooms)
+        return f"out of memory at step {step}" + (" (building the model and optimizer)" if step == 0 else "")
+    bad = next(r for r in results if r.get("status") != "ok")
+    return f"{bad['status']} (rank {bad.get('rank')}; see {bad.get('log')})"
+
+
+# ------------------------------------------------------------------------------------------------
+# The report: measured beside the estimate.
+
+STATE_KINDS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state")
+
+
+def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
+    from .memory import Setup
+
+    stage = MODES[mode]
+    return Setup(world_size=world, zero_stage=stage if stage else (3 if cfg.zero.stage == 3 else 0),
+                 micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+                 checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+                 lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
+                 persistence_threshold=cfg.zero.persistence_threshold, gpu_mem_bytes=gpu_mem,
+                 include_context=context)
+
+
+def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict:
+    """Per mode: the outcome, per GPU (max over ranks) measured and predicted; the ratios."""
+    from .memory import estimate
+
+    shape = _shape(cfg)
+    device = next((r.get("device") for rs in results.values() for r in rs if r.get("device")), "cpu")
+    total = next((r.get("device_total_bytes") for rs in results.values() for r in rs
+                  if r.get("device_total_bytes")), None)
+    gpu_mem = int((args.gpu_mem_gib or args.mem_cap_gib or (total / GiB if total else 80)) * GiB)
+    out = {"model": shape.name, "total_params": shape.total_params, "world_size": world, "device": device,
+           "steps": args.steps, "micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.data.max_length,
+           "checkpointing": cfg.model.gradient_checkpointing, "dtype": cfg.model.dtype,
+           "lora": {"r": cfg.lora.r, "targets": list(cfg.lora.targets)},
+           "gpu_mem_bytes": gpu_mem, "mem_cap_bytes": int(args.mem_cap_gib * GiB) if args.mem_cap_gib else None,
+           "modes": {}}
+    for mode in modes:
+        rs = results[mode]
+        which = "lora" if MODES[mode] is None else "full"
+        est = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, False))[which]
+        # the fewest GPUs that fit: with the CUDA context and fragmentation a GPU really has to hold
+        fit = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, device != "cpu"))[which]
+        pred_states = {k: est["per_gpu"][k] for k in STATE_KINDS}
+        pred = {"peak_bytes": est["per_gpu_total"], "states": pred_states,
+                "states_total": sum(pred_states.values()),
+                "rest_bytes": est["per_gpu_total"] - sum(pred_states.values()),
+                "by_category": est["per_gpu"], "fits_with_context": fit["fits"],
+                "fewest_gpus": fit["fewest_gpus"]}
+        m = {"status": _status(rs), "ranks": rs, "predicted": pred}
+        if m["status"] == "ok":
+            states = {k: max(r["states"].get(k, 0) for r in rs) for k in STATE_KINDS}
+            m["states"] = states
+            m["states_total"] = max(sum(r["states"].values()) for r in rs)
+            if which == "full":
+                m["states_detail"] = {k: max(r["states_detail"][k] for r in rs) for k in rs[0]["states_detail"]}
+            m["tokens_per_s_per_gpu"] = rs[0].get("tokens_per_s_per_gpu")
+            peaks = [r.get("peak_allocated_bytes") for r in rs]
+            if all(p is not None for p in peaks):
+                m["peak_allocated_bytes"] = max(peaks)
+                m["peak_reserved_bytes"] = max(r["peak_reserved_bytes"] for r in rs)
+                m["rest_bytes"] = m["peak_allocated_bytes"] - m["states_total"]
+                m["error"] = pred["peak_bytes"] / m["peak_allocated_bytes"] - 1
+            else:
+                m["host_peak_rss_bytes"] = max(r["host_peak_rss_bytes"] for r in rs)
+            m["states_error"] = pred["states_total"] / max(1, m["states_total"]) - 1
+        elif m["status"].startswith("out of memory"):
+            m["oom_step"] = min(r["step"] for r in rs if r.get("status") == "oom")
+        out["modes"][mode] = m
+    lora = out["modes"].get("lora")
+    ratios = {}
+    for mode in modes:
+        m = out["modes"][mode]
+        if MODES[mode] is None or lora is None:
+            continue
+        r = {"predicted_peak": m["predicted"]["peak_bytes"] / lora["predicted"]["peak_bytes"],
+             "predicted_states": m["predicted"]["states_total"] / lora["predicted"]["states_total"]}
+        if m["status"] == "ok" and lora["status"] == "ok":
+            if "peak_allocated_bytes" in m and "peak_allocated_bytes" in lora:
+                r["measured_peak"] = m["peak_allocated_bytes"] / lora["peak_allocated_bytes"]
+            r["measured_states"] = m["states_total"] / lora["states_total"]
+        ratios[f"{mode}/lora"] = r
+    out["ratios"] = ratios
+    return out
+
+
+def _shape(cfg):
+    """The run's model shape (its vocabulary padded as inside a run), from a meta-device build."""
+    from .memory import shape_from_model
+    from .presets import meta_model
+
+    _, build = _configs(cfg)
+    name = cfg.model.path if cfg.model.path else cfg.model.preset
+    if cfg.model.path is None and cfg.model.num_layers:
+        name += f" ({cfg.model.num_layers} layers)"
+    return shape_from_model(meta_model(build), name)
+
+
+def _configs(cfg):
+    """(the model's config, the config a run builds: vocabulary padded to a multiple of 64)."""
+    from .data import load_tokenizer
+    from .inject import find_targets, output_layer_names
+    from .presets import meta_model
+    from .trainer import _hf_config, _tokenizer_dir
+    from .vocab import run_config
+
+    path = cfg.model.local_path
+    tok = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(path))
+    hf = _hf_config(cfg, path, len(tok))
+    meta = meta_model(hf)
+    targets = find_targets(meta, cfg.lora.targets)
+    return hf, run_config(hf, head_is_target=bool(set(targets) & output_layer_names(meta)))
+
+
+def _g(b) -> str:
+    return "-" if b is None else f"{b / GiB:.2f}"
+
+
+def _pct(e) -> str:
+    return "-" if e is None else f"{e:+.1%}"
+
+
+def format_report(rep: dict) -> str:
+    gpu = rep["device"] != "cpu"
+    lines = [f"bigtrain measure: {rep['model']} ({rep['total_params']:,} parameters), {rep['world_size']} "
+             f"rank(s) on {rep['device']}, micro-batch {rep['micro_batch']}, sequence {rep['seq_len']}, "
+             f"checkpointing {'on' if rep['checkpointing'] else 'off'}, {rep['dtype']}, {rep['steps']} steps "
+             f"per mode; per GPU, GiB, max over ranks; estimate without the CUDA context"]
+    head = (f"{'mode':<12} {'peak alloc':>10} {'estimate':>9} {'error':>7} {'reserved':>9} "
+            f"{'states':>8} {'est.':>8} {'rest':>8} {'est.':>8} {'tokens/s/GPU':>13}  status")
+    if not gpu:
+        head = (f"{'mode':<12} {'host RSS':>10} {'states, B':>10} {'estimate':>10} {'error':>7} "
+                f"{'tokens/s/GPU':>13}  status")
+    lines += [head, "-" * len(head)]
+    for mode, m in rep["modes"].items():
+        p = m["predicted"]
+        tps = m.get("tokens_per_s_per_gpu")
+        tps = "-" if tps is None else f"{tps:,.0f}"
+        status = m["status"]
+        if m["status"].startswith("out of memory"):
+            status += (f"; the estimate: {p['fewest_gpus']} GPUs of {rep['gpu_mem_bytes'] / GiB:g} GiB at "
+                       f"the fewest" if p["fewest_gpus"] else "; the estimate: no GPU count fits")
+        if gpu:
+            lines.append(f"{mode:<12} {_g(m.get('peak_allocated_bytes')):>10} {_g(p['peak_bytes']):>9} "
+                         f"{_pct(m.get('error')):>7} {_g(m.get('peak_reserved_bytes')):>9} "
+                         f"{_g(m.get('states_total')):>8} {_g(p['states_total']):>8} "
+                         f"{_g(m.get('rest_bytes')):>8} {_g(p['rest_bytes']):>8} {tps:>13}  {status}")
+        else:
+            st = m.get("states_total")
+            lines.append(f"{mode:<12} {_g(m.get('host_peak_rss_bytes')):>10} "
+                         f"{'-' if st is None else f'{st:,}':>10} {p['states_total']:>10,} "
+                         f"{_pct(m.get('states_error')):>7} {tps:>13}  {status}")
+    from .memory import CATEGORY_LABELS, _bin
+
+    for mode, m in rep["modes"].items():
+        if m["status"] != "ok":
+            continue
+        kinds = [(CATEGORY_LABELS[k], m["states"][k], m["predicted"]["states"][k]) for k in STATE_KINDS
+                 if m["states"][k] or m["predicted"]["states"][k]]
+        if "states_detail" in m:  # full fine-tuning: the optimizer state split into master and Adam
+            d, pd = m["states_detail"], m["ranks"][0]["predicted_states_detail"]
+            kinds[-1:] = [("fp32 master weights", d["master_weights"], pd["master_weights"]),
+                          ("Adam m, v, step", d["adam_states"], pd["adam_states"])]
+        ph = {}
+        for r in m["ranks"]:
+            for k, v in (r.get("phase_peak_allocated_bytes") or {}).items():
+                ph[k] = max(ph.get(k, 0), v)
+        if ph:
+            lines.append(f"{mode} peak allocated by phase, GiB: "
+                         + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in ph.items()))
+        lines.append(f"{mode} model states by kind, measured / estimated: "
+                     + "; ".join(f"{lab} {_bin(a)} / {_bin(b)}" for lab, a, b in kinds))
+    for k, r in rep["ratios"].items():
+        basis = "peak" if gpu else "model states"
+        meas = r.get("measured_peak" if gpu else "measured_states")
+        pr = r["predicted_peak"] if basis == "peak" else r["predicted_states"]
+        lines.append(f"{k}: {basis} measured {'-' if meas is None else f'{meas:.2f}x'}, "
+                     f"predicted {pr:.2f}x" + ("" if gpu else " (CPU: model states; the peak needs a GPU)"))
+    lines.append("(states: model-state bytes counted on the live tensors: LoRA the frozen base, adapters, "
+                 "their gradients and AdamW state; full FT the 16-bit weights and gradients, fp32 master "
+                 "and Adam states; rest = peak - states: activations, buffers, logits)")
+    return "\n".join(lines)
+
+
+def write_plot(rep: dict, path: Path) -> Path:
+    """Per-GPU memory by kind, modes side by side: measured filled, the estimate as outlines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = rep["device"] != "cpu"
+    kinds = [("frozen_weights", "frozen weights"), ("trainable_weights", "trainable weights"),
+             ("gradients", "gradients"), ("optimizer_state", "optimizer state (master, Adam)")]
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(rep["modes"]), 5))
+    names = list(rep["modes"])
+    for x, mode in enumerate(names):
+        m = rep["modes"][mode]
+        p = m["predicted"]
+        vals_p = [p["states"][k] for k, _ in kinds] + ([p["rest_bytes"]] if gpu else [])
+        vals_m = ([m["states"][k] for k, _ in kinds] + ([m.get("rest_bytes", 0)] if gpu else [])
+                  if m["status"] == "ok" else None)
+        bottom = 0.0
+        for j, v in enumerate(vals_p):
+            ax.bar(x + 0.2, v / GiB, 0.38, bottom=bottom, fill=False, edgecolor=colors[j], lw=1.5)
+            bottom += v / GiB
+        if vals_m is None:
+            ax.text(x - 0.2, bottom * 0.02 + 0.01, m["status"], rotation=90, ha="center", va="bottom",
+                    fontsize=8)
+            continue
+        bottom = 0.0
+        for j, v in enumerate(vals_m):
+            ax.bar(x - 0.2, v / GiB, 0.38, bottom=bottom, color=colors[j])
+            bottom += v / GiB
+    labels = [lab for _, lab in kinds] + (["activations + buffers (peak - states)"] if gpu else [])
+    for j, lab in enumerate(labels):
+        ax.bar([0], [0], color=colors[j], label=lab)
+    ax.bar([0], [0], fill=False, edgecolor="k", label="estimate (outline)")
+    ax.set_xticks(range(len(names)), [f"{n}\nmeasured | est." for n in names])
+    ax.set_ylabel("GiB per GPU" + ("" if gpu else " (model states; CPU)"))
+    ax.set_title(f"{rep['model']}, {rep['world_size']} rank(s), mb {rep['micro_batch']}, seq {rep['seq_len']}, "
+                 f"ckpt {'on' if rep['checkpointing'] else 'off'}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(rep: dict, cfg, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_report(rep)
+    print(text, flush=True)
+    (out / "measure.json").write_text(json.dumps(rep, indent=1))
+    png = write_plot(rep, out / "measure.png")
+    print(f"[bigtrain] measure: wrote {out / 'measure.json'} and {png}", flush=True)
+    if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+        from .metrics import Loggers
+
+        loggers = Loggers.build(cfg.logging, out, {**cfg.to_dict(), "measure": {
+            k: v for k, v in rep.items() if k not in ("modes", "ratios")}}, True)
+        cols = ["mode", "status", "peak_allocated_GiB", "estimated_GiB", "error", "reserved_GiB",
+                "states_GiB", "states_estimated_GiB", "rest_GiB", "rest_estimated_GiB", "tokens_per_s_per_gpu"]
+        rows = []
+        for mode, m in rep["modes"].items():
+            p = m["predicted"]
+            f = lambda b: None if b is None else b / GiB  # noqa: E731
+            rows.append([mode, m["status"], f(m.get("peak_allocated_bytes")), f(p["peak_bytes"]), m.get("error"),
+                         f(m.get("peak_reserved_bytes")), f(m.get("states_total")), f(p["states_total"]),
+                         f(m.get("rest_bytes")), f(p["rest_bytes"]), m.get("tokens_per_s_per_gpu")])
+        loggers.table("measure/modes", cols, rows)
+        loggers.image("measure/chart", str(png))
+        loggers.summary({f"measure/{k}/{kk}": v for k, r in rep["ratios"].items() for kk, v in r.items()})
+        loggers.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The child: one mode on one rank.
+
+
+class Progress:
+    """The step in flight (0: setup) and the timing of steps 2..K."""
+
+    def __init__(self):
+        self.step, self.tokens, self.seconds, self.last = 0, 0, 0.0, None
+
+    def done(self, tokens: int, sync) -> None:
+        sync()
+        now = time.perf_counter()
+        if self.last is not None and self.step >= 2:
+            self.tokens += tokens
+            self.seconds += now - self.last
+        self.last = now
+
+
+class MemCap:
+    """``--mem-cap-gib``. On GPU the caching allocator's own limit
+    (``torch.cuda.set_per_process_memory_fraction``): an allocation past it raises
+    ``torch.OutOfMemoryError``. On CPU there is no allocator limit: the model states counted on the
+    live tensors after setup and after every step are checked against the cap, and the same error
+    is raised. Either way the child leaves through the same clean out-of-memory path."""
+
+    def __init__(self, cap: int | None, device, rank: int):
+        import torch
+
+        from . import faults
+
+        self.cap = cap if cap and faults.mem_cap_applies(rank) else None
+        self.cpu = device.type != "cuda"
+        if self.cap and not self.cpu:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total), device)
+
+    def check(self, step: int, state_bytes: int) -> None:
+        import torch
+
+        if self.cap and self.cpu and state_bytes > self.cap:
+            raise torch.OutOfMemoryError(f"model states {state_bytes:,} bytes exceed the memory cap of "
+                                         f"{self.cap:,} bytes (--mem-cap-gib) at step {step}")
+
+
+class PhasePeaks:
+    """Full fine-tuning on a GPU: the allocator's peak within each phase (the build, forward and
+    backward, the optimizer step: max over steps), so that a peak the estimate misses can be placed.
+    The counters are reset between phases; the overall peaks are kept here."""
+
+    def __init__(self, dev):
+        self.dev, self.peaks, self.alloc, self.reserved = dev, {}, 0, 0
+
+    def end(self, name: str) -> None:
+        import torch
+
+        if self.dev.type != "cuda":
+            return
+        a, r = torch.cuda.max_memory_allocated(self.dev), torch.cuda.max_memory_reserved(self.dev)
+        self.peaks[name] = max(self.peaks.get(name, 0), a)
+        self.alloc, self.reserved = max(self.alloc, a), max(self.reserved, r)
+        torch.cuda.reset_peak_memory_stats(self.dev)
+
+    def report(self) -> dict:
+        if self.dev.type != "cuda":
+            return {}
+        return {"phase_peak_allocated_bytes": self.peaks, "peak_allocated_bytes": self.alloc,
+                "peak_reserved_bytes": self.reserved}
+
+
+def _child(spec_path: str) -> int:
+    import resource
+
+    import torch
+
+    from .config import load_config
+
+    spec = json.loads(Path(spec_path).read_text())
+    mode, steps = spec["mode"], spec["steps"]
+    overrides = list(spec["overrides"]) + [f"train.output_dir={spec['dir']}/run", f"train.max_steps={steps}",
+                                           "data.eval=null", "checkpoint.every=0", "checkpoint.resume=never",
+                                           "checkpoint.every_minutes=0", "checkpoint.merge_at_end=false",
+                                           "train.stop_at_step=null", "train.log_every=1",
+                                           "logging.wandb=false", "logging.tensorboard=false",
+                                           "logging.progress_bar=false"]
+    cfg = load_config(spec["config"], overrides)
+    prog = Progress()
+    res = {"mode": mode, "rank": int(os.environ.get("RANK", "0")), "steps": steps}
+    code = 0
+    try:
+        if MODES[mode] is None:
+            res.update(_run_lora(cfg, spec, prog))
+        else:
+            res.update(_run_full(cfg, MODES[mode], spec, prog))
+        res["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        res.update(status="oom", step=prog.step, error=str(e).strip().splitlines()[0][:500])
+        print(f"[bigtrain] measure: {mode}: out of memory at step {prog.step} on rank {res['rank']}: "
+              f"{res['error']}", flush=True)
+        code = OOM_EXIT
+        dev = _device(cfg)
+        if dev.type == "cuda":  # for the estimate's fewest GPUs of this size, whatever else ran
+            res.update(device=torch.cuda.get_device_name(dev),
+                       device_total_bytes=torch.cuda.get_device_properties(dev).total_memory)
+    res["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    tmp = Path(spec["result"] + ".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(spec["result"])
+    from .dist import exit_after_teardown
+
+    # after an OOM other ranks may still wait in a collective: leave without tearing the group down
+    exit_after_teardown(code)
+    return code
+
+
+def _device_info(dev) -> dict:
+    import torch
+
+    if dev.type != "cuda":
+        return {"device": "cpu"}
+    return {"device": torch.cuda.get_device_name(dev),
+            "device_total_bytes": torch.cuda.get_device_properties(dev).total_memory,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(dev)}
+
+
+def _device(cfg):
+    """This rank's device, as the engine will pick it (before it starts: the cap covers the build)."""
+    import torch
+
+    from .dist import detect_world, wants_cuda
+
+    if not wants_cuda(cfg.train.device) or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", detect_world()[2] % torch.cuda.device_count())
+
+
+def _sync(dev):
+    import torch
+
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
+def _run_lora(cfg, spec, prog: Progress) -> dict:
+    """bigtrain's own loop, untouched: K steps of Trainer, timed and capped around each step."""
+    from .memory import measure_states
+    from .trainer import Trainer
+
+    tr = Trainer(cfg)
+    failed = True
+    try:
+        tr._check_inputs()
+        cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
+        tr._build_base()
+        tr._build_adapters()
+        tr._load_state()
+        tr._open_loggers()
+        cap.check(0, sum(measure_states(tr.model, tr.lora, tr.optimizer).values()))
+        step_fn, sync = tr.train_step, _sync(tr.dev)
+
+        def timed_step(batches):
+            prog.step += 1
+            r = step_fn(batches)
+            prog.done(r.tokens, sync)
+            cap.check(prog.step, sum(measure_states(tr.model, tr.lora, tr.optimizer).values()))
+            return r
+
+        tr.train_step = timed_step
+        prog.last = time.perf_counter()
+        tr.train()
+        failed = False
+    finally:
+        tr.close(failed)
+    if tr.measured is None:  # the loop ended before step K: a preemption signal
+        raise RuntimeError(f"the LoRA run stopped at step {tr.state.step} of {spec['steps']}")
+    world = tr.info.world_size
+    return {"world_size": world, "states": tr.measured, "predicted_states": tr.predicted,
+            "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
+            **_device_info(tr.dev)}
+
+
+def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
+    """Full fine-tuning under DeepSpeed ZeRO-``stage``: the same base build, data order and objective."""
+    from . import dist as D
+    from . import faults
+    from . import zero3 as Z
+    from .data import collate
+    from .engine import DTYPES
+    from .losses import token_loss_sum_reference
+    from .memory import predict_full_states, shape_from_model
+    from .sampler import GlobalSampler, rank_micro_batches
+    from .trainer import Trainer, set_seed
+
+    t = cfg.train
+    tr = Trainer(cfg)  # its input checks, tokenizer, model config and data: those of a LoRA run
+    tr._check_inputs()
+    Z.check_deepspeed_version()
+    cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
+    info = D.init_distributed(t.device, cfg.zero.backend, cfg.zero.timeout_s, 3)  # DeepSpeed's comm layer
+    dev, world = info.device, info.world_size
+    dtype = DTYPES[cfg.model.dtype]
+    ds = Z.full_ft_ds_config(stage, dtype, t.micro_batch_size, t.grad_accum, world, t.lr, t.betas,
+                             t.weight_decay, t.max_grad_norm, cfg.zero.persistence_threshold)
+    set_seed(t.seed)
+    engine, opt, hf_ds = Z.build_full_ft(tr.build_config, dtype, cfg.model.attn_implementation, ds,
+                                         tr.model_path, info.rank, tr.vocab, cfg.model.gradient_checkpointing)
+    cap.check(0, sum(Z.full_ft_states(engine, opt).values()))
+    phases = PhasePeaks(dev)
+    phases.end("build")
+    sampler = GlobalSampler(len(tr.train_ds), t.seed)
+    global_batch = t.micro_batch_size * t.grad_accum * world
+    pad = tr.tokenizer.pad_token_id
+    sync = _sync(dev)
+    losses, position, states = [], 0, None
+    prog.last = time.perf_counter()
+    for k in range(1, spec["steps"] + 1):
+        prog.step = k
+        faults.hang_due(k, info.rank)
+        idx = sampler.take(position, global_batch)
+        position += global_batch
+        batches = [collate([tr.train_ds[i] for i in mb], pad)
+                   for mb in rank_micro_batches(idx, t.micro_batch_size, t.grad_accum, info.rank, world)]
+        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        g_targets, g_tokens = D.all_reduce_scalars(info, [local_targets, local_tokens])
+        total = 0.0
+        for j, b in enumerate(batches):
+            b = {kk: v.to(dev) for kk, v in b.items()}
+            ls, _ = token_loss_sum_reference(engine, b["input_ids"], b["attention_mask"], b["labels"], tr.vocab)
+            # DeepSpeed averages gradients over ranks and micro-batches: scaled back, the gradient is
+            # that of the LoRA run's objective, the target tokens' loss sum over the global count
+            engine.backward(ls * (world * t.grad_accum) / max(g_targets, 1))
+            total += float(ls.detach())
+            if stage < 3 and k == spec["steps"] and j == len(batches) - 1:
+                states = Z.full_ft_states(engine, opt)  # stages 1-2 hold gradients until the step
+            phases.end("forward_backward")
+            engine.step()
+            phases.end("optimizer_step")
+        losses.append(D.all_reduce_scalars(info, [total])[0] / max(g_targets, 1))
+        prog.done(int(g_tokens), sync)
+        cap.check(k, sum(Z.full_ft_states(engine, opt).values()))
+    if stage == 3:
+        states = Z.full_ft_states(engine, opt)
+    predicted = predict_full_states(shape_from_model(tr.meta), world, stage, cfg.model.dtype,
+                                    cfg.zero.persistence_threshold)
+    out = {"world_size": world, "losses": losses,
+           "states": {"trainable_weights": states["weights"], "gradients": states["gradients"],
+                      "optimizer_state": states["master_weights"] + states["adam_states"]},
+           "states_detail": states, "predicted_states_detail": predicted,
+           "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
+           **_device_info(dev), **phases.report()}
+    D.barrier(info)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bigtrain.measure",
+                                 description="one mode of bigtrain measure on this rank (started by it)")
+    ap.add_argument("--child", required=True, metavar="SPEC.json")
+    return _child(ap.parse_args(argv).child)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

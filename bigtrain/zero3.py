@@ -171,10 +171,12 @@ def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = N
     _, world, _ = detect_world()
     zo = read_user_ds_config(zero).get("zero_optimization", {})
     if quantize is not None and zero.stage == 3:
-        clash = [k for k in ("zero_hpz_partition_size", "offload_param", "zero_quantized_weights",
-                             "zero_quantized_nontrainable_weights")
-                 if zo.get(k) not in (None, False, 0, 1, {}) and not (k == "offload_param"
-                                                                     and zo[k].get("device", "none") == "none")]
+        offload = zo.get("offload_param") or {}
+        clash = [k for k, on in (("zero_hpz_partition_size", (zo.get("zero_hpz_partition_size") or 1) > 1),
+                                 ("offload_param", offload.get("device", "none") not in (None, "none")),
+                                 ("zero_quantized_weights", bool(zo.get("zero_quantized_weights"))),
+                                 ("zero_quantized_nontrainable_weights",
+                                  bool(zo.get("zero_quantized_nontrainable_weights")))) if on]
         if clash:
             raise ConfigError(f"model.quantize={quantize}: zero.ds_config {zero.ds_config} sets "
                               f"{', '.join(clash)}, which bigtrain's int8 partitions do not support; "

@@ -518,8 +518,11 @@ def reference_dequantized(full: torch.Tensor, world: int, dtype: torch.dtype | N
 def quantizable_weights(model: nn.Module) -> dict:
     """The weights ``model.quantize`` stores as int8, by id: the 2-D weight of every ``nn.Linear``
     inside a decoder layer (LoRA's adapters are not there yet: they are injected after the base is
-    built). Embeddings, norms, biases and the LM head stay in the compute dtype. Returns
-    {id(param): dotted name}."""
+    built). Embeddings, norms, biases and the LM head stay in the compute dtype: norms and biases
+    are small (1-D, a fraction of a percent of the bytes, usually persistent) and scale whole
+    activations; the embedding and the LM head (often one tied matrix) are the root unit, gathered
+    once per step rather than once per layer, and the head's error goes straight into every logit.
+    Returns {id(param): dotted name}."""
     classes = tuple(decoder_layer_classes(model))
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     out = {}

@@ -145,3 +145,25 @@ def test_int8_base_with_activation_checkpointing_is_exact_at_2_ranks(tmp_path):
         assert len(pairs) == 4 and all(a == b for a, b in pairs), states
     print("losses", logs)
     assert len(logs["false"]) == 6 and logs["false"] == logs["true"]
+
+
+def test_eval_of_an_int8_run_scores_the_int8_base(tmp_path):
+    """bigtrain eval (and generate) rebuild the base from the run's config.yaml: an int8 run is
+    scored over the int8 base it was trained on, so eval gives the figures the run logged (an
+    unquantized base would give 1.9156 at step 0, not the int8 base's 1.9152)."""
+    out = tmp_path / "run"
+    p = subprocess.run(train_cmd(1, [f"train.output_dir={out}", "train.max_steps=20", "train.eval_every=10",
+                                     "logging.progress_bar=false", "checkpoint.every=0",
+                                     "train.sample_prompts=0", "model.quantize=int8"]),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
+    p = subprocess.run([sys.executable, "-m", "bigtrain", "eval", str(out), "--data", "builtin:e2e-eval", "--json"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = {r["adapter"]: r["loss"] for r in json.loads(p.stdout.strip().splitlines()[-1])["results"]}
+    print(res, evals)
+    assert res["base"] == evals[0] and round(evals[0], 4) == 1.9152
+    assert res[next(k for k in res if k != "base")] == evals[20]
+    assert "model.quantize=int8" in p.stdout + p.stderr

@@ -481,16 +481,21 @@ def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch.Te
 
 
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
-                      block: int = QUANT_BLOCK) -> torch.Tensor:
+                      block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
-    ``q·scale`` in fp32, then one rounding to ``dtype``."""
+    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given)."""
     n = q.shape[-1]
     lead = q.shape[:-1]
     nb = scales.shape[-1]
-    full = torch.zeros(*lead, nb * block, dtype=torch.float32, device=q.device)
-    full[..., :n] = q
-    full = full.view(*lead, nb, block).mul_(scales.float()[..., None]).view(*lead, nb * block)
-    return full[..., :n].to(dtype)
+    if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
+        full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
+    else:
+        full = torch.zeros(*lead, nb * block, dtype=torch.float32, device=q.device)
+        full[..., :n] = q
+        full = full.view(*lead, nb, block).mul_(scales.float()[..., None]).view(*lead, nb * block)[..., :n]
+    if out is not None:
+        return out.copy_(full)  # the same cast as .to(dtype), without a second temporary
+    return full.to(dtype)
 
 
 def quantized_bytes(part_numel: int, block: int = QUANT_BLOCK) -> int:
@@ -800,7 +805,7 @@ class LayerGatherer:
                 a, nb = where["scales"]
                 scales = rows[:, a:a + nb].contiguous().view(torch.float32)
                 a, nv = where["values"]
-                dest.copy_(dequantize_blocks(rows[:, a:a + nv].view(torch.int8), scales, dtype))
+                dequantize_blocks(rows[:, a:a + nv].view(torch.int8), scales, dtype, out=dest)
             dst += self.world * n
         return whole
 

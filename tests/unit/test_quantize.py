@@ -25,7 +25,7 @@ def _by_hand(x: torch.Tensor, block: int):
     return q, scales
 
 
-@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 1024])
 def test_quantize_matches_definition_and_error_bound(n):
     g = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)  # blocks of very different ranges
@@ -36,6 +36,13 @@ def test_quantize_matches_definition_and_error_bound(n):
     assert q.tolist() == q_ref and sc.tolist() == sc_ref
     assert sc.numel() == math.ceil(n / 64) and Z.quantized_bytes(n) == n + 4 * sc.numel()
     deq = Z.dequantize_blocks(q, sc, torch.float32)
+    # q·scale: exact in double, then rounded once to fp32 (as an fp32 product is)
+    by_hand = torch.tensor([q_ref[i] * sc_ref[i // 64] for i in range(n)], dtype=torch.float32)
+    assert torch.equal(deq, by_hand)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    assert Z.dequantize_blocks(q, sc, torch.bfloat16, out=out) is out
+    assert torch.equal(out, by_hand.to(torch.bfloat16))
+    assert torch.equal(Z.dequantize_blocks(q, sc, torch.bfloat16), out)
     bound = sc.repeat_interleave(64)[:n]
     err = (x - deq).abs()
     # |x - q·scale| <= scale/2, up to the fp32 rounding of x/scale and of q·scale

@@ -368,7 +368,8 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(
             self.ckpt_root, self.engine, self.lora, self.optimizer,
             adapter_config=adapter_config(cfg, self.lora.names()),
-            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed),
+            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed,
+                                                  cfg.model.quantize),
             config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
             every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
             log=say)

@@ -167,3 +167,21 @@ def test_eval_of_an_int8_run_scores_the_int8_base(tmp_path):
     assert res["base"] == evals[0] and round(evals[0], 4) == 1.9152
     assert res[next(k for k in res if k != "base")] == evals[20]
     assert "model.quantize=int8" in p.stdout + p.stderr
+
+
+def test_resume_across_a_changed_quantize_is_refused(tmp_path):
+    """model.quantize is part of the base's fingerprint: adapters trained over the int8 base do not
+    silently continue over the unquantized one (checkpoint.force_base_mismatch=true still can)."""
+    out = tmp_path / "run"
+    common = [f"train.output_dir={out}", "logging.progress_bar=false", "train.sample_prompts=0", "data.eval=null",
+              "checkpoint.every=2", "train.micro_batch_size=2", "data.max_length=32"]
+    p = subprocess.run(train_cmd(1, [*common, "train.max_steps=2", "model.quantize=int8"]), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "checkpoints" / "step-00000002" / "base.json").read_text())["quantize"] == "int8"
+    p = subprocess.run(train_cmd(1, [*common, "train.max_steps=4"]), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert p.returncode != 0
+    err = (p.stdout + p.stderr).strip().splitlines()
+    assert any("was trained on a different base model (quantize differ: checkpoint ['int8'] vs now [None])" in l
+               for l in err), err[-5:]

@@ -706,8 +706,10 @@ class LayerGatherer:
         the ranks' partitions (one all-reduce), and the one-line summary printed at load."""
         ids = [i for i in self.quant if i in self._sums]
         sums = torch.tensor([v for i in ids for v in self._sums[i]], dtype=torch.float64).view(-1, 2)
-        if self.world > 1:
+        if self.world > 1:  # on the gatherer's device: NCCL reduces CUDA tensors only
+            sums = sums.to(self.device)
             dist.all_reduce(sums, group=self.group)
+            sums = sums.cpu()
         for i, (ref, err) in zip(ids, sums.tolist()):
             self.quant_errors[self.quant[i]] = math.sqrt(err / ref) if ref > 0 else 0.0
         self._sums.clear()
@@ -719,7 +721,7 @@ class LayerGatherer:
             self.summary = (
                 f"model.quantize={self.quantize}: {len(errs)} linear weights of the decoder layers stored as int8 "
                 f"(blocks of {QUANT_BLOCK} elements from each rank's partition start, one fp32 scale per block; "
-                f"embeddings, norms, biases and the LM head in {next(iter(self.units[0])).dtype}); relative "
+                f"embeddings, norms, biases and the LM head in {str(self.units[0][0].dtype).replace('torch.', '')}); relative "
                 f"Frobenius error min {errs[0][1]:.3e} / median {errs[len(errs) // 2][1]:.3e} / max {worst[1]:.3e} "
                 f"({worst[0]}); decoder-layer partitions on this rank, all-gathered as stored: {packed:,} bytes "
                 f"(unquantized: {plain_part:,})")

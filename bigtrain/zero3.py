@@ -582,8 +582,8 @@ class LayerGatherer:
     ``ds_tensor`` is left empty (its values are ``bt_qvalues`` and ``bt_scales``, views of the unit
     buffer), so nothing reads the int8 bytes as weights; whole-parameter gathers are refused by
     ``Engine.gather``. At world size 1 the gatherer runs too (to dequantize layer by layer) with no
-    collective, and persistent parameters are aliased to their partitions as ``single_rank_plain``
-    does."""
+    collective, and the persistent and root parameters are aliased to their partitions as
+    ``single_rank_plain`` does (no copy of the embeddings or head per step)."""
 
     def __init__(self, model: nn.Module, group, device: torch.device, persistence_threshold: int,
                  quantize: str | None = None):
@@ -604,6 +604,10 @@ class LayerGatherer:
                 persistent.append(p)
             elif id(p) not in in_layers:
                 root.append(p)
+        if self.quant and self.world == 1:
+            # one rank: the unquantized root (embeddings, final norm, head) is aliased to its
+            # partition, as single_rank_plain would, instead of copied at every step
+            persistent, root = persistent + root, []
         for p in persistent:  # whole on every rank for good, like DeepSpeed's persistent parameters
             self._gather_now([p])
             p.ds_persist = True

@@ -458,9 +458,11 @@ def check_adapter(path: Path, current: dict) -> list[str]:
     return notes
 
 
-def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int) -> dict:
+def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int,
+                     quantize: str | None = None) -> dict:
     """What identifies the frozen base: its config (hash) and, for a checkpoint on disk, its weight
-    files and sizes; for a random-initialised preset, the seed that built it."""
+    files and sizes; for a random-initialised preset, the seed that built it; ``model.quantize``
+    when set (an int8 base is another base; absent when null, so older fingerprints still match)."""
     cfg = {k: v for k, v in hf_config.to_dict().items()
            if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures")}
     fp = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()}
@@ -471,6 +473,8 @@ def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int) 
     else:
         fp["source"] = f"preset:{preset}"
         fp["init_seed"] = seed
+    if quantize is not None:
+        fp["quantize"] = quantize
     return fp
 
 

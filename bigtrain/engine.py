@@ -52,6 +52,8 @@ class Engine:
         self._ds_hf_config = None  # HfDeepSpeedConfig must stay referenced while models are built
         self._offload = None
         self._single_rank_plain = False  # world size 1: partitions aliased, no ZeRO-3 hooks
+        self.quantize: str | None = None  # model.quantize of the base built
+        self.quantize_summary: str | None = None
         self.ds_config: dict | None = None
         self.ds_config_notes: list[str] = []
         if self.stage == 3:
@@ -79,11 +81,15 @@ class Engine:
 
     # -- the frozen base -------------------------------------------------------------------------
     def build_base(self, hf_config=None, path: str | None = None, dtype: str = "float32",
-                   attn_implementation: str = "sdpa", vocab: int | None = None) -> nn.Module:
+                   attn_implementation: str = "sdpa", vocab: int | None = None,
+                   quantize: str | None = None) -> nn.Module:
         """The causal LM, frozen, on this rank's device: whole (stage 0) or partitioned (stage 3).
         From ``hf_config`` (random init) or from a local checkpoint directory ``path`` (whose config
         is read here unless the caller already passes it). ``vocab``: the model's own vocabulary when
-        ``hf_config`` is a padded copy (:mod:`bigtrain.vocab`): rows from ``vocab`` on are zeros."""
+        ``hf_config`` is a padded copy (:mod:`bigtrain.vocab`): rows from ``vocab`` on are zeros.
+        ``quantize`` (model.quantize, stage 3 only): the decoder layers' linear weights are stored
+        as int8 once the partitions are filled (``zero3.LayerGatherer``); ``quantize_summary`` then
+        holds the line that reports their error."""
         import transformers as tf
 
         torch_dtype = DTYPES[dtype]
@@ -114,7 +120,9 @@ class Engine:
                 for p in padded_rows.values():
                     Z.zero_from_row(p, vocab)
             self._offload, self._single_rank_plain = Z.install_offload(
-                model, ds, self.zero, self.info, self.ds_config_notes)
+                model, ds, self.zero, self.info, self.ds_config_notes, quantize)
+            self.quantize = quantize
+            self.quantize_summary = getattr(self._offload, "summary", None) if quantize else None
         model.requires_grad_(False)
         frozen_linear.install(model)  # no gathered weight kept alive by autograd until backward
         model.eval()  # no dropout in the frozen base; LoRA dropout is the adapters' own
@@ -143,6 +151,10 @@ class Engine:
     def gather(self, params, modify: bool = False):
         """Context in which ``params`` are whole on every rank; with ``modify``, changes made on
         rank 0 are written back to the partitions. A no-op at stage 0."""
+        if self.quantize is not None:
+            raise RuntimeError(f"model.quantize={self.quantize}: the base's linear weights are int8 partitions "
+                               f"that whole-parameter gathers (merge, export) cannot read yet; merge offline "
+                               f"with bigtrain merge CKPT OUT, which reads the unquantized base from disk")
         if self.stage == 0 or self._single_rank_plain:  # whole tensors already (aliased partitions)
             return contextlib.nullcontext()
         return Z.gather(params, modify)

@@ -304,13 +304,14 @@ def _open_session(prep: Prepared, say) -> Session:
     engine = Engine(cfg.zero, cfg.train.device, cfg.train.micro_batch_size, 1)
     set_seed(cfg.train.seed)
     model = engine.build_base(build, model_path, cfg.model.dtype, cfg.model.attn_implementation,
-                              int(hf_config.vocab_size))
+                              int(hf_config.vocab_size), cfg.model.quantize)  # the base as trained
     bank = AdapterBank(model, engine.info.device)
     for name, c in prep.named:
         bank.add(name, c.spec, c.tensors, str(c.path), _base_json(c.path))
     if engine.info.is_main:
         where = f"partitioned over {engine.info.world_size} ranks" if engine.distributed else "one process"
-        say(f"[bigtrain] base {model_path} ({where}, {cfg.model.dtype}); adapters: " + ", ".join(
+        q = f", linear weights model.quantize={cfg.model.quantize}" if cfg.model.quantize else ""
+        say(f"[bigtrain] base {model_path} ({where}, {cfg.model.dtype}{q}); adapters: " + ", ".join(
             f"{n} ({c.path}, r={c.spec.r}, {len(c.spec.modules)} modules, {bank.nbytes(n):,} bytes)"
             for n, c in prep.named))
     return Session(cfg, engine, model, prep.tokenizer, bank, int(hf_config.vocab_size),

@@ -111,6 +111,7 @@ class ModelShape:
     ffn: int = 0  # the widest output of a decoder layer's linear maps (the MLP's inner width)
     ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
     param_numels: tuple = ()  # every parameter's numel in ``model.parameters()`` order, tied once
+    quant_numels: Counter = field(default_factory=Counter)  # numel -> count of model.quantize's weights
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -141,6 +142,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
     """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
     from .inject import _is_linear, output_layer_names
     from .lora import linear_shape
+    from .zero3 import quantizable_weights
 
     cfg = getattr(model, "config", None)
     order = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
@@ -158,6 +160,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         ffn = max(outs, default=0)
         ffn_maps = max(1, outs.count(ffn))
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
+    quantized = quantizable_weights(model)
     return ModelShape(
         name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
         layers=getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0),
@@ -165,7 +168,9 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         heads=getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0),
         vocab=getattr(cfg, "vocab_size", 0), layer_params=layer_params,
         largest_module_params=largest, linears=linears, output_layers=frozenset(output_layer_names(model)),
-        ffn=ffn or 4 * hidden, ffn_maps=ffn_maps, param_numels=order)
+        ffn=ffn or 4 * hidden, ffn_maps=ffn_maps, param_numels=order,
+        quant_numels=Counter(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
+                             if id(p) in quantized))
 
 
 def _decoder_layers(model):
@@ -279,21 +284,31 @@ def predict_full_states(shape: ModelShape, world_size: int, stage: int = 3, dtyp
 
 
 def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage: int = 3,
-                      persistence_threshold: int = DEFAULT_PERSISTENCE, hpz: int = 1) -> int:
+                      persistence_threshold: int = DEFAULT_PERSISTENCE, hpz: int = 1,
+                      quantize: str | None = None) -> int:
     if stage == 0:
         return shape.total_params * base_bytes
+    if quantize is not None:  # int8 values + fp32 block scales of the partition, never persistent
+        from .zero3 import quantized_bytes
+
+        rest = shape.numels - shape.quant_numels
+        return (base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
+                                 for n, c in rest.items())
+                + sum(c * quantized_bytes(-(-n // world_size)) for n, c in shape.quant_numels.items()))
     return base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
                             for n, c in shape.numels.items())
 
 
 def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_size: int,
                    base_dtype: str = "float32", persistence_threshold: int = DEFAULT_PERSISTENCE,
-                   stage: int = 3, adapter_dtype: str = "float32", hpz: int = 1) -> dict:
+                   stage: int = 3, adapter_dtype: str = "float32", hpz: int = 1,
+                   quantize: str | None = None) -> dict:
     """This rank's bytes of model states in steady state (after the second training step: during the
     first, DeepSpeed records its fetch trace and releases persistent parameters too) of bigtrain's LoRA (same keys as
     :func:`measure_states`): the frozen base (ZeRO-3 partitions + persistent whole tensors, or the whole
     base at stage 0), fp32 adapter weights, their grads, and torch AdamW's state (m, v in fp32 and a
-    4-byte fp32 ``step`` per adapter tensor). Exact, not approximate."""
+    4-byte fp32 ``step`` per adapter tensor). Exact, not approximate. ``quantize`` (model.quantize):
+    the decoder layers' linear weights count as int8 partitions plus one fp32 scale per block."""
     shape = model_shape(hf_config_or_model_meta)
     ab = DTYPE_BYTES[adapter_dtype]
     shapes = shape.lora_shapes(targets)
@@ -301,7 +316,7 @@ def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_si
     n_tensors = 2 * len(shapes)
     return {
         "frozen_weights": frozen_base_bytes(shape, world_size, DTYPE_BYTES[base_dtype], stage,
-                                            persistence_threshold, hpz),
+                                            persistence_threshold, hpz, quantize),
         "trainable_weights": ab * phi,
         "gradients": ab * phi,
         "optimizer_state": 2 * ab * phi + 4 * n_tensors,

@@ -257,7 +257,7 @@ class Trainer:
         self.meta = meta
         # config.yaml (written at start-up, and in every checkpoint) records the kernel used
         cfg.model.attn_implementation, self.attn_note = _attention(cfg.model.attn_implementation, meta)
-        check_world(cfg.zero, t.device)
+        check_world(cfg.zero, t.device, cfg.model.quantize)
         _check_positions(cfg, hf_config)
         _check_output_dir(self.out_dir, t.output_dir)
         if model_path:  # every weight file's header: a truncated or garbled file is named now
@@ -311,7 +311,9 @@ class Trainer:
         say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
         set_seed(t.seed)
         self.model = model = engine.build_base(self.build_config, self.model_path, cfg.model.dtype,
-                                               cfg.model.attn_implementation, self.vocab)
+                                               cfg.model.attn_implementation, self.vocab, cfg.model.quantize)
+        if engine.quantize_summary:
+            say(f"[bigtrain] {engine.quantize_summary}")
         if self.build_config is not self.hf_config:
             say(f"[bigtrain] vocabulary {self.vocab:,} padded to {self.build_config.vocab_size:,} inside the run "
                 f"(zero rows, masked out of the loss; checkpoints and merges keep {self.vocab:,})")
@@ -346,7 +348,7 @@ class Trainer:
             f"{engine.local_param_bytes(model):,}")
         self.predicted = predicted = predict_states(
             self.meta, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
-            engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype, engine.hpz_size)
+            engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype, engine.hpz_size, cfg.model.quantize)
         say("[bigtrain] predicted model states per rank: " + _fmt_bytes(predicted))
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                            fused=self.dev.type == "cuda")
@@ -366,7 +368,8 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(
             self.ckpt_root, self.engine, self.lora, self.optimizer,
             adapter_config=adapter_config(cfg, self.lora.names()),
-            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed),
+            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed,
+                                                  cfg.model.quantize),
             config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
             every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
             log=say)

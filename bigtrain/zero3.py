@@ -163,10 +163,24 @@ def read_user_ds_config(zero: ZeroConfig) -> dict:
     return user
 
 
-def check_world(zero: ZeroConfig, device: str = "auto") -> None:
-    """Refuse, before any process group starts, a world size or device the configuration cannot use."""
+def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = None) -> None:
+    """Refuse, before any process group starts, a world size or device the configuration cannot use
+    (and, with ``quantize`` = model.quantize, a DeepSpeed config whose readers of the partitions
+    would see the int8 bytes as weights: hpZ's secondary partitions, parameter offload, DeepSpeed's
+    own quantization)."""
     _, world, _ = detect_world()
     zo = read_user_ds_config(zero).get("zero_optimization", {})
+    if quantize is not None and zero.stage == 3:
+        offload = zo.get("offload_param") or {}
+        clash = [k for k, on in (("zero_hpz_partition_size", (zo.get("zero_hpz_partition_size") or 1) > 1),
+                                 ("offload_param", offload.get("device", "none") not in (None, "none")),
+                                 ("zero_quantized_weights", bool(zo.get("zero_quantized_weights"))),
+                                 ("zero_quantized_nontrainable_weights",
+                                  bool(zo.get("zero_quantized_nontrainable_weights")))) if on]
+        if clash:
+            raise ConfigError(f"model.quantize={quantize}: zero.ds_config {zero.ds_config} sets "
+                              f"{', '.join(clash)}, which bigtrain's int8 partitions do not support; "
+                              f"use ds_configs/zero3.json or model.quantize=null")
     if zero.stage == 3 and zo.get("zero_quantized_nontrainable_weights") and not wants_cuda(device):
         raise ConfigError(f"zero.ds_config: zero_quantized_nontrainable_weights (in {zero.ds_config}) "
                           f"needs GPUs: DeepSpeed's quantizer has no CPU kernel; use ds_configs/zero3.json "
@@ -281,15 +295,28 @@ def build_partitioned(hf_config, torch_dtype: torch.dtype, attn_implementation: 
     return model, hf_ds
 
 
-def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo, notes: list[str]):
+def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo, notes: list[str],
+                    quantize: str | None = None):
     """Install the hooks that gather ``model``'s partitions during a step. Returns (the gatherer: a
     :class:`LayerGatherer` or a ``DeepSpeedZeRoOffload``; None when there is nothing to gather, and
-    whether that is because every partition is a whole tensor at world size 1)."""
+    whether that is because every partition is a whole tensor at world size 1). With ``quantize``
+    (``model.quantize``) the base's linear weights are quantized here, and the gatherer is a
+    :class:`LayerGatherer` at every world size, 1 included (it dequantizes layer by layer)."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from deepspeed.utils import groups
 
     zc = DeepSpeedZeroConfig(**ds["zero_optimization"])
+    if quantize is not None:
+        # refused before start-up otherwise (config.Config.validate, check_world); kept as a guard
+        if not (zero.gather == "layers" and zero.leaf_blocks and zc.zero_hpz_partition_size <= 1
+                and zc.offload_param is None and not zc.zero_quantized_weights
+                and not zc.zero_quantized_nontrainable_weights and decoder_layer_classes(model)):
+            raise ConfigError(f"model.quantize={quantize} needs bigtrain's layer gatherer (zero.gather=layers, "
+                              f"zero.leaf_blocks=true, no hpZ, parameter offload or DeepSpeed quantization "
+                              f"in zero.ds_config, a model with decoder layers)")
+        group = next(p.ds_process_group for p in model.parameters() if hasattr(p, "ds_tensor"))
+        return LayerGatherer(model, group, info.device, zc.param_persistence_threshold, quantize), False
     if zero.single_rank_plain and info.world_size == 1 and zc.zero_hpz_partition_size <= 1:
         # One rank: every partition is a whole tensor, there is nothing to gather. Alias them and
         # run the module with no ZeRO-3 hooks at all (same values, same memory: one copy).
@@ -378,7 +405,8 @@ def gather(params, modify: bool = False):
 # -- per-rank storage ---------------------------------------------------------------------------
 def local_param_bytes(model: nn.Module) -> int:
     """Bytes of base-parameter storage held by this rank (the partition under ZeRO-3; the whole
-    tensor too while a parameter is gathered, as persistent ones stay). Imports no DeepSpeed."""
+    tensor too while a parameter is gathered, as persistent ones stay; a quantized weight's int8
+    values and scales). Imports no DeepSpeed."""
     total, seen = 0, set()
     for p in model.parameters():
         if id(p) in seen:
@@ -387,6 +415,9 @@ def local_param_bytes(model: nn.Module) -> int:
         if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor while gathered/persistent
             whole = p.data.numel() if p.data.data_ptr() != p.ds_tensor.data_ptr() else 0  # aliased: one copy
             total += (p.ds_tensor.numel() + whole) * p.ds_tensor.element_size()
+            if hasattr(p, "bt_qvalues"):  # model.quantize: int8 values and fp32 scales (ds_tensor is empty)
+                total += p.bt_qvalues.numel() * p.bt_qvalues.element_size()
+                total += p.bt_scales.numel() * p.bt_scales.element_size()
             sec = getattr(p, "ds_secondary_tensor", None)  # hpZ: the partition within the node
             if sec is not None:
                 total += sec.numel() * sec.element_size()
@@ -425,6 +456,89 @@ def unlink_deepspeed_shm(rank: int, world: int, addr: str | None = None, port: s
         os.unlink(name)
 
 
+
+# -- int8 frozen base (model.quantize=int8) -------------------------------------------------------
+QUANT_BLOCK = 64  # elements per int8 block: one fp32 scale for each 64 consecutive partition elements
+QUANTIZE_CHOICES = ("int8",)
+
+
+@torch.no_grad()
+def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric block-wise int8 of a tensor read flat: blocks of ``block`` consecutive elements
+    from its start (the last one shorter when ``block`` does not divide it), one fp32 scale each,
+    ``absmax / 127``; values ``round(x / scale)`` (half to even), so ``|x - q·scale| <= scale/2``.
+    An all-zero block has scale 0 and values 0. Returns (int8 values, fp32 scales)."""
+    x = x.detach().reshape(-1).float()
+    n = x.numel()
+    nb = -(-n // block)
+    padded = torch.zeros(nb * block, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    blocks = padded.view(nb, block)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(-1)[:n].clone(), scales
+
+
+def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                      block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
+    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given)."""
+    n = q.shape[-1]
+    lead = q.shape[:-1]
+    nb = scales.shape[-1]
+    if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
+        full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
+    else:
+        full = torch.zeros(*lead, nb * block, dtype=torch.float32, device=q.device)
+        full[..., :n] = q
+        full = full.view(*lead, nb, block).mul_(scales.float()[..., None]).view(*lead, nb * block)[..., :n]
+    if out is not None:
+        return out.copy_(full)  # the same cast as .to(dtype), without a second temporary
+    return full.to(dtype)
+
+
+def quantized_bytes(part_numel: int, block: int = QUANT_BLOCK) -> int:
+    """Bytes a rank stores for one quantized partition of ``part_numel`` elements: int8 values and
+    one fp32 scale per block."""
+    return part_numel + 4 * -(-part_numel // block)
+
+
+def reference_dequantized(full: torch.Tensor, world: int, dtype: torch.dtype | None = None,
+                          block: int = QUANT_BLOCK) -> torch.Tensor:
+    """What a quantized base's weight is after its gather at ``world`` ranks, from the whole
+    unquantized tensor: ZeRO-3's padded partitions (``ceil(numel/world)`` elements each, zeros after
+    the end), each quantized on its own (blocks from the partition's start), dequantized, joined.
+    The block boundaries follow the partitions, so the values depend on the world size."""
+    dtype = dtype or full.dtype
+    n = full.numel()
+    part = -(-n // world)
+    flat = torch.zeros(part * world, dtype=full.dtype)
+    flat[:n] = full.detach().reshape(-1).cpu()
+    out = [dequantize_blocks(*quantize_blocks(flat[r * part:(r + 1) * part], block), dtype, block)
+           for r in range(world)]
+    return torch.cat(out)[:n].view(full.shape)
+
+
+def quantizable_weights(model: nn.Module) -> dict:
+    """The weights ``model.quantize`` stores as int8, by id: the 2-D weight of every ``nn.Linear``
+    inside a decoder layer (LoRA's adapters are not there yet: they are injected after the base is
+    built). Embeddings, norms, biases and the LM head stay in the compute dtype: norms and biases
+    are small (1-D, a fraction of a percent of the bytes, usually persistent) and scale whole
+    activations; the embedding and the LM head (often one tied matrix) are the root unit, gathered
+    once per step rather than once per layer, and the head's error goes straight into every logit.
+    Returns {id(param): dotted name}."""
+    classes = tuple(decoder_layer_classes(model))
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    out = {}
+    for m in model.modules():
+        if classes and isinstance(m, classes):
+            for sub in m.modules():
+                if type(sub) is nn.Linear and len(getattr(sub.weight, "ds_shape", sub.weight.shape)) == 2:
+                    out[id(sub.weight)] = names.get(id(sub.weight), "?")
+    return out
+
+
 # -- bigtrain's own fetch hooks: one decoder layer at a time, the next one prefetched --------------
 class LayerGatherer:
     """Gathers the partitioned frozen base one decoder layer at a time, with the next layer's
@@ -456,9 +570,23 @@ class LayerGatherer:
     backward comes next). In training, an identity autograd function on the layer's output gathers
     it again when the gradient arrives (and prefetches the layer before it), one on its input
     releases it when its input gradient is computed, that is, when its backward is done. During an
-    activation-checkpointing recomputation (inside backward) the hooks neither release nor wrap."""
+    activation-checkpointing recomputation (inside backward) the hooks neither release nor wrap.
 
-    def __init__(self, model: nn.Module, group, device: torch.device, persistence_threshold: int):
+    With ``quantize="int8"`` (``model.quantize``) the weights of :func:`quantizable_weights` are
+    quantized here, once, from their filled partitions (:func:`quantize_blocks`: blocks of
+    ``QUANT_BLOCK`` elements from the start of each rank's partition, fp32 scales). Such a weight is
+    never persistent, whatever its size (its stored form is the int8 partition). Each layer unit's
+    local buffer is then bytes: the fp32 scales, the unquantized partitions (biases, norms) in their
+    dtype, the int8 values; one all-gather of it per unit, and the gathered rows are dequantized into
+    the unit's buffer in the compute dtype (on the side stream on GPU). A quantized parameter's
+    ``ds_tensor`` is left empty (its values are ``bt_qvalues`` and ``bt_scales``, views of the unit
+    buffer), so nothing reads the int8 bytes as weights; whole-parameter gathers are refused by
+    ``Engine.gather``. At world size 1 the gatherer runs too (to dequantize layer by layer) with no
+    collective, and the persistent and root parameters are aliased to their partitions as
+    ``single_rank_plain`` does (no copy of the embeddings or head per step)."""
+
+    def __init__(self, model: nn.Module, group, device: torch.device, persistence_threshold: int,
+                 quantize: str | None = None):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         self._available, self._not_available = ZeroParamStatus.AVAILABLE, ZeroParamStatus.NOT_AVAILABLE
@@ -468,19 +596,33 @@ class LayerGatherer:
         classes = tuple(decoder_layer_classes(model))
         self.layers = [m for m in model.modules() if classes and isinstance(m, classes)]
         in_layers = {id(p) for m in self.layers for p in m.parameters()}
+        self.quantize = quantize
+        self.quant = quantizable_weights(model) if quantize else {}  # id -> name
         persistent, root = [], []
         for p in _unique_params(model):
-            if p.ds_numel <= persistence_threshold:
+            if p.ds_numel <= persistence_threshold and id(p) not in self.quant:
                 persistent.append(p)
             elif id(p) not in in_layers:
                 root.append(p)
+        if self.quant and self.world == 1:
+            # one rank: the unquantized root (embeddings, final norm, head) is aliased to its
+            # partition, as single_rank_plain would, instead of copied at every step
+            persistent, root = persistent + root, []
         for p in persistent:  # whole on every rank for good, like DeepSpeed's persistent parameters
             self._gather_now([p])
             p.ds_persist = True
         persist = {id(p) for p in persistent}
         self.units = [[p for p in _unique_params(m) if id(p) not in persist] for m in self.layers]
         self.root = root
-        self._flat = [self._flatten_partitions(u) for u in self.units + [root]]
+        self._sums: dict[int, tuple[float, float]] = {}  # id -> (sum x², sum (x - deq)²) over this partition
+        self._layout: dict[int, list] = {}  # unit index -> its packed layout (quantized units only)
+        self.quant_errors: dict[str, float] = {}  # name -> relative Frobenius error (quantized)
+        self.summary: str | None = None
+        if self.quant:
+            self._flat = [self._pack_unit(i, u) for i, u in enumerate(self.units)] + [self._flatten_partitions(root)]
+            self._quant_report(model)
+        else:
+            self._flat = [self._flatten_partitions(u) for u in self.units + [root]]
         self._pending: dict[int, tuple] = {}  # unit index -> (event, buffer) of an issued gather
         self._gathered: set[int] = set()
         # one CUDA event per release, recorded on the compute stream after the unit's last use
@@ -510,6 +652,87 @@ class LayerGatherer:
             p.ds_tensor.data = flat[off:off + n]
             off += n
         return flat
+
+    @torch.no_grad()
+    def _pack_unit(self, i: int, unit: list) -> torch.Tensor | None:
+        """Quantize the unit's quantizable partitions and pack the unit into one uint8 buffer: fp32
+        scales, unquantized partitions (``ds_tensor`` becomes a view), int8 values. Offsets stay
+        aligned: scales first (4-byte elements), then 2- or 4-byte partitions, then the bytes."""
+        if not unit:
+            return None
+        quant = [p for p in unit if id(p) in self.quant]
+        if not quant:
+            return self._flatten_partitions(unit)
+        plain = [p for p in unit if id(p) not in self.quant]
+        qs = {}
+        for p in quant:
+            x = p.ds_tensor.data.reshape(-1)
+            q, sc = quantize_blocks(x)
+            deq = dequantize_blocks(q, sc, x.dtype)
+            x64 = x.double()
+            self._sums[id(p)] = (float(x64.square().sum()), float((x64 - deq.double()).square().sum()))
+            qs[id(p)] = (q, sc)
+        total = (sum(4 * qs[id(p)][1].numel() for p in quant)
+                 + sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in plain)
+                 + sum(qs[id(p)][0].numel() for p in quant))
+        buf = torch.empty(total, dtype=torch.uint8, device=plain[0].ds_tensor.device if plain else
+                          quant[0].ds_tensor.device)
+        layout, off = {}, 0
+        for p in quant:
+            sc = qs[id(p)][1]
+            view = buf[off:off + 4 * sc.numel()].view(torch.float32)
+            view.copy_(sc)
+            p.bt_scales = view
+            layout[id(p)] = {"scales": (off, 4 * sc.numel())}
+            off += 4 * sc.numel()
+        for p in plain:
+            t = p.ds_tensor
+            nb = t.numel() * t.element_size()
+            view = buf[off:off + nb].view(t.dtype)
+            view.copy_(t.data.reshape(-1))
+            p.ds_tensor.data = view
+            layout[id(p)] = {"plain": (off, nb)}
+            off += nb
+        for p in quant:
+            q = qs[id(p)][0]
+            view = buf[off:off + q.numel()].view(torch.int8)
+            view.copy_(q)
+            p.bt_qvalues, p.bt_part = view, q.numel()
+            p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+            layout[id(p)]["values"] = (off, q.numel())
+            off += q.numel()
+        self._layout[i] = [(p, layout[id(p)]) for p in unit]
+        return buf
+
+    @torch.no_grad()
+    def _quant_report(self, model: nn.Module) -> None:
+        """Relative Frobenius error ``||W - deq(W)|| / ||W||`` of each quantized weight, summed over
+        the ranks' partitions (one all-reduce), and the one-line summary printed at load."""
+        ids = [i for i in self.quant if i in self._sums]
+        sums = torch.tensor([v for i in ids for v in self._sums[i]], dtype=torch.float64).view(-1, 2)
+        if self.world > 1:  # on the gatherer's device: NCCL reduces CUDA tensors only
+            sums = sums.to(self.device)
+            dist.all_reduce(sums, group=self.group)
+            sums = sums.cpu()
+        for i, (ref, err) in zip(ids, sums.tolist()):
+            self.quant_errors[self.quant[i]] = math.sqrt(err / ref) if ref > 0 else 0.0
+        self._sums.clear()
+        errs = sorted(self.quant_errors.items(), key=lambda kv: kv[1])
+        packed = sum(b.numel() for i, b in enumerate(self._flat[:len(self.units)]) if b is not None)
+        plain_part = sum(-(-p.ds_numel // self.world) * p.element_size() for u in self.units for p in u)
+        if errs:
+            worst = errs[-1]
+            self.summary = (
+                f"model.quantize={self.quantize}: {len(errs)} linear weights of the decoder layers stored as int8 "
+                f"(blocks of {QUANT_BLOCK} elements from each rank's partition start, one fp32 scale per block; "
+                f"embeddings, norms, biases and the LM head in {str(self.units[0][0].dtype).replace('torch.', '')}); relative "
+                f"Frobenius error min {errs[0][1]:.3e} / median {errs[len(errs) // 2][1]:.3e} / max {worst[1]:.3e} "
+                f"({worst[0]}); decoder-layer partitions on this rank, all-gathered as stored: {packed:,} bytes "
+                f"(unquantized: {plain_part:,})")
+
+    def _part(self, p) -> int:
+        """Elements of this rank's partition of ``p`` (quantized: its int8 values)."""
+        return p.bt_part if hasattr(p, "bt_qvalues") else p.ds_tensor.numel()
 
     def _index(self, i: int) -> list:
         return self.units[i] if i < len(self.units) else self.root
@@ -542,6 +765,13 @@ class LayerGatherer:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
+            if i in self._layout:
+                whole = self._gather_packed(i, local)
+                event = torch.cuda.Event() if self.stream is not None else None
+                if event is not None:
+                    event.record(self.stream)
+                self._pending[i] = (event, whole)
+                return
             out = torch.empty(self.world * local.numel(), dtype=local.dtype, device=local.device)
             dist.all_gather_into_tensor(out, local, group=self.group)
             rows = out.view(self.world, local.numel())  # rank r's partitions in row r
@@ -558,6 +788,33 @@ class LayerGatherer:
                 event.record(self.stream)
         self._pending[i] = (event, whole)
 
+    def _gather_packed(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """All-gather a packed (quantized) unit's bytes, then each parameter whole in the compute
+        dtype into one buffer, laid out as the unpacked path lays it (rank r's partition in row r)."""
+        layout = self._layout[i]
+        if self.world > 1:
+            out = torch.empty(self.world * local.numel(), dtype=torch.uint8, device=local.device)
+            dist.all_gather_into_tensor(out, local, group=self.group)
+        else:
+            out = local  # nothing to gather: dequantize this rank's own bytes
+        rows = out.view(self.world, local.numel())
+        dtype = layout[0][0].dtype
+        whole = torch.empty(sum(self.world * self._part(p) for p, _ in layout), dtype=dtype, device=local.device)
+        dst = 0
+        for p, where in layout:
+            n = self._part(p)
+            dest = whole[dst:dst + self.world * n].view(self.world, n)
+            if "plain" in where:
+                a, nb = where["plain"]
+                dest.view(torch.uint8).copy_(rows[:, a:a + nb])
+            else:
+                a, nb = where["scales"]
+                scales = rows[:, a:a + nb].contiguous().view(torch.float32)
+                a, nv = where["values"]
+                dequantize_blocks(rows[:, a:a + nv].view(torch.int8), scales, dtype, out=dest)
+            dst += self.world * n
+        return whole
+
     def _wait(self, i: int) -> None:
         """Make unit ``i`` usable on the current stream: its parameters view the gathered buffer."""
         if i in self._gathered:
@@ -573,7 +830,7 @@ class LayerGatherer:
         for p in self._index(i):
             p.data = whole[off:off + p.ds_numel].view(p.ds_shape)
             p.ds_status = self._available
-            off += self.world * p.ds_tensor.numel()
+            off += self.world * self._part(p)
         self._gathered.add(i)
 
     def _release(self, i: int) -> None:
@@ -591,6 +848,10 @@ class LayerGatherer:
     @torch.no_grad()
     def _gather_now(self, params: list) -> None:
         for p in params:
+            if self.quant and self.world == 1:  # the partition is the whole tensor: alias it, one copy
+                p.data = p.ds_tensor.data.view(-1).narrow(0, 0, p.ds_numel).view(p.ds_shape)
+                p.ds_status = self._available
+                continue
             out = torch.empty(self.world * p.ds_tensor.numel(), dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
             dist.all_gather_into_tensor(out, p.ds_tensor.data.reshape(-1), group=self.group)
             p.data = out[:p.ds_numel].view(p.ds_shape)

@@ -1,0 +1,149 @@
+"""model.quantize=int8: the block-wise int8 quantizer against an element-by-element reference, its
+error bound, the world-size dependence of the dequantized values, the per-rank byte prediction, and
+the settings a quantized base refuses before start-up."""
+import math
+
+import pytest
+import torch
+
+from bigtrain import zero3 as Z
+from bigtrain.config import ConfigError, load_config
+from bigtrain.memory import model_shape, predict_states
+
+
+def _by_hand(x: torch.Tensor, block: int):
+    """Element by element, in Python floats on fp32 values: the quantizer's definition."""
+    xs = x.reshape(-1).float().tolist()
+    q, scales = [], []
+    for s in range(0, len(xs), block):
+        blk = xs[s:s + block]
+        scale = float(torch.tensor(max(abs(v) for v in blk), dtype=torch.float32) / 127.0)
+        scales.append(scale)
+        for v in blk:
+            q.append(0 if scale == 0 else int(torch.round(torch.tensor(v, dtype=torch.float32)
+                                                          / torch.tensor(scale, dtype=torch.float32))))
+    return q, scales
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 1024])
+def test_quantize_matches_definition_and_error_bound(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)  # blocks of very different ranges
+    x[1:64:7] = 0  # some exact zeros
+    q, sc = Z.quantize_blocks(x, 64)
+    q_ref, sc_ref = _by_hand(x, 64)
+    assert q.dtype == torch.int8 and sc.dtype == torch.float32
+    assert q.tolist() == q_ref and sc.tolist() == sc_ref
+    assert sc.numel() == math.ceil(n / 64) and Z.quantized_bytes(n) == n + 4 * sc.numel()
+    deq = Z.dequantize_blocks(q, sc, torch.float32)
+    # q·scale: exact in double, then rounded once to fp32 (as an fp32 product is)
+    by_hand = torch.tensor([q_ref[i] * sc_ref[i // 64] for i in range(n)], dtype=torch.float32)
+    assert torch.equal(deq, by_hand)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    assert Z.dequantize_blocks(q, sc, torch.bfloat16, out=out) is out
+    assert torch.equal(out, by_hand.to(torch.bfloat16))
+    assert torch.equal(Z.dequantize_blocks(q, sc, torch.bfloat16), out)
+    bound = sc.repeat_interleave(64)[:n]
+    err = (x - deq).abs()
+    # |x - q·scale| <= scale/2, up to the fp32 rounding of x/scale and of q·scale
+    assert bool((err <= bound / 2 * (1 + 1e-6) + 1e-12).all()), float((err - bound / 2).max())
+    rel = float((x - deq).norm() / x.norm())
+    print(f"n={n}: relative Frobenius error {rel:.3e}, max |x-deq|/scale {float((err / bound.clamp_min(1e-30)).max()):.4f}")
+    assert rel < 0.01
+
+
+def test_zero_block_and_extremes():
+    x = torch.zeros(130)
+    x[64] = -3.0
+    x[65] = 3.0
+    q, sc = Z.quantize_blocks(x)
+    assert sc.tolist() == [0.0, pytest.approx(3.0 / 127), 0.0]
+    assert q[64].item() == -127 and q[65].item() == 127 and q[:64].abs().sum() == 0
+    assert torch.equal(Z.dequantize_blocks(q, sc, torch.float32)[:64], torch.zeros(64))
+
+
+def test_dequantize_rows_equal_per_row():
+    """At a gather the int8 rows of all ranks are dequantized at once: the same as one by one."""
+    x = torch.randn(3, 200)
+    parts = [Z.quantize_blocks(r) for r in x]
+    q = torch.stack([p[0] for p in parts])
+    sc = torch.stack([p[1] for p in parts])
+    together = Z.dequantize_blocks(q, sc, torch.bfloat16)
+    one_by_one = torch.stack([Z.dequantize_blocks(a, b, torch.bfloat16) for a, b in parts])
+    assert together.dtype == torch.bfloat16 and torch.equal(together, one_by_one)
+
+
+def test_blocks_follow_the_partitions_so_values_depend_on_world_size():
+    w = torch.randn(128, 128, generator=torch.Generator().manual_seed(0))
+    d1, d2, d3 = (Z.reference_dequantized(w, n) for n in (1, 2, 3))
+    # 16384 / 2 = 8192 is a multiple of 64: the same blocks, the same values
+    assert torch.equal(d1, d2)
+    # 16384 / 3 -> partitions of 5462 elements: the blocks shift, the values change
+    assert not torch.equal(d1, d3)
+    # rank 1's partition starts at element 5462: its first block is elements 5462..5525
+    q, sc = Z.quantize_blocks(w.reshape(-1)[5462:5462 + 64])
+    assert torch.equal(d3.reshape(-1)[5462:5462 + 64], Z.dequantize_blocks(q, sc, torch.float32))
+
+
+def test_quantizable_weights_are_the_decoder_linears():
+    from bigtrain.presets import hf_config_for, meta_model
+
+    m = meta_model(hf_config_for("tiny-llama", vocab_size=512))
+    names = sorted(Z.quantizable_weights(m).values())
+    assert len(names) == 2 * 7  # 2 layers x q, k, v, o, gate, up, down
+    assert all(n.startswith("model.layers.") and n.endswith("_proj.weight") for n in names)
+    assert not any("embed" in n or "norm" in n or "lm_head" in n for n in names)
+
+
+def test_prediction_counts_int8_and_scales():
+    """tiny-opt (vocab 512 in the estimator): 16 attention projections of 16,384 elements and 8 MLP
+    maps of 65,536, quantized; at 2 ranks each partition is half, one fp32 scale per 64 elements.
+    Everything else as before (fp32 partitions; persistent whole tensors at threshold 1e5)."""
+    shape = model_shape("tiny-opt")
+    assert dict(shape.quant_numels) == {16384: 16, 65536: 8}
+    for n in (1, 2, 3):
+        plain = predict_states("tiny-opt", ["q_proj"], 4, n, "float32", 100000)["frozen_weights"]
+        quant = predict_states("tiny-opt", ["q_proj"], 4, n, "float32", 100000, quantize="int8")["frozen_weights"]
+        p16, p65 = -(-16384 // n), -(-65536 // n)
+        q_bytes = 16 * (p16 + 4 * -(-p16 // 64)) + 8 * (p65 + 4 * -(-p65 // 64))
+        # the quantized weights' unquantized bytes: fp32 partition, plus the whole tensor when
+        # persistent (all of them are <= 1e5 elements) at world size > 1
+        whole = (16 * 16384 + 8 * 65536) if n > 1 else 0
+        assert plain - quant == 4 * (16 * p16 + 8 * p65) + 4 * whole - q_bytes, n
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["zero.stage=0"], r"^model.quantize=int8 .* needs zero.stage=3 \(got zero.stage=0\)$"),
+    (["zero.gather=deepspeed"], r"^model.quantize=int8 needs bigtrain's layer gatherer .*zero.gather=deepspeed"),
+    (["zero.leaf_blocks=false"], r"zero.leaf_blocks=false\)$"),
+    (["checkpoint.merge_at_end=true"], r"^checkpoint.merge_at_end=true cannot merge into a model.quantize=int8 base"),
+])
+def test_refused_settings_are_one_line_config_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, ["model.quantize=int8", *overrides])
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_quantize_value():
+    with pytest.raises(ConfigError, match=r"^model.quantize: 'nf4' is not one of null, 'int8'$"):
+        load_config(None, ["model.quantize=nf4"])
+    assert load_config(None, ["model.quantize=int8"]).model.quantize == "int8"
+    assert load_config(None, []).model.quantize is None
+
+
+@pytest.mark.parametrize("zo,key", [({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
+                                    ({"offload_param": {"device": "cpu"}}, "offload_param"),
+                                    ({"zero_quantized_nontrainable_weights": True},
+                                     "zero_quantized_nontrainable_weights")])
+def test_ds_configs_a_quantized_base_cannot_use(tmp_path, zo, key):
+    import json
+
+    from bigtrain.config import ZeroConfig
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, **zo}}))
+    with pytest.raises(ConfigError, match=f"^model.quantize=int8: zero.ds_config {f} sets {key},"):
+        Z.check_world(ZeroConfig(ds_config=str(f)), "cpu", "int8")
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
+    Z.check_world(ZeroConfig(ds_config=str(ok)), "cpu", "int8")

@@ -324,21 +324,6 @@ def iter_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tu
     return _read_jsonl(path, r), r
 
 
-def read_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tuple[dict[str, list], dict]:
-    """All validated records of ``spec`` in source order, as columns (``prompt``/``completion``,
-    ``text`` or ``messages``), plus ``{"skipped": k, "bad_lines": [...], "format": ...}``. For small
-    sources (tools, tests); training streams through :func:`load_examples`."""
-    it, r = iter_records(spec, on_bad_line, fmt)
-    cols: dict[str, list] = {}
-    for rec in it:
-        for k, v in rec.items():
-            if k != "_loc":
-                cols.setdefault(k, []).append(v)
-    if r.fmt is None or not cols:
-        raise DataError(f"{source_path(spec)}: no usable examples" + (f" ({r.skipped} bad lines skipped)" if r.skipped else ""))
-    return cols, {"skipped": r.skipped, "bad_lines": r.bad, "format": FORMAT_NAMES[r.fmt]}
-
-
 # ---------------------------------------------------------------------------------------------
 # Tokenisation
 

@@ -80,18 +80,20 @@ class ModelConfig:
     length compiles again, so prefer data.pack=true (fixed shapes). Adapter dropout > 0 draws
     different random masks than eager."""
     quantize: Optional[str] = None
-    """null: the frozen base is stored in model.dtype. int8: the 2-D weight of every nn.Linear inside
-    the decoder layers is stored on each rank as int8, one fp32 scale per block of 64 consecutive
-    elements of the rank's ZeRO-3 partition (symmetric, absmax/127), all-gathered as int8 and
-    dequantized to model.dtype after the gather; embeddings, norms, biases and the LM head stay in
+    """null: the frozen base is stored in model.dtype. int8 or nf4: the 2-D weight of every nn.Linear
+    inside the decoder layers is stored on each rank quantized, in blocks of 64 consecutive elements
+    of the rank's ZeRO-3 partition, all-gathered as stored and dequantized to model.dtype after the
+    gather. int8: symmetric (absmax/127), one fp32 scale per block; 0.53x the bytes of bf16. nf4:
+    QLoRA's 4-bit NormalFloat, the block scales double-quantized (int8, one fp32 scale per 256 and
+    one offset); 0.26x the bytes of bf16. Embeddings, norms, biases and the LM head stay in
     model.dtype. Quantized once the weights are loaded; the block boundaries follow the partitions,
     so the dequantized values depend on the world size. Needs zero.stage=3, zero.gather=layers,
     zero.leaf_blocks=true, no hpZ or parameter offload, checkpoint.merge_at_end=false (merge offline
-    with bigtrain merge). CPU-tested; GPU not measured yet."""
+    with bigtrain merge, which reads the unquantized base from disk)."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice(p + ".quantize", self.quantize, (None, "int8"))
+        _choice(p + ".quantize", self.quantize, (None, "int8", "nf4"))
         _choice(p + ".attn_implementation", self.attn_implementation, (None, "sdpa", "eager"))
         if self.path is not None:
             d = Path(resolve_model_path(self.path))
@@ -394,7 +396,7 @@ class Config:
                                   f"{self.zero.gather}, zero.leaf_blocks={str(self.zero.leaf_blocks).lower()})")
             if self.checkpoint.merge_at_end:
                 raise ConfigError(f"checkpoint.merge_at_end=true cannot merge into a model.quantize={q} base "
-                                  f"(its live weights are int8); set it to false and merge offline with "
+                                  f"(its live weights are quantized); set it to false and merge offline with "
                                   f"bigtrain merge CKPT OUT, which reads the unquantized base from disk")
         if self.model.compile and self.zero.stage == 3 and not self.zero.leaf_blocks:
             raise ConfigError("model.compile needs zero.leaf_blocks=true at zero.stage=3: ZeRO-3's "

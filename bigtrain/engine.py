@@ -88,7 +88,7 @@ class Engine:
         is read here unless the caller already passes it). ``vocab``: the model's own vocabulary when
         ``hf_config`` is a padded copy (:mod:`bigtrain.vocab`): rows from ``vocab`` on are zeros.
         ``quantize`` (model.quantize, stage 3 only): the decoder layers' linear weights are stored
-        as int8 once the partitions are filled (``zero3.LayerGatherer``); ``quantize_summary`` then
+        quantized (int8 or nf4) once the partitions are filled (``zero3.LayerGatherer``); ``quantize_summary`` then
         holds the line that reports their error."""
         import transformers as tf
 
@@ -152,7 +152,7 @@ class Engine:
         """Context in which ``params`` are whole on every rank; with ``modify``, changes made on
         rank 0 are written back to the partitions. A no-op at stage 0."""
         if self.quantize is not None:
-            raise RuntimeError(f"model.quantize={self.quantize}: the base's linear weights are int8 partitions "
+            raise RuntimeError(f"model.quantize={self.quantize}: the base's linear weights are quantized partitions "
                                f"that whole-parameter gathers (merge, export) cannot read yet; merge offline "
                                f"with bigtrain merge CKPT OUT, which reads the unquantized base from disk")
         if self.stage == 0 or self._single_rank_plain:  # whole tensors already (aliased partitions)

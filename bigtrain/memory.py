@@ -288,13 +288,13 @@ def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage
                       quantize: str | None = None) -> int:
     if stage == 0:
         return shape.total_params * base_bytes
-    if quantize is not None:  # int8 values + fp32 block scales of the partition, never persistent
+    if quantize is not None:  # the quantized partition's stored sections, never persistent
         from .zero3 import quantized_bytes
 
         rest = shape.numels - shape.quant_numels
         return (base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
                                  for n, c in rest.items())
-                + sum(c * quantized_bytes(-(-n // world_size)) for n, c in shape.quant_numels.items()))
+                + sum(c * quantized_bytes(-(-n // world_size), quantize) for n, c in shape.quant_numels.items()))
     return base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
                             for n, c in shape.numels.items())
 
@@ -308,7 +308,7 @@ def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_si
     :func:`measure_states`): the frozen base (ZeRO-3 partitions + persistent whole tensors, or the whole
     base at stage 0), fp32 adapter weights, their grads, and torch AdamW's state (m, v in fp32 and a
     4-byte fp32 ``step`` per adapter tensor). Exact, not approximate. ``quantize`` (model.quantize):
-    the decoder layers' linear weights count as int8 partitions plus one fp32 scale per block."""
+    the decoder layers' linear weights count as their quantized partitions (``zero3.quantized_bytes``)."""
     shape = model_shape(hf_config_or_model_meta)
     ab = DTYPE_BYTES[adapter_dtype]
     shapes = shape.lora_shapes(targets)

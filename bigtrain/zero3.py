@@ -166,7 +166,7 @@ def read_user_ds_config(zero: ZeroConfig) -> dict:
 def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = None) -> None:
     """Refuse, before any process group starts, a world size or device the configuration cannot use
     (and, with ``quantize`` = model.quantize, a DeepSpeed config whose readers of the partitions
-    would see the int8 bytes as weights: hpZ's secondary partitions, parameter offload, DeepSpeed's
+    would see the quantized bytes as weights: hpZ's secondary partitions, parameter offload, DeepSpeed's
     own quantization)."""
     _, world, _ = detect_world()
     zo = read_user_ds_config(zero).get("zero_optimization", {})
@@ -179,7 +179,7 @@ def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = N
                                   bool(zo.get("zero_quantized_nontrainable_weights")))) if on]
         if clash:
             raise ConfigError(f"model.quantize={quantize}: zero.ds_config {zero.ds_config} sets "
-                              f"{', '.join(clash)}, which bigtrain's int8 partitions do not support; "
+                              f"{', '.join(clash)}, which bigtrain's quantized partitions do not support; "
                               f"use ds_configs/zero3.json or model.quantize=null")
     if zero.stage == 3 and zo.get("zero_quantized_nontrainable_weights") and not wants_cuda(device):
         raise ConfigError(f"zero.ds_config: zero_quantized_nontrainable_weights (in {zero.ds_config}) "
@@ -405,8 +405,8 @@ def gather(params, modify: bool = False):
 # -- per-rank storage ---------------------------------------------------------------------------
 def local_param_bytes(model: nn.Module) -> int:
     """Bytes of base-parameter storage held by this rank (the partition under ZeRO-3; the whole
-    tensor too while a parameter is gathered, as persistent ones stay; a quantized weight's int8
-    values and scales). Imports no DeepSpeed."""
+    tensor too while a parameter is gathered, as persistent ones stay; a quantized weight's stored
+    sections: codes or values and scales). Imports no DeepSpeed."""
     total, seen = 0, set()
     for p in model.parameters():
         if id(p) in seen:
@@ -415,9 +415,8 @@ def local_param_bytes(model: nn.Module) -> int:
         if hasattr(p, "ds_tensor"):  # the partition, plus the whole tensor while gathered/persistent
             whole = p.data.numel() if p.data.data_ptr() != p.ds_tensor.data_ptr() else 0  # aliased: one copy
             total += (p.ds_tensor.numel() + whole) * p.ds_tensor.element_size()
-            if hasattr(p, "bt_qvalues"):  # model.quantize: int8 values and fp32 scales (ds_tensor is empty)
-                total += p.bt_qvalues.numel() * p.bt_qvalues.element_size()
-                total += p.bt_scales.numel() * p.bt_scales.element_size()
+            for t in getattr(p, "bt_sections", {}).values():  # model.quantize (ds_tensor is empty)
+                total += t.numel() * t.element_size()
             sec = getattr(p, "ds_secondary_tensor", None)  # hpZ: the partition within the node
             if sec is not None:
                 total += sec.numel() * sec.element_size()
@@ -457,9 +456,17 @@ def unlink_deepspeed_shm(rank: int, world: int, addr: str | None = None, port: s
 
 
 
-# -- int8 frozen base (model.quantize=int8) -------------------------------------------------------
-QUANT_BLOCK = 64  # elements per int8 block: one fp32 scale for each 64 consecutive partition elements
-QUANTIZE_CHOICES = ("int8",)
+# -- a quantized frozen base (model.quantize=int8 | nf4) -------------------------------------------
+QUANT_BLOCK = 64  # elements per block of both schemes, counted from the start of each rank's partition
+NF4_SCALE_BLOCK = 256  # nf4's double quantization: int8 absmax scales, one fp32 scale per 256 of them
+QUANTIZE_CHOICES = ("int8", "nf4")
+# QLoRA's NormalFloat4 code (Dettmers et al. 2023, bitsandbytes' NF4 table): quantiles of N(0, 1)
+# scaled to [-1, 1], with an exact zero; 16 values, one 4-bit index each.
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+_DEQ_CHUNK = 1 << 22  # elements the eager nf4 path dequantizes at a time (bounds its temporaries)
 
 
 @torch.no_grad()
@@ -498,14 +505,178 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     return full.to(dtype)
 
 
-def quantized_bytes(part_numel: int, block: int = QUANT_BLOCK) -> int:
-    """Bytes a rank stores for one quantized partition of ``part_numel`` elements: int8 values and
-    one fp32 scale per block."""
-    return part_numel + 4 * -(-part_numel // block)
+@torch.no_grad()
+def quantize_nf4(x: torch.Tensor, block: int = QUANT_BLOCK,
+                 scale_block: int = NF4_SCALE_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QLoRA's NF4 with double-quantized scales, of a tensor read flat.
+
+    Blocks of ``block`` elements from its start (zeros pad the last one). Each block's absmax
+    ``a_j`` is itself quantized (QLoRA's double quantization): ``c = a - mean(a)`` in groups of
+    ``scale_block`` blocks, symmetric int8 ``round(c / s2)`` with ``s2 = absmax(c) / 127`` (fp32),
+    so the scale used is ``â_j = q2_j·s2 + mean`` (QLoRA stores these 8-bit scales as an 8-bit
+    float code; a linear int8 code costs the same bits and is one multiply-add to decode). Then each
+    element is the index of the NF4 value nearest to ``x / â_j`` (``â_j`` rather than ``a_j``, so
+    the index is the best one for the scale that dequantization will use), two indices per byte,
+    the first in the high nibble. Storage: 4 bits per element + 8 bits per 64 + 32 bits per 16,384
+    + 32 bits: 4.127 bits, 0.258 of bf16.
+
+    Returns (uint8 codes, ``ceil(n/block)·block/2`` bytes; int8 scales, one per block; fp32
+    ``[s2 per group..., mean]``)."""
+    x = x.detach().reshape(-1).float()
+    n = x.numel()
+    nb = -(-n // block)
+    padded = torch.zeros(nb * block, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    blocks = padded.view(nb, block)
+    absmax = blocks.abs().amax(dim=1)
+    mean = absmax.mean()
+    ng = -(-nb // scale_block)
+    c = torch.zeros(ng * scale_block, dtype=torch.float32, device=x.device)
+    c[:nb] = absmax - mean
+    cg = c.view(ng, scale_block)
+    s2 = cg.abs().amax(dim=1) / 127.0
+    safe2 = torch.where(s2 > 0, s2, torch.ones_like(s2))
+    q2 = torch.round(cg / safe2[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)[:nb].clone()
+    scale = _nf4_scales(q2, torch.cat([s2, mean.view(1)]), scale_block)
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=x.device)
+    mids = (code[1:] + code[:-1]) / 2
+    idx = torch.bucketize(blocks / safe[:, None], mids).to(torch.uint8).view(-1, 2)  # nearest code
+    packed = (idx[:, 0] << 4) | idx[:, 1]
+    return packed, q2, torch.cat([s2, mean.view(1)])
+
+
+def _nf4_scales(q2: torch.Tensor, s2m: torch.Tensor, scale_block: int = NF4_SCALE_BLOCK) -> torch.Tensor:
+    """Each block's scale ``q2·s2 + mean`` (fp32, a multiply then an add) along the last dimension."""
+    nb, ng = q2.shape[-1], s2m.shape[-1] - 1
+    lead = q2.shape[:-1]
+    wide = torch.zeros(*lead, ng * scale_block, dtype=torch.float32, device=q2.device)
+    wide[..., :nb] = q2
+    wide = wide.view(*lead, ng, scale_block).mul_(s2m[..., :ng, None]).view(*lead, ng * scale_block)[..., :nb]
+    return wide.add_(s2m[..., ng:])
+
+
+def _nf4_values(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """NF4 codes (uint8, two per byte, ``[..., nb·block/2]``) times their block's scale (``[..., nb]``),
+    in fp32, rounded once to ``dtype``: ``[..., nb·block]``."""
+    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=codes.device)
+    idx = torch.stack([codes >> 4, codes & 15], dim=-1).long()
+    vals = code[idx].view(*scale.shape, block)
+    return vals.mul_(scale[..., None]).view(*codes.shape[:-1], -1).to(dtype)
+
+
+_nf4_values_compiled = None  # torch.compile'd _nf4_values, built at first use on a GPU
+
+
+def _nf4_values_fast(codes, scale, dtype, block):
+    """On CUDA, :func:`_nf4_values` compiled by inductor into one kernel (the eager version makes a
+    byte, an int64 index and an fp32 value per element on its way: ~30 bytes of memory traffic per
+    element against ~2.5). Same operations, so the same values (checked by bench/quant_gpu.py)."""
+    global _nf4_values_compiled
+    if codes.device.type != "cuda":
+        return _nf4_values(codes, scale, dtype, block)
+    if _nf4_values_compiled is None:
+        _nf4_values_compiled = torch.compile(_nf4_values, dynamic=True)
+    return _nf4_values_compiled(codes, scale, dtype, block)
+
+
+def dequantize_nf4(codes: torch.Tensor, q2: torch.Tensor, s2m: torch.Tensor, n: int, dtype: torch.dtype,
+                   block: int = QUANT_BLOCK, scale_block: int = NF4_SCALE_BLOCK,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of :func:`quantize_nf4` along the last dimension (one row per rank at a gather):
+    ``NF4[index]·(q2·s2 + mean)`` in fp32, rounded once to ``dtype``, the first ``n`` elements of
+    each row (written into ``out`` if given). On the CPU the rows are dequantized a chunk of blocks
+    at a time, so the temporaries stay small."""
+    lead = codes.shape[:-1]
+    scale = _nf4_scales(q2, s2m, scale_block)
+    nb = scale.shape[-1]
+    if out is None:
+        out = torch.empty(*lead, n, dtype=dtype, device=codes.device)
+    if codes.device.type == "cuda":
+        full = _nf4_values_fast(codes, scale, dtype, block)
+        return out.copy_(full[..., :n])
+    step = max(1, _DEQ_CHUNK // block)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        vals = _nf4_values(codes[..., b0 * block // 2:b1 * block // 2], scale[..., b0:b1], dtype, block)
+        e0, e1 = b0 * block, min(n, b1 * block)
+        out[..., e0:e1].copy_(vals[..., :e1 - e0])
+    return out
+
+
+class _Scheme:
+    """How one quantized partition is stored: its sections (name, dtype, element count), in the
+    order the packed unit buffer holds them (4-byte sections first, 1-byte ones last, so every
+    offset stays aligned), how to make them and how to turn gathered rows of them back into values."""
+
+    name = ""
+
+    def sections(self, n: int) -> list[tuple[str, torch.dtype, int]]:
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, parts: dict, n: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def nbytes(self, n: int) -> int:
+        return sum(c * torch.empty(0, dtype=d).element_size() for _, d, c in self.sections(n))
+
+
+class _Int8(_Scheme):
+    name = "int8"
+
+    def sections(self, n):
+        return [("scales", torch.float32, -(-n // QUANT_BLOCK)), ("values", torch.int8, n)]
+
+    def quantize(self, x):
+        q, sc = quantize_blocks(x)
+        return {"scales": sc, "values": q}
+
+    def dequantize(self, parts, n, dtype, out=None):
+        return dequantize_blocks(parts["values"], parts["scales"], dtype, out=out)
+
+
+class _NF4(_Scheme):
+    name = "nf4"
+
+    def sections(self, n):
+        nb = -(-n // QUANT_BLOCK)
+        return [("scales2", torch.float32, -(-nb // NF4_SCALE_BLOCK) + 1), ("scales", torch.int8, nb),
+                ("codes", torch.uint8, nb * QUANT_BLOCK // 2)]
+
+    def quantize(self, x):
+        codes, q2, s2m = quantize_nf4(x)
+        return {"scales2": s2m, "scales": q2, "codes": codes}
+
+    def dequantize(self, parts, n, dtype, out=None):
+        return dequantize_nf4(parts["codes"], parts["scales"], parts["scales2"], n, dtype, out=out)
+
+
+SCHEMES = {"int8": _Int8(), "nf4": _NF4()}
+QUANT_FORMATS = {  # how the load summary and the docs describe each scheme
+    "int8": f"int8, one fp32 scale per block of {QUANT_BLOCK} elements (absmax/127)",
+    "nf4": (f"NF4, one int8 scale per block of {QUANT_BLOCK} elements, double-quantized with one fp32 scale per "
+            f"{NF4_SCALE_BLOCK} scales and one fp32 offset"),
+}
+
+
+def quantized_bytes(part_numel: int, scheme: str = "int8") -> int:
+    """Bytes a rank stores for one quantized partition of ``part_numel`` elements: int8: the values
+    and one fp32 scale per block; nf4: half a byte per element (whole blocks), one int8 scale per
+    block, one fp32 scale per 256 blocks and one fp32 offset."""
+    return SCHEMES[scheme].nbytes(part_numel)
+
+
+def quantize_dequantize(x: torch.Tensor, scheme: str = "int8", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` read flat, quantized as one partition and dequantized to ``dtype`` (default x's)."""
+    s = SCHEMES[scheme]
+    return s.dequantize(s.quantize(x), x.numel(), dtype or x.dtype).view(x.shape)
 
 
 def reference_dequantized(full: torch.Tensor, world: int, dtype: torch.dtype | None = None,
-                          block: int = QUANT_BLOCK) -> torch.Tensor:
+                          scheme: str = "int8") -> torch.Tensor:
     """What a quantized base's weight is after its gather at ``world`` ranks, from the whole
     unquantized tensor: ZeRO-3's padded partitions (``ceil(numel/world)`` elements each, zeros after
     the end), each quantized on its own (blocks from the partition's start), dequantized, joined.
@@ -515,8 +686,7 @@ def reference_dequantized(full: torch.Tensor, world: int, dtype: torch.dtype | N
     part = -(-n // world)
     flat = torch.zeros(part * world, dtype=full.dtype)
     flat[:n] = full.detach().reshape(-1).cpu()
-    out = [dequantize_blocks(*quantize_blocks(flat[r * part:(r + 1) * part], block), dtype, block)
-           for r in range(world)]
+    out = [quantize_dequantize(flat[r * part:(r + 1) * part], scheme, dtype) for r in range(world)]
     return torch.cat(out)[:n].view(full.shape)
 
 
@@ -572,15 +742,16 @@ class LayerGatherer:
     releases it when its input gradient is computed, that is, when its backward is done. During an
     activation-checkpointing recomputation (inside backward) the hooks neither release nor wrap.
 
-    With ``quantize="int8"`` (``model.quantize``) the weights of :func:`quantizable_weights` are
-    quantized here, once, from their filled partitions (:func:`quantize_blocks`: blocks of
-    ``QUANT_BLOCK`` elements from the start of each rank's partition, fp32 scales). Such a weight is
-    never persistent, whatever its size (its stored form is the int8 partition). Each layer unit's
-    local buffer is then bytes: the fp32 scales, the unquantized partitions (biases, norms) in their
-    dtype, the int8 values; one all-gather of it per unit, and the gathered rows are dequantized into
-    the unit's buffer in the compute dtype (on the side stream on GPU). A quantized parameter's
-    ``ds_tensor`` is left empty (its values are ``bt_qvalues`` and ``bt_scales``, views of the unit
-    buffer), so nothing reads the int8 bytes as weights; whole-parameter gathers are refused by
+    With ``quantize`` (``model.quantize``: "int8" or "nf4", ``SCHEMES``) the weights of
+    :func:`quantizable_weights` are quantized here, once, from their filled partitions (blocks of
+    ``QUANT_BLOCK`` elements from the start of each rank's partition: :func:`quantize_blocks`,
+    :func:`quantize_nf4`). Such a weight is never persistent, whatever its size (its stored form is
+    the quantized partition). Each layer unit's local buffer is then bytes: the fp32 scales, the
+    unquantized partitions (biases, norms) in their dtype, the 1-byte sections (int8 values, or nf4's
+    int8 scales and 4-bit codes); one all-gather of it per unit, and the gathered rows are
+    dequantized into the unit's buffer in the compute dtype (on the side stream on GPU). A quantized
+    parameter's ``ds_tensor`` is left empty (its stored form is ``bt_sections``, views of the unit
+    buffer), so nothing reads the quantized bytes as weights; whole-parameter gathers are refused by
     ``Engine.gather``. At world size 1 the gatherer runs too (to dequantize layer by layer) with no
     collective, and the persistent and root parameters are aliased to their partitions as
     ``single_rank_plain`` does (no copy of the embeddings or head per step)."""
@@ -655,52 +826,50 @@ class LayerGatherer:
 
     @torch.no_grad()
     def _pack_unit(self, i: int, unit: list) -> torch.Tensor | None:
-        """Quantize the unit's quantizable partitions and pack the unit into one uint8 buffer: fp32
-        scales, unquantized partitions (``ds_tensor`` becomes a view), int8 values. Offsets stay
-        aligned: scales first (4-byte elements), then 2- or 4-byte partitions, then the bytes."""
+        """Quantize the unit's quantizable partitions and pack the unit into one uint8 buffer: the
+        quantized partitions' 4-byte sections (fp32 scales), the unquantized partitions (each
+        ``ds_tensor`` becomes a view), then the 1-byte sections (int8 values; nf4's int8 scales and
+        codes). Every offset stays aligned to its element size."""
         if not unit:
             return None
         quant = [p for p in unit if id(p) in self.quant]
         if not quant:
             return self._flatten_partitions(unit)
         plain = [p for p in unit if id(p) not in self.quant]
-        qs = {}
+        scheme = SCHEMES[self.quantize]
+        parts = {}
         for p in quant:
             x = p.ds_tensor.data.reshape(-1)
-            q, sc = quantize_blocks(x)
-            deq = dequantize_blocks(q, sc, x.dtype)
+            parts[id(p)] = scheme.quantize(x)
+            deq = scheme.dequantize(parts[id(p)], x.numel(), x.dtype)
             x64 = x.double()
             self._sums[id(p)] = (float(x64.square().sum()), float((x64 - deq.double()).square().sum()))
-            qs[id(p)] = (q, sc)
-        total = (sum(4 * qs[id(p)][1].numel() for p in quant)
-                 + sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in plain)
-                 + sum(qs[id(p)][0].numel() for p in quant))
-        buf = torch.empty(total, dtype=torch.uint8, device=plain[0].ds_tensor.device if plain else
-                          quant[0].ds_tensor.device)
-        layout, off = {}, 0
-        for p in quant:
-            sc = qs[id(p)][1]
-            view = buf[off:off + 4 * sc.numel()].view(torch.float32)
-            view.copy_(sc)
-            p.bt_scales = view
-            layout[id(p)] = {"scales": (off, 4 * sc.numel())}
-            off += 4 * sc.numel()
+            p.bt_part = x.numel()
+        wide = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 4]
+        narrow = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 1]
+        total = (sum(4 * c for _, (_, _, c) in wide) + sum(c for _, (_, _, c) in narrow)
+                 + sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in plain))
+        buf = torch.empty(total, dtype=torch.uint8, device=unit[0].ds_tensor.device)
+        layout, off = {id(p): {} for p in unit}, 0
+        for p, (name, dt, c) in wide:
+            buf[off:off + 4 * c].view(dt).copy_(parts[id(p)][name])
+            layout[id(p)][name] = (off, 4 * c, dt)
+            off += 4 * c
         for p in plain:
             t = p.ds_tensor
             nb = t.numel() * t.element_size()
             view = buf[off:off + nb].view(t.dtype)
             view.copy_(t.data.reshape(-1))
             p.ds_tensor.data = view
-            layout[id(p)] = {"plain": (off, nb)}
+            layout[id(p)]["plain"] = (off, nb, t.dtype)
             off += nb
-        for p in quant:
-            q = qs[id(p)][0]
-            view = buf[off:off + q.numel()].view(torch.int8)
-            view.copy_(q)
-            p.bt_qvalues, p.bt_part = view, q.numel()
+        for p, (name, dt, c) in narrow:
+            buf[off:off + c].view(dt).copy_(parts[id(p)][name])
+            layout[id(p)][name] = (off, c, dt)
+            off += c
+        for p in quant:  # its stored form is the sections; nothing reads the bytes as weights
+            p.bt_sections = {k: buf[a:a + nb].view(dt) for k, (a, nb, dt) in layout[id(p)].items()}
             p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
-            layout[id(p)]["values"] = (off, q.numel())
-            off += q.numel()
         self._layout[i] = [(p, layout[id(p)]) for p in unit]
         return buf
 
@@ -723,16 +892,16 @@ class LayerGatherer:
         if errs:
             worst = errs[-1]
             self.summary = (
-                f"model.quantize={self.quantize}: {len(errs)} linear weights of the decoder layers stored as int8 "
-                f"(blocks of {QUANT_BLOCK} elements from each rank's partition start, one fp32 scale per block; "
-                f"embeddings, norms, biases and the LM head in {str(self.units[0][0].dtype).replace('torch.', '')}); relative "
+                f"model.quantize={self.quantize}: {len(errs)} linear weights of the decoder layers stored as "
+                f"{QUANT_FORMATS[self.quantize]}, blocks from each rank's partition start; embeddings, norms, "
+                f"biases and the LM head in {str(self.units[0][0].dtype).replace('torch.', '')}; relative "
                 f"Frobenius error min {errs[0][1]:.3e} / median {errs[len(errs) // 2][1]:.3e} / max {worst[1]:.3e} "
                 f"({worst[0]}); decoder-layer partitions on this rank, all-gathered as stored: {packed:,} bytes "
-                f"(unquantized: {plain_part:,})")
+                f"(unquantized: {plain_part:,}, {packed / max(plain_part, 1):.3f}x)")
 
     def _part(self, p) -> int:
-        """Elements of this rank's partition of ``p`` (quantized: its int8 values)."""
-        return p.bt_part if hasattr(p, "bt_qvalues") else p.ds_tensor.numel()
+        """Elements of this rank's partition of ``p`` (quantized: as it was before quantizing)."""
+        return p.bt_part if hasattr(p, "bt_sections") else p.ds_tensor.numel()
 
     def _index(self, i: int) -> list:
         return self.units[i] if i < len(self.units) else self.root
@@ -799,19 +968,19 @@ class LayerGatherer:
             out = local  # nothing to gather: dequantize this rank's own bytes
         rows = out.view(self.world, local.numel())
         dtype = layout[0][0].dtype
+        scheme = SCHEMES[self.quantize]
         whole = torch.empty(sum(self.world * self._part(p) for p, _ in layout), dtype=dtype, device=local.device)
         dst = 0
         for p, where in layout:
             n = self._part(p)
             dest = whole[dst:dst + self.world * n].view(self.world, n)
             if "plain" in where:
-                a, nb = where["plain"]
+                a, nb, _ = where["plain"]
                 dest.view(torch.uint8).copy_(rows[:, a:a + nb])
-            else:
-                a, nb = where["scales"]
-                scales = rows[:, a:a + nb].contiguous().view(torch.float32)
-                a, nv = where["values"]
-                dequantize_blocks(rows[:, a:a + nv].view(torch.int8), scales, dtype, out=dest)
+            else:  # each section's rows, in its dtype (the 4-byte ones copied out to be aligned)
+                parts = {k: (rows[:, a:a + nb].contiguous() if dt.itemsize > 1 else rows[:, a:a + nb]).view(dt)
+                         for k, (a, nb, dt) in where.items()}
+                scheme.dequantize(parts, n, dtype, out=dest)
             dst += self.world * n
         return whole
 

@@ -125,9 +125,10 @@ def test_refused_settings_are_one_line_config_errors(overrides, match):
 
 
 def test_unknown_quantize_value():
-    with pytest.raises(ConfigError, match=r"^model.quantize: 'nf4' is not one of null, 'int8'$"):
-        load_config(None, ["model.quantize=nf4"])
+    with pytest.raises(ConfigError, match=r"^model.quantize: 'int4' is not one of null, 'int8', 'nf4'$"):
+        load_config(None, ["model.quantize=int4"])
     assert load_config(None, ["model.quantize=int8"]).model.quantize == "int8"
+    assert load_config(None, ["model.quantize=nf4"]).model.quantize == "nf4"
     assert load_config(None, []).model.quantize is None
 
 

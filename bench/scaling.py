@@ -52,10 +52,12 @@ PEAK_FLOPS = 790e12
 SEQ = 2048
 WARMUP = 2
 BIGTRAIN_SKIP = 3
-CONTENDERS = ["bigtrain", "fsdp2-peft", "ds-peft", "bigtrain-compile", "bigtrain-dshooks"]
+CONTENDERS = ["bigtrain", "fsdp2-peft", "ds-peft", "bigtrain-compile", "bigtrain-dshooks", "bigtrain-int8",
+              "bigtrain-nf4"]
 # bigtrain train runs: -compile adds model.compile=true; -dshooks zero.gather=deepspeed (DeepSpeed's
-# own fetch hooks instead of bigtrain's per-layer gather: the before/after of that change)
-BIGTRAIN = ("bigtrain", "bigtrain-compile", "bigtrain-dshooks")
+# own fetch hooks instead of bigtrain's per-layer gather: the before/after of that change); -int8
+# and -nf4 model.quantize=int8 / nf4 (a quantized frozen base)
+BIGTRAIN = ("bigtrain", "bigtrain-compile", "bigtrain-dshooks", "bigtrain-int8", "bigtrain-nf4")
 MICRO = {"gpt3-2.7b": 4, "gpt3-6.7b": 2}
 LABEL = {"gpt3-2.7b": "GPT-3 2.7B", "gpt3-6.7b": "GPT-3 6.7B", "tiny-opt": "tiny-opt (CPU smoke)"}
 JOB_ENV = {"TORCH_CUDA_ARCH_LIST": "9.0", "NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1",
@@ -253,7 +255,8 @@ def plan(args, n_avail: int) -> list[dict]:
     with AC. Within a tier the 1-GPU jobs come first, adjacent, so two of them share the machine."""
     tiers = [(False, ["bigtrain", "fsdp2-peft"]), (False, ["ds-peft"]),
              (True, ["bigtrain", "fsdp2-peft"]), (True, ["ds-peft"]),
-             (False, ["bigtrain-compile", "bigtrain-dshooks"]), (True, ["bigtrain-compile"])]
+             (False, ["bigtrain-compile", "bigtrain-dshooks"]), (True, ["bigtrain-compile"]),
+             (False, ["bigtrain-int8", "bigtrain-nf4"]), (True, ["bigtrain-int8", "bigtrain-nf4"])]
     jobs = []
     for ckpt, group in tiers:
         if ckpt not in args.ckpt:
@@ -321,6 +324,8 @@ def command(job: dict, data: Path, run_dir: Path) -> list[str]:
             cmd.append("model.compile=true")
         if job["contender"] == "bigtrain-dshooks":
             cmd.append("zero.gather=deepspeed")
+        if job["contender"] in ("bigtrain-int8", "bigtrain-nf4"):
+            cmd.append(f"model.quantize={job['contender'].split('-')[1]}")
         return cmd
     w = {k: job[k] for k in ("model", "contender", "gpus", "ckpt", "mb", "seq", "steps", "warmup", "cpu",
                              "r", "targets", "layers") if k in job}

@@ -487,13 +487,24 @@ def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch.Te
     return q.view(-1)[:n].clone(), scales
 
 
+def _int8_values(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """Whole int8 blocks (``[..., nb·block]``) times their scale (``[..., nb]``) in fp32, rounded once
+    to ``dtype``."""
+    lead = q.shape[:-1]
+    return (q.reshape(*lead, -1, block).float() * scales.float()[..., None]).view(*lead, -1).to(dtype)
+
+
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                       block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
-    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given)."""
+    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given). On a GPU,
+    whole blocks go through one compiled kernel (:func:`_on_gpu`)."""
     n = q.shape[-1]
     lead = q.shape[:-1]
     nb = scales.shape[-1]
+    if n == nb * block and q.device.type == "cuda":
+        full = _on_gpu(_int8_values, q, scales, dtype, block)
+        return full if out is None else out.copy_(full)
     if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
         full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
     else:
@@ -503,6 +514,21 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     if out is not None:
         return out.copy_(full)  # the same cast as .to(dtype), without a second temporary
     return full.to(dtype)
+
+
+_COMPILED: dict = {}  # function -> its torch.compile'd version, built at first use on a GPU
+
+
+def _on_gpu(fn, *args):
+    """``fn(*args)`` compiled by inductor (``dynamic=True``: one kernel for every weight shape) into
+    one fused kernel: eager dequantization makes fp32 (and, for nf4, int64 index) temporaries of
+    every element on its way, ~20-30 bytes of memory traffic per element against ~3 fused. The
+    same operations in the same order, so the same values as eager (``bench/quant_gpu.py`` checks it
+    bit for bit on an H200)."""
+    f = _COMPILED.get(fn)
+    if f is None:
+        f = _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return f(*args)
 
 
 @torch.no_grad()
@@ -565,35 +591,20 @@ def _nf4_values(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bl
     return vals.mul_(scale[..., None]).view(*codes.shape[:-1], -1).to(dtype)
 
 
-_nf4_values_compiled = None  # torch.compile'd _nf4_values, built at first use on a GPU
-
-
-def _nf4_values_fast(codes, scale, dtype, block):
-    """On CUDA, :func:`_nf4_values` compiled by inductor into one kernel (the eager version makes a
-    byte, an int64 index and an fp32 value per element on its way: ~30 bytes of memory traffic per
-    element against ~2.5). Same operations, so the same values (checked by bench/quant_gpu.py)."""
-    global _nf4_values_compiled
-    if codes.device.type != "cuda":
-        return _nf4_values(codes, scale, dtype, block)
-    if _nf4_values_compiled is None:
-        _nf4_values_compiled = torch.compile(_nf4_values, dynamic=True)
-    return _nf4_values_compiled(codes, scale, dtype, block)
-
-
 def dequantize_nf4(codes: torch.Tensor, q2: torch.Tensor, s2m: torch.Tensor, n: int, dtype: torch.dtype,
                    block: int = QUANT_BLOCK, scale_block: int = NF4_SCALE_BLOCK,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_nf4` along the last dimension (one row per rank at a gather):
     ``NF4[index]·(q2·s2 + mean)`` in fp32, rounded once to ``dtype``, the first ``n`` elements of
     each row (written into ``out`` if given). On the CPU the rows are dequantized a chunk of blocks
-    at a time, so the temporaries stay small."""
+    at a time, so the temporaries stay small; on a GPU one compiled kernel does them (:func:`_on_gpu`)."""
     lead = codes.shape[:-1]
     scale = _nf4_scales(q2, s2m, scale_block)
     nb = scale.shape[-1]
     if out is None:
         out = torch.empty(*lead, n, dtype=dtype, device=codes.device)
     if codes.device.type == "cuda":
-        full = _nf4_values_fast(codes, scale, dtype, block)
+        full = _on_gpu(_nf4_values, codes, scale, dtype, block)
         return out.copy_(full[..., :n])
     step = max(1, _DEQ_CHUNK // block)
     for b0 in range(0, nb, step):

@@ -3,9 +3,11 @@
 # call: bigtrain with a bf16 base, an int8 base and an nf4 base (bench/scaling.py contenders
 # bigtrain, bigtrain-int8, bigtrain-nf4), GPT-3 6.7B and 13B (random bases), sequence 2048,
 # micro-batch 2, LoRA r=8 on q,v, activation checkpointing on.
-#   bash bench/quant_h200.sh 2gpu   the dequantization kernels (bench/quant_gpu.py), then on 2 GPUs:
-#                                   6.7B for 50 steps (the loss curves), 13B for 15
-#   bash bench/quant_h200.sh 1gpu   the same on 1 GPU (two 1-GPU jobs at a time on a 2-GPU machine)
+#   bash bench/quant_h200.sh 2gpu   the dequantization kernels (bench/quant_gpu.py; a difference from
+#                                   the CPU's values stops the phase), then on 2 GPUs: 6.7B for 50
+#                                   steps (the loss curves), 13B for 15
+#   bash bench/quant_h200.sh 1gpu   on 1 GPU, 15 steps each (two 1-GPU jobs at a time on 2 GPUs)
+#   bash bench/quant_h200.sh all    both (about 8 minutes on 2 H200s)
 # Every phase writes under $OUT (a clean directory each call) and tars what it wrote.
 set -euo pipefail
 OUT=${OUT:?set OUT}
@@ -15,13 +17,19 @@ if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt" || true
-G=${1:?phase: 1gpu or 2gpu}
+G=${1:?phase: all, 1gpu or 2gpu}
 C="--contenders bigtrain,bigtrain-int8,bigtrain-nf4 --ckpt on --mb 2 --seq 2048"
+run() {  # GPUs, model, steps after bigtrain's 3 skipped ones
+  python3 bench/scaling.py --models "$2" $C --gpus "$1" --steps "$3" --job-timeout 150 --out "$OUT/q_$2_g$1" 2>&1 | tee -a "$OUT/$G.txt"
+}
 case "$G" in
-  2gpu) python3 bench/quant_gpu.py --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt" || true; N=2 ;;
-  1gpu) N=1 ;;
-  *) echo "phase: 1gpu | 2gpu" >&2; exit 2 ;;
+  all|2gpu)
+    # the kernels first: a GPU result that differs from the CPU's stops the phase
+    python3 bench/quant_gpu.py --out "$OUT" 2>&1 | tee "$OUT/quant_gpu.txt"
+    [ "${PIPESTATUS[0]}" = 0 ] || { echo "dequantization kernels differ from the CPU: stopped" | tee -a "$OUT/$G.txt"; exit 1; }
+    run 2 gpt3-6.7b 47; run 2 gpt3-13b 12
+    [ "$G" = all ] && { run 1 gpt3-6.7b 12; run 1 gpt3-13b 12; } ;;
+  1gpu) run 1 gpt3-6.7b 12; run 1 gpt3-13b 12 ;;
+  *) echo "phase: all | 1gpu | 2gpu" >&2; exit 2 ;;
 esac
-python3 bench/scaling.py --models gpt3-6.7b $C --gpus $N --steps 47 --job-timeout 150 --out "$OUT/q67_g$N" 2>&1 | tee "$OUT/$G.txt"
-python3 bench/scaling.py --models gpt3-13b $C --gpus $N --steps 12 --job-timeout 150 --out "$OUT/q13_g$N" 2>&1 | tee -a "$OUT/$G.txt"
-tar czf "$OUT/$G.tgz" -C "$OUT" --exclude='*.safetensors' --exclude='*.tgz' . || true
+tar czf "$OUT/$G.tgz" -C "$OUT" --exclude='*.safetensors' --exclude='*.tgz' --exclude="$G.txt" . || true

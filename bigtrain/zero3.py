@@ -498,13 +498,14 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                       block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
     ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given). On a GPU,
-    whole blocks go through one compiled kernel (:func:`_on_gpu`)."""
+    whole blocks go through one Triton kernel (:func:`_triton_kernels`)."""
     n = q.shape[-1]
     lead = q.shape[:-1]
     nb = scales.shape[-1]
-    if n == nb * block and q.device.type == "cuda":
-        full = _on_gpu(_int8_values, q, scales, dtype, block)
-        return full if out is None else out.copy_(full)
+    if n == nb * block and q.device.type == "cuda" and block == QUANT_BLOCK:
+        if out is None or not out.is_contiguous():
+            return _dequant_gpu("int8", q, scales, torch.empty(q.shape, dtype=dtype, device=q.device))
+        return _dequant_gpu("int8", q, scales, out)
     if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
         full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
     else:
@@ -516,19 +517,60 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     return full.to(dtype)
 
 
-_COMPILED: dict = {}  # function -> its torch.compile'd version, built at first use on a GPU
+_KERNELS: dict = {}  # scheme -> its Triton kernel, built at first use on a GPU
 
 
-def _on_gpu(fn, *args):
-    """``fn(*args)`` compiled by inductor (``dynamic=True``: one kernel for every weight shape) into
-    one fused kernel: eager dequantization makes fp32 (and, for nf4, int64 index) temporaries of
-    every element on its way, ~20-30 bytes of memory traffic per element against ~3 fused. The
-    same operations in the same order, so the same values as eager (``bench/quant_gpu.py`` checks it
-    bit for bit on an H200)."""
-    f = _COMPILED.get(fn)
-    if f is None:
-        f = _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return f(*args)
+def _triton_kernels() -> dict:
+    """The dequantization kernels for a GPU, one element per thread, reading the stored form once
+    and writing the compute dtype once (~3 bytes of memory traffic per element for int8, ~2.5 for
+    nf4). Eager PyTorch makes fp32 (and, for nf4, int64 index) temporaries of every element on its
+    way, ~20-30 bytes per element, and inductor's dynamic-shape kernels reached only 0.2-0.8 TB/s of
+    an H200's 4.8 (``bench/quant_gpu.py``): on GPT-3 6.7B at 2 GPUs that cost 14% (int8) and 34%
+    (nf4) of the bf16 base's tokens/s. The same operations as :func:`_int8_values` and
+    :func:`_nf4_values` (an fp32 product, one round-to-nearest-even to the compute dtype), so the
+    same values: ``bench/quant_gpu.py`` checks them bit for bit. Triton ships with CUDA builds of
+    torch; it is imported only here."""
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_kernel(q_ptr, s_ptr, out_ptr, n, QB: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + offs // QB, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    @triton.jit
+    def nf4_kernel(c_ptr, s_ptr, code_ptr, out_ptr, n, QB: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        b = tl.load(c_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+        nib = tl.where(offs % 2 == 0, b >> 4, b & 15)  # the first element of a byte in its high nibble
+        v = tl.load(code_ptr + nib, mask=mask, other=0.0)
+        s = tl.load(s_ptr + offs // QB, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, (v * s).to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+    _KERNELS.update(int8=int8_kernel, nf4=nf4_kernel, block=4096, grid=lambda n, b: (triton.cdiv(n, b),))
+    return _KERNELS
+
+
+def _dequant_gpu(scheme: str, stored: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Whole blocks on a GPU (``out`` contiguous, ``QUANT_BLOCK`` elements per scale, rows of whole
+    blocks, so the rows can be read as one flat run): ``out`` = stored values × their block's fp32
+    scale, rounded to ``out``'s dtype."""
+    k = _triton_kernels()
+    n = out.numel()
+    args = (stored.contiguous().view(-1), scales.contiguous().view(-1).float())
+    if scheme == "nf4":
+        code = _KERNELS.get(("code", out.device))
+        if code is None:
+            code = _KERNELS[("code", out.device)] = torch.tensor(NF4_CODE, dtype=torch.float32, device=out.device)
+        args = args + (code,)
+    k[scheme][k["grid"](n, k["block"])](*args, out.view(-1), n, QUANT_BLOCK, k["block"])
+    return out
 
 
 @torch.no_grad()
@@ -597,14 +639,16 @@ def dequantize_nf4(codes: torch.Tensor, q2: torch.Tensor, s2m: torch.Tensor, n: 
     """The inverse of :func:`quantize_nf4` along the last dimension (one row per rank at a gather):
     ``NF4[index]·(q2·s2 + mean)`` in fp32, rounded once to ``dtype``, the first ``n`` elements of
     each row (written into ``out`` if given). On the CPU the rows are dequantized a chunk of blocks
-    at a time, so the temporaries stay small; on a GPU one compiled kernel does them (:func:`_on_gpu`)."""
+    at a time, so the temporaries stay small; on a GPU one Triton kernel does them (:func:`_triton_kernels`)."""
     lead = codes.shape[:-1]
     scale = _nf4_scales(q2, s2m, scale_block)
     nb = scale.shape[-1]
     if out is None:
         out = torch.empty(*lead, n, dtype=dtype, device=codes.device)
-    if codes.device.type == "cuda":
-        full = _on_gpu(_nf4_values, codes, scale, dtype, block)
+    if codes.device.type == "cuda" and block == QUANT_BLOCK:
+        if n == nb * block and out.is_contiguous():  # whole blocks: straight into out
+            return _dequant_gpu("nf4", codes, scale, out)
+        full = _dequant_gpu("nf4", codes, scale, torch.empty(*lead, nb * block, dtype=dtype, device=codes.device))
         return out.copy_(full[..., :n])
     step = max(1, _DEQ_CHUNK // block)
     for b0 in range(0, nb, step):

@@ -973,7 +973,7 @@ def _legend(est: dict) -> list[str]:
                                   f"gathered for the whole step" if N > 1 else
                                   " (at 1 GPU too: the gatherer dequantizes layer by layer; embeddings and head "
                                   "are not copied)")
-                    + f"; the dequantization temporaries of the largest weight"
+                    + "; the dequantization temporaries of the largest weight"
                     + ("; and the fp32 all-reduce of the adapter gradients" if N > 1 else ""))
     elif lora_st == 3 and N > 1:
         lora_buf = (f"3 decoder layers gathered in {w} (the one computing, the next prefetched, its "
@@ -1065,7 +1065,7 @@ examples:
   bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
   bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
   bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
-  bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \
+  bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
       --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
 """

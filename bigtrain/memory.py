@@ -639,6 +639,7 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
                       "fits": total <= st.gpu_mem_bytes,
                       "fewest_gpus": fewest_gpus(shape, st, which),
                       "stage": st.zero_stage if which == "full" else st.lora_stage}
+    out["lora"]["quantize"] = st.quantize  # which base the LoRA column is for (full FT: never quantized)
     out["ratio_per_gpu"] = out["full"]["per_gpu_total"] / out["lora"]["per_gpu_total"]
     out["ratio_job"] = out["full"]["job_total"] / out["lora"]["job_total"]
     return out

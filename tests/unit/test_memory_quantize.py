@@ -145,13 +145,13 @@ def test_cli_quantize_table_json_and_errors(capsys):
     assert "3 decoder layers dequantized to bfloat16" in text and "packed nf4 all-gather output" in text
     assert M.run_estimate(_args(*ANCHOR, "--json")) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["setup"]["quantize"] == "nf4"
+    assert out["setup"]["quantize"] == "nf4" and out["lora"]["quantize"] == "nf4" and "quantize" not in out["full"]
     shape = model_shape("llama2-70b")
     assert out["lora"]["per_gpu"]["frozen_weights"] == predict_states(
         shape, ["all-linear"], 8, 2, "bfloat16", quantize="nf4")["frozen_weights"]
     assert M.run_estimate(_args(*ANCHOR[:-4], "--gpu-mem-gib", "40", "--json")) == 0  # no --quantize
     plain = json.loads(capsys.readouterr().out)
-    assert plain["setup"]["quantize"] is None and plain["full"] == out["full"]
+    assert plain["setup"]["quantize"] is None and plain["lora"]["quantize"] is None and plain["full"] == out["full"]
     assert plain["lora"]["per_gpu"]["frozen_weights"] > 3.5 * out["lora"]["per_gpu"]["frozen_weights"]
     for extra, flag in ((("--zero-stage", "0"), "--zero-stage 0"), (("--hpz", "2"), "--hpz 2"),
                         (("--offload-param",), "--offload-param")):

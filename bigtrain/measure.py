@@ -294,7 +294,7 @@ def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
                  checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
                  lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
                  persistence_threshold=cfg.zero.persistence_threshold, gpu_mem_bytes=gpu_mem,
-                 include_context=context)
+                 include_context=context, quantize=cfg.model.quantize)  # LoRA's base; full FT unquantized
 
 
 def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict:
@@ -309,6 +309,7 @@ def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict
     out = {"model": shape.name, "total_params": shape.total_params, "world_size": world, "device": device,
            "steps": args.steps, "micro_batch": cfg.train.micro_batch_size, "seq_len": cfg.data.max_length,
            "checkpointing": cfg.model.gradient_checkpointing, "dtype": cfg.model.dtype,
+           "quantize": cfg.model.quantize,
            "lora": {"r": cfg.lora.r, "targets": list(cfg.lora.targets)},
            "gpu_mem_bytes": gpu_mem, "mem_cap_bytes": int(args.mem_cap_gib * GiB) if args.mem_cap_gib else None,
            "modes": {}}
@@ -402,7 +403,9 @@ def format_report(rep: dict) -> str:
     lines = [f"bigtrain measure: {rep['model']} ({rep['total_params']:,} parameters), {rep['world_size']} "
              f"rank(s) on {rep['device']}, micro-batch {rep['micro_batch']}, sequence {rep['seq_len']}, "
              f"checkpointing {'on' if rep['checkpointing'] else 'off'}, {rep['dtype']}, {rep['steps']} steps "
-             f"per mode; per GPU, GiB, max over ranks; estimate without the CUDA context"]
+             f"per mode; per GPU, GiB, max over ranks; estimate without the CUDA context"
+             + (f"; LoRA's base model.quantize={rep['quantize']} (full fine-tuning's is not quantized)"
+                if rep.get("quantize") else "")]
     head = (f"{'mode':<12} {'peak alloc':>10} {'estimate':>9} {'error':>7} {'reserved':>9} "
             f"{'states':>8} {'est.':>8} {'rest':>8} {'est.':>8} {'tokens/s/GPU':>13}  status")
     if not gpu:

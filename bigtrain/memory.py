@@ -42,6 +42,10 @@ Assumptions (every one of them is a choice stated here, not a law):
   (5e7 elements); full FT at stages 1-3 also holds a reduce bucket (5e8 elements, 16-bit).
 * CUDA context 0.5 GiB plus a 5 % fragmentation allowance on everything else; these two are not
   part of ``torch.cuda.max_memory_allocated`` (the bench compares without them).
+* A quantized LoRA base (``Setup.quantize``, model.quantize=int8|nf4): the frozen weights are the
+  quantized partitions (``zero3.quantized_bytes``) and the gather buffers those of the layer gatherer
+  dequantizing layer by layer, at world size 1 too (:func:`quantized_gather_bytes`). Full fine-tuning
+  is never quantized.
 
 Everything here is CPU-only and never allocates model storage.
 """
@@ -87,6 +91,7 @@ PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
 SUB_GROUP_SIZE = int(1e9)  # DeepSpeed zero_optimization.sub_group_size (elements)
 DEFAULT_PERSISTENCE = 100000  # DeepSpeed stage3_param_persistence_threshold
+QUANTIZE_CHOICES = ("int8", "nf4")  # model.quantize (bigtrain.zero3.QUANTIZE_CHOICES, without importing torch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +117,9 @@ class ModelShape:
     ffn_maps: int = 1  # linear maps of a decoder layer that output ``ffn`` (2: gated MLP, SwiGLU)
     param_numels: tuple = ()  # every parameter's numel in ``model.parameters()`` order, tied once
     quant_numels: Counter = field(default_factory=Counter)  # numel -> count of model.quantize's weights
+    # (numel, quantized by model.quantize) of each parameter of one decoder layer (the first), tied once:
+    # the layer gatherer's unit, for the buffers of a quantized base
+    layer_numels: tuple = ()
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -153,14 +161,16 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         own = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
         largest = max(largest, own)
     layers_mod = _decoder_layers(model)
-    ffn, ffn_maps = 0, 1
+    quantized = quantizable_weights(model)
+    ffn, ffn_maps, layer_numels = 0, 1, ()
     if layers_mod is not None and len(layers_mod):
         layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
+        layer_numels = tuple((int(getattr(p, "ds_numel", p.numel())), id(p) in quantized)
+                             for p in layers_mod[0].parameters())
         outs = [linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)]
         ffn = max(outs, default=0)
         ffn_maps = max(1, outs.count(ffn))
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
-    quantized = quantizable_weights(model)
     return ModelShape(
         name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
         layers=getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0),
@@ -170,7 +180,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         largest_module_params=largest, linears=linears, output_layers=frozenset(output_layer_names(model)),
         ffn=ffn or 4 * hidden, ffn_maps=ffn_maps, param_numels=order,
         quant_numels=Counter(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
-                             if id(p) in quantized))
+                             if id(p) in quantized), layer_numels=layer_numels)
 
 
 def _decoder_layers(model):
@@ -371,10 +381,25 @@ class Setup:
     full_recipe: str = "zero"  # "zero": 16 bytes/param mixed precision; "torch-amp": see module doc
     gpu_mem_bytes: int = 80 * GiB
     include_context: bool = True  # CUDA context + fragmentation allowance
+    quantize: str | None = None  # LoRA's base: model.quantize (None, "int8", "nf4"); full FT is unaffected
 
     @property
     def lora_stage(self) -> int:
         return 0 if self.zero_stage == 0 else 3
+
+    def check_quantize(self) -> None:
+        """A quantized base needs what training needs (config.Config.validate, zero3.check_world): the
+        ZeRO-3 base and bigtrain's layer gatherer, so no hpZ and no parameter offload."""
+        if self.quantize is None:
+            return
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.lora_stage != 3:
+            raise ValueError(f"quantize={self.quantize} quantizes the ZeRO-3 partitions of LoRA's base: it "
+                             f"needs ZeRO stage 3, not {self.zero_stage}")
+        if self.hpz > 1 or self.offload_param:
+            raise ValueError(f"quantize={self.quantize} cannot be combined with "
+                             f"{'hpZ' if self.hpz > 1 else 'parameter offload'} (training refuses it too)")
 
 
 def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int) -> int:
@@ -438,17 +463,69 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
     return c
 
 
+def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
+    """The layer gatherer's buffers per GPU with a quantized base (``st.quantize``: model.quantize), by
+    part, from ``LayerGatherer._issue`` / ``_gather_packed`` / ``_wait`` (bigtrain/zero3.py). The gatherer
+    runs at every world size, 1 included: it dequantizes layer by layer.
+
+    * ``unit``: one decoder layer dequantized in the compute dtype, ``st.dtype``: each parameter of the
+      layer that is not persistent (quantized weights never are; others of at most
+      ``persistence_threshold`` elements stay whole, counted under frozen weights) as its padded
+      gathered size ``N·ceil(numel/N)``. Three are counted, as on the unquantized path (the layer
+      computing, the next one gathered ahead, and one more in flight): ``units = 3·unit``.
+    * ``packed``: this rank's packed bytes of one layer, what is all-gathered: the quantized partitions
+      (``zero3.quantized_bytes``) and the unquantized non-persistent partitions in ``st.dtype``.
+      ``all_gather``: the all-gather output, ``N·packed``, alive while the layer is dequantized from
+      it; none at world size 1 (the rank's own bytes are dequantized in place).
+    * ``dequant_temp``: the temporaries of dequantizing the largest quantized weight, with
+      ``nb = ceil(ceil(numel/N)/64)`` blocks per rank's row: int8: the fp32 copy of the whole gathered
+      weight, ``4·N·nb·64`` bytes (``dequantize_blocks``); nf4 (the GPU path): the compiled kernel's
+      output, one copy in the compute dtype, ``w·N·nb·64``, and the fp32 block scales it reads,
+      ``4·N·ceil(nb/256)·256`` (``_nf4_scales``). At world size > 1 also the fp32 sections (int8's
+      scales, nf4's second-level scales and offset) copied out contiguous, ``4·N·`` their count.
+      (The CPU nf4 path dequantizes in chunks of ``zero3._DEQ_CHUNK`` elements: not modelled.)
+    * ``root``: the embeddings, final norm and head, gathered for the whole step at world size > 1 (as
+      unquantized); at world size 1 aliased to their partitions: none.
+
+    ``total = units + all_gather + dequant_temp + root``."""
+    from .zero3 import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
+
+    N, w, q = st.world_size, DTYPE_BYTES[st.dtype], st.quantize
+    layer = shape.layer_numels or ((shape.layer_params or shape.largest_module_params, False),)
+    gathered = [(n, quant) for n, quant in layer if quant or n > st.persistence_threshold]
+    unit = w * sum(N * -(-n // N) for n, _ in gathered)
+    packed = sum(quantized_bytes(-(-n // N), q) if quant else w * -(-n // N) for n, quant in gathered)
+    largest = max((n for n, quant in layer if quant), default=0)
+    nb = -(-(-(-largest // N)) // QUANT_BLOCK)
+    if q == "int8":
+        temp = 4 * N * nb * QUANT_BLOCK + (4 * N * nb if N > 1 else 0)
+    else:
+        ng = -(-nb // NF4_SCALE_BLOCK)
+        temp = w * N * nb * QUANT_BLOCK + 4 * N * ng * NF4_SCALE_BLOCK + (4 * N * (ng + 1) if N > 1 else 0)
+    if not largest:
+        temp = 0
+    root = w * max(0, shape.total_params - shape.layers * shape.layer_params) if N > 1 else 0
+    out = {"unit": unit, "units": 3 * unit, "packed": packed, "all_gather": N * packed if N > 1 else 0,
+           "dequant_temp": temp, "root": root}
+    out["total"] = out["units"] + out["all_gather"] + out["dequant_temp"] + out["root"]
+    return out
+
+
 def _components_lora(shape: ModelShape, st: Setup) -> dict:
     N = st.world_size
+    st.check_quantize()
     pred = predict_states(shape, list(st.lora_targets), st.lora_r, N, st.dtype, st.persistence_threshold,
-                          stage=st.lora_stage, hpz=st.hpz if st.lora_stage == 3 else 1)
+                          stage=st.lora_stage, hpz=st.hpz if st.lora_stage == 3 else 1, quantize=st.quantize)
     c = dict.fromkeys(CATEGORIES, 0)
     c.update(pred)
     buffers = 0
     if st.lora_stage == 3:
         if st.offload_param:
             c["frozen_weights"] = 0
-        if N > 1:
+        if st.quantize is not None:
+            # bigtrain's layer gatherer dequantizing a quantized base (quantized_gather_bytes)
+            buffers += quantized_gather_bytes(shape, st)["total"]
+        elif N > 1:
             # bigtrain's per-layer gather (zero.gather=layers): the layer computing, the next one
             # gathered ahead, and that one's all-gather output while it is copied out; plus
             # everything outside the layers (embeddings, head), gathered for the whole step. At
@@ -562,6 +639,7 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
                       "fits": total <= st.gpu_mem_bytes,
                       "fewest_gpus": fewest_gpus(shape, st, which),
                       "stage": st.zero_stage if which == "full" else st.lora_stage}
+    out["lora"]["quantize"] = st.quantize  # which base the LoRA column is for (full FT: never quantized)
     out["ratio_per_gpu"] = out["full"]["per_gpu_total"] / out["lora"]["per_gpu_total"]
     out["ratio_job"] = out["full"]["job_total"] / out["lora"]["job_total"]
     return out
@@ -651,6 +729,49 @@ def paper_figures(model="gpt3-175b") -> dict:
     }
 
 
+def quantize_comparison(shape: ModelShape, st: Setup, world_size: int = 64) -> dict:
+    """What model.quantize changes for LoRA on ``world_size`` GPUs (the LoRA paper's 175B setup: 8
+    nodes × 8), ``st`` otherwise (its ZeRO-3 base, no hpZ or offload): per GPU the frozen base bytes, the
+    gather buffers and the LoRA peak, and the whole job's, for the unquantized base and each scheme."""
+    out = {"world_size": world_size, "rows": []}
+    for q in (None, *QUANTIZE_CHOICES):
+        s = replace(st, world_size=world_size, quantize=q, zero_stage=3, hpz=1, offload_param=False)
+        c = per_gpu(shape, s, "lora")
+        total = peak_bytes(c, s, "lora")
+        out["rows"].append({"quantize": q, "base": q or st.dtype, "frozen_weights": c["frozen_weights"],
+                            "zero_buffers": c["zero_buffers"], "per_gpu_total": total,
+                            "job_total": total * world_size})
+    return out
+
+
+# HF PEFT's "Use PEFT QLoRA and DeepSpeed with ZeRO3 for finetuning large models on multiple GPUs"
+# (peft docs/source/accelerate/deepspeed.md; examples/sft/run_peft_qlora_deepspeed_stage3.sh and
+# configs/deepspeed_config_z3_qlora.yaml): Llama-2-70B on 2 × 40 GB A100s, "36.6 GB" per GPU.
+PEFT_QLORA = {"model": "llama2-70b", "gpus": 2, "gpu_mem_gib": 40, "micro_batch": 2, "grad_accum": 2,
+              "seq_len": 2048, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear", "quantize": "nf4",
+              "reported_gb_per_gpu": 36.6}
+
+
+def peft_qlora_anchor() -> dict:
+    """bigtrain's estimate for the job of PEFT's ZeRO-3 + QLoRA example (``PEFT_QLORA``): 2 GPUs,
+    micro-batch 2 of 2,048 packed tokens, activation checkpointing, LoRA r=8 on every linear layer,
+    an nf4 base, bf16 compute; with the CUDA context and fragmentation allowance (what
+    nvidia-smi-like figures include) and without it (``torch.cuda.max_memory_allocated``)."""
+    a = PEFT_QLORA
+    st = Setup(world_size=a["gpus"], micro_batch=a["micro_batch"], seq_len=a["seq_len"], checkpointing=True,
+               lora_r=a["lora_r"], lora_targets=(a["lora_targets"],), quantize=a["quantize"],
+               gpu_mem_bytes=a["gpu_mem_gib"] * GiB)
+    shape = model_shape(a["model"])
+    c = per_gpu(shape, st, "lora")
+    bare = per_gpu(shape, replace(st, include_context=False), "lora")
+    bf16 = per_gpu(shape, replace(st, quantize=None), "lora")
+    return {**a, "per_gpu": c, "per_gpu_total": peak_bytes(c, st, "lora"),
+            "per_gpu_allocated": peak_bytes(bare, st, "lora"),
+            "gather": quantized_gather_bytes(shape, st),
+            "bf16_base_per_gpu_total": peak_bytes(bf16, st, "lora"),
+            "fits": peak_bytes(c, st, "lora") <= st.gpu_mem_bytes}
+
+
 def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dict:
     """What ``accelerate`` and DeepSpeed's estimators say, called for real on the meta model.
 
@@ -727,6 +848,8 @@ def _gb(x: float) -> str:
 def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
     st = est["setup"]
     N = st["world_size"]
+    q = st.get("quantize")
+    W = 26 if q else 22  # the LoRA column's width
     lines = [
         f"{est['model']}: {est['total_params']:,} parameters (meta build); LoRA r={st['lora_r']} on "
         f"{','.join(st['lora_targets'])}: {est['lora_params']:,} trainable "
@@ -735,21 +858,23 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
         f"checkpointing {'on' if st['checkpointing'] else 'off'}, {st['dtype']}, "
         f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
         + (", parameters offloaded to CPU" if st["offload_param"] else "")
-        + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else ""),
+        + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else "")
+        + (f", LoRA's base quantized {q} (model.quantize={q}: the decoder layers' linear weights)" if q else ""),
         "",
         f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
-        f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + ' base)':>22}",
+        f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + (f', {q}' if q else '') + ' base)':>{W}}",
     ]
     for k in CATEGORIES:
         lines.append(f"{CATEGORY_LABELS[k]:<32}{_gb(est['full']['per_gpu'][k]):>20}"
-                     f"{_gb(est['lora']['per_gpu'][k]):>22}")
-    lines.append("-" * 74)
+                     f"{_gb(est['lora']['per_gpu'][k]):>{W}}")
+    lines.append("-" * (52 + W))
     f, lo = est["full"], est["lora"]
     lines += [
-        f"{'peak per GPU':<32}{_gb(f['per_gpu_total']):>20}{_gb(lo['per_gpu_total']):>22}",
-        f"{'whole job (x' + str(N) + ')':<32}{_gb(f['job_total']):>20}{_gb(lo['job_total']):>22}",
-        f"{'fits the GPU':<32}{'yes' if f['fits'] else 'NO':>20}{'yes' if lo['fits'] else 'NO':>22}",
-        f"{'fewest GPUs that fit':<32}{str(f['fewest_gpus'] or 'none'):>20}{str(lo['fewest_gpus'] or 'none'):>22}",
+        f"{'peak per GPU':<32}{_gb(f['per_gpu_total']):>20}{_gb(lo['per_gpu_total']):>{W}}",
+        f"{'whole job (x' + str(N) + ')':<32}{_gb(f['job_total']):>20}{_gb(lo['job_total']):>{W}}",
+        f"{'fits the GPU':<32}{'yes' if f['fits'] else 'NO':>20}{'yes' if lo['fits'] else 'NO':>{W}}",
+        f"{'fewest GPUs that fit':<32}{str(f['fewest_gpus'] or 'none'):>20}"
+        f"{str(lo['fewest_gpus'] or 'none'):>{W}}",
         f"full / LoRA: {est['ratio_per_gpu']:.2f}x per GPU, {est['ratio_job']:.2f}x whole job",
     ]
     if st["full_recipe"] == "torch-amp":
@@ -773,6 +898,40 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
             f"with 16-bit grads too (8*Psi = {p['full_vram_16bit_weights_grads_adam'] / 1e12:.2f} TB);",
             f"    mixed-precision Adam with an fp32 master (16*Psi, this tool's 'full FT') is "
             f"{p['full_vram_mixed_precision_adam'] / 1e12:.2f} TB before activations",
+        ]
+    if paper and paper.get("quantized"):
+        qc = paper["quantized"]
+        lines += ["", f"What model.quantize changes for LoRA, {est['model']} on {qc['world_size']} GPUs "
+                      f"(8 nodes x 8, the paper's setup; the rest as above), GB:",
+                  f"  {'base':<10}{'base per GPU':>14}{'gather buffers':>16}{'LoRA per GPU':>14}"
+                  f"{'LoRA whole job':>16}{'base, whole job':>17}"]
+        for r in qc["rows"]:
+            lines.append(f"  {r['base']:<10}{_gb(r['frozen_weights']):>14}{_gb(r['zero_buffers']):>16}"
+                         f"{_gb(r['per_gpu_total']):>14}{_gb(r['job_total']):>16}"
+                         f"{_gb(r['frozen_weights'] * qc['world_size']):>17}")
+    if paper and paper.get("qlora_anchor"):
+        a = paper["qlora_anchor"]
+        lines += [
+            "",
+            "Anchor: HF PEFT's DeepSpeed ZeRO-3 + QLoRA example (PEFT docs, accelerate/deepspeed; "
+            "examples/sft/run_peft_qlora_deepspeed_stage3.sh):",
+            f"  Llama-2-70B, {a['gpus']} x {a['gpu_mem_gib']} GB A100, micro-batch {a['micro_batch']} x "
+            f"{a['seq_len']} packed tokens, checkpointing, LoRA r={a['lora_r']} all-linear, bnb nf4 + double "
+            f"quant, bf16: reported {a['reported_gb_per_gpu']} GB per GPU",
+            f"  bigtrain estimate {a['model']} --gpus-per-node {a['gpus']} --micro-batch {a['micro_batch']} "
+            f"--seq-len {a['seq_len']} --lora-r {a['lora_r']} --lora-targets {a['lora_targets']} --quantize "
+            f"{a['quantize']} --gpu-mem-gib {a['gpu_mem_gib']}:",
+            f"    {_gb(a['per_gpu_total'])} GB per GPU ({a['per_gpu_total'] / GiB:.2f} GiB; "
+            f"{a['per_gpu_total'] / (a['reported_gb_per_gpu'] * GB) - 1:+.1%} against 36.6 GB), "
+            f"{_gb(a['per_gpu_allocated'])} GB without the CUDA context and fragmentation allowance; "
+            f"with a bf16 base {_gb(a['bf16_base_per_gpu_total'])} GB",
+            f"    of which: nf4 base partition {_gb(a['per_gpu']['frozen_weights'])}, gather buffers "
+            f"{_gb(a['per_gpu']['zero_buffers'])} (3 dequantized bf16 layers {_gb(a['gather']['units'])}, "
+            f"embeddings and head {_gb(a['gather']['root'])}), activations {_gb(a['per_gpu']['activations'])}, "
+            f"replicated fp32 adapters + AdamW "
+            f"{_gb(sum(a['per_gpu'][k] for k in ('trainable_weights', 'gradients', 'optimizer_state')))}",
+            "    (docs/quantized_estimate.md: what differs, and what DeepSpeed ZeRO-3 does with bitsandbytes' "
+            "4-bit weights)",
         ]
     if tools:
         a, d = tools.get("accelerate", {}), tools.get("deepspeed_zero3", {})
@@ -808,7 +967,16 @@ def _legend(est: dict) -> list[str]:
         full_buf = "DeepSpeed's reduce bucket (5e8 elements)"
     else:
         full_buf = ("autocast's 16-bit copy of every weight" if st["full_recipe"] == "torch-amp" else "none")
-    if lora_st == 3 and N > 1:
+    q = st.get("quantize")
+    if lora_st == 3 and q:
+        lora_buf = (f"3 decoder layers dequantized to {w} (the one computing, the next prefetched, one more in "
+                    f"flight)" + (f" + the packed {q} all-gather output of one layer + embeddings and head, "
+                                  f"gathered for the whole step" if N > 1 else
+                                  " (at 1 GPU too: the gatherer dequantizes layer by layer; embeddings and head "
+                                  "are not copied)")
+                    + "; the dequantization temporaries of the largest weight"
+                    + ("; and the fp32 all-reduce of the adapter gradients" if N > 1 else ""))
+    elif lora_st == 3 and N > 1:
         lora_buf = (f"3 decoder layers gathered in {w} (the one computing, the next prefetched, its "
                     f"all-gather output) + embeddings and head, gathered for the whole step; and the fp32 "
                     f"all-reduce of the adapter gradients")
@@ -821,7 +989,9 @@ def _legend(est: dict) -> list[str]:
            if st.get("include_context", True) else "not counted in this estimate")
     return [
         "what the rows count (per GPU):",
-        (f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base ({w}), plus small parameters "
+        (f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base, the decoder layers' linear "
+         f"weights in {q} with their scales, the rest in {w} plus small parameters kept whole" if q else
+         f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base ({w}), plus small parameters "
          f"kept whole (persistence threshold)" if lora_st == 3 else
          f"  frozen weights      LoRA: the whole base ({w}) on every GPU"),
         "  trainable weights   full FT: the 16-bit weights; LoRA: the fp32 adapters (A, B)",
@@ -884,6 +1054,10 @@ what it counts (per GPU, bytes; GB = 1e9):
             logits + loss, ZeRO gather/reduce buffers, CUDA context + 5 %% fragmentation
   --hpz N   ZeRO++ hierarchical partitioning: the 16-bit weights (full FT) or frozen base (LoRA) per
             GPU grow by a secondary partition over N GPUs: 1/world + 1/N of the model
+  --quantize int8|nf4  LoRA's base as model.quantize stores it (ZeRO-3 only): the decoder layers'
+            linear weights quantized in each partition; the gather buffers become 3 layers
+            dequantized to bf16 + the packed all-gather output + the dequantization temporaries
+            (at 1 GPU too); full FT's column is unchanged
   Parameter counts come from the real model built on the meta device.
 
 examples:
@@ -892,6 +1066,8 @@ examples:
   bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
   bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
   bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
+  bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
+      --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
 """
 
@@ -934,6 +1110,12 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--full-recipe", choices=("zero", "torch-amp"), default="zero",
                    help="full FT: zero = mixed-precision Adam, 16 bytes/param (default); torch-amp = plain "
                         "one-GPU PyTorch, fp32 weights+grads+Adam and autocast (needs --zero-stage 0, 1 GPU)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="LoRA's frozen base as model.quantize stores it: the decoder layers' linear weights "
+                        "quantized in each GPU's ZeRO-3 partition (int8: 1 byte + an fp32 scale per 64; nf4: "
+                        "4 bits + double-quantized scales), all-gathered as stored and dequantized layer by "
+                        "layer, at 1 GPU too. Needs ZeRO stage 3 (not --zero-stage 0, --hpz or "
+                        "--offload-param); full fine-tuning's column is unchanged (default: unquantized)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     p.add_argument("--paper", action="store_true",
                    help="also print the LoRA paper's GPT-3 175B figures and what accelerate/DeepSpeed estimate")
@@ -950,7 +1132,7 @@ def setup_from_args(args) -> Setup:
                  dtype=args.dtype, offload_param=args.offload_param,
                  persistence_threshold=args.persistence_threshold, hpz=args.hpz,
                  full_recipe=args.full_recipe,
-                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB))
+                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None))
 
 
 def run_estimate(args) -> int:
@@ -972,6 +1154,12 @@ def run_estimate(args) -> int:
         print(f"error: --hpz {args.hpz} needs --zero-stage 3 (hierarchical partitioning is ZeRO-3's)",
               file=sys.stderr)
         return 2
+    if args.quantize is not None and (args.zero_stage == 0 or args.hpz > 1 or args.offload_param):
+        clash = ("--zero-stage 0" if args.zero_stage == 0 else f"--hpz {args.hpz}" if args.hpz > 1
+                 else "--offload-param")
+        print(f"error: --quantize {args.quantize} needs LoRA's ZeRO-3 base with bigtrain's layer gatherer; "
+              f"drop {clash} (training refuses model.quantize with it too)", file=sys.stderr)
+        return 2
     try:
         st = setup_from_args(args)
         shape = preset_shape(args.model, args.num_layers)
@@ -982,6 +1170,8 @@ def run_estimate(args) -> int:
     paper = tools = None
     if args.paper:
         paper = paper_figures(args.model)
+        paper["quantized"] = quantize_comparison(shape, st)
+        paper["qlora_anchor"] = peft_qlora_anchor()
         tools = tool_estimates(args.model, args.gpus_per_node, args.nodes)
         est["paper"], est["tools"] = paper, tools
     if args.plot:

@@ -662,18 +662,25 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
     return out
 
 
+def savings_setup(cfg: Config, world: int, persistence_threshold: int, hpz: int) -> Setup:
+    """The estimator's inputs for this run (``world`` ranks, the engine's persistence threshold and hpZ
+    size), without the CUDA context: allocated bytes, as torch.cuda.max_memory_allocated counts them.
+    A quantized base (model.quantize) is estimated as such: its LoRA peak is the quantized one."""
+    return Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
+                 micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+                 checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+                 lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
+                 persistence_threshold=persistence_threshold, hpz=hpz, include_context=False,
+                 quantize=cfg.model.quantize)
+
+
 def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: dict | None,
                     engine: Engine, loggers, say) -> None:
     """The VRAM LoRA saved in this run: its measured peak per GPU (the largest over ranks) beside the
     estimate for full fine-tuning with Adam of the same model on the same GPUs; printed, and sent to
     W&B as summary values and a table."""
     peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
-    st = Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
-               micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-               checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
-               lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
-               persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
-               include_context=False)  # allocated bytes, as torch.cuda.max_memory_allocated counts
+    st = savings_setup(cfg, world, engine.persistence_threshold, engine.hpz_size)
     try:
         sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
     except (KeyError, ValueError) as e:  # a model the estimator does not know

@@ -1,0 +1,282 @@
+"""bigtrain.memory with a quantized LoRA base (``Setup.quantize``, ``bigtrain estimate --quantize``):
+the frozen bytes by hand from the storage formats, the layer gatherer's buffer model (and, on one CPU
+rank, against the buffers the gatherer really allocates), the command's table, JSON and errors,
+the --paper comparison and the PEFT ZeRO-3 + QLoRA anchor, and the runs that build a Setup from their
+config (the end-of-run savings line, ``bigtrain measure``'s report)."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from bigtrain import memory as M
+from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, per_gpu, predict_states, preset_shape
+from bigtrain.zero3 import quantized_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+H, F = 12288, 49152  # GPT-3 175B: d_model, the MLP's width
+
+
+def _int8(part):  # 1 byte per element + one fp32 scale per block of 64
+    return part + 4 * -(-part // 64)
+
+
+def _nf4(part):  # 4 bits per element of whole blocks, an int8 scale per block, fp32 per 256 scales + offset
+    nb = -(-part // 64)
+    return nb * 32 + nb + 4 * (-(-nb // 256) + 1)
+
+
+BY_HAND = {"int8": _int8, "nf4": _nf4}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+@pytest.mark.parametrize("n", [1, 2, 64])
+def test_frozen_bytes_of_175b_by_hand(scheme, n):
+    """GPT-3 175B (transformers' OPT): per layer q, k, v, out 12288² and fc1, fc2 12288 x 49152 are
+    quantized; everything else (embeddings, positions, biases, norms) is bf16, the small ones
+    persistent (whole on every rank beside their partition at N > 1)."""
+    shape = model_shape("gpt3-175b")
+    assert dict(shape.numels) == {H: 96 * 9 + 2, F: 96, H * H: 4 * 96, H * F: 2 * 96,
+                                  50257 * H: 1, 2050 * H: 1}
+    assert dict(shape.quant_numels) == {H * H: 4 * 96, H * F: 2 * 96}
+    part = lambda x: -(-x // n)  # noqa: E731
+    q = BY_HAND[scheme]
+    assert quantized_bytes(part(H * H), scheme) == q(part(H * H))
+    assert quantized_bytes(part(H * F), scheme) == q(part(H * F))
+    small = (96 * 9 + 2) * (part(H) + (H if n > 1 else 0)) + 96 * (part(F) + (F if n > 1 else 0))
+    want = 96 * (4 * q(part(H * H)) + 2 * q(part(H * F))) + 2 * (part(50257 * H) + part(2050 * H) + small)
+    assert per_gpu(shape, Setup(world_size=n, quantize=scheme), "lora")["frozen_weights"] == want
+    assert predict_states(shape, ["q_proj", "v_proj"], 4, n, "bfloat16", quantize=scheme)["frozen_weights"] == want
+    plain = predict_states(shape, ["q_proj", "v_proj"], 4, n, "bfloat16")["frozen_weights"]
+    # int8: ~0.53 of bf16's bytes; nf4: ~0.26 (the embeddings stay bf16)
+    ratio = want / plain
+    assert (0.52 < ratio < 0.54) if scheme == "int8" else (0.25 < ratio < 0.27), ratio
+    print(f"gpt3-175b {scheme} at {n} GPU(s): {want:,} bytes of base per GPU (bf16: {plain:,}; {ratio:.3f}x)")
+
+
+def _buffers_by_hand(layer, N, scheme, w=2, threshold=100000):
+    """The stated model, from (numel, quantized) of one layer's parameters."""
+    p = lambda x: -(-x // N)  # noqa: E731
+    gathered = [(n, q) for n, q in layer if q or n > threshold]
+    unit = w * sum(N * p(n) for n, _ in gathered)
+    packed = sum(BY_HAND[scheme](p(n)) if q else w * p(n) for n, q in gathered)
+    big = max(n for n, q in layer if q)
+    nb = -(-p(big) // 64)
+    if scheme == "int8":
+        temp = 4 * N * nb * 64 + (4 * N * nb if N > 1 else 0)
+    else:
+        ng = -(-nb // 256)
+        temp = w * N * nb * 64 + 4 * N * ng * 256 + (4 * N * (ng + 1) if N > 1 else 0)
+    return unit, packed, temp
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_gather_buffers_are_the_stated_model(scheme):
+    """3 dequantized layers in bf16 + the packed all-gather output (none at 1 GPU) + the largest
+    weight's dequantization temporaries + embeddings and head (gathered at N > 1; aliased at 1), and
+    the adapters' fp32 gradient all-reduce at N > 1: the LoRA column's ZeRO/comm row."""
+    big = model_shape("gpt3-175b")
+    llama = preset_shape("llama2-70b", 2)  # Llama-2-70B's layers (GQA, SwiGLU), 2 of them
+    llama_layer = ([(8192 ** 2, True)] * 2 + [(1024 * 8192, True)] * 2 + [(28672 * 8192, True)] * 3
+                   + [(8192, False)] * 2)  # q, o; k, v; gate, up, down; the two RMSNorms
+    big_layer = [(H * H, True)] * 4 + [(H * F, True)] * 2 + [(F, False)] + [(H, False)] * 9
+    for shape, N, layer in ((big, 64, big_layer), (llama, 1, llama_layer), (llama, 2, llama_layer)):
+        assert sorted(shape.layer_numels) == sorted(layer)
+        st = Setup(world_size=N, quantize=scheme)
+        g = M.quantized_gather_bytes(shape, st)
+        unit, packed, temp = _buffers_by_hand(layer, N, scheme)
+        root = 2 * (shape.total_params - shape.layers * shape.layer_params) if N > 1 else 0
+        assert (g["unit"], g["units"], g["packed"]) == (unit, 3 * unit, packed)
+        assert (g["dequant_temp"], g["root"]) == (temp, root)
+        assert g["all_gather"] == (N * packed if N > 1 else 0)
+        assert g["total"] == 3 * unit + g["all_gather"] + temp + root
+        c = per_gpu(shape, st, "lora")
+        assert c["zero_buffers"] == g["total"] + (c["trainable_weights"] if N > 1 else 0)
+        print(f"{shape.name} {scheme} N={N}: unit {unit:,} packed {packed:,} temp {temp:,} root {root:,}")
+    # the 175B layer: 1.81e9 elements; int8 temp = the fp32 copy of fc1 (604M elements)
+    g = M.quantized_gather_bytes(big, Setup(world_size=64, quantize="int8"))
+    assert g["unit"] == 2 * (4 * H * H + 2 * H * F)  # all divisible by 64: no padding
+    assert g["dequant_temp"] == 4 * H * F + 4 * H * F // 64
+
+
+def test_unquantized_is_unchanged_and_full_ft_ignores_quantize():
+    big = model_shape("gpt3-175b")
+    for N in (1, 8, 64):
+        plain, q = estimate(big, Setup(world_size=N)), estimate(big, Setup(world_size=N, quantize="nf4"))
+        assert q["full"]["per_gpu"] == plain["full"]["per_gpu"]
+        assert q["lora"]["per_gpu"]["frozen_weights"] < plain["lora"]["per_gpu"]["frozen_weights"]
+        assert plain["setup"]["quantize"] is None and q["setup"]["quantize"] == "nf4"
+    # at 1 GPU the unquantized base gathers nothing (partitions are whole tensors), the quantized one
+    # dequantizes each layer
+    assert per_gpu(big, Setup(world_size=1), "lora")["zero_buffers"] == 0
+    assert per_gpu(big, Setup(world_size=1, quantize="int8"), "lora")["zero_buffers"] > 0
+
+
+@pytest.mark.parametrize("bad", [dict(zero_stage=0), dict(hpz=8), dict(offload_param=True), dict(quantize="int4")])
+def test_settings_a_quantized_base_refuses(bad):
+    with pytest.raises(ValueError, match="quantize"):
+        per_gpu(model_shape("gpt3-2.7b"), replace(Setup(world_size=8, quantize="int8"), **bad), "lora")
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    M.add_estimate_parser(p.add_subparsers())
+    return p.parse_args(["estimate", *argv])
+
+
+ANCHOR = ("llama2-70b", "--gpus-per-node", "2", "--micro-batch", "2", "--seq-len", "2048", "--lora-r", "8",
+          "--lora-targets", "all-linear", "--quantize", "nf4", "--gpu-mem-gib", "40")
+
+
+def test_cli_quantize_table_json_and_errors(capsys):
+    assert M.run_estimate(_args(*ANCHOR)) == 0
+    text = capsys.readouterr().out
+    assert "LoRA's base quantized nf4" in text and "LoRA (ZeRO-3, nf4 base)" in text
+    rows = {line[:32].strip(): line[32:].split() for line in text.splitlines() if line[:32].strip() in
+            ("frozen weights", "ZeRO/comm buffers + casts", "peak per GPU", "fits the GPU")}
+    assert rows["frozen weights"] == ["0.00", "18.18"] and rows["ZeRO/comm buffers + casts"][1] == "7.52"
+    assert rows["peak per GPU"][1] == "38.33" and rows["fits the GPU"] == ["NO", "yes"]
+    assert "3 decoder layers dequantized to bfloat16" in text and "packed nf4 all-gather output" in text
+    assert M.run_estimate(_args(*ANCHOR, "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["quantize"] == "nf4" and out["lora"]["quantize"] == "nf4" and "quantize" not in out["full"]
+    shape = model_shape("llama2-70b")
+    assert out["lora"]["per_gpu"]["frozen_weights"] == predict_states(
+        shape, ["all-linear"], 8, 2, "bfloat16", quantize="nf4")["frozen_weights"]
+    assert M.run_estimate(_args(*ANCHOR[:-4], "--gpu-mem-gib", "40", "--json")) == 0  # no --quantize
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["setup"]["quantize"] is None and plain["lora"]["quantize"] is None and plain["full"] == out["full"]
+    assert plain["lora"]["per_gpu"]["frozen_weights"] > 3.5 * out["lora"]["per_gpu"]["frozen_weights"]
+    for extra, flag in ((("--zero-stage", "0"), "--zero-stage 0"), (("--hpz", "2"), "--hpz 2"),
+                        (("--offload-param",), "--offload-param")):
+        assert M.run_estimate(_args(*ANCHOR, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --quantize nf4 needs LoRA's ZeRO-3 base") and flag in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        _args("gpt3-2.7b", "--quantize", "int4")
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    p = argparse.ArgumentParser(prog="bigtrain")
+    raw_help = M.add_estimate_parser(p.add_subparsers()).format_help()
+    help_text = " ".join(raw_help.split())
+    assert "--quantize {int8,nf4}" in help_text and "Needs ZeRO stage 3" in help_text
+    assert "--lora-targets all-linear \\\n      --quantize nf4 --gpu-mem-gib 40" in raw_help  # the example
+    print(text)
+
+
+def test_world_one_buffers_equal_the_gatherers_allocations(tmp_path):
+    """One gloo rank, a random bf16 tiny-llama built into partitions with model.quantize through
+    Engine.build_base (tests/dist/quant_buffers_worker.py): for every decoder-layer unit the
+    dequantized buffer the gatherer allocates is the estimator's unit, its local packed buffer the
+    estimator's packed bytes, the root is aliased to its partitions (no root buffer), and for int8
+    the most bytes the gather allocated beyond the unit buffer, traced by torch's CPU profiler, are the
+    estimator's dequantization temporaries (the fp32 copy of the largest weight). nf4 on the CPU
+    dequantizes in chunks with temporaries of its own (the estimate models the GPU's kernel): its unit
+    and packed bytes are checked, not its temporaries."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "dist" / "quant_buffers_worker.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "rank0.json").read_text())
+    from bigtrain.presets import hf_config_for
+
+    shape = model_shape(hf_config_for("tiny-llama", vocab_size=512))
+    assert len(res) == 4
+    for key, got in res.items():
+        scheme, th = key.split("/")
+        st = Setup(world_size=1, dtype="bfloat16", persistence_threshold=int(th), quantize=scheme)
+        g = M.quantized_gather_bytes(shape, st)
+        assert got["world"] == 1 and len(got["units"]) == shape.layers == 2
+        assert got["root_unit"] is False and got["root_aliased"] and g["root"] == 0 and g["all_gather"] == 0
+        for u in got["units"]:
+            assert u["whole"] == g["unit"], key
+            assert u["packed"] == g["packed"], key
+            if scheme == "int8":
+                assert u["peak_during_gather"] - u["whole"] == g["dequant_temp"] == 4 * 128 * 64, key
+        print(key, got["units"][0], {k: g[k] for k in ("unit", "packed", "dequant_temp")})
+    # the threshold decides what is in the unit: the two RMSNorm weights (64 elements each)
+    assert res["int8/0"]["units"][0]["whole"] - res["int8/100000"]["units"][0]["whole"] == 2 * 2 * 64
+
+
+def test_paper_shows_quantized_bases_and_the_qlora_anchor(capsys):
+    assert M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper", "--json")) == 0
+    raw = capsys.readouterr().out
+    # (importing DeepSpeed for the tool comparison may log a line to stdout before the JSON)
+    out = json.loads(raw[raw.index("{\n"):])
+    qc = out["paper"]["quantized"]
+    assert qc["world_size"] == 64 and [r["base"] for r in qc["rows"]] == ["bfloat16", "int8", "nf4"]
+    big = model_shape("gpt3-175b")
+    for r in qc["rows"]:
+        e = estimate(big, Setup(world_size=64, quantize=r["quantize"]))["lora"]
+        assert (r["frozen_weights"], r["per_gpu_total"], r["job_total"]) == (
+            e["per_gpu"]["frozen_weights"], e["per_gpu_total"], e["job_total"])
+    bf16, int8, nf4 = qc["rows"]
+    assert bf16["per_gpu_total"] == out["lora"]["per_gpu_total"]  # the setup above is 8 x 8 already
+    assert nf4["frozen_weights"] < int8["frozen_weights"] < bf16["frozen_weights"]
+    # at 64 GPUs the gather buffers outweigh the partition saved: int8 is larger per GPU than bf16
+    assert int8["per_gpu_total"] > bf16["per_gpu_total"] > nf4["per_gpu_total"]
+    a = out["paper"]["qlora_anchor"]
+    assert a["reported_gb_per_gpu"] == 36.6 and a["quantize"] == "nf4" and a["gpus"] == 2
+    assert round(a["per_gpu_total"] / GB, 2) == 38.33 and round(a["per_gpu_allocated"] / GB, 2) == 35.99
+    assert round(a["per_gpu_total"] / (36.6 * GB) - 1, 3) == 0.047 and a["fits"]
+    assert M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
+    text = capsys.readouterr().out
+    assert "What model.quantize changes for LoRA, gpt3-175b on 64 GPUs" in text
+    assert "reported 36.6 GB per GPU" in text and "38.33 GB per GPU (35.69 GiB; +4.7% against 36.6 GB)" in text
+    # the docs note states the same figures
+    note = (ROOT / "docs" / "quantized_estimate.md").read_text()
+    for fig in ("38.33", "35.99", "+4.7%", "18.18", "7.52", "5.13", "1.05", "7.25", "1.66", "90.69"):
+        assert fig in note, fig
+    print(text[text.index("What model.quantize changes"):text.index("What the usual estimators")])
+
+
+def test_end_of_run_savings_line_uses_the_quantized_estimate():
+    """trainer._report_savings builds its Setup from the run's config: a model.quantize run's
+    'estimate for this LoRA run' is the quantized one (it was the bf16 base's before)."""
+    from bigtrain.config import load_config
+    from bigtrain.presets import hf_config_for, meta_model
+    from bigtrain.trainer import _report_savings
+
+    cfg = load_config(None, ["model.path=null", "model.preset=tiny-llama", "model.dtype=bfloat16",
+                             "model.quantize=int8", "train.micro_batch_size=2", "data.max_length=64",
+                             "lora.r=4"])
+    meta = meta_model(hf_config_for("tiny-llama", vocab_size=512))
+    # the two numbers _report_savings reads off the engine, and loggers that keep what they are given
+    engine = SimpleNamespace(persistence_threshold=cfg.zero.persistence_threshold, hpz_size=1)
+    kept = {}
+    loggers = SimpleNamespace(summary=kept.update, table=lambda *a: None)
+    said = []
+    _report_savings(cfg, meta, 2, [{"gpu_peak_allocated_bytes": 10 ** 6}], None, engine, loggers, said.append)
+    st = Setup(world_size=2, micro_batch=2, seq_len=64, checkpointing=cfg.model.gradient_checkpointing,
+               lora_r=4, lora_targets=tuple(cfg.lora.targets), dtype="bfloat16", include_context=False)
+    want = estimate(meta, replace(st, quantize="int8"))["lora"]["per_gpu_total"]
+    assert kept["memory/lora_estimated_peak_bytes"] == want
+    assert want != estimate(meta, st)["lora"]["per_gpu_total"]
+    assert M._bin(want) in said[0]
+
+
+def test_measure_estimates_the_quantized_lora_base():
+    """bigtrain measure's report predicts the LoRA mode of a model.quantize run with the quantized
+    base (measured equal on CPU: `bigtrain measure ... model.quantize=int8`, states +0.0%); full
+    fine-tuning's prediction is the same as without."""
+    from bigtrain.config import load_config
+    from bigtrain.measure import _setup_for
+
+    cfg = load_config(None, ["model.path=null", "model.preset=tiny-opt", "model.dtype=bfloat16",
+                             "model.quantize=nf4"])
+    shape = model_shape("tiny-opt")
+    st = _setup_for(cfg, "lora", 2, 80 * GiB, False)
+    assert st.quantize == "nf4"
+    e = estimate(shape, st)
+    want = predict_states("tiny-opt", cfg.lora.targets, cfg.lora.r, 2, "bfloat16", cfg.zero.persistence_threshold,
+                          quantize="nf4")["frozen_weights"]
+    assert e["lora"]["per_gpu"]["frozen_weights"] == want
+    full = estimate(shape, _setup_for(cfg, "full-zero3", 2, 80 * GiB, False))["full"]
+    assert full == estimate(shape, replace(st, quantize=None))["full"]

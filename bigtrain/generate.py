@@ -564,6 +564,7 @@ examples:
   bigtrain eval runs/demo --data my_eval.jsonl --examples 0   # every example of a file
   bigtrain eval runs/demo --adapter other=runs/other --data builtin:e2e-eval --json
   torchrun --nproc_per_node 2 -m bigtrain eval runs/demo --data builtin:e2e-eval
+  bigtrain eval runs/nf4 --base out/merged --quantize none --data builtin:e2e-eval   # the "base" row: a merged model
 
 Scores the bare base and every adapter with training's own eval: the run's data settings
 (data.max_length, data.pack, ...), its micro-batch, and its train.eval_examples first examples

@@ -89,7 +89,8 @@ class ModelConfig:
     model.dtype. Quantized once the weights are loaded; the block boundaries follow the partitions,
     so the dequantized values depend on the world size. Needs zero.stage=3, zero.gather=layers,
     zero.leaf_blocks=true, no hpZ or parameter offload, checkpoint.merge_at_end=false (merge offline
-    with bigtrain merge, which reads the unquantized base from disk)."""
+    with bigtrain merge, which reads the unquantized base from disk, or with --into-quantized into the
+    quantized base the adapters were trained over)."""
 
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -397,7 +398,8 @@ class Config:
             if self.checkpoint.merge_at_end:
                 raise ConfigError(f"checkpoint.merge_at_end=true cannot merge into a model.quantize={q} base "
                                   f"(its live weights are quantized); set it to false and merge offline with "
-                                  f"bigtrain merge CKPT OUT, which reads the unquantized base from disk")
+                                  f"bigtrain merge CKPT OUT, which reads the unquantized base from disk "
+                                  f"(--into-quantized: into the quantized base the adapters were trained over)")
         if self.model.compile and self.zero.stage == 3 and not self.zero.leaf_blocks:
             raise ConfigError("model.compile needs zero.leaf_blocks=true at zero.stage=3: ZeRO-3's "
                               "fetch hooks must sit on the compiled decoder layer, not inside it")

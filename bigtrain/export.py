@@ -7,6 +7,10 @@
   W0 + s·B·A. It streams: the base is read tensor by tensor (``safe_open``) and the output shards
   are written as they fill, so the memory it holds is about one output shard plus one tensor, never
   the whole model. GPT-2's Conv1D stores W transposed (d_in × d_out); its delta is transposed too.
+  W0 is the base's weight as stored on disk, whatever ``model.quantize`` the run trained over; with
+  ``into_quantized`` (``bigtrain merge --into-quantized``) the run's quantized base is written
+  instead: each quantized weight is W0 quantized and dequantized as the run's ranks held it
+  (:func:`quantized_base`), plus s·B·A where adapted: the weights the adapters were trained against.
 
 Both read the checkpoint's ``adapter_config.json`` (written by ``bigtrain train``) and check the
 checkpoint against its ``manifest.json`` first.
@@ -308,10 +312,48 @@ def _weight_key(module: str, keys: set[str]) -> str | None:
     return resolve_key(module + ".weight", dict.fromkeys(keys))
 
 
+def quantized_base(ckpt: Path, base: Path, keys: set[str]) -> tuple[str, int, str, set[str]]:
+    """What ``bigtrain merge --into-quantized`` needs to rebuild the quantized base a run trained
+    over: (model.quantize, the world size its checkpoint was saved at, model.dtype, the base-file
+    keys of the quantized weights). The run's config.yaml and trainer_state.json say the first
+    three; the weights are :func:`bigtrain.zero3.quantizable_weights` of the base's architecture
+    (built on the meta device)."""
+    import transformers as tf  # deferred: heavy
+
+    from .config import load_config
+    from .zero3 import quantizable_weights  # deferred: imports torch
+
+    saved = ckpt / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved}: missing; --into-quantized reads the run's model.quantize and model.dtype "
+                                f"from it (merge without --into-quantized)")
+    cfg = load_config(saved, validate=False)
+    q = cfg.model.quantize
+    if q is None:
+        raise ValueError(f"{saved}: model.quantize is null (the run trained over the unquantized base); "
+                         f"merge without --into-quantized")
+    state = ckpt / "trainer_state.json"
+    try:
+        world = int(json.loads(state.read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{state}: no world_size ({e}); --into-quantized needs the world size the run's "
+                         f"quantized partitions had") from None
+    model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
+    quant = set()
+    for name in quantizable_weights(model).values():
+        key = _weight_key(name.removesuffix(".weight"), keys)
+        if key is None:
+            raise ValueError(f"{base}: no weight for quantized parameter {name!r} in the checkpoint files")
+        quant.add(key)
+    return q, world, cfg.model.dtype, quant
+
+
 def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
                      max_shard_size: str | int = "2GB", dtype: str | None = None,
-                     progress: bool = False) -> dict:
-    """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak)."""
+                     progress: bool = False, into_quantized: bool = False) -> dict:
+    """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak).
+    ``into_quantized``: merge into the run's quantized base (:func:`quantized_base`), written in the
+    run's model.dtype unless ``dtype``."""
     from . import checkpoint  # deferred: imports torch
     from .loader import checkpoint_files, open_safetensors  # deferred: imports torch
 
@@ -329,6 +371,11 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
             raise ValueError(f"{bdir}: no weight for adapted module {m!r} in the checkpoint files "
                              "(a tied output head cannot be merged without untying it)")
         targets[key] = m
+    quantized: dict = {}
+    if into_quantized:
+        scheme, world, run_dtype, qkeys = quantized_base(c.path, bdir, set(files))
+        dtype = dtype or run_dtype
+        quantized = {"scheme": scheme, "world": world, "dtype": _dtype(run_dtype), "keys": qkeys}
     out = Path(out)
     _check_out_dir(out)
     to_dtype = _dtype(dtype) if dtype else None
@@ -348,6 +395,11 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
             with open_safetensors(f) as h:
                 for k in keys:
                     t = h.get_tensor(k)
+                    if k in quantized.get("keys", ()):  # as the run's ranks held it after each gather
+                        from .zero3 import reference_dequantized  # deferred: imports torch
+
+                        t = reference_dequantized(t.to(quantized["dtype"]), quantized["world"],
+                                                  scheme=quantized["scheme"])
                     if k in targets:
                         m = targets[k]
                         t = merged_weight(t, tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"], scale,
@@ -376,6 +428,9 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
     stats = {"out": str(out), "base": str(bdir), "shards": shards, "merged_weights": merged,
              "total_bytes": writer.total_bytes, "peak_tensor_bytes": writer.peak_bytes,
              "tokenizer": tok_files}
+    if quantized:
+        stats["quantized"] = {"scheme": quantized["scheme"], "world_size": quantized["world"],
+                              "weights": len(quantized["keys"])}
     return stats
 
 
@@ -394,8 +449,14 @@ examples:
   bigtrain merge runs/demo/checkpoints/step-00000500 out/merged
   bigtrain merge runs/demo out/merged --base /models/opt-1.3b --max-shard-size 5GB --dtype bf16
 
+  bigtrain merge runs/nf4 out/merged-nf4 --into-quantized   # a model.quantize run: its quantized base
+
 The result loads with plain transformers: AutoModelForCausalLM.from_pretrained("out/merged").
-The base is streamed tensor by tensor; memory held is about one output shard.
+The base is streamed tensor by tensor; memory held is about one output shard. W0 is the base as
+stored on disk, also for a run trained with model.quantize; --into-quantized writes the base the
+adapters were trained against instead (each quantized weight quantized and dequantized as the run's
+ranks held it, at the world size of its checkpoint; in the run's model.dtype), the one whose eval
+loss is the run's own (the README gives the difference).
 """
 
 
@@ -409,8 +470,12 @@ def cmd_export(args) -> int:
 
 def cmd_merge(args) -> int:
     st = merge_checkpoint(args.checkpoint, args.out, base=args.base, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty())
-    print(f"merged {st['merged_weights']} weights of {st['base']} into {st['out']}: "
+                          dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty(),
+                          into_quantized=args.into_quantized)
+    q = st.get("quantized")
+    into = (f" (its {q['weights']} quantized weights as model.quantize={q['scheme']} held them at "
+            f"{q['world_size']} rank(s))" if q else "")
+    print(f"merged {st['merged_weights']} weights of {st['base']}{into} into {st['out']}: "
           f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
     return 0
 
@@ -446,6 +511,9 @@ def add_export_parsers(subparsers) -> None:
     m.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
     m.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
                    help="dtype of the written weights (default: the base's)")
+    m.add_argument("--into-quantized", action="store_true",
+                   help="for a run trained with model.quantize: merge into its quantized base (dequantized, "
+                        "as its ranks held it) instead of the unquantized weights on disk")
     m.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown on a terminal only, by input bytes)")
     m.set_defaults(func=cmd_merge)

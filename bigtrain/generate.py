@@ -228,21 +228,27 @@ def parse_adapters(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def run_config(c, base: str | None, device: str | None):
+def run_config(c, base: str | None, device: str | None, quantize: str | None = None):
     """The run's config (the checkpoint's config.yaml; the defaults if it has none), with the base
-    at ``--base`` or the recorded one, and the device asked for."""
+    at ``--base`` or the recorded one, the device asked for, and ``--quantize`` (None: the run's
+    model.quantize; ``none``: the unquantized base, e.g. a merged model or the base a PEFT export
+    is loaded on)."""
     from .config import Config, load_config
     from .export import base_dir
 
     bdir = base_dir(c.spec, base, c.path)  # a preset base (random weights) has no files: --base needed
     saved = c.path / "config.yaml"
     overrides = [f"model.path={bdir}"] + ([f"train.device={device}"] if device else [])
+    if quantize is not None:
+        overrides.append(f"model.quantize={'null' if quantize == 'none' else quantize}")
     if saved.is_file() and saved.read_text().strip():
         return load_config(saved, overrides)
     cfg = Config()
     cfg.model.path = str(bdir)
     if device:
         cfg.train.device = device
+    if quantize is not None:
+        cfg.model.quantize = None if quantize == "none" else quantize
     return cfg.validate()
 
 
@@ -261,7 +267,7 @@ class Prepared:
 
 
 def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = None,
-            device: str | None = None) -> Prepared:
+            device: str | None = None, quantize: str | None = None) -> Prepared:
     """Read and verify every checkpoint, check that they can share one bank, read the run's config
     and tokenizer: every error of bad input, before any process group starts."""
     from . import checkpoint as ck
@@ -277,7 +283,7 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
                               f"(RUN_OR_CKPT); choose another")
         named.append((name, ck.read_checkpoint(path)))
     check_compatible([(n, c.path, c.spec, _base_json(c.path)) for n, c in named])
-    cfg = run_config(first, base, device)
+    cfg = run_config(first, base, device, quantize)
     tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(cfg.model.local_path))
     return Prepared(cfg, named, tokenizer, _hf_config(cfg, cfg.model.local_path, len(tokenizer)))
 
@@ -443,7 +449,7 @@ def cmd_generate(args) -> int:
         rows = [{"messages": [{"role": "user", "content": p}]} for p in args.prompt]
     else:
         rows = [{"prompt": p} for p in args.prompt]
-    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
+    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device, args.quantize)
     jobs = plan(rows, args.use or [prep.names[0]], prep.names, args.prompts or "--prompt")
     check_positions(prep.hf_config, [row_ids(prep.tokenizer, row) for row in rows], s.max_new_tokens,
                     [f"{args.prompts}:{row['_line']}" if args.prompts else f"--prompt {i + 1}" for i, row in enumerate(rows)])
@@ -499,7 +505,7 @@ def run_eval(sess: Session, ds, names: list[str | None]) -> list[dict]:
 def cmd_eval(args) -> int:
     from .data import load_examples
 
-    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device)
+    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device, args.quantize)
     if args.examples is not None:
         if args.examples < 0:
             raise ConfigError(f"--examples must be >= 0 (0: all), got {args.examples}")
@@ -558,6 +564,7 @@ examples:
   bigtrain eval runs/demo --data my_eval.jsonl --examples 0   # every example of a file
   bigtrain eval runs/demo --adapter other=runs/other --data builtin:e2e-eval --json
   torchrun --nproc_per_node 2 -m bigtrain eval runs/demo --data builtin:e2e-eval
+  bigtrain eval runs/nf4 --base out/merged --quantize none --data builtin:e2e-eval   # the "base" row: a merged model
 
 Scores the bare base and every adapter with training's own eval: the run's data settings
 (data.max_length, data.pack, ...), its micro-batch, and its train.eval_examples first examples
@@ -576,6 +583,9 @@ def _common(p) -> None:
                    help="base model dir (default: the checkpoint's recorded base_model)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="default: the run's train.device")
+    p.add_argument("--quantize", choices=("none", "int8", "nf4"), default=None,
+                   help="the base's model.quantize (default: the run's; none: the unquantized base, e.g. "
+                        "to score a merged model given as --base, or the adapter as a PEFT export runs it)")
 
 
 def add_generate_parsers(subparsers) -> None:

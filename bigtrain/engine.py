@@ -112,7 +112,8 @@ class Engine:
             model.to(self.info.device)
         else:
             ds = self.build_ds_config(torch_dtype, Z.largest_layer_numel(hf_config))
-            model, self._ds_hf_config = Z.build_partitioned(hf_config, torch_dtype, attn_implementation, ds)
+            build = Z.quantized_build_config(ds) if quantize else ds  # partitions on the host, then quantized
+            model, self._ds_hf_config = Z.build_partitioned(hf_config, torch_dtype, attn_implementation, build)
             padded_rows = V.vocab_parameters(model, padded) if padded != vocab else {}
             if path is not None:
                 load_partitions(model, path, self.info.rank, short_rows=set(padded_rows))
@@ -153,8 +154,9 @@ class Engine:
         rank 0 are written back to the partitions. A no-op at stage 0."""
         if self.quantize is not None:
             raise RuntimeError(f"model.quantize={self.quantize}: the base's linear weights are quantized partitions "
-                               f"that whole-parameter gathers (merge, export) cannot read yet; merge offline "
-                               f"with bigtrain merge CKPT OUT, which reads the unquantized base from disk")
+                               f"that whole-parameter gathers (merge, export) cannot read; merge offline with "
+                               f"bigtrain merge CKPT OUT (into the unquantized base, read from disk) or "
+                               f"bigtrain merge --into-quantized CKPT OUT (into the base as trained)")
         if self.stage == 0 or self._single_rank_plain:  # whole tensors already (aliased partitions)
             return contextlib.nullcontext()
         return Z.gather(params, modify)

@@ -477,13 +477,15 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
       (``zero3.quantized_bytes``) and the unquantized non-persistent partitions in ``st.dtype``.
       ``all_gather``: the all-gather output, ``N·packed``, alive while the layer is dequantized from
       it; none at world size 1 (the rank's own bytes are dequantized in place).
-    * ``dequant_temp``: the temporaries of dequantizing the largest quantized weight, with
-      ``nb = ceil(ceil(numel/N)/64)`` blocks per rank's row: int8: the fp32 copy of the whole gathered
-      weight, ``4·N·nb·64`` bytes (``dequantize_blocks``); nf4 (the GPU path): the compiled kernel's
-      output, one copy in the compute dtype, ``w·N·nb·64``, and the fp32 block scales it reads,
-      ``4·N·ceil(nb/256)·256`` (``_nf4_scales``). At world size > 1 also the fp32 sections (int8's
-      scales, nf4's second-level scales and offset) copied out contiguous, ``4·N·`` their count.
-      (The CPU nf4 path dequantizes in chunks of ``zero3._DEQ_CHUNK`` elements: not modelled.)
+    * ``dequant_temp``: the temporaries of dequantizing the largest quantized weight on a GPU, with
+      ``nb = ceil(ceil(numel/N)/64)`` blocks per rank's row. The Triton kernels
+      (``zero3._triton_kernels``) write the values straight into the layer's buffer when each row is
+      whole blocks (``ceil(numel/N)`` a multiple of 64); otherwise into a padded temporary in the
+      compute dtype, ``w·N·nb·64``, copied out. Besides: int8: at world size > 1 the fp32 scale rows
+      copied out contiguous, ``4·N·nb``; nf4: the decoded fp32 block scales, ``4·N·ceil(nb/256)·256``
+      (``_nf4_scales``) plus their contiguous copy, ``4·N·nb``, and at world size > 1 the
+      second-level scales and offset copied out, ``4·N·(ceil(nb/256) + 1)``. (The CPU paths, eager
+      and chunked, are not modelled.)
     * ``root``: the embeddings, final norm and head, gathered for the whole step at world size > 1 (as
       unquantized); at world size 1 aliased to their partitions: none.
 
@@ -497,11 +499,12 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
     packed = sum(quantized_bytes(-(-n // N), q) if quant else w * -(-n // N) for n, quant in gathered)
     largest = max((n for n, quant in layer if quant), default=0)
     nb = -(-(-(-largest // N)) // QUANT_BLOCK)
+    padded = w * N * nb * QUANT_BLOCK if -(-largest // N) % QUANT_BLOCK else 0
     if q == "int8":
-        temp = 4 * N * nb * QUANT_BLOCK + (4 * N * nb if N > 1 else 0)
+        temp = padded + (4 * N * nb if N > 1 else 0)
     else:
         ng = -(-nb // NF4_SCALE_BLOCK)
-        temp = w * N * nb * QUANT_BLOCK + 4 * N * ng * NF4_SCALE_BLOCK + (4 * N * (ng + 1) if N > 1 else 0)
+        temp = padded + 4 * N * ng * NF4_SCALE_BLOCK + 4 * N * nb + (4 * N * (ng + 1) if N > 1 else 0)
     if not largest:
         temp = 0
     root = w * max(0, shape.total_params - shape.layers * shape.layer_params) if N > 1 else 0

@@ -1,4 +1,4 @@
-"""Worker for tests/e2e/test_quantize_dist.py (run under torchrun): a model.quantize=int8 base built
+"""Worker for tests/e2e/test_quantize_dist.py (run under torchrun): a model.quantize=int8 and an nf4 base, each built
 two ways (the built-in tiny-opt checkpoint, fp32, default persistence threshold; a random tiny-llama
 preset, bf16, threshold 0), then for each: every parameter as the layer gatherer hands it to the
 forward, against the unquantized tensor (unquantized parameters: equal; quantized ones: equal to
@@ -22,9 +22,11 @@ from bigtrain.presets import hf_config_for  # noqa: E402
 from bigtrain.zero3 import reference_dequantized  # noqa: E402
 
 out_dir = sys.argv[1]
-CASES = {  # name: (path, preset, dtype, persistence threshold)
-    "checkpoint": (resolve_model_path("builtin:tiny-opt"), None, "float32", 100000),
-    "preset": (None, "tiny-llama", "bfloat16", 0),
+CASES = {  # name: (path, preset, dtype, persistence threshold, model.quantize)
+    "checkpoint": (resolve_model_path("builtin:tiny-opt"), None, "float32", 100000, "int8"),
+    "preset": (None, "tiny-llama", "bfloat16", 0, "int8"),
+    "checkpoint-nf4": (resolve_model_path("builtin:tiny-opt"), None, "float32", 100000, "nf4"),
+    "preset-nf4": (None, "tiny-llama", "bfloat16", 0, "nf4"),
 }
 result, engines = {}, []
 
@@ -36,7 +38,7 @@ def drop(eng):
         eng._offload = None
 
 
-for case, (path, preset, dtype, th) in CASES.items():
+for case, (path, preset, dtype, th, scheme) in CASES.items():
     hf = hf_config_for(preset, vocab_size=512) if preset else None
     if path:
         full = load_file(os.path.join(path, "model.safetensors"))
@@ -51,14 +53,14 @@ for case, (path, preset, dtype, th) in CASES.items():
     eng = Engine(ZeroConfig(stage=3, persistence_threshold=th), device="cpu")
     world = eng.info.world_size
     torch.manual_seed(0)
-    model = eng.build_base(hf, path, dtype, quantize="int8")
+    model = eng.build_base(hf, path, dtype, quantize=scheme)
     g = eng._offload
     quantized = set(g.quant_errors)
 
     def want(name, p):
         key = name if name in full else name.split(".", 1)[1]
         t = full[key].to(p.dtype)
-        return reference_dequantized(t, world) if name in quantized else t
+        return reference_dequantized(t, world, scheme=scheme) if name in quantized else t
 
     names = {id(p): n for n, p in model.named_parameters()}
     exact, differ, checked = [], [], 0

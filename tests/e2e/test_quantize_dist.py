@@ -46,7 +46,14 @@ def results(tmp_path_factory):
 EXPECT = {  # case: (linear weights quantized, parameters, prediction arguments)
     "checkpoint": (24, 68, (resolve_model_path("builtin:tiny-opt"), "float32", 100000)),
     "preset": (14, 21, (hf_config_for("tiny-llama", vocab_size=512), "bfloat16", 0)),
+    "checkpoint-nf4": (24, 68, (resolve_model_path("builtin:tiny-opt"), "float32", 100000)),
+    "preset-nf4": (14, 21, (hf_config_for("tiny-llama", vocab_size=512), "bfloat16", 0)),
 }
+ERRORS = {"int8": (0.003, 0.01), "nf4": (0.08, 0.11)}  # relative Frobenius error bounds of each weight
+
+
+def _scheme(case):
+    return "nf4" if case.endswith("nf4") else "int8"
 
 
 @pytest.mark.parametrize("n", WORLDS)
@@ -62,9 +69,11 @@ def test_gathered_weights_are_the_reference_quantizer_exactly(results, n, case):
         assert r["checked"] == n_params == r["n_params"]  # every parameter seen once
         assert r["differ"] == [], f"rank {rank}: {r['differ']}"
         assert r["unchanged"] == []  # quantizing changed every quantized weight: the check bites
-        assert r["refused"].startswith("model.quantize=int8: the base's linear weights are int8 partitions")
+        assert r["refused"].startswith(f"model.quantize={_scheme(case)}: the base's linear weights are quantized "
+                                       f"partitions")
         errs = r["errors"]
-        assert sorted(errs) == r["quantized"] and all(0.003 < e < 0.01 for e in errs.values()), errs
+        lo, hi = ERRORS[_scheme(case)]
+        assert sorted(errs) == r["quantized"] and all(lo < e < hi for e in errs.values()), errs
         print(case, n, rank, r["summary"])
 
 
@@ -73,7 +82,7 @@ def test_gathered_weights_are_the_reference_quantizer_exactly(results, n, case):
 def test_lora_learns_and_base_bytes_equal_the_prediction(results, n, case):
     source, dtype, th = EXPECT[case][2]
     pred = predict_states(source, ["q_proj", "v_proj"], r=4, world_size=n, base_dtype=dtype,
-                          persistence_threshold=th, quantize="int8")
+                          persistence_threshold=th, quantize=_scheme(case))
     unquantized = predict_states(source, ["q_proj", "v_proj"], r=4, world_size=n, base_dtype=dtype,
                                  persistence_threshold=th)["frozen_weights"]
     for rank, r in enumerate(results[n]):

@@ -1,9 +1,9 @@
-"""model.quantize=int8 under the real launchers: at 1 and 2 ranks (torchrun, gloo) every parameter the
+"""model.quantize=int8 and nf4 under the real launchers: at 1 and 2 ranks (torchrun, gloo) every parameter the
 layer gatherer hands to the forward equals the unquantized checkpoint's tensor (norms, biases,
 embeddings, head) or the per-partition reference quantizer's dequantized tensor (the decoder layers'
 linear weights), from a ``model.path`` checkpoint and from a random preset; LoRA learns on it; each
-rank's base bytes (int8 + scales + unquantized parts) equal the prediction. And the demo, trained as
-the demo with model.quantize=int8, ends within 2% of the unquantized demo's eval loss."""
+rank's base bytes (quantized sections + unquantized parts) equal the prediction. And the demo, trained
+as the demo with model.quantize=int8 and nf4, ends within 2% and 5% of the unquantized demo's eval loss."""
 
 import json
 import os
@@ -102,13 +102,14 @@ def _evals(stdout: str) -> list[float]:
     return [float(x) for x in re.findall(r"eval loss (\d+\.\d+)", stdout)]
 
 
-def test_demo_with_int8_base_within_2_percent(tmp_path):
-    """The demo (builtin tiny-opt, 300 steps, 1 process), unquantized and with model.quantize=int8,
-    side by side: the int8 run's eval losses are within 2% of the unquantized run's, its error line
-    is printed at load, and its predicted and measured model states agree."""
+def test_demo_with_quantized_bases_within_2_and_5_percent(tmp_path):
+    """The demo (builtin tiny-opt, 300 steps, 1 process), unquantized, with model.quantize=int8 and
+    with nf4, side by side: the int8 run's eval losses are within 2% of the unquantized run's and
+    the nf4 run's within 5% (the issue's bounds; measured: 0.02% and 0.3% at the end), each error
+    line is printed at load, and predicted and measured model states agree."""
     common = ["logging.progress_bar=false", "train.sample_prompts=0"]
     procs = {}
-    for name, extra in (("plain", []), ("int8", ["model.quantize=int8"])):
+    for name, extra in (("plain", []), ("int8", ["model.quantize=int8"]), ("nf4", ["model.quantize=nf4"])):
         cmd = train_cmd(1, [f"train.output_dir={tmp_path / name}", *common, *extra])
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
@@ -117,17 +118,21 @@ def test_demo_with_int8_base_within_2_percent(tmp_path):
         so, se = p.communicate(timeout=400)
         assert p.returncode == 0, f"{name}:\n{so[-3000:]}\n{se[-3000:]}"
         out[name] = so
-    plain, q = _evals(out["plain"]), _evals(out["int8"])
-    print("unquantized", plain, "int8", q)
+    plain = _evals(out["plain"])
+    print("unquantized", plain, "int8", _evals(out["int8"]), "nf4", _evals(out["nf4"]))
     assert plain == pytest.approx([1.9156, 1.1202, 1.0602, 1.0494], abs=2e-4)  # the demo's figures
-    assert len(q) == 4 and all(abs(a - b) / b < 0.02 for a, b in zip(q, plain)), (q, plain)
-    assert q != plain  # the int8 base is another base
-    line = next(l for l in out["int8"].splitlines() if "model.quantize=int8:" in l)
-    assert re.search(r"24 linear weights .* relative Frobenius error min \S+ / median \S+ / max \S+ \(model\.", line)
+    for scheme, bound, want in (("int8", 0.02, [1.9152, 1.1200, 1.0599, 1.0492]),
+                                ("nf4", 0.05, [1.9146, 1.1219, 1.0637, 1.0516])):
+        q = _evals(out[scheme])
+        assert q == pytest.approx(want, abs=2e-4), (scheme, q)  # the README's figures
+        assert len(q) == 4 and all(abs(a - b) / b < bound for a, b in zip(q, plain)), (q, plain)
+        assert q != plain  # a quantized base is another base
+        line = next(l for l in out[scheme].splitlines() if f"model.quantize={scheme}:" in l)
+        assert re.search(r"24 linear weights .* relative Frobenius error min \S+ / median \S+ / max \S+ \(model\.", line)
+        states = next(l for l in out[scheme].splitlines() if "predicted vs measured" in l)
+        pairs = re.findall(r"(\d[\d,]*\d)/(\d[\d,]*\d)", states)
+        assert len(pairs) == 4 and all(a == b for a, b in pairs), states
     assert "model.quantize" not in out["plain"]
-    states = next(l for l in out["int8"].splitlines() if "predicted vs measured" in l)
-    pairs = re.findall(r"(\d[\d,]*\d)/(\d[\d,]*\d)", states)
-    assert len(pairs) == 4 and all(a == b for a, b in pairs), states
 
 
 def test_int8_base_with_activation_checkpointing_is_exact_at_2_ranks(tmp_path):

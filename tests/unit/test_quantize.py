@@ -148,3 +148,102 @@ def test_ds_configs_a_quantized_base_cannot_use(tmp_path, zo, key):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
     Z.check_world(ZeroConfig(ds_config=str(ok)), "cpu", "int8")
+
+
+# -- nf4 ---------------------------------------------------------------------------------------------
+def _nf4_by_hand(x: torch.Tensor):
+    """QLoRA's NF4 with double-quantized scales, element by element on fp32 scalars: the definition in
+    zero3.quantize_nf4's docstring. Returns (codes as a list of 4-bit indices, int8 scales, [s2..., mean])."""
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    xs = x.reshape(-1).float().tolist()
+    n = len(xs)
+    blocks = [xs[s:s + 64] + [0.0] * (64 - len(xs[s:s + 64])) for s in range(0, n, 64)]
+    absmax = [f32(max(abs(v) for v in b)) for b in blocks]
+    mean = torch.stack(absmax).mean()
+    c = [a - mean for a in absmax]
+    q2, s2 = [], []
+    for g in range(0, len(c), 256):
+        grp = c[g:g + 256]
+        s = f32(max(abs(float(v)) for v in grp)) / 127.0
+        s2.append(float(s))
+        q2 += [0 if float(s) == 0 else int(torch.clamp(torch.round(v / s), -127, 127)) for v in grp]
+    code = [f32(v) for v in Z.NF4_CODE]
+    idx = []
+    for j, b in enumerate(blocks):
+        scale = f32(q2[j]) * f32(s2[j // 256]) + mean
+        safe = scale if float(scale) != 0 else f32(1.0)
+        for v in b:
+            t = f32(v) / safe
+            idx.append(min(range(16), key=lambda i: (abs(float(t - code[i])), i)))  # nearest, ties low
+    return idx, q2, s2 + [float(mean)]
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 64 * 256 + 64 * 3 + 5])
+def test_nf4_matches_definition_and_stores_0_258_of_bf16(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 0, n)  # blocks of very different ranges
+    x[1:64:7] = 0
+    codes, q2, s2m = Z.quantize_nf4(x)
+    idx, q2_ref, s2m_ref = _nf4_by_hand(x)
+    nb = math.ceil(n / 64)
+    assert codes.dtype == torch.uint8 and q2.dtype == torch.int8 and s2m.dtype == torch.float32
+    assert codes.numel() == nb * 32 and q2.numel() == nb and s2m.numel() == math.ceil(nb / 256) + 1
+    assert q2.tolist() == q2_ref and s2m.tolist() == s2m_ref
+    unpacked = torch.stack([codes >> 4, codes & 15], dim=1).reshape(-1).tolist()
+    assert unpacked == idx  # two 4-bit indices per byte, the first in the high nibble
+    assert Z.quantized_bytes(n, "nf4") == nb * 32 + nb + 4 * (math.ceil(nb / 256) + 1)
+    # dequantized: NF4[index] · (q2·s2 + mean) in fp32, rounded once
+    deq = Z.quantize_dequantize(x, "nf4", torch.float32)
+    scale = [float(torch.tensor(q2_ref[j], dtype=torch.float32) * torch.tensor(s2m_ref[j // 256], dtype=torch.float32)
+                   + torch.tensor(s2m_ref[-1], dtype=torch.float32)) for j in range(nb)]
+    by_hand = torch.tensor([Z.NF4_CODE[idx[i]] for i in range(n)], dtype=torch.float32) * torch.tensor(
+        [scale[i // 64] for i in range(n)], dtype=torch.float32)
+    assert torch.equal(deq, by_hand)
+    assert torch.equal(Z.quantize_dequantize(x, "nf4", torch.bfloat16), by_hand.to(torch.bfloat16))
+    if n > 10000:  # the storage the issue asks for: ~0.28 of bf16 (here 4.127 bits per element)
+        assert 0.255 < Z.quantized_bytes(n, "nf4") / (2 * n) < 0.26
+
+
+def test_nf4_error_on_gaussian_weights_and_chunking():
+    """N(0, 0.02²) weights (what presets draw): NF4's relative Frobenius error is ~9.2% (the
+    information-theoretic 4-bit code for normal data), int8's ~0.6%; quantizing in chunks (the
+    host-to-GPU path) gives the same bytes as at once."""
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(0)) * 0.02
+    errs = {s: float((x - Z.quantize_dequantize(x, s)).norm() / x.norm()) for s in ("int8", "nf4")}
+    print(errs)
+    assert 0.0055 < errs["int8"] < 0.0065 and 0.090 < errs["nf4"] < 0.094
+    whole = Z.SCHEMES["nf4"].quantize(x)
+    old = Z._Q_CHUNK
+    try:
+        Z._Q_CHUNK = 64 * 256 * 3  # not a multiple of the partition: the last chunk is short
+        sums = [0.0, 0.0]
+        chunked = Z.SCHEMES["nf4"].quantize(x, sums=sums)
+        q8 = Z.quantize_blocks(x)
+    finally:
+        Z._Q_CHUNK = old
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)
+    assert all(torch.equal(a, b) for a, b in zip(q8, Z.quantize_blocks(x)))
+    assert math.isclose(math.sqrt(sums[1] / sums[0]), errs["nf4"], rel_tol=1e-6)
+
+
+def test_nf4_partitions_and_rows_dequantize_as_one():
+    """What the gatherer does: each rank's partition quantized on its own; the gathered rows
+    dequantized together (eager, in chunks) equal each row dequantized alone, and equal
+    reference_dequantized of the whole tensor, which depends on the world size."""
+    w = torch.randn(96, 130, generator=torch.Generator().manual_seed(2)) * 0.02
+    old = Z._DEQ_CHUNK
+    try:
+        Z._DEQ_CHUNK = 128  # several chunks per row
+        for world in (1, 2, 3):
+            part = -(-w.numel() // world)
+            flat = torch.zeros(part * world)
+            flat[:w.numel()] = w.reshape(-1)
+            parts = [Z.SCHEMES["nf4"].quantize(flat[r * part:(r + 1) * part]) for r in range(world)]
+            rows = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+            together = Z.SCHEMES["nf4"].dequantize(rows, part, torch.bfloat16)
+            ref = Z.reference_dequantized(w, world, torch.bfloat16, scheme="nf4")
+            assert torch.equal(together.reshape(-1)[:w.numel()].view(w.shape), ref), world
+    finally:
+        Z._DEQ_CHUNK = old
+    d1, d2 = (Z.reference_dequantized(w, n, scheme="nf4") for n in (1, 2))
+    assert not torch.equal(d1, d2)  # 12,480 elements: rank 1's blocks start mid-block of the whole

@@ -528,13 +528,6 @@ def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK, device=None,
     return torch.cat(qs)[:n].clone(), torch.cat(scs)[:-(-n // block)]
 
 
-def _int8_values(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, block: int) -> torch.Tensor:
-    """Whole int8 blocks (``[..., nb·block]``) times their scale (``[..., nb]``) in fp32, rounded once
-    to ``dtype``."""
-    lead = q.shape[:-1]
-    return (q.reshape(*lead, -1, block).float() * scales.float()[..., None]).view(*lead, -1).to(dtype)
-
-
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                       block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
@@ -567,7 +560,7 @@ def _triton_kernels() -> dict:
     nf4). Eager PyTorch makes fp32 (and, for nf4, int64 index) temporaries of every element on its
     way, ~20-30 bytes per element, and inductor's dynamic-shape kernels reached only 0.2-0.8 TB/s of
     an H200's 4.8 (``bench/quant_gpu.py``): on GPT-3 6.7B at 2 GPUs that cost 14% (int8) and 34%
-    (nf4) of the bf16 base's tokens/s. The same operations as :func:`_int8_values` and
+    (nf4) of the bf16 base's tokens/s. The same operations as the CPU's :func:`dequantize_blocks` and
     :func:`_nf4_values` (an fp32 product, one round-to-nearest-even to the compute dtype), so the
     same values: ``bench/quant_gpu.py`` checks them bit for bit. Triton ships with CUDA builds of
     torch; it is imported only here."""

@@ -481,7 +481,7 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
       ``nb = ceil(ceil(numel/N)/64)`` blocks per rank's row. The Triton kernels
       (``zero3._triton_kernels``) write the values straight into the layer's buffer when each row is
       whole blocks (``ceil(numel/N)`` a multiple of 64); otherwise into a padded temporary in the
-      compute dtype, ``w·N·nb·64``, copied out. Besides: int8: at world size > 1 the fp32 scale rows
+      compute dtype, ``w·N·nb·64``, copied out (int8 also pads its values first, ``N·nb·64``). Besides: int8: at world size > 1 the fp32 scale rows
       copied out contiguous, ``4·N·nb``; nf4: the decoded fp32 block scales, ``4·N·ceil(nb/256)·256``
       (``_nf4_scales``) plus their contiguous copy, ``4·N·nb``, and at world size > 1 the
       second-level scales and offset copied out, ``4·N·(ceil(nb/256) + 1)``. (The CPU paths, eager
@@ -501,7 +501,7 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
     nb = -(-(-(-largest // N)) // QUANT_BLOCK)
     padded = w * N * nb * QUANT_BLOCK if -(-largest // N) % QUANT_BLOCK else 0
     if q == "int8":
-        temp = padded + (4 * N * nb if N > 1 else 0)
+        temp = padded + (padded // w if padded else 0) + (4 * N * nb if N > 1 else 0)
     else:
         ng = -(-nb // NF4_SCALE_BLOCK)
         temp = padded + 4 * N * ng * NF4_SCALE_BLOCK + 4 * N * nb + (4 * N * (ng + 1) if N > 1 else 0)

@@ -531,15 +531,22 @@ def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK, device=None,
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                       block: int = QUANT_BLOCK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inverse of :func:`quantize_blocks` along the last dimension (one row per rank at a gather):
-    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given). On a GPU,
-    whole blocks go through one Triton kernel (:func:`_triton_kernels`)."""
+    ``q·scale`` in fp32, then one rounding to ``dtype`` (written into ``out`` if given). On a GPU
+    one Triton kernel does it (:func:`_triton_kernels`; rows that end inside a block through padded
+    copies)."""
     n = q.shape[-1]
     lead = q.shape[:-1]
     nb = scales.shape[-1]
-    if n == nb * block and q.device.type == "cuda" and block == QUANT_BLOCK:
-        if out is None or not out.is_contiguous():
-            return _dequant_gpu("int8", q, scales, torch.empty(q.shape, dtype=dtype, device=q.device))
-        return _dequant_gpu("int8", q, scales, out)
+    if block == QUANT_BLOCK and _use_triton(q.device):
+        if n == nb * block:  # whole blocks: straight into out
+            if out is None or not out.is_contiguous():
+                return _dequant_gpu("int8", q, scales, torch.empty(q.shape, dtype=dtype, device=q.device))
+            return _dequant_gpu("int8", q, scales, out)
+        # rows that end inside a block (a partition size not divisible by 64): padded copies
+        padded = torch.zeros(*lead, nb * block, dtype=torch.int8, device=q.device)
+        padded[..., :n] = q
+        full = _dequant_gpu("int8", padded, scales, torch.empty(*lead, nb * block, dtype=dtype, device=q.device))
+        return full[..., :n].clone() if out is None else out.copy_(full[..., :n])
     if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
         full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
     else:
@@ -554,6 +561,22 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
 _KERNELS: dict = {}  # scheme -> its Triton kernel, built at first use on a GPU
 
 
+def _use_triton(device: torch.device) -> bool:
+    """Whether ``device`` dequantizes with the Triton kernels: a CUDA device with Triton importable.
+    Without Triton (a torch build that lacks it) the eager path runs, after one line on stderr."""
+    if device.type != "cuda":
+        return False
+    if "available" not in _KERNELS:
+        try:
+            _triton_kernels()
+            _KERNELS["available"] = True
+        except ImportError as e:
+            _KERNELS["available"] = False
+            print(f"[bigtrain] model.quantize: Triton is not importable ({e}); dequantizing with eager "
+                  f"PyTorch, several times slower", file=sys.stderr, flush=True)
+    return _KERNELS["available"]
+
+
 def _triton_kernels() -> dict:
     """The dequantization kernels for a GPU, one element per thread, reading the stored form once
     and writing the compute dtype once (~3 bytes of memory traffic per element for int8, ~2.5 for
@@ -564,7 +587,7 @@ def _triton_kernels() -> dict:
     :func:`_nf4_values` (an fp32 product, one round-to-nearest-even to the compute dtype), so the
     same values: ``bench/quant_gpu.py`` checks them bit for bit. Triton ships with CUDA builds of
     torch; it is imported only here."""
-    if _KERNELS:
+    if "int8" in _KERNELS:
         return _KERNELS
     import triton
     import triton.language as tl
@@ -684,7 +707,7 @@ def dequantize_nf4(codes: torch.Tensor, q2: torch.Tensor, s2m: torch.Tensor, n: 
     nb = scale.shape[-1]
     if out is None:
         out = torch.empty(*lead, n, dtype=dtype, device=codes.device)
-    if codes.device.type == "cuda" and block == QUANT_BLOCK:
+    if block == QUANT_BLOCK and _use_triton(codes.device):
         if n == nb * block and out.is_contiguous():  # whole blocks: straight into out
             return _dequant_gpu("nf4", codes, scale, out)
         full = _dequant_gpu("nf4", codes, scale, torch.empty(*lead, nb * block, dtype=dtype, device=codes.device))

@@ -69,8 +69,8 @@ def _buffers_by_hand(layer, N, scheme, w=2, threshold=100000):
     big = max(n for n, q in layer if q)
     nb = -(-p(big) // 64)
     padded = w * N * nb * 64 if p(big) % 64 else 0  # rows not whole blocks: a padded temporary
-    if scheme == "int8":
-        temp = padded + (4 * N * nb if N > 1 else 0)
+    if scheme == "int8":  # int8 pads its values too (1 byte each)
+        temp = padded + (N * nb * 64 if padded else 0) + (4 * N * nb if N > 1 else 0)
     else:
         ng = -(-nb // 256)
         temp = padded + 4 * N * ng * 256 + 4 * N * nb + (4 * N * (ng + 1) if N > 1 else 0)

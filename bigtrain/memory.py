@@ -58,6 +58,7 @@ import functools
 import io
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -817,14 +818,16 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
     N = num_gpus_per_node * num_nodes
     ds: dict = {}
     try:
-
-        from deepspeed.runtime.zero import stage3 as s3
-
         buf = io.StringIO()
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         with contextlib.redirect_stdout(buf):
+            # imported here too: DeepSpeed's logger writes its "Setting accelerator" warning to the
+            # stdout of the moment, which would otherwise come before --json's JSON
+            from deepspeed.runtime.zero import stage3 as s3
+
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
             s3.estimate_zero3_model_states_mem_needs_all_live(mm, num_gpus_per_node, num_nodes)
-        ds["all_live_output"] = buf.getvalue().strip()
+        ds["all_live_output"] = "\n".join(  # its table, without DeepSpeed's log lines
+            ln for ln in buf.getvalue().strip().splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d ", ln))
         ds["all_live_params_seen"] = s3.model_to_params(mm)[0]
         cpu, gpu, largest_mem = s3.estimate_zero3_model_states_mem_needs(
             total_params=shape.total_params, largest_layer_params=shape.largest_module_params,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import datasets
@@ -502,3 +503,35 @@ def test_killed_build_leaves_no_cache_and_the_next_run_builds(tok, tmp_path):
     ds, st = load_examples(str(path), tok, skip)
     assert st["cache"] == "built" and len(ds) == 2500 and st["skipped"] == 1
     assert not dead.exists() and live.exists()
+
+
+def test_source_hash_is_read_once_then_remembered_by_file_identity(tmp_path, monkeypatch):
+    """Every rank of every run keys the cache on the source's content hash. It is remembered under
+    the cache's digests/ by the file's path, size, inode and times: the second lookup reads none of
+    the data; a rewrite (same size even) changes the change time and so is read and hashed again."""
+    import hashlib
+
+    from bigtrain import data as D
+
+    reads = []
+    real = D._file_digest
+    monkeypatch.setattr(D, "_file_digest", lambda p, h: (reads.append(p), real(p, h))[1])
+    path = _write_jsonl(tmp_path / "src.jsonl", [GOOD] * 50)
+    memo = tmp_path / "cache" / "digests"
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert D.source_fingerprint(path, memo) == want and len(reads) == 1
+    assert D.source_fingerprint(path, memo) == want and len(reads) == 1  # remembered: not read
+    assert [f.read_text() for f in memo.iterdir()] == [want]
+    time.sleep(0.01)
+    path.write_bytes(path.read_bytes().replace(b"x:", b"z:", 1))  # same size, new content
+    new = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert new != want and D.source_fingerprint(path, memo) == new and len(reads) == 2
+    assert D.source_fingerprint(path) == new and len(reads) == 3  # no memo: always read
+    # through load_examples: the second load (a cache hit) reads the source for nothing
+    tok = D.load_tokenizer(None)
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache2"), max_length=64)
+    reads.clear()
+    _, st1 = D.load_examples(str(path), tok, cfg)
+    n_first = len(reads)
+    _, st2 = D.load_examples(str(path), tok, cfg)
+    assert (st1["cache"], st2["cache"]) == ("built", "hit") and n_first == 1 and len(reads) == 1

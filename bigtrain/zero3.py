@@ -963,12 +963,13 @@ class LayerGatherer:
         scheme = SCHEMES[self.quantize]
         parts = {}
         for p in quant:  # quantized on the gatherer's device, a chunk at a time, from host partitions
-            x = p.ds_tensor.data.reshape(-1)
+            x = p.ds_tensor.data.reshape(-1).to(self.device)  # one copy over, in the model's dtype
             sums = [0.0, 0.0]
             parts[id(p)] = scheme.quantize(x, device=self.device, sums=sums)
             self._sums[id(p)] = tuple(sums)
             p.bt_part = x.numel()
             p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)  # host copy freed
+            del x
         wide = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 4]
         narrow = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 1]
         total = (sum(4 * c for _, (_, _, c) in wide) + sum(c for _, (_, _, c) in narrow)

@@ -50,6 +50,10 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+# model.quantize's schemes (bigtrain.zero3.SCHEMES implements them; named here, where no torch is imported)
+QUANTIZE_CHOICES = ("int8", "nf4")
+
+
 @dataclass
 class ModelConfig:
     path: Optional[str] = "builtin:tiny-opt"
@@ -97,7 +101,7 @@ class ModelConfig:
 
     def validate(self, p: str) -> None:
         _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _choice(p + ".quantize", self.quantize, (None, "int8", "nf4"))
+        _choice(p + ".quantize", self.quantize, (None, *QUANTIZE_CHOICES))
         _choice(p + ".attn_implementation", self.attn_implementation, (None, "sdpa", "eager"))
         if self.path is not None:
             d = Path(resolve_model_path(self.path))

@@ -64,6 +64,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .config import QUANTIZE_CHOICES
 from .presets import PRESETS, hf_config_for, meta_model
 
 # Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
@@ -92,7 +93,6 @@ PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
 SUB_GROUP_SIZE = int(1e9)  # DeepSpeed zero_optimization.sub_group_size (elements)
 DEFAULT_PERSISTENCE = 100000  # DeepSpeed stage3_param_persistence_threshold
-QUANTIZE_CHOICES = ("int8", "nf4")  # model.quantize (bigtrain.zero3.QUANTIZE_CHOICES, without importing torch)
 
 
 # ---------------------------------------------------------------------------------------------

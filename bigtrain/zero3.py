@@ -473,7 +473,6 @@ def unlink_deepspeed_shm(rank: int, world: int, addr: str | None = None, port: s
 # -- a quantized frozen base (model.quantize=int8 | nf4) -------------------------------------------
 QUANT_BLOCK = 64  # elements per block of both schemes, counted from the start of each rank's partition
 NF4_SCALE_BLOCK = 256  # nf4's double quantization: int8 absmax scales, one fp32 scale per 256 of them
-QUANTIZE_CHOICES = ("int8", "nf4")
 # QLoRA's NormalFloat4 code (Dettmers et al. 2023, bitsandbytes' NF4 table): quantiles of N(0, 1)
 # scaled to [-1, 1], with an exact zero; 16 values, one 4-bit index each.
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -538,15 +537,11 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     lead = q.shape[:-1]
     nb = scales.shape[-1]
     if block == QUANT_BLOCK and _use_triton(q.device):
-        if n == nb * block:  # whole blocks: straight into out
-            if out is None or not out.is_contiguous():
-                return _dequant_gpu("int8", q, scales, torch.empty(q.shape, dtype=dtype, device=q.device))
-            return _dequant_gpu("int8", q, scales, out)
-        # rows that end inside a block (a partition size not divisible by 64): padded copies
-        padded = torch.zeros(*lead, nb * block, dtype=torch.int8, device=q.device)
-        padded[..., :n] = q
-        full = _dequant_gpu("int8", padded, scales, torch.empty(*lead, nb * block, dtype=dtype, device=q.device))
-        return full[..., :n].clone() if out is None else out.copy_(full[..., :n])
+        if n != nb * block:  # rows that end inside a block: the kernel reads whole blocks
+            padded = torch.zeros(*lead, nb * block, dtype=torch.int8, device=q.device)
+            padded[..., :n] = q
+            q = padded
+        return _dequant_gpu("int8", q, scales, n, dtype, out)
     if n == nb * block:  # whole blocks (any partition of a size divisible by 64): no padded copy
         full = q.reshape(*lead, nb, block).float().mul_(scales.float()[..., None]).view(*lead, n)
     else:
@@ -614,20 +609,30 @@ def _triton_kernels() -> dict:
     return _KERNELS
 
 
-def _dequant_gpu(scheme: str, stored: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Whole blocks on a GPU (``out`` contiguous, ``QUANT_BLOCK`` elements per scale, rows of whole
-    blocks, so the rows can be read as one flat run): ``out`` = stored values × their block's fp32
-    scale, rounded to ``out``'s dtype."""
+def _dequant_gpu(scheme: str, stored: torch.Tensor, scales: torch.Tensor, n: int, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of whole blocks on a GPU (``stored``: ``[..., nb·64]`` values or ``[..., nb·32]`` nf4
+    bytes; ``scales``: ``[..., nb]`` fp32), read as one flat run: each value × its block's scale,
+    rounded to ``dtype``; the first ``n`` elements of each row, written into ``out`` if given. A
+    contiguous ``out`` of whole blocks is written by the kernel directly; otherwise through a
+    padded temporary."""
     k = _triton_kernels()
-    n = out.numel()
+    lead, nb = scales.shape[:-1], scales.shape[-1]
+    direct = n == nb * QUANT_BLOCK and (out is None or out.is_contiguous())
+    if direct and out is None:
+        out = torch.empty(*lead, n, dtype=dtype, device=stored.device)
+    dest = out if direct else torch.empty(*lead, nb * QUANT_BLOCK, dtype=dtype, device=stored.device)
     args = (stored.contiguous().view(-1), scales.contiguous().view(-1).float())
     if scheme == "nf4":
-        code = _KERNELS.get(("code", out.device))
+        code = _KERNELS.get(("code", dest.device))
         if code is None:
-            code = _KERNELS[("code", out.device)] = torch.tensor(NF4_CODE, dtype=torch.float32, device=out.device)
+            code = _KERNELS[("code", dest.device)] = torch.tensor(NF4_CODE, dtype=torch.float32, device=dest.device)
         args = args + (code,)
-    k[scheme][k["grid"](n, k["block"])](*args, out.view(-1), n, QUANT_BLOCK, k["block"])
-    return out
+    total = dest.numel()
+    k[scheme][k["grid"](total, k["block"])](*args, dest.view(-1), total, QUANT_BLOCK, k["block"])
+    if direct:
+        return out
+    return dest[..., :n].clone() if out is None else out.copy_(dest[..., :n])
 
 
 @torch.no_grad()
@@ -705,13 +710,10 @@ def dequantize_nf4(codes: torch.Tensor, q2: torch.Tensor, s2m: torch.Tensor, n: 
     lead = codes.shape[:-1]
     scale = _nf4_scales(q2, s2m, scale_block)
     nb = scale.shape[-1]
+    if block == QUANT_BLOCK and _use_triton(codes.device):
+        return _dequant_gpu("nf4", codes, scale, n, dtype, out)
     if out is None:
         out = torch.empty(*lead, n, dtype=dtype, device=codes.device)
-    if block == QUANT_BLOCK and _use_triton(codes.device):
-        if n == nb * block and out.is_contiguous():  # whole blocks: straight into out
-            return _dequant_gpu("nf4", codes, scale, out)
-        full = _dequant_gpu("nf4", codes, scale, torch.empty(*lead, nb * block, dtype=dtype, device=codes.device))
-        return out.copy_(full[..., :n])
     step = max(1, _DEQ_CHUNK // block)
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)

@@ -278,6 +278,9 @@ for world, part in ((1, 4096), (2, 64 * 37), (3, 1000), (2, 130)):
         out = torch.empty(world, part)
         assert s.dequantize(st, part, torch.float32, out=out) is out and torch.equal(out, ref), (world, part, scheme)
         assert torch.equal(s.dequantize(st, part, torch.float32), ref), (world, part, scheme)
+        strided = torch.empty(world, part + 3)[:, :part]  # an out the kernel cannot write flat
+        assert s.dequantize(st, part, torch.float32, out=strided) is strided, (world, part, scheme)
+        assert torch.equal(strided, ref), (world, part, scheme)
         assert Z._KERNELS.get("int8") is not None  # the kernels did run
 print("ok")
 '''

@@ -485,13 +485,13 @@ _DEQ_CHUNK = 1 << 22  # elements the eager nf4 path dequantizes at a time (bound
 _Q_CHUNK = 1 << 24  # elements quantized at a time: bounds the temporaries (a multiple of every block size)
 
 
-def _block_chunks(x: torch.Tensor, block: int, device=None):
-    """``x`` read flat, ``_Q_CHUNK`` elements at a time, as fp32 on ``device`` (default x's) viewed
-    as whole blocks of ``block`` (zeros pad the last one): yields (first block's index, blocks)."""
+def _block_chunks(x: torch.Tensor, block: int):
+    """``x`` read flat, ``_Q_CHUNK`` elements at a time, as fp32 on x's device viewed as whole
+    blocks of ``block`` (zeros pad the last one): yields (first block's index, blocks)."""
     x = x.detach().reshape(-1)
     n = x.numel()
     for a in range(0, max(n, 1), _Q_CHUNK):
-        c = x[a:a + _Q_CHUNK].to(device=device or x.device, dtype=torch.float32)
+        c = x[a:a + _Q_CHUNK].float()
         if c.numel() % block or c.numel() == 0:
             c = torch.cat([c, c.new_zeros(block - c.numel() % block)])
         yield a // block, c.view(-1, block)
@@ -507,17 +507,16 @@ def _add_error(sums: list | None, blocks: torch.Tensor, deq: torch.Tensor, dtype
 
 
 @torch.no_grad()
-def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK, device=None,
-                    sums: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(x: torch.Tensor, block: int = QUANT_BLOCK, sums: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric block-wise int8 of a tensor read flat: blocks of ``block`` consecutive elements
     from its start (the last one shorter when ``block`` does not divide it), one fp32 scale each,
     ``absmax / 127``; values ``round(x / scale)`` (half to even), so ``|x - q·scale| <= scale/2``.
-    An all-zero block has scale 0 and values 0. Returns (int8 values, fp32 scales) on ``device``
-    (default x's), computed there ``_Q_CHUNK`` elements at a time. ``sums``: a list [0.0, 0.0] that
+    An all-zero block has scale 0 and values 0. Returns (int8 values, fp32 scales) on x's device,
+    computed ``_Q_CHUNK`` elements at a time. ``sums``: a list [0.0, 0.0] that
     receives ``sum x²`` and ``sum (x - dequantized)²`` (fp32 dequantized values)."""
     n = x.numel()
     qs, scs = [], []
-    for _, blocks in _block_chunks(x, block, device):
+    for _, blocks in _block_chunks(x, block):
         scales = blocks.abs().amax(dim=1) / 127.0
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(blocks / safe[:, None]).clamp_(-127, 127)
@@ -636,7 +635,7 @@ def _dequant_gpu(scheme: str, stored: torch.Tensor, scales: torch.Tensor, n: int
 
 
 @torch.no_grad()
-def quantize_nf4(x: torch.Tensor, block: int = QUANT_BLOCK, scale_block: int = NF4_SCALE_BLOCK, device=None,
+def quantize_nf4(x: torch.Tensor, block: int = QUANT_BLOCK, scale_block: int = NF4_SCALE_BLOCK,
                  sums: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """QLoRA's NF4 with double-quantized scales, of a tensor read flat.
 
@@ -651,12 +650,12 @@ def quantize_nf4(x: torch.Tensor, block: int = QUANT_BLOCK, scale_block: int = N
     + 32 bits: 4.127 bits, 0.258 of bf16.
 
     Returns (uint8 codes, ``ceil(n/block)·block/2`` bytes; int8 scales, one per block; fp32
-    ``[s2 per group..., mean]``) on ``device`` (default x's), computed there ``_Q_CHUNK`` elements at
-    a time (the mean of the absmaxes is reduced on that device). ``sums``: as for
+    ``[s2 per group..., mean]``) on x's device, computed ``_Q_CHUNK`` elements at a time (the mean of
+    the absmaxes is reduced on that device). ``sums``: as for
     :func:`quantize_blocks`."""
     n = x.numel()
     nb = -(-n // block)
-    absmax = torch.cat([blocks.abs().amax(dim=1) for _, blocks in _block_chunks(x, block, device)])[:nb]
+    absmax = torch.cat([blocks.abs().amax(dim=1) for _, blocks in _block_chunks(x, block)])[:nb]
     dev = absmax.device
     mean = absmax.mean()
     ng = -(-nb // scale_block)
@@ -672,7 +671,7 @@ def quantize_nf4(x: torch.Tensor, block: int = QUANT_BLOCK, scale_block: int = N
     code = torch.tensor(NF4_CODE, dtype=torch.float32, device=dev)
     mids = (code[1:] + code[:-1]) / 2
     packed = []
-    for b0, blocks in _block_chunks(x, block, device):
+    for b0, blocks in _block_chunks(x, block):
         k = blocks.shape[0]
         idx = torch.bucketize(blocks / safe[b0:b0 + k, None], mids)  # the nearest code
         _add_error(sums, blocks, code[idx] * scale[b0:b0 + k, None], x.dtype)
@@ -733,9 +732,8 @@ class _Scheme:
     def sections(self, n: int) -> list[tuple[str, torch.dtype, int]]:
         raise NotImplementedError
 
-    def quantize(self, x: torch.Tensor, device=None, sums: list | None = None) -> dict[str, torch.Tensor]:
-        """The sections of ``x`` read flat, on ``device`` (default x's); ``sums`` as for
-        :func:`quantize_blocks`."""
+    def quantize(self, x: torch.Tensor, sums: list | None = None) -> dict[str, torch.Tensor]:
+        """The sections of ``x`` read flat, on x's device; ``sums`` as for :func:`quantize_blocks`."""
         raise NotImplementedError
 
     def dequantize(self, parts: dict, n: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -751,8 +749,8 @@ class _Int8(_Scheme):
     def sections(self, n):
         return [("scales", torch.float32, -(-n // QUANT_BLOCK)), ("values", torch.int8, n)]
 
-    def quantize(self, x, device=None, sums=None):
-        q, sc = quantize_blocks(x, device=device, sums=sums)
+    def quantize(self, x, sums=None):
+        q, sc = quantize_blocks(x, sums=sums)
         return {"scales": sc, "values": q}
 
     def dequantize(self, parts, n, dtype, out=None):
@@ -767,8 +765,8 @@ class _NF4(_Scheme):
         return [("scales2", torch.float32, -(-nb // NF4_SCALE_BLOCK) + 1), ("scales", torch.int8, nb),
                 ("codes", torch.uint8, nb * QUANT_BLOCK // 2)]
 
-    def quantize(self, x, device=None, sums=None):
-        codes, q2, s2m = quantize_nf4(x, device=device, sums=sums)
+    def quantize(self, x, sums=None):
+        codes, q2, s2m = quantize_nf4(x, sums=sums)
         return {"scales2": s2m, "scales": q2, "codes": codes}
 
     def dequantize(self, parts, n, dtype, out=None):
@@ -967,7 +965,7 @@ class LayerGatherer:
         for p in quant:  # quantized on the gatherer's device, a chunk at a time, from host partitions
             x = p.ds_tensor.data.reshape(-1).to(self.device)  # one copy over, in the model's dtype
             sums = [0.0, 0.0]
-            parts[id(p)] = scheme.quantize(x, device=self.device, sums=sums)
+            parts[id(p)] = scheme.quantize(x, sums=sums)
             self._sums[id(p)] = tuple(sums)
             p.bt_part = x.numel()
             p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)  # host copy freed

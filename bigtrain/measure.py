@@ -286,15 +286,11 @@ STATE_KINDS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_st
 
 
 def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
-    from .memory import Setup
+    from .memory import setup_for_run
 
-    stage = MODES[mode]
-    return Setup(world_size=world, zero_stage=stage if stage else (3 if cfg.zero.stage == 3 else 0),
-                 micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                 checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
-                 lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
-                 persistence_threshold=cfg.zero.persistence_threshold, gpu_mem_bytes=gpu_mem,
-                 include_context=context, quantize=cfg.model.quantize)  # LoRA's base; full FT unquantized
+    stage = MODES[mode]  # a full fine-tuning mode's stage; LoRA's from the run's config
+    return setup_for_run(cfg, world, gpu_mem_bytes=gpu_mem, include_context=context,
+                         **({"zero_stage": stage} if stage else {}))
 
 
 def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict:

@@ -649,6 +649,20 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
     return out
 
 
+def setup_for_run(cfg, world: int, **overrides) -> Setup:
+    """The estimator's inputs for a run of ``cfg`` (a ``bigtrain.config.Config``) at ``world`` ranks:
+    its micro-batch, sequence, checkpointing, LoRA rank and targets, dtype and model.quantize (LoRA's
+    base as stored; full fine-tuning's is never quantized), LoRA's ZeRO stage (3, or 0 when the run's
+    is 0); ``overrides`` replace any field (the engine's persistence threshold, a mode's stage, the
+    CUDA context allowance)."""
+    st = Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
+               micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
+               checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+               lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
+               persistence_threshold=cfg.zero.persistence_threshold, quantize=cfg.model.quantize)
+    return replace(st, **overrides)
+
+
 def run_savings(model, st: Setup, measured_peak: int | None, measured_states: dict | None) -> dict:
     """What LoRA saved in one run, per GPU: this run's measured peak (``torch.cuda.max_memory_allocated``,
     the largest over ranks; None on CPU) beside the estimate for full fine-tuning with Adam (ZeRO-3,

@@ -54,7 +54,7 @@ from .inject import find_targets, inject_lora, output_layer_names, parameter_rep
 from .loader import checkpoint_files
 from .lora import AdapterSpec
 from .losses import token_loss_sum
-from .memory import GiB, Setup, format_savings, measure_states, predict_states, run_savings
+from .memory import GiB, format_savings, measure_states, predict_states, run_savings, setup_for_run
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import count_parameters, hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
@@ -662,25 +662,15 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
     return out
 
 
-def savings_setup(cfg: Config, world: int, persistence_threshold: int, hpz: int) -> Setup:
-    """The estimator's inputs for this run (``world`` ranks, the engine's persistence threshold and hpZ
-    size), without the CUDA context: allocated bytes, as torch.cuda.max_memory_allocated counts them.
-    A quantized base (model.quantize) is estimated as such: its LoRA peak is the quantized one."""
-    return Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
-                 micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-                 checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
-                 lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
-                 persistence_threshold=persistence_threshold, hpz=hpz, include_context=False,
-                 quantize=cfg.model.quantize)
-
-
 def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: dict | None,
                     engine: Engine, loggers, say) -> None:
     """The VRAM LoRA saved in this run: its measured peak per GPU (the largest over ranks) beside the
     estimate for full fine-tuning with Adam of the same model on the same GPUs; printed, and sent to
     W&B as summary values and a table."""
     peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
-    st = savings_setup(cfg, world, engine.persistence_threshold, engine.hpz_size)
+    # without the CUDA context: allocated bytes, as torch.cuda.max_memory_allocated counts them
+    st = setup_for_run(cfg, world, persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
+                       include_context=False)
     try:
         sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
     except (KeyError, ValueError) as e:  # a model the estimator does not know

@@ -18,13 +18,7 @@ BUDGET_S=${BUDGET_S:-540}
 JOB_S=${JOB_S:-150}
 STEPS=${STEPS:-4}
 MODE_TIMEOUT_S=${MODE_TIMEOUT_S:-150}
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/_device_env.sh  # H200 settings; carried wheels on PYTHONPATH
 case $PHASE in
   1gpu) NPROC=1 ;;
   2gpu) NPROC=2 ;;

@@ -13,11 +13,7 @@
 # Every phase writes under $OUT (a clean directory each call) and tars what it wrote.
 set -euo pipefail
 OUT=${OUT:?set OUT}
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. bench/_device_env.sh  # H200 settings; carried wheels on PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt" || true
 G=${1:?phase: all, 1gpu or 2gpu}
 C="--contenders bigtrain,bigtrain-int8,bigtrain-nf4 --ckpt on --mb 2 --seq 2048"

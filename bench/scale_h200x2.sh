@@ -10,11 +10,7 @@
 #                                        PEFT) and the 175B width at the depth one GPU holds
 set -euo pipefail
 OUT=${OUT:?set OUT}
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. bench/_device_env.sh  # H200 settings; carried wheels on PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt" || true
 LLAMA="--lora-r 16 --lora-targets q_proj,k_proj,v_proj,o_proj --seq 8192 --mb 1"
 case "$1" in

@@ -5,11 +5,7 @@
 #   OUT=DIR bash bench/smoke_gpu.sh
 set -uo pipefail
 OUT=${OUT:?set OUT}
-export TORCH_CUDA_ARCH_LIST=9.0 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
-if [ -d .whl ] && ! python3 -c "import deepspeed" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD
+. bench/_device_env.sh  # H200 settings; carried wheels on PYTHONPATH
 W=$(mktemp -d)
 TR=(torchrun --standalone --nnodes=1 --nproc_per_node=2 -m bigtrain)
 {

@@ -30,6 +30,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun_workers(worker, worlds, tmp_path_factory, args=(), timeout=400, prefix="w"):
+    """Start ``worker`` (a script in tests/dist writing ``<out>/rank<R>.json``) under torchrun once
+    per world size in ``worlds``, all at once (the processes are mostly importing), each with its
+    own output directory as its first argument, then ``args``; wait, and return {world: [each
+    rank's JSON]}. A failed launch is an assertion naming the world size, with the log's tail."""
+    import shutil
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = {}
+    for n in worlds:
+        out = tmp_path_factory.mktemp(f"{prefix}{n}")
+        cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()), str(worker), str(out),
+               *map(str, args)]
+        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
+    results = {}
+    for n, (p, out) in procs.items():
+        log, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, f"torchrun N={n} failed:\n{log[-3000:]}"
+        results[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    return results
+
+
 def run(cmd, timeout=600, env=None, check=True, preexec_fn=None):
     p = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout,
                        preexec_fn=preexec_fn)

@@ -3,17 +3,12 @@ a real LoRA training step under the real torchrun, for 1, 2 and 3 ranks, persist
 DeepSpeed's default 1e5 (where every tiny-opt parameter stays whole on every rank besides its
 partition)."""
 
-import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bigtrain.memory import predict_states
-from helpers import free_port
+from helpers import torchrun_workers
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "dist" / "memory_dist_worker.py"
@@ -23,21 +18,7 @@ WORLDS = (1, 2, 3)
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = {}
-    for n in WORLDS:  # all three jobs at once: the processes are mostly importing
-        out = tmp_path_factory.mktemp(f"w{n}")
-        cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()),
-               str(WORKER), str(out), ",".join(map(str, THRESHOLDS))]
-        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True), out)
-    results = {}
-    for n, (p, out) in procs.items():
-        log, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, f"torchrun N={n} failed:\n{log[-3000:]}"
-        results[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
-    return results
+    return torchrun_workers(WORKER, WORLDS, tmp_path_factory, [",".join(map(str, THRESHOLDS))], timeout=300)
 
 
 @pytest.mark.parametrize("n", WORLDS)

@@ -6,9 +6,7 @@ rank's base bytes (quantized sections + unquantized parts) equal the prediction.
 as the demo with model.quantize=int8 and nf4, ends within 2% and 5% of the unquantized demo's eval loss."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from bigtrain.config import resolve_model_path
 from bigtrain.memory import predict_states
 from bigtrain.presets import hf_config_for
-from helpers import _env, free_port, train_cmd
+from helpers import _env, torchrun_workers, train_cmd
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,19 +26,7 @@ WORLDS = (1, 2)
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = {}
-    for n in WORLDS:
-        out = tmp_path_factory.mktemp(f"q{n}")
-        cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()), str(WORKER), str(out)]
-        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
-    res = {}
-    for n, (p, out) in procs.items():
-        log, _ = p.communicate(timeout=400)
-        assert p.returncode == 0, f"torchrun N={n} failed:\n{log[-3000:]}"
-        res[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
-    return res
+    return torchrun_workers(WORKER, WORLDS, tmp_path_factory, prefix="q")
 
 
 EXPECT = {  # case: (linear weights quantized, parameters, prediction arguments)

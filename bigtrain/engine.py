@@ -30,7 +30,7 @@ from . import frozen_linear
 from . import vocab as V
 from . import zero3 as Z
 from .config import ZeroConfig
-from .loader import load_partitions
+from .loader import PartitionLoader
 
 # Names other modules, tests and benchmarks import from here.
 from .dist import DistInfo, detect_world, exit_after_teardown  # noqa: F401
@@ -112,13 +112,19 @@ class Engine:
             model.to(self.info.device)
         else:
             ds = self.build_ds_config(torch_dtype, Z.largest_layer_numel(hf_config))
-            build = Z.quantized_build_config(ds) if quantize else ds  # partitions on the host, then quantized
-            model, self._ds_hf_config = Z.build_partitioned(hf_config, torch_dtype, attn_implementation, build)
-            padded_rows = V.vocab_parameters(model, padded) if padded != vocab else {}
-            if path is not None:
-                load_partitions(model, path, self.info.rank, short_rows=set(padded_rows))
-            else:
-                for p in padded_rows.values():
+            # one decoder layer at a time: built (random) or read from ``path``, partitioned, and
+            # with ``quantize`` quantized before the next layer exists (zero3.build_streamed)
+            after = (lambda layer: Z.quantize_layer(layer, quantize, self.info.device)) if quantize else None
+
+            def open_loader(skeleton):  # the checkpoint's slices, read a layer at a time
+                rows = V.vocab_parameters(skeleton, padded) if padded != vocab else {}
+                return PartitionLoader(skeleton, path, self.info.rank, short_rows=set(rows))
+
+            model, self._ds_hf_config = Z.build_streamed(
+                hf_config, torch_dtype, attn_implementation, ds, self.info.device,
+                loader=open_loader if path is not None else None, after_layer=after)
+            if path is None and padded != vocab:
+                for p in V.vocab_parameters(model, padded).values():
                     Z.zero_from_row(p, vocab)
             self._offload, self._single_rank_plain = Z.install_offload(
                 model, ds, self.zero, self.info, self.ds_config_notes, quantize)

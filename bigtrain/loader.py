@@ -173,55 +173,91 @@ def plan_keys(model: nn.Module, files: dict, read=None) -> KeyPlan:
     return KeyPlan(keys, converted)
 
 
-@torch.no_grad()
-def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
-                    short_rows: Collection[str] = ()) -> int:
-    """Fill each ZeRO-3 parameter's local partition from the checkpoint at ``path``, reading only
-    the rows of each tensor that cover this rank's slice of the flattened tensor. Returns the number
-    of elements read. Tied parameters appear once in ``named_parameters`` and are loaded once.
-    Parameters named in ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint:
-    those fill the first rows, and the rest are zeros. A parameter that ``transformers`` builds from
-    several checkpoint tensors (an MoE layer's fused experts) is built whole on the host by
-    ``transformers``' own converter, one at a time, and this rank's slice cut from it (module doc)."""
-    files = checkpoint_files(path)
-    handles: dict[Path, object] = {}
-    read = 0
-    with contextlib.ExitStack() as stack:
-        def handle(key: str):
-            f = files[key]
-            if f not in handles:
-                handles[f] = stack.enter_context(open_safetensors(f))
-            return handles[f]
+class PartitionLoader:
+    """Fills ZeRO-3 partitions from the checkpoint at ``path``, one group of parameters at a time
+    (``fill``), so that a base built layer by layer (``zero3.build_streamed``) reads each layer's
+    slices right after the layer is partitioned and before the next exists. Reads only the rows of
+    each tensor that cover this rank's slice of the flattened tensor. Parameters named in
+    ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint: those fill the first
+    rows, and the rest are zeros. A parameter that ``transformers`` builds from several checkpoint
+    tensors (an MoE layer's fused experts) is built whole on the host by ``transformers``' own
+    converter, one at a time, and this rank's slice cut from it (module doc). The key plan is made
+    once, from the model's parameter names (the parameters themselves may still be on the meta
+    device). A context manager; the files are mapped while a group is read, and unmapped after it."""
 
-        def whole(key: str) -> torch.Tensor:
-            nonlocal read
-            t = handle(key).get_tensor(key)
-            read += t.numel()
-            return t
+    def __init__(self, model: nn.Module, path: str | os.PathLike, rank: int, short_rows: Collection[str] = ()):
+        self.model, self.path, self.rank, self.short_rows = model, path, rank, set(short_rows)
+        self.files = checkpoint_files(path)
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+        self.read = 0  # elements read so far
+        self.plan = plan_keys(model, self.files, read=self._whole)
+        self._done: set[str] = set()
 
-        plan = plan_keys(model, files, read=whole)
-        params = dict(model.named_parameters())
-        done: set[str] = set()
-        for first, conv in plan.converted.items():
-            built = conv.convert(first, model=model, config=getattr(model, "config", None))
+    def __enter__(self) -> "PartitionLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def _handle(self, key: str):
+        f = self.files[key]
+        if f not in self._handles:
+            self._handles[f] = self._stack.enter_context(open_safetensors(f))
+        return self._handles[f]
+
+    def _whole(self, key: str) -> torch.Tensor:
+        t = self._handle(key).get_tensor(key)
+        self.read += t.numel()
+        return t
+
+    @torch.no_grad()
+    def fill(self, names: Collection[str]) -> None:
+        """Fill the partitions of the parameters called ``names`` (tied parameters once, under the
+        name ``named_parameters`` gives them). A converter whose first target is among ``names``
+        fills every parameter it builds."""
+        names = [n for n in names if n not in self._done]
+        if not names:
+            return
+        params = dict(self.model.named_parameters())
+        for first in [n for n in names if n in self.plan.converted]:
+            conv = self.plan.converted[first]
+            built = conv.convert(first, model=self.model, config=getattr(self.model, "config", None))
             for name in sorted(built):
                 t = built.pop(name)
                 t = t[0] if isinstance(t, list) else t
-                if name in params:
-                    src = f"{path}: {', '.join(plan.converted_sources[first][:2])}, ... (converted by transformers)"
-                    _fill_param(params[name], name, t, tuple(t.shape), src, rank, short_rows)
-                    done.add(name)
+                if name in params and name not in self._done:
+                    src = f"{self.path}: {', '.join(self.plan.converted_sources[first][:2])}, ... (converted by transformers)"
+                    _fill_param(params[name], name, t, tuple(t.shape), src, self.rank, self.short_rows)
+                    self._done.add(name)
                 del t  # nothing of this parameter is held while the next one is built
-        for name, p in params.items():
-            if name in done:
+        for name in names:
+            if name in self._done:
                 continue
-            key = plan.keys.get(name)
+            key = self.plan.keys.get(name)
             if key is None:
-                raise KeyError(f"{path}: parameter {name!r} is not in the checkpoint")
-            sl = handle(key).get_slice(key)
-            read += _fill_param(p, name, sl, tuple(sl.get_shape()), f"{files[key].name}: tensor {key!r}",
-                                rank, short_rows)
-    return read
+                raise KeyError(f"{self.path}: parameter {name!r} is not in the checkpoint")
+            sl = self._handle(key).get_slice(key)
+            self.read += _fill_param(params[name], name, sl, tuple(sl.get_shape()),
+                                     f"{self.files[key].name}: tensor {key!r}", self.rank, self.short_rows)
+            self._done.add(name)
+        # unmap the files: the pages just read stay in the page cache but leave this process's
+        # resident memory (a 13.5 GB Llama-2-7B read with its files mapped throughout peaked at
+        # 14.2 GiB RSS on an H200 host; the next group maps what it reads again)
+        self.close()
+
+
+def load_partitions(model: nn.Module, path: str | os.PathLike, rank: int,
+                    short_rows: Collection[str] = ()) -> int:
+    """Fill every ZeRO-3 parameter's local partition from the checkpoint at ``path`` at once
+    (:class:`PartitionLoader`). Returns the number of elements read."""
+    with PartitionLoader(model, path, rank, short_rows) as loader:
+        loader.fill([n for n, _ in model.named_parameters()])
+        return loader.read
 
 
 def _fill_param(p, name: str, src, shape: tuple, where: str, rank: int, short_rows: Collection[str]) -> int:

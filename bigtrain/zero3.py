@@ -295,18 +295,153 @@ def build_partitioned(hf_config, torch_dtype: torch.dtype, attn_implementation: 
     return model, hf_ds
 
 
-def quantized_build_config(ds: dict) -> dict:
-    """The DeepSpeed config ``zero.Init`` builds a model.quantize base with: ``ds`` with the
-    partitions in host memory (``offload_param`` to the CPU, not pinned). Each module is still
-    initialised whole on the accelerator, then partitioned, and its partition copied to the host,
-    so the unquantized partitions never accumulate on the GPU: the layer gatherer quantizes them
-    onto the GPU one weight at a time (``LayerGatherer``), then frees the host copy. Otherwise the
-    load's peak is the unquantized base's (measured on an H200, GPT-3 6.7B, one GPU: 14.2 GiB with
-    int8, 14.4 with nf4, against 15.8 for bf16 and ~12 predicted for the int8 run itself). The
-    host holds this rank's unquantized partitions until they are quantized: 2·P/N bytes (bf16)."""
-    out = json.loads(json.dumps(ds))
-    out["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
+@contextlib.contextmanager
+def _hf_zero3_off():
+    """``transformers`` builds a model under its own ``zero.Init`` while an ``HfDeepSpeedConfig`` is
+    alive (an earlier build's, in the same process): off for the meta-device skeleton."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = ref
+
+
+def _post_order(module: nn.Module):
+    """``module``'s submodules children first, as ``transformers``' ``smart_apply`` visits them."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
+def _init_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """id(module) -> the innermost ``PreTrainedModel`` containing it (itself if it is one): whose
+    ``_init_weights`` initialises it, as ``smart_apply`` dispatches in a composite model."""
+    from transformers import PreTrainedModel
+
+    out: dict[int, nn.Module] = {}
+
+    def walk(m: nn.Module, owner: nn.Module) -> None:
+        owner = m if isinstance(m, PreTrainedModel) else owner
+        out[id(m)] = owner
+        for c in m.children():
+            walk(c, owner)
+
+    walk(model, model)
     return out
+
+
+def _materialize(modules: list, device: torch.device) -> list:
+    """Replace the meta-device parameters owned by ``modules`` with empty ones on ``device`` (same
+    shape, dtype and requires_grad; a tied parameter stays one object). Returns the new ones."""
+    new: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for name, p in list(m._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            q = new.get(id(p))
+            if q is None:
+                q = new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                              requires_grad=p.requires_grad)
+            m._parameters[name] = q
+    return list(new.values())
+
+
+@torch.no_grad()
+def _init_modules(modules: list, owners: dict) -> None:
+    """The architecture's own random initialisation (``_init_weights``) of each of ``modules``, in
+    the order given, on their whole (not yet partitioned) parameters."""
+    try:
+        from transformers.initialization import guard_torch_init_functions
+    except ImportError:  # transformers 4.x
+        guard_torch_init_functions = contextlib.nullcontext
+    with guard_torch_init_functions():
+        for m in modules:
+            owners[id(m)]._init_weights(m)
+
+
+def _return_freed_host_memory() -> None:
+    """Give the host memory freed by the layer just built back to the kernel (glibc's ``malloc_trim``;
+    a no-op elsewhere). glibc raises its mmap threshold as large blocks are freed, so a layer's
+    temporaries (whole weights on a CPU run, quantization's chunks) come from the heap, between
+    sections that stay; without this the freed pages stay resident and a CPU build's peak grew by
+    about a layer per layer (measured: 0.86 GB at 4 layers, 2.33 GB at 16, tests/e2e/test_build_host_memory.py)."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
+
+
+def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str, ds: dict,
+                   device: torch.device, loader=None, after_layer=None):
+    """The causal LM with ZeRO-3-partitioned parameters, built one decoder layer at a time, so that
+    neither the host nor the device ever holds more than one whole layer beyond the partitions
+    already made, whatever the model's depth. Returns (model, the ``HfDeepSpeedConfig``, which the
+    caller keeps referenced: ``transformers`` holds it only weakly and reads it in ``generate``).
+
+    1. The skeleton: ``from_config`` with every parameter on the meta device (no storage; buffers
+       such as RoPE's frequencies are built for real, as a plain build makes them), moved to ``device``.
+    2. For each decoder layer, then for the rest (embeddings, final norm, head): its parameters
+       made whole on ``device``; initialised by the architecture's own ``_init_weights`` unless a
+       checkpoint will overwrite them; handed to DeepSpeed (``zero.Init(module=…)``: rank 0's values
+       broadcast, then cut into this rank's partition, as for a module built inside ``zero.Init``);
+       with ``loader`` (called with the skeleton, it opens a :class:`bigtrain.loader.PartitionLoader`)
+       the layer's slices of the checkpoint are read into its partitions; then ``after_layer(layer)``
+       (``model.quantize`` quantizes the layer's partitions there and frees them).
+
+    Building the whole model inside ``zero.Init`` (``HfDeepSpeedConfig`` + ``from_config``) made
+    every partition before any was loaded or quantized: with ``model.quantize`` the unquantized
+    partitions passed through host memory whole (GPT-3 175B at one rank: 349 GB; the kernel killed
+    the rank at 130.5 GB peak RSS on a 125 GiB host)."""
+    import deepspeed
+    import transformers as tf
+    from accelerate import init_empty_weights
+    from deepspeed.utils import groups
+    from transformers.integrations import HfDeepSpeedConfig
+
+    with _hf_zero3_off(), init_empty_weights(include_buffers=False):
+        model = tf.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype,
+                                                    attn_implementation=attn_implementation)
+    model.tie_weights()  # init_empty_weights makes a tied head a second meta parameter
+    hf_ds = HfDeepSpeedConfig(ds)
+    for m in model.modules():
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = b.to(device)
+    owners = _init_owners(model)
+    classes = tuple(decoder_layer_classes(model))
+    layers = [m for m in model.modules() if classes and isinstance(m, classes)]
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    with loader(model) if loader is not None else contextlib.nullcontext() as reader:
+        for unit in layers + [model]:
+            mods = [m for m in _post_order(unit) if unit is not model or id(m) not in inside]
+            made = {id(p) for p in _materialize(mods, device)}
+            if reader is None:
+                _init_modules(mods, owners)
+            # partitions what is not a ZeRO-3 parameter yet; hpZ's group is made by the first call only
+            hpz = groups._get_zero_param_intra_parallel_group()
+            deepspeed.zero.Init(module=unit, config_dict_or_path=ds,
+                                **({"zero_param_parallel_group": hpz} if hpz is not None else {}))
+            if reader is not None and made:
+                reader.fill([n for n, p in model.named_parameters() if id(p) in made])
+            if after_layer is not None and unit is not model:
+                after_layer(unit)
+            _return_freed_host_memory()
+    check_param_attrs(model)
+    return model, hf_ds
 
 
 def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo, notes: list[str],
@@ -809,8 +944,15 @@ def reference_dequantized(full: torch.Tensor, world: int, dtype: torch.dtype | N
     return torch.cat(out)[:n].view(full.shape)
 
 
+def _linear_weights(layer: nn.Module) -> list:
+    """The 2-D weight of every ``nn.Linear`` inside one decoder layer: what ``model.quantize`` stores
+    quantized (:func:`quantizable_weights`)."""
+    return [sub.weight for sub in layer.modules()
+            if type(sub) is nn.Linear and len(getattr(sub.weight, "ds_shape", sub.weight.shape)) == 2]
+
+
 def quantizable_weights(model: nn.Module) -> dict:
-    """The weights ``model.quantize`` stores as int8, by id: the 2-D weight of every ``nn.Linear``
+    """The weights ``model.quantize`` stores quantized, by id: the 2-D weight of every ``nn.Linear``
     inside a decoder layer (LoRA's adapters are not there yet: they are injected after the base is
     built). Embeddings, norms, biases and the LM head stay in the compute dtype: norms and biases
     are small (1-D, a fraction of a percent of the bytes, usually persistent) and scale whole
@@ -819,13 +961,26 @@ def quantizable_weights(model: nn.Module) -> dict:
     Returns {id(param): dotted name}."""
     classes = tuple(decoder_layer_classes(model))
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    out = {}
-    for m in model.modules():
-        if classes and isinstance(m, classes):
-            for sub in m.modules():
-                if type(sub) is nn.Linear and len(getattr(sub.weight, "ds_shape", sub.weight.shape)) == 2:
-                    out[id(sub.weight)] = names.get(id(sub.weight), "?")
-    return out
+    return {id(w): names.get(id(w), "?") for m in model.modules() if classes and isinstance(m, classes)
+            for w in _linear_weights(m)}
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, scheme: str, device: torch.device) -> None:
+    """``model.quantize`` while the base is built (``build_streamed``'s ``after_layer``): each of
+    the layer's :func:`quantizable_weights` has its freshly filled partition quantized on ``device``
+    (a chunk at a time, :func:`quantize_blocks` / :func:`quantize_nf4`) and the unquantized
+    partition freed. The sections wait on the parameter (``bt_quant``; ``bt_part`` its element
+    count, ``bt_sums`` its error sums) until :class:`LayerGatherer` packs the layer."""
+    for p in _linear_weights(layer):
+        if hasattr(p, "bt_quant"):
+            continue
+        x = p.ds_tensor.data.reshape(-1).to(device)  # one copy over, in the model's dtype
+        sums = [0.0, 0.0]
+        p.bt_quant = SCHEMES[scheme].quantize(x, sums=sums)
+        p.bt_sums, p.bt_part = tuple(sums), x.numel()
+        p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=device)
+        del x
 
 
 # -- bigtrain's own fetch hooks: one decoder layer at a time, the next one prefetched --------------
@@ -888,11 +1043,10 @@ class LayerGatherer:
         in_layers = {id(p) for m in self.layers for p in m.parameters()}
         self.quantize = quantize
         self.quant = quantizable_weights(model) if quantize else {}  # id -> name
-        if self.quant:  # the partitions were built in host memory (quantized_build_config): the
-            # unquantized ones move to the device now, the quantized ones as they are quantized
-            for p in _unique_params(model):
-                if id(p) not in self.quant and p.ds_tensor.device != device:
-                    p.ds_tensor.data = p.ds_tensor.data.to(device)
+        done = {id(p) for p in model.parameters() if hasattr(p, "bt_quant")}
+        missing = [n for i, n in self.quant.items() if i not in done]
+        if missing:  # quantize_layer runs as the base is built (Engine.build_base)
+            raise RuntimeError(f"model.quantize: {missing[0]} was not quantized when the base was built")
         persistent, root = [], []
         for p in _unique_params(model):
             if p.ds_numel <= persistence_threshold and id(p) not in self.quant:
@@ -914,7 +1068,11 @@ class LayerGatherer:
         self.quant_errors: dict[str, float] = {}  # name -> relative Frobenius error (quantized)
         self.summary: str | None = None
         if self.quant:
-            self._flat = [self._pack_unit(i, u) for i, u in enumerate(self.units)] + [self._flatten_partitions(root)]
+            self._flat = []
+            for i, u in enumerate(self.units):  # each unit's sections freed as it is packed
+                self._flat.append(self._pack_unit(i, u))
+                _return_freed_host_memory()
+            self._flat.append(self._flatten_partitions(root))
             self._quant_report(model)
         else:
             self._flat = [self._flatten_partitions(u) for u in self.units + [root]]
@@ -950,7 +1108,7 @@ class LayerGatherer:
 
     @torch.no_grad()
     def _pack_unit(self, i: int, unit: list) -> torch.Tensor | None:
-        """Quantize the unit's quantizable partitions and pack the unit into one uint8 buffer: the
+        """Pack the unit into one uint8 buffer (its weights were quantized by :func:`quantize_layer`): the
         quantized partitions' 4-byte sections (fp32 scales), the unquantized partitions (each
         ``ds_tensor`` becomes a view), then the 1-byte sections (int8 values; nf4's int8 scales and
         codes). Every offset stays aligned to its element size."""
@@ -962,14 +1120,10 @@ class LayerGatherer:
         plain = [p for p in unit if id(p) not in self.quant]
         scheme = SCHEMES[self.quantize]
         parts = {}
-        for p in quant:  # quantized on the gatherer's device, a chunk at a time, from host partitions
-            x = p.ds_tensor.data.reshape(-1).to(self.device)  # one copy over, in the model's dtype
-            sums = [0.0, 0.0]
-            parts[id(p)] = scheme.quantize(x, sums=sums)
-            self._sums[id(p)] = tuple(sums)
-            p.bt_part = x.numel()
-            p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)  # host copy freed
-            del x
+        for p in quant:  # quantized as the base was built (quantize_layer)
+            parts[id(p)] = p.bt_quant
+            self._sums[id(p)] = p.bt_sums
+            del p.bt_quant, p.bt_sums
         wide = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 4]
         narrow = [(p, s) for p in quant for s in scheme.sections(p.bt_part) if s[1].itemsize == 1]
         total = (sum(4 * c for _, (_, _, c) in wide) + sum(c for _, (_, _, c) in narrow)

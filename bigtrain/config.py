@@ -240,6 +240,11 @@ class TrainConfig:
     (time-boxed jobs; a rerun resumes)."""
     max_bad_steps: int = 10
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
+    check_memory: bool = True
+    """Before the base is built, compare the estimator's per-GPU peak with each GPU's free memory and
+    its host peak per rank with the host's MemAvailable, and stop in one line naming both figures when
+    either does not fit (instead of an out-of-memory error, or the kernel killing the rank without a
+    word, minutes into the build). false: start anyway."""
     sample_prompts: int = 2
     """At the end of a run, greedy generations for the first sample_prompts prompts of data.eval
     (prompt/completion data), with the adapters off (the base) and on, printed beside the reference

@@ -89,6 +89,14 @@ CATEGORY_LABELS = {
 }
 CUDA_CONTEXT_BYTES = GiB // 2
 FRAGMENTATION = 0.05
+# A rank's host memory beside the base: Python, torch (with CUDA's libraries on a GPU run),
+# DeepSpeed, transformers, the tokenizer and the data's index. Measured as peak RSS less the
+# partitions: 0.36 GB on the 2-core CPU machine (tests/e2e/test_build_host_memory.py, before the
+# build) and on an H200 host (bench/gpt3_175b_h200.sh; see docs/results.md).
+HOST_RUNTIME_BYTES = {"cpu": GiB // 2, "cuda": 3 * GiB}
+# Quantization's temporaries on a CPU run: a chunk of 2**24 elements in fp32 and its block
+# views and codes (measured 0.5-1.0 GB beyond one layer, tests/e2e/test_build_host_memory.py).
+HOST_QUANT_TEMP_BYTES = GiB
 PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
 SUB_GROUP_SIZE = int(1e9)  # DeepSpeed zero_optimization.sub_group_size (elements)
@@ -644,8 +652,35 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
                       "fewest_gpus": fewest_gpus(shape, st, which),
                       "stage": st.zero_stage if which == "full" else st.lora_stage}
     out["lora"]["quantize"] = st.quantize  # which base the LoRA column is for (full FT: never quantized)
+    out["lora"]["host_per_rank"] = host_peak(shape, st)["total"]  # a GPU run's, random base
     out["ratio_per_gpu"] = out["full"]["per_gpu_total"] / out["lora"]["per_gpu_total"]
     out["ratio_job"] = out["full"]["job_total"] / out["lora"]["job_total"]
+    return out
+
+
+def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoint: bool = False) -> dict:
+    """Each LoRA rank's peak host memory (bytes by part, and ``total``). The base is built one
+    decoder layer at a time (``zero3.build_streamed``), so the build adds at most one layer,
+    whatever the depth:
+
+    * ``runtime``: the process itself (:data:`HOST_RUNTIME_BYTES`);
+    * ``build``: on a GPU run the layer is made on the GPU, and the host only holds a checkpoint's
+      slices while they are read: the layer's file pages, mapped while it is read (this rank's
+      share of the layer), and one tensor's slice and its conversion (twice the largest tensor's
+      partition in the base dtype); on a CPU run the whole layer and its partition (and with
+      ``model.quantize`` the quantization's temporaries);
+    * ``run``: on a CPU run everything the GPU would hold (partitions, adapters, activations).
+    """
+    act = DTYPE_BYTES[st.dtype]
+    unit = shape.layer_params or shape.largest_module_params
+    out = {"runtime": HOST_RUNTIME_BYTES.get(device, HOST_RUNTIME_BYTES["cuda"]), "build": 0, "run": 0}
+    if device == "cpu":
+        out["build"] = 2 * act * unit + (HOST_QUANT_TEMP_BYTES if st.quantize else 0)
+        out["run"] = sum(per_gpu(shape, replace(st, include_context=False), "lora").values())
+    elif from_checkpoint:
+        n = max(1, st.world_size)
+        out["build"] = act * (-(-unit // n) + 2 * -(-shape.largest_module_params // n))
+    out["total"] = sum(out.values())
     return out
 
 
@@ -892,6 +927,7 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
     lines += [
         f"{'peak per GPU':<32}{_gb(f['per_gpu_total']):>20}{_gb(lo['per_gpu_total']):>{W}}",
         f"{'whole job (x' + str(N) + ')':<32}{_gb(f['job_total']):>20}{_gb(lo['job_total']):>{W}}",
+        f"{'host memory per rank (peak)':<32}{'-':>20}{_gb(lo['host_per_rank']):>{W}}",
         f"{'fits the GPU':<32}{'yes' if f['fits'] else 'NO':>20}{'yes' if lo['fits'] else 'NO':>{W}}",
         f"{'fewest GPUs that fit':<32}{str(f['fewest_gpus'] or 'none'):>20}"
         f"{str(lo['fewest_gpus'] or 'none'):>{W}}",

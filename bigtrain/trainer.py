@@ -54,7 +54,8 @@ from .inject import find_targets, inject_lora, output_layer_names, parameter_rep
 from .loader import checkpoint_files
 from .lora import AdapterSpec
 from .losses import token_loss_sum
-from .memory import GiB, format_savings, measure_states, predict_states, run_savings, setup_for_run
+from .memory import (GiB, estimate, format_savings, host_peak, measure_states, model_shape, predict_states,
+                     run_savings, setup_for_run)
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import count_parameters, hf_config_for, meta_model
 from .sampler import GlobalSampler, rank_micro_batches
@@ -309,9 +310,16 @@ class Trainer:
             say(f"[bigtrain] train data read from the cache {st['cache_dir']} (tokenised by an earlier run)")
 
         say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
+        if t.check_memory:
+            say(f"[bigtrain] {_check_memory(cfg, self.meta, engine, self.model_path is not None)}")
         set_seed(t.seed)
+        built = time.perf_counter()
         self.model = model = engine.build_base(self.build_config, self.model_path, cfg.model.dtype,
                                                cfg.model.attn_implementation, self.vocab, cfg.model.quantize)
+        say(f"[bigtrain] base built in {time.perf_counter() - built:.1f} s; on rank {info.rank}: "
+            f"{engine.local_param_bytes(model) / 2**20:,.1f} MiB of partitions"
+            + (f", GPU peak {torch.cuda.max_memory_allocated(dev) / GiB:.2f} GiB" if dev.type == "cuda" else "")
+            + f", host peak RSS {_host_peak_rss() / GiB:.2f} GiB")
         if engine.quantize_summary:
             say(f"[bigtrain] {engine.quantize_summary}")
         if self.build_config is not self.hf_config:
@@ -771,6 +779,67 @@ def _base_model_name(path: str | None, preset: str) -> str:
     if path.startswith("builtin:"):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _host_peak_rss() -> int:
+    """This process's peak resident memory, bytes (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _mem_available() -> int | None:
+    """The host's MemAvailable (/proc/meminfo), bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> str:
+    """train.check_memory, before the base is built: the estimator's per-GPU peak against this GPU's
+    free memory, and its host peak per rank against MemAvailable shared by this host's ranks. Every
+    rank checks its own GPU and host; if any does not fit, every rank stops with the same line (one
+    rank going on alone would wait for the others forever). Returns the line that says what fits."""
+    info, dev = engine.info, engine.info.device
+    st = setup_for_run(cfg, info.world_size, persistence_threshold=engine.zero.persistence_threshold)
+    shape = model_shape(meta)
+    est = estimate(shape, st)
+    gpu_need = est["lora"]["per_gpu_total"]
+    host_need = host_peak(shape, st, dev.type, from_checkpoint)["total"]
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    avail = _mem_available()
+    host_have = avail // local if avail is not None else None
+    gpu_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
+    short = []
+    if gpu_free is not None and gpu_need > gpu_free:
+        short.append(f"the estimate is {gpu_need / GiB:.1f} GiB per GPU and {dev} has {gpu_free / GiB:.1f} GiB free")
+    if host_have is not None and host_need > host_have:
+        short.append(f"the estimate is {host_need / GiB:.1f} GiB of host memory per rank and host "
+                     f"{socket.gethostname()} has {host_have / GiB:.1f} GiB available per rank "
+                     f"(MemAvailable over its {local} rank(s))")
+    everyone = engine.all_gather_objects(short)
+    bad = next(((r, s) for r, s in enumerate(everyone) if s), None)
+    if bad is not None:
+        r, s = bad
+        fixes = []
+        if est["lora"]["fewest_gpus"] and est["lora"]["fewest_gpus"] > info.world_size:
+            fixes.append(f"{est['lora']['fewest_gpus']} GPUs (the fewest that fit)")
+        if cfg.model.quantize is None:
+            fixes.append("model.quantize=nf4")
+        if cfg.train.micro_batch_size > 1:
+            fixes.append("a smaller train.micro_batch_size")
+        if not cfg.model.gradient_checkpointing:
+            fixes.append("model.gradient_checkpointing=true")
+        raise ConfigError(f"train.check_memory: this run does not fit on rank {r}: {'; '.join(s)}; use "
+                          f"{', or '.join(fixes) or 'a larger GPU'} (bigtrain estimate shows what each needs), "
+                          f"or train.check_memory=false to start anyway")
+    gpu = (f"{gpu_need / GiB:.1f} GiB per GPU ({gpu_free / GiB:.1f} GiB free) and " if gpu_free is not None
+           else "")
+    return (f"memory check: the estimate is {gpu}{host_need / GiB:.1f} GiB of host memory per rank"
+            + (f" ({host_have / GiB:.1f} GiB available)" if host_have is not None else "") + ": fits")
 
 
 def _check_output_dir(out: Path, given: str) -> None:

@@ -97,6 +97,24 @@ def test_config_error_before_any_work(tmp_path):
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
 
 
+def test_a_run_the_host_cannot_hold_stops_before_the_build(tmp_path):
+    """train.check_memory: GPT-3 175B on the CPU needs its whole base in host memory; the run says so
+    in one line, with both figures and what to change, before the base is built (it used to start
+    building and be killed by the kernel without a word)."""
+    out = tmp_path / "x"
+    p = run(train_cmd(1, [f"train.output_dir={out}", "model.path=null", "model.preset=gpt3-175b",
+                          "train.device=cpu", "data.max_length=64"]), check=False, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    err = [ln for ln in p.stderr.splitlines() if "check_memory" in ln]
+    assert len(err) == 1, p.stderr[-2000:]
+    assert ("config error: train.check_memory: this run does not fit on rank 0: the estimate is " in err[0]
+            and "GiB of host memory per rank and host " in err[0] and "available per rank" in err[0]
+            and "model.quantize=nf4" in err[0] and "train.check_memory=false" in err[0]), err[0]
+    need = float(err[0].split("the estimate is ")[1].split(" GiB")[0])
+    assert need > 300  # the bf16 base alone is 325 GiB
+    assert "base built" not in p.stdout and "memory check" not in p.stdout
+
+
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     """checkpoint.every_minutes: rank 0's clock decides, the decision travels in the step's
     all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""

@@ -376,3 +376,25 @@ def test_table_says_what_each_row_counts(capsys):
     assert M.run_estimate(_args("gpt3-2.7b", "--gpus-per-node", "1")) == 0
     one = capsys.readouterr().out
     assert "3 decoder layers gathered" not in one and "nothing is gathered" in one
+
+
+def test_host_peak_per_rank(big):
+    """The build's host memory (bigtrain/memory.host_peak): a GPU run of a random base holds nothing
+    of the model on the host, so its peak does not depend on the model; a checkpoint adds one
+    layer's mapped pages and one tensor's slice (and its conversion), per rank; a CPU run holds
+    everything the GPU would, plus one layer being built."""
+    from bigtrain.memory import HOST_QUANT_TEMP_BYTES, HOST_RUNTIME_BYTES, host_peak, preset_shape
+
+    st = Setup(world_size=1, quantize="nf4")
+    gpu = host_peak(big, st)
+    assert gpu == {"runtime": HOST_RUNTIME_BYTES["cuda"], "build": 0, "run": 0, "total": HOST_RUNTIME_BYTES["cuda"]}
+    assert host_peak(preset_shape("gpt3-small"), st)["total"] == gpu["total"]  # not the model's size
+    # GPT-3 175B (OPT's layout) from a checkpoint at 8 ranks: a layer is 12·12288² weights + 13·12288
+    # biases and norms = 1,812,099,072 parameters; the largest tensor is the embedding, 50,257 x 12,288
+    ck = host_peak(big, replace(st, world_size=8), from_checkpoint=True)
+    assert big.layer_params == 12 * 12288 ** 2 + 13 * 12288 == 1_812_099_072 and big.largest_module_params == 50257 * 12288
+    assert ck["build"] == 2 * (-(-1_812_099_072 // 8) + 2 * -(-50257 * 12288 // 8))
+    cpu = host_peak(big, st, device="cpu")
+    assert cpu["build"] == 2 * 2 * 1_812_099_072 + HOST_QUANT_TEMP_BYTES
+    assert cpu["run"] == sum(per_gpu(big, replace(st, include_context=False), "lora").values())
+    assert estimate(big, st)["lora"]["host_per_rank"] == gpu["total"]

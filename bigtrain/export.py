@@ -69,14 +69,20 @@ def base_dir(spec: AdapterSpec, override: str | None, ckpt: Path) -> Path:
     return d
 
 
-def conv1d_modules(base: Path, modules: list[str]) -> set[str]:
+def conv1d_modules(base: Path | str, modules: list[str]) -> set[str]:
     """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on a model
-    built on the meta device from the base's config.json (no weights are read)."""
+    built on the meta device from the base's config.json, or a preset's config for ``preset:NAME``
+    (no weights are read)."""
     import transformers as tf  # deferred: heavy
 
     from .lora import is_conv1d  # deferred: imports torch
+    from .presets import hf_config_for
 
-    model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
+    if str(base).startswith("preset:"):
+        # a tiny preset's vocabulary is its tokenizer's; any size names the same modules
+        model = meta_model(hf_config_for(str(base).split(":", 1)[1], vocab_size=64))
+    else:
+        model = meta_model(tf.AutoConfig.from_pretrained(str(base)))
     named = dict(model.named_modules())
     absent = [m for m in modules if m not in named]
     if absent:
@@ -111,7 +117,9 @@ def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | No
     _check_out_dir(Path(out), replaceable=("adapter_model.safetensors", "adapter_config.json", "README.md"))
     c = checkpoint.read_checkpoint(ckpt)
     spec = c.spec
-    bdir = base_dir(spec, base, c.path)
+    # a random preset base has no files, but its config is known: the adapter names it as trained
+    preset = base is None and spec.base_model.startswith("preset:")
+    bdir = spec.base_model if preset else base_dir(spec, base, c.path)
     conv = conv1d_modules(bdir, spec.modules)
     if conv and len(conv) != len(spec.modules):
         raise ValueError(f"{c.path}: mixes Conv1D and Linear targets; PEFT's fan_in_fan_out is one flag")

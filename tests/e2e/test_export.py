@@ -503,3 +503,32 @@ def test_merge_into_quantized_at_the_runs_world_size(tmp_path, capsys):
           f"1-process nf4 base) {one:.6f}")
     assert loss == pytest.approx(own[-1], abs=2e-6)
     assert abs(one - own[-1]) > 1e-4  # bigtrain eval at another world size scores another base
+
+
+def test_export_of_a_random_preset_run_needs_no_base_dir(tmp_path):
+    """A run on a random preset (model.path=null, as the 175B benchmark runs) exports without --base:
+    its config is the preset's. PEFT loads the adapter onto that architecture, every tensor in place."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from bigtrain.cli import main
+    from bigtrain.export import read_checkpoint
+    from bigtrain.presets import hf_config_for
+    from helpers import run, tiny_overrides
+
+    import transformers as tf
+
+    run_dir = tmp_path / "run"
+    run(train_cmd(1, tiny_overrides(run_dir, "null", 2, 2, **{"model.preset": "tiny-llama",
+                                                               "checkpoint.every": 2})))
+    out = tmp_path / "peft"
+    assert main(["export", str(run_dir), "--format", "peft", str(out)]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "preset:tiny-llama"
+    _, _, state = read_checkpoint(run_dir / "checkpoints" / "step-00000002")
+    peft_model = PeftModel.from_pretrained(
+        tf.AutoModelForCausalLM.from_config(hf_config_for("tiny-llama", vocab_size=1024)), str(out))
+    named = dict(peft_model.named_parameters())
+    for k, v in state.items():
+        module, part = k.rsplit(".", 1)
+        assert torch.equal(named[f"base_model.model.{module}.{part}.default.weight"], v)
+    assert len(load_file(str(out / "adapter_model.safetensors"))) == len(state)

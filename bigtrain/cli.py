@@ -40,11 +40,12 @@ def _config_reference(width: int = 100) -> str:
 
 
 def cmd_train(args) -> int:
-    # a preemption signal (SIGTERM, Slurm's SIGUSR1) during the seconds torch/DeepSpeed take to
-    # import would kill the rank: remember it; train() then stops before any work, marked preempted
+    # a preemption signal (SIGTERM, Slurm's SIGUSR1) or Ctrl-C (SIGINT) during the seconds
+    # torch/DeepSpeed take to import would kill the rank (Ctrl-C with a traceback): remember it;
+    # train() then stops before any work, marked preempted
 
     pending: list[int] = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, lambda signum, frame: pending.append(signum))
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
     from .dist import exit_after_teardown

@@ -267,6 +267,62 @@ def test_signal_during_startup_stops_at_once_marked_preempted(tmp_path):
     assert waited < 30, f"took {waited:.0f} s to stop"
 
 
+def _interrupt(out, second: bool):
+    """`bigtrain train` on a model whose CPU step takes ~0.5 s, Ctrl-C'd (SIGINT) after step 3; with
+    ``second``, once more as soon as it says it will save. Returns (exit code, all output)."""
+    import signal
+    import subprocess
+
+    from helpers import ROOT, _env
+
+    cmd = train_cmd(1, tiny_overrides(out, "null", 50, 4, **{
+        "model.preset": "gpt3-small", "model.num_layers": 4, "data.max_length": 256, "checkpoint.every": 2,
+        "train.sample_prompts": 0}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[bigtrain] step 3/"):
+            proc.send_signal(signal.SIGINT)
+        if second and "Ctrl-C: saving" in line:
+            proc.send_signal(signal.SIGINT)
+    return proc.wait(timeout=120), "".join(lines)
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_the_rerun_resumes(tmp_path):
+    """Ctrl-C is a request, not a crash: the step in flight finishes, is saved, and the run says how
+    to resume (it used to end in a ~115-line KeyboardInterrupt traceback, exit -2, nothing saved)."""
+    out = tmp_path / "int"
+    rc, text = _interrupt(out, second=False)
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert "[bigtrain] Ctrl-C: saving at the end of this step, then stopping (Ctrl-C again to stop at once)" in text
+    saved = int(text.split("stopped early (SIGINT): saved step ")[1].split(";")[0])
+    assert saved >= 3 and (out / "checkpoints" / f"step-{saved:08d}").is_dir()
+    assert "rerun the same command to resume" in text
+    p = run(train_cmd(1, tiny_overrides(out, "null", saved + 1, 4, **{
+        "model.preset": "gpt3-small", "model.num_layers": 4, "data.max_length": 256, "checkpoint.every": 2,
+        "train.sample_prompts": 0})))
+    assert f"at step {saved} " in p.stdout, p.stdout[-2000:]
+
+
+def test_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint(tmp_path):
+    out = tmp_path / "int2"
+    rc, text = _interrupt(out, second=True)
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
+    assert text.count("second Ctrl-C") == 1 and "[bigtrain] second Ctrl-C: stopped at once" in text
+    from bigtrain.checkpoint import read_checkpoint
+
+    last = (out / "checkpoints" / "latest").read_text().strip()
+    read_checkpoint(out / "checkpoints" / last)  # loadable, verified
+    step = int(last.split("-")[1])
+    p = run(train_cmd(1, tiny_overrides(out, "null", step + 1, 4, **{
+        "model.preset": "gpt3-small", "model.num_layers": 4, "data.max_length": 256, "checkpoint.every": 2,
+        "train.sample_prompts": 0})))
+    assert f"at step {step} " in p.stdout, p.stdout[-2000:]
+
+
 SIGNAL_WHILE_IMPORTING = """
 import os, signal, sys
 import bigtrain.cli as cli

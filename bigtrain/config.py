@@ -74,7 +74,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer in backward (keeps only layer inputs)."""
     tokenizer: Optional[str] = None
-    """Tokenizer directory; default: ``path`` if it holds one, else the built-in byte-level BPE."""
+    """Tokenizer directory, or builtin (bigtrain's byte-level BPE, 1,024 tokens). null: the one in
+    ``path`` (a model folder without one is refused: name its tokenizer, or builtin), or builtin
+    for a random preset (path=null)."""
     compile: bool = False
     """torch.compile (inductor, dynamic=False) each decoder layer's forward, with the LoRA adapters
     of its projections inside the compiled graph and ZeRO-3's weight fetch/release outside it, so it

@@ -271,9 +271,9 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
     """Read and verify every checkpoint, check that they can share one bank, read the run's config
     and tokenizer: every error of bad input, before any process group starts."""
     from . import checkpoint as ck
-    from .data import load_tokenizer
+    from .data import load_tokenizer, tokenizer_source
     from .switch import check_compatible
-    from .trainer import _hf_config, _tokenizer_dir
+    from .trainer import _hf_config
 
     first = ck.read_checkpoint(ckpt)
     named = [(default_name(first.path), first)]
@@ -284,7 +284,7 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
         named.append((name, ck.read_checkpoint(path)))
     check_compatible([(n, c.path, c.spec, _base_json(c.path)) for n, c in named])
     cfg = run_config(first, base, device, quantize)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(cfg.model.local_path))
+    tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer, cfg.model.local_path))
     return Prepared(cfg, named, tokenizer, _hf_config(cfg, cfg.model.local_path, len(tokenizer)))
 
 

@@ -372,14 +372,14 @@ def _shape(cfg):
 
 def _configs(cfg):
     """(the model's config, the config a run builds: vocabulary padded to a multiple of 64)."""
-    from .data import load_tokenizer
+    from .data import load_tokenizer, tokenizer_source
     from .inject import find_targets, output_layer_names
     from .presets import meta_model
-    from .trainer import _hf_config, _tokenizer_dir
+    from .trainer import _hf_config
     from .vocab import run_config
 
     path = cfg.model.local_path
-    tok = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(path))
+    tok = load_tokenizer(tokenizer_source(cfg.model.tokenizer, path))
     hf = _hf_config(cfg, path, len(tok))
     meta = meta_model(hf)
     targets = find_targets(meta, cfg.lora.targets)

@@ -47,7 +47,7 @@ from . import checkpoint as ckpt
 from . import faults
 from .compile import compile_layers
 from .config import Config, ConfigError
-from .data import DataError, collate, iter_records, load_examples, load_tokenizer
+from .data import DataError, collate, iter_records, load_examples, load_tokenizer, tokenizer_source
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -255,7 +255,7 @@ class Trainer:
         """0. Everything that can fail on bad input, before any process group or model exists."""
         cfg, t = self.cfg, self.cfg.train
         self.model_path = model_path = cfg.model.local_path
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or _tokenizer_dir(model_path))
+        self.tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer, model_path))
         self.hf_config = hf_config = _hf_config(cfg, model_path, len(self.tokenizer))
         meta = meta_model(hf_config)  # shapes only: for the target check and the memory prediction
         try:

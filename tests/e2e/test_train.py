@@ -115,6 +115,24 @@ def test_a_run_the_host_cannot_hold_stops_before_the_build(tmp_path):
     assert "base built" not in p.stdout and "memory check" not in p.stdout
 
 
+def test_a_model_folder_without_a_tokenizer_is_refused_unless_builtin_is_named(tmp_path):
+    """It used to train silently with the built-in 1,024-token tokenizer (a GPT-2 folder: loss 10.87)."""
+    import transformers as tf
+
+    from bigtrain.presets import hf_config_for
+
+    bare = tmp_path / "no-tok"
+    tf.AutoModelForCausalLM.from_config(hf_config_for("tiny-opt", vocab_size=1024)).save_pretrained(bare)
+    out = tmp_path / "x"
+    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2)), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert (f"config error: model.path={bare} holds no tokenizer (no tokenizer.json or tokenizer_config.json): "
+            f"set model.tokenizer=DIR to the model's own tokenizer, or model.tokenizer=builtin") in p.stderr
+    assert "on host" not in p.stdout and not out.exists()
+    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2, **{"model.tokenizer": "builtin"})))
+    assert "done: 1 steps" in p.stdout
+
+
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     """checkpoint.every_minutes: rank 0's clock decides, the decision travels in the step's
     all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""

@@ -535,3 +535,25 @@ def test_source_hash_is_read_once_then_remembered_by_file_identity(tmp_path, mon
     n_first = len(reads)
     _, st2 = D.load_examples(str(path), tok, cfg)
     assert (st1["cache"], st2["cache"]) == ("built", "hit") and n_first == 1 and len(reads) == 1
+
+
+def test_tokenizer_source_refuses_a_model_folder_without_one(tmp_path):
+    """A model folder with no tokenizer is refused (it used to train silently with the built-in
+    1,024-token tokenizer: a GPT-2 folder at loss 10.87); builtin by name, a folder's own, a named
+    directory and a random preset's built-in one are taken."""
+    from bigtrain.config import ConfigError
+    from bigtrain.data import tokenizer_source
+
+    bare = tmp_path / "gpt2"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        tokenizer_source(None, str(bare))
+    assert str(e.value) == (f"model.path={bare} holds no tokenizer (no tokenizer.json or tokenizer_config.json): "
+                            f"set model.tokenizer=DIR to the model's own tokenizer, "
+                            f"or model.tokenizer=builtin to train with bigtrain's built-in 1,024-token tokenizer")
+    assert tokenizer_source("builtin", str(bare)) is None  # asked for by name
+    assert tokenizer_source("/some/tok", str(bare)) == "/some/tok"
+    assert tokenizer_source(None, None) is None  # a random preset
+    load_tokenizer(None).save_pretrained(str(bare))
+    assert tokenizer_source(None, str(bare)) == str(bare)

@@ -4,9 +4,12 @@ This module owns:
 
 * the DeepSpeed config a run uses (defaults, then the user's ``zero.ds_config`` JSON, then the keys
   bigtrain owns), and the checks on it made before any process group starts;
-* building the frozen base under ``deepspeed.zero.Init`` (through ``HfDeepSpeedConfig``, which makes
-  ``transformers`` initialise weights on the full tensors before partitioning them), so no rank ever
-  holds the whole model;
+* building the frozen base one decoder layer at a time (``build_streamed``: a meta-device skeleton,
+  each layer made on the device, initialised by the architecture's own ``_init_weights`` or read
+  from a checkpoint, partitioned by ``deepspeed.zero.Init(module=layer)``, and with
+  ``model.quantize`` quantized before the next layer exists), so no rank, host or device, ever holds
+  the whole model or more than one unpartitioned layer of it; full fine-tuning (``bigtrain measure``)
+  still builds under ``zero.Init`` through ``HfDeepSpeedConfig``;
 * gathering the base during a step: by default bigtrain's ``LayerGatherer`` (one all-gather per
   decoder layer over DeepSpeed's partitions, the next layer prefetched), else ZeRO-3's own
   fetch/release hooks through ``DeepSpeedZeRoOffload`` alone (not ``deepspeed.initialize``; hpZ,
@@ -301,6 +304,9 @@ def _hf_zero3_off():
     alive (an earlier build's, in the same process): off for the meta-device skeleton."""
     from transformers.integrations import deepspeed as hf_ds
 
+    if not hasattr(hf_ds, "_hf_deepspeed_config_weak_ref"):  # another transformers: nothing to turn off
+        yield
+        return
     ref = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:

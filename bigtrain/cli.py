@@ -47,6 +47,9 @@ def cmd_train(args) -> int:
     pending: list[int] = []
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, lambda signum, frame: pending.append(signum))
+    from .runlock import die_with_parent
+
+    die_with_parent()  # under a launcher: SIGTERM (save and stop) if the launcher dies
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
     from .dist import exit_after_teardown
     from .train import train

@@ -58,6 +58,7 @@ from .memory import (GiB, estimate, format_savings, host_peak, measure_states, m
                      run_savings, setup_for_run)
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import count_parameters, hf_config_for, meta_model
+from .runlock import RunLock, RunLocked
 from .sampler import GlobalSampler, rank_micro_batches
 from .vocab import run_config as pad_vocab
 from .zero3 import check_world
@@ -203,6 +204,7 @@ class Trainer:
         # path would also create the stray runs/x
         self.out_dir = Path(os.path.abspath(os.path.expanduser(cfg.train.output_dir)))
         self.ckpt_root = self.out_dir / "checkpoints"
+        self.lock = RunLock(self.out_dir)  # taken at start-up, held until the process ends
         self.say = _silent
         self.engine: Engine | None = None
         self.loggers: Loggers | None = None
@@ -302,6 +304,7 @@ class Trainer:
         self.say = say = print if info.is_main else _silent
         self.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
         print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {self.host} device {dev}", flush=True)
+        self._lock_output_dir()
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             say(f"[bigtrain] output directory {self.out_dir}")
@@ -349,6 +352,21 @@ class Trainer:
         self.flops_per_token = lora_flops_per_token(
             self.base_params, getattr(self.hf_config, "num_hidden_layers", 0),
             getattr(self.hf_config, "hidden_size", 0), cfg.data.max_length)
+
+    def _lock_output_dir(self) -> None:
+        """One run per output folder (runlock.RunLock): rank 0 takes the folder's lock before anything
+        is written there, and every rank stops with the same line if another live run holds it."""
+        err = None
+        if self.info.is_main:
+            try:
+                self.lock.acquire()
+            except RunLocked as e:
+                err = str(e)
+            except OSError as e:
+                err = f"train.output_dir={self.out_dir}: cannot take its lock file: {e}"
+        err = self.engine.all_gather_objects(err)[0]
+        if err:
+            raise ConfigError(err)
 
     def _build_adapters(self) -> None:
         """2. Adapters, identical on every rank, and AdamW over them."""

@@ -4,6 +4,7 @@ eval`` (also ``python -m bigtrain``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import textwrap
@@ -78,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bigtrain",
         description="LoRA fine-tuning of large causal LMs: the frozen base is partitioned with "
                     "DeepSpeed ZeRO-3, the LoRA adapters and their Adam state are replicated.")
+    p.add_argument("--version", action="version", version=f"bigtrain {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     t = sub.add_parser("train", help="fine-tune LoRA adapters",
                        description="Fine-tune LoRA adapters on a frozen base model.",
                        epilog=TRAIN_EPILOG + _config_reference(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--config", metavar="FILE", help="YAML config file (see ds_configs/ and the README)")
+    t.add_argument("--config", metavar="FILE", action=_Once,
+                   help="YAML config file (see ds_configs/ and the README); once")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
     t.set_defaults(func=cmd_train)
     pr = sub.add_parser("presets", help="list built-in model presets with exact parameter counts")
@@ -91,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _optional_commands():
         register(sub)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bigtrain")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "(not installed)"
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second ``--config`` used to replace the first, silently."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}): "
+                         f"give one file, and put further settings as key=value overrides")
+        setattr(namespace, self.dest, values)
 
 
 def _optional_commands():
@@ -141,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not as an "Exception ignored" at exit
+        return code
+    except BrokenPipeError:  # `bigtrain estimate ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except ConfigError as e:
         print(f"bigtrain: config error: {e}", file=sys.stderr)
         return _leave(2)

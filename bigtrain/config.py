@@ -195,6 +195,10 @@ class DataConfig:
         _choice(p + ".format", self.format, ("auto", "prompt_completion", "text", "messages"))
         if self.num_proc < 1:
             raise ConfigError(f"{p}.num_proc must be >= 1, got {self.num_proc}")
+        for k in ("train", "eval"):
+            v = getattr(self, k)
+            if isinstance(v, str) and not v.strip():
+                raise ConfigError(f"{p}.{k} is empty" + (": null for no evaluation" if k == "eval" else ""))
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ConfigError(f"{p}.chat_template: {self.chat_template}: no such file")
 
@@ -279,6 +283,12 @@ class TrainConfig:
             raise ConfigError(f"{p}.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{p}.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
+            raise ConfigError(f"{p}.stop_at_step must be in 1..{p}.max_steps ({self.max_steps}) or null, "
+                              f"got {self.stop_at_step}")
+        if self.max_bad_steps < 0:
+            raise ConfigError(f"{p}.max_bad_steps must be >= 0 (0: stop at the first non-finite step), "
+                              f"got {self.max_bad_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"{p}.betas must be two numbers in [0, 1), got {self.betas}")
         _choice(p + ".schedule", self.schedule, ("cosine", "linear", "constant"))
@@ -319,6 +329,8 @@ class ZeroConfig:
         _choice(p + ".stage", self.stage, (0, 3))
         _choice(p + ".backend", self.backend, ("auto", "nccl", "gloo"))
         _choice(p + ".gather", self.gather, ("layers", "deepspeed"))
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{p}.timeout_s must be > 0 (seconds a collective may wait), got {self.timeout_s}")
         if self.ds_config is not None and not Path(self.ds_config).is_file():
             raise ConfigError(f"{p}.ds_config: no such file {self.ds_config!r}")
 
@@ -562,6 +574,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one,
+    silently: a config's second ``lr:`` replaced the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
                 validate: bool = True) -> Config:
     """YAML file (optional) + ``key=value`` overrides -> validated Config."""
@@ -571,7 +599,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):

@@ -290,6 +290,7 @@ class Trainer:
             resume_from = ckpt.newest_adapter_config(self.ckpt_root)
         if resume_from is not None:
             ckpt.check_adapter(resume_from, adapter_config(cfg, list(targets)))
+            _check_stop_after_resume(t.stop_at_step, resume_from)
         if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
             datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
@@ -327,6 +328,9 @@ class Trainer:
             say(f"[bigtrain] train data read from the cache {st['cache_dir']} (tokenised by an earlier run)")
 
         say(f"[bigtrain] attention: {cfg.model.attn_implementation}{self.attn_note}")
+        if t.warmup_steps > t.max_steps:
+            say(f"[bigtrain] train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: the "
+                f"learning rate reaches only {t.max_steps}/{t.warmup_steps} of train.lr")
         if t.check_memory:
             say(f"[bigtrain] {_check_memory(cfg, self.meta, engine, self.model_path is not None)}")
         set_seed(t.seed)
@@ -812,6 +816,20 @@ def _base_model_name(path: str | None, preset: str) -> str:
     if path.startswith("builtin:"):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _check_stop_after_resume(stop_at_step: int | None, resume_from: Path) -> None:
+    """train.stop_at_step at or before the step a resume continues from would be passed by and
+    ignored (one run trained on to step 2000): refused before the base is built."""
+    if stop_at_step is None:
+        return
+    try:
+        step = int(json.loads((resume_from / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable here: the full verification at the resume itself names the file
+    if stop_at_step <= step:
+        raise ConfigError(f"train.stop_at_step={stop_at_step} is not after step {step}, which this run resumes "
+                          f"from ({resume_from}): set a later step, or null to train to train.max_steps")
 
 
 def _host_peak_rss() -> int:

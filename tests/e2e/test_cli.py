@@ -65,3 +65,33 @@ def test_measure_refuses_bad_arguments_before_any_work(tmp_path):
     p = measure("model.dtype=bfloat16", "lora.r=0")
     assert p.returncode == 2 and "lora.r must be a positive integer" in p.stderr, p.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_version_config_twice_and_a_closed_pipe(tmp_path, capsys, monkeypatch):
+    """Small things users expect (issue 27): --version; a second --config is refused (the first was
+    dropped, silently); a reader that closes the pipe early (`bigtrain estimate ... | head`) ends the
+    command quietly, exit 0, where Python's 'Exception ignored ... BrokenPipeError' used to follow."""
+    import io
+
+    from bigtrain.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("bigtrain ")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--config", "a.yaml", "--config", "b.yaml"])
+    assert e.value.code == 2
+    assert "--config given twice (a.yaml and b.yaml): give one file" in capsys.readouterr().err
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return sys.__stdout__.fileno()
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    monkeypatch.setattr("os.dup2", lambda a, b: None)  # leave pytest's own stdout alone
+    assert main(["estimate", "gpt3-small"]) == 0
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""

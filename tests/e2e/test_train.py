@@ -133,6 +133,17 @@ def test_a_model_folder_without_a_tokenizer_is_refused_unless_builtin_is_named(t
     assert "done: 1 steps" in p.stdout
 
 
+def test_stop_at_step_not_after_the_resume_step_is_refused(tmp_path):
+    """It was passed by and ignored: one run trained on to step 2000."""
+    out = tmp_path / "s"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2, **{"checkpoint.every": 4})))
+    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 8, 2, **{"train.stop_at_step": 3})), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert (f"config error: train.stop_at_step=3 is not after step 4, which this run resumes from "
+            f"({out / 'checkpoints' / 'step-00000004'})") in p.stderr
+    assert "on host" not in p.stdout
+
+
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     """checkpoint.every_minutes: rank 0's clock decides, the decision travels in the step's
     all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""

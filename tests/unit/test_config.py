@@ -36,6 +36,14 @@ def test_yaml_and_overrides(tmp_path):
     (["train.device=tpu"], "train.device: 'tpu' is not one of"),
     (["train.eval_every=-1"], "train.eval_every must be >= 0"),
     (["train.eval_examples=-5"], "train.eval_examples must be >= 0"),
+    # silent choices that used to be taken (issue 27): each is now one line naming the key
+    (["train.stop_at_step=0"], "train.stop_at_step must be in 1..train.max_steps (300) or null, got 0"),
+    (["train.stop_at_step=-3"], "train.stop_at_step must be in 1..train.max_steps (300) or null, got -3"),
+    (["train.stop_at_step=301"], "train.stop_at_step must be in 1..train.max_steps (300) or null, got 301"),
+    (["train.max_bad_steps=-1"], "train.max_bad_steps must be >= 0 (0: stop at the first non-finite step), got -1"),
+    (["zero.timeout_s=0"], "zero.timeout_s must be > 0 (seconds a collective may wait), got 0"),
+    (["data.eval="], "data.eval is empty: null for no evaluation"),
+    (["data.train= "], "data.train is empty"),
 ])
 def test_errors_name_the_key(override, msg):
     with pytest.raises(ConfigError) as e:
@@ -116,3 +124,14 @@ def test_model_path_must_hold_config_and_safetensors(tmp_path):
     (empty / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"model.path: .*has no \*.safetensors weights"):
         load_config(None, [f"model.path={empty}"])
+
+
+def test_a_yaml_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys, silently; the config names the key and its line."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.001\n  max_steps: 10\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "is not valid YAML" in str(e.value) and "key 'lr' is given twice (line 4)" in str(e.value)
+    f.write_text("train:\n  lr: 0.001\nlora:\n  r: 4\n")  # the same key in two sections is fine
+    assert load_config(f).train.lr == 0.001

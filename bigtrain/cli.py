@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, CheckpointSaveError):  # every rank agreed; its own code for the Slurm scripts
             print(f"bigtrain: error: {e}", file=sys.stderr)
             return _leave(SAVE_FAILED_EXIT)
-        if isinstance(e, (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError)):
+        if isinstance(e, (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError, FloatingPointError)):
             print(f"bigtrain: error: {e}", file=sys.stderr)
             return _leave(1)
         raise

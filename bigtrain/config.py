@@ -597,7 +597,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
+            what = ("is a directory" if p.is_dir() else "is not a regular file (a FIFO or a device)"
+                    if p.exists() else "does not exist")
+            raise ConfigError(f"config file {str(p)!r} {what}")
         try:
             tree = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:

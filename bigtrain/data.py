@@ -329,8 +329,18 @@ def source_path(spec: str) -> Path:
         if spec.startswith("builtin:"):
             raise DataError(f"unknown built-in dataset {spec!r}; available: {', '.join(BUILTIN)}")
         path = Path(spec)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or directory")
+    try:
+        st = path.stat()  # follows links; a link loop raises ELOOP here, named as such
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise DataError(f"{path}: no such file or directory") from None
+        raise DataError(f"{path}: cannot be read: {e.strerror}") from None
+    import stat as _stat
+
+    if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode)):
+        # a FIFO or a device: hashing it for the cache would wait forever for an end that never comes
+        raise DataError(f"{path}: not a regular file or a directory (a FIFO or a device); give a data file "
+                        f"or a saved datasets directory")
     return path
 
 

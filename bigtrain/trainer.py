@@ -540,7 +540,11 @@ class Trainer:
                  f"({state.bad_steps}/{t.max_bad_steps} allowed)")
         self.loggers.log({"bad_steps": state.bad_steps}, state.step)
         if state.bad_steps > t.max_bad_steps:
-            raise FloatingPointError(f"more than train.max_bad_steps={t.max_bad_steps} non-finite steps")
+            last = self.checkpoints.last if self.checkpoints is not None else None
+            raise FloatingPointError(
+                f"training diverged: more than train.max_bad_steps={t.max_bad_steps} non-finite steps, the last "
+                f"at step {state.step + 1}; " + (f"the last checkpoint is {last}; " if last else "no checkpoint saved; ")
+                + "lower train.lr (or raise train.max_grad_norm's clipping) and rerun")
 
     def _log(self, step: int, grad_norm) -> None:
         """One log line over the window since the last one."""

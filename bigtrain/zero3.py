@@ -188,6 +188,10 @@ def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = N
         raise ConfigError(f"zero.ds_config: zero_quantized_nontrainable_weights (in {zero.ds_config}) "
                           f"needs GPUs: DeepSpeed's quantizer has no CPU kernel; use ds_configs/zero3.json "
                           f"on CPU")
+    if zero.backend == "nccl" and not wants_cuda(device):
+        raise ConfigError(f"zero.backend=nccl needs CUDA GPUs, and this run is on the CPU "
+                          f"(train.device={device}{', no CUDA device visible' if device == 'auto' else ''}): "
+                          f"use zero.backend=auto (gloo on CPU) or gloo")
     hpz = zo.get("zero_hpz_partition_size", 1)
     if zero.stage == 3 and hpz > 1 and world % hpz:
         raise ConfigError(f"zero.ds_config: zero_hpz_partition_size={hpz} (in {zero.ds_config}) does not "

@@ -135,3 +135,15 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path):
     assert "is not valid YAML" in str(e.value) and "key 'lr' is given twice (line 4)" in str(e.value)
     f.write_text("train:\n  lr: 0.001\nlora:\n  r: 4\n")  # the same key in two sections is fine
     assert load_config(f).train.lr == 0.001
+
+
+def test_config_file_that_is_a_directory_or_a_fifo(tmp_path):
+    import os
+
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    os.mkfifo(tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"is not a regular file \(a FIFO or a device\)"):
+        load_config(tmp_path / "f")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")

@@ -557,3 +557,26 @@ def test_tokenizer_source_refuses_a_model_folder_without_one(tmp_path):
     assert tokenizer_source(None, None) is None  # a random preset
     load_tokenizer(None).save_pretrained(str(bare))
     assert tokenizer_source(None, str(bare)) == str(bare)
+
+
+def test_a_fifo_or_a_link_loop_as_data_is_one_line(tmp_path):
+    """A FIFO as data.train used to hang forever (its content was hashed for the cache); a link loop
+    gave a traceback."""
+    import os
+
+    from bigtrain.data import DataError, source_path
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as e:
+        source_path(str(fifo))
+    assert str(e.value) == (f"{fifo}: not a regular file or a directory (a FIFO or a device); give a data file "
+                            f"or a saved datasets directory")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(DataError) as e:
+        source_path(str(a))
+    assert str(e.value) == f"{a}: cannot be read: Too many levels of symbolic links"
+    with pytest.raises(DataError, match="no such file or directory"):
+        source_path(str(tmp_path / "nope.jsonl"))

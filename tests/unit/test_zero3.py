@@ -56,3 +56,15 @@ def test_config_imports_no_export_or_engine():
             "print(sorted(m for m in sys.modules if m.startswith('bigtrain')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['bigtrain', 'bigtrain.config']"
+
+
+def test_nccl_without_cuda_is_one_line():
+    """zero.backend=nccl on a CPU run: refused before any process group (a traceback from
+    torch.distributed before)."""
+    from bigtrain.config import ConfigError, ZeroConfig
+    from bigtrain.zero3 import check_world
+
+    with pytest.raises(ConfigError) as e:
+        check_world(ZeroConfig(backend="nccl"), "cpu")
+    assert str(e.value) == ("zero.backend=nccl needs CUDA GPUs, and this run is on the CPU (train.device=cpu): "
+                            "use zero.backend=auto (gloo on CPU) or gloo")

@@ -8,7 +8,7 @@
   4. per optimizer step: count the step's target tokens on all ranks, forward/backward each
      micro-batch with loss_sum / global_tokens, one flat all-reduce of the adapter gradients (plus
      the loss and a preemption flag), clip, step (or skip a non-finite step on every rank together);
-  5. log, evaluate, checkpoint; on SIGTERM/SIGUSR1 save at the step boundary and exit cleanly.
+  5. log, evaluate, checkpoint; on SIGTERM/SIGUSR1/SIGINT save at the step boundary and exit cleanly.
 Every exit path (the end, a preemption stop, an exception) closes the run once (``Trainer.close``).
 """
 

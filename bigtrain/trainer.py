@@ -12,7 +12,7 @@ replicated LoRA adapters.
   target tokens on all ranks, runs forward/backward on each micro-batch with
   loss_sum / global_tokens, sums the adapter gradients (plus the loss, a preemption flag and a
   save-due flag) in ONE flat all-reduce, clips and steps (or skips a non-finite step on every rank
-  together); then the loop logs, evaluates and checkpoints; on SIGTERM/SIGUSR1 it saves at the step
+  together); then the loop logs, evaluates and checkpoints; on SIGTERM/SIGUSR1/SIGINT it saves at the step
   boundary and stops cleanly. At the end: memory report, per-rank report, optional merge.
 * :meth:`Trainer.close` runs once, in a ``finally``, on every exit path.
 

@@ -418,9 +418,12 @@ def newest_adapter_config(root: Path) -> Path | None:
 
 def check_base(path: Path, current: dict, force: bool) -> None:
     saved = read_json(path / "base.json")
-    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diffs = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)
+             and not (k in LATER_BASE_KEYS and k not in saved)]  # an older checkpoint: not recorded
     if diffs:
-        msg = (f"{path}: was trained on a different base model ({', '.join(diffs)} differ: "
+        what = ("a different tokenizer (model.tokenizer)" if diffs == ["tokenizer_sha256"] else
+                "a different base model" + (" and tokenizer" if "tokenizer_sha256" in diffs else ""))
+        msg = (f"{path}: was trained on {what} ({', '.join(diffs)} differ: "
                f"checkpoint {[saved.get(k) for k in diffs]!r} vs now {[current.get(k) for k in diffs]!r})")
         if not force:
             raise CheckpointError(msg + "; set checkpoint.force_base_mismatch=true to resume anyway")
@@ -458,11 +461,39 @@ def check_adapter(path: Path, current: dict) -> list[str]:
     return notes
 
 
+# base.json keys newer than some checkpoints: not compared when the checkpoint lacks them
+LATER_BASE_KEYS = ("weights_sampled_sha256", "tokenizer_sha256")
+SAMPLE_BYTES = 4096
+
+
+def sampled_weights_digest(model_dir: Path) -> str:
+    """A content fingerprint of a safetensors checkpoint that reads a few KiB per tensor: each file's
+    name and header (every tensor's name, dtype, shape and offsets), and the first, middle and last
+    4 KiB of every tensor's bytes. Two checkpoints of one architecture (a model and its chat variant,
+    or one weight changed) differ in it; names and sizes alone did not tell them apart. Cost:
+    3 x 4 KiB per tensor (Llama-2-70B: 723 tensors, 8.9 MB of reads, against 138 GB to hash it whole)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(n)
+            h.update(f.name.encode() + b"\0" + header)
+            meta = json.loads(header)
+            for name in sorted(k for k in meta if k != "__metadata__"):
+                a, b = meta[name]["data_offsets"]
+                for off in sorted({a, max(a, (a + b) // 2 - SAMPLE_BYTES // 2), max(a, b - SAMPLE_BYTES)}):
+                    fh.seek(8 + n + off)
+                    h.update(fh.read(min(SAMPLE_BYTES, b - off)))
+    return h.hexdigest()
+
+
 def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int,
-                     quantize: str | None = None) -> dict:
+                     quantize: str | None = None, tokenizer_sha256: str | None = None) -> dict:
     """What identifies the frozen base: its config (hash) and, for a checkpoint on disk, its weight
-    files and sizes; for a random-initialised preset, the seed that built it; ``model.quantize``
-    when set (an int8 base is another base; absent when null, so older fingerprints still match)."""
+    files and sizes and a content fingerprint (:func:`sampled_weights_digest`); for a
+    random-initialised preset, the seed that built it; ``model.quantize`` when set (an int8 base is
+    another base; absent when null, so older fingerprints still match); the tokenizer's digest
+    (``data.tokenizer_fingerprint``): adapters trained on one tokenizer's ids mean nothing on another's."""
     cfg = {k: v for k, v in hf_config.to_dict().items()
            if k not in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures")}
     fp = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()}
@@ -470,11 +501,14 @@ def base_fingerprint(hf_config, model_path: str | None, preset: str, seed: int,
         d = Path(model_path)
         fp["source"] = "path"
         fp["weights"] = {p.name: p.stat().st_size for p in sorted(d.glob("*.safetensors"))}
+        fp["weights_sampled_sha256"] = sampled_weights_digest(d)
     else:
         fp["source"] = f"preset:{preset}"
         fp["init_seed"] = seed
     if quantize is not None:
         fp["quantize"] = quantize
+    if tokenizer_sha256 is not None:
+        fp["tokenizer_sha256"] = tokenizer_sha256
     return fp
 
 

@@ -349,7 +349,12 @@ class CheckpointConfig:
     output_dir already holds checkpoints); or a checkpoint directory, or a run directory (its
     latest), which must verify: no silent fallback."""
     force_base_mismatch: bool = False
-    """Resume even if the base model's fingerprint differs from the checkpoint's."""
+    """Resume even if the base model's fingerprint (config, weight files and sampled bytes of every
+    tensor) or the tokenizer differs from the checkpoint's."""
+    new_data: bool = False
+    """Resume onto training rows that differ from the checkpoint's (other data.train content, or its
+    tokenisation changed): the new rows are read from their first sample. Without it such a resume
+    is refused (it would continue at the old position of other data)."""
     merge_at_end: bool = False
     """After the last step, also write the merged model (W0 + s·B·A; a plain Hugging Face checkpoint) to
     output_dir/merged, gathered from the live ZeRO-3 partitions one tensor at a time. Offline

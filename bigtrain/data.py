@@ -643,11 +643,23 @@ def source_fingerprint(path: Path, memo: Path | None = None) -> str:
     return digest
 
 
+def _row_parts(path: Path, tokenizer, cfg: DataConfig, chat_template: str | None) -> list:
+    """Everything that decides the rows made from ``path``: its content, the tokenizer, the template
+    and the data settings (not where the file lies)."""
+    return [source_fingerprint(path, cache_root(cfg) / "digests"), tokenizer_fingerprint(tokenizer), chat_template,
+            cfg.max_length, cfg.pack, cfg.on_bad_line, cfg.format]
+
+
 def cache_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
     path = source_path(spec)
     # the path too: the stats' bad-line reports name it
-    parts = [CACHE_VERSION, str(path.resolve()), source_fingerprint(path, cache_root(cfg) / "digests"),
-             tokenizer_fingerprint(tokenizer), chat_template, cfg.max_length, cfg.pack, cfg.on_bad_line, cfg.format]
+    parts = [CACHE_VERSION, str(path.resolve()), *_row_parts(path, tokenizer, cfg, chat_template)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def rows_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
+    """What a resume compares (``TrainState.train_rows``): the same rows wherever the file lies."""
+    parts = _row_parts(source_path(spec), tokenizer, cfg, chat_template)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
@@ -752,7 +764,7 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
                     raise
                 how = "built"
     ds, stats = _open_rows(final)
-    stats.update(cache=how, cache_dir=str(final))
+    stats.update(cache=how, cache_dir=str(final), rows_key=rows_key(spec, tokenizer, cfg, chat_template))
     return ds, stats
 
 

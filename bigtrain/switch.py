@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint, read_json
+from .checkpoint import LATER_BASE_KEYS, read_checkpoint, read_json
 from .engine import DTYPES
 from .inject import inject_lora
 from .lora import AdapterSpec, LoRAModel
@@ -174,6 +174,12 @@ def check_compatible(adapters: list[tuple[str, object, AdapterSpec, dict]]) -> N
         _check_pair(*adapters[0], name, source, spec, base)
 
 
+def _base_diffs(a: dict, b: dict) -> list[str]:
+    """The keys in which two base.json differ (a key only newer checkpoints write is not compared)."""
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k in LATER_BASE_KEYS and (k not in a or k not in b))]
+
+
 def _check_pair(a: str, src_a, sa: AdapterSpec, base_a: dict, b: str, src_b, sb: AdapterSpec, base_b: dict) -> None:
     """Adapters ``a`` and ``b`` can share one bank: same rank, modules, dtype and base."""
     diffs = []
@@ -185,8 +191,7 @@ def _check_pair(a: str, src_a, sa: AdapterSpec, base_a: dict, b: str, src_b, sb:
         diffs.append(f"dtype {sa.dtype} vs {sb.dtype}")
     if sa.base_model != sb.base_model:
         diffs.append(f"base {sa.base_model} vs {sb.base_model}")
-    elif base_a and base_b and base_a != base_b:
-        keys = [k for k in sorted(set(base_a) | set(base_b)) if base_a.get(k) != base_b.get(k)]
+    elif base_a and base_b and (keys := _base_diffs(base_a, base_b)):
         diffs.append(f"base {sa.base_model} with different weights ({', '.join(keys)} differ in base.json)")
     if diffs:
         raise ValueError(f"adapters {a!r} ({src_a}) and {b!r} ({src_b}) cannot share one base: "

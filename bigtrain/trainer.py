@@ -47,7 +47,8 @@ from . import checkpoint as ckpt
 from . import faults
 from .compile import compile_layers
 from .config import Config, ConfigError
-from .data import DataError, collate, iter_records, load_examples, load_tokenizer, tokenizer_source
+from .data import (DataError, collate, iter_records, load_examples, load_tokenizer, tokenizer_fingerprint,
+                   tokenizer_source)
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -145,6 +146,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken
     position: int = 0  # samples consumed in the global sample order (skipped steps included)
+    train_rows: str = ""  # the rows' cache key (data content, tokenizer, length, packing): what position counts in
     bad_steps: int = 0  # non-finite steps skipped
     tokens: int = 0  # attended tokens seen, all ranks
     wandb_id: str | None = None  # the W&B run a resume continues
@@ -296,6 +298,18 @@ class Trainer:
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
         self.eval_ds = load_examples(cfg.data.eval, self.tokenizer, cfg.data)[0] if cfg.data.eval else None
         self.samples = _sample_prompts(cfg)
+        # what the adapters were trained against: the base (config, weight files, sampled bytes) and the
+        # tokenizer; and the rows a resume's position counts in. A change is refused now, before the base
+        # is built (the resume itself checks the checkpoint rank 0 finally picks the same way)
+        self.base_fp = ckpt.base_fingerprint(hf_config, model_path, cfg.model.preset, t.seed, cfg.model.quantize,
+                                             tokenizer_fingerprint(self.tokenizer))
+        if resume_from is not None:
+            ckpt.check_base(resume_from, self.base_fp, cfg.checkpoint.force_base_mismatch)
+            try:
+                saved = json.loads((resume_from / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                saved = {}  # unreadable here: the resume's own verification names the file
+            _rows_changed(resume_from, saved, self.train_stats.get("rows_key", ""), cfg.checkpoint.new_data)
 
     def _build_base(self) -> None:
         """1. The process group and the frozen base."""
@@ -412,18 +426,24 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(
             self.ckpt_root, self.engine, self.lora, self.optimizer,
             adapter_config=adapter_config(cfg, self.lora.names()),
-            base_fingerprint=ckpt.base_fingerprint(self.hf_config, self.model_path, cfg.model.preset, t.seed,
-                                                  cfg.model.quantize),
+            base_fingerprint=self.base_fp,
             config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False), keep=ck.keep, every=ck.every,
             every_minutes=ck.every_minutes, last_step=t.max_steps, force_base_mismatch=ck.force_base_mismatch,
             log=say)
         resumed = self.checkpoints.resume(ck.resume)
         if resumed.path is None:
+            self.state.train_rows = self.train_stats.get("rows_key", "")
             return
         self.scheduler.load_state_dict(resumed.state["scheduler"])
         for note in _apply_changed_hparams(cfg, self.optimizer, self.scheduler):
             say(f"[bigtrain] {note}")
         self.state = TrainState.from_saved(resumed.state)
+        rows = self.train_stats.get("rows_key", "")
+        note = _rows_changed(resumed.path, resumed.state, rows, ck.new_data)
+        if note:
+            say(f"[bigtrain] {note}")
+            self.state.position = 0
+        self.state.train_rows = rows
         say(f"[bigtrain] resumed from {resumed.path} at step {self.state.step} "
             f"(sample {self.state.position}, saved with {resumed.world_size} ranks, now {info.world_size})")
         if info.is_main:
@@ -820,6 +840,25 @@ def _base_model_name(path: str | None, preset: str) -> str:
     if path.startswith("builtin:"):
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+def _rows_changed(path: Path, saved: dict, rows: str, new_data: bool) -> str | None:
+    """A resume continues at the saved position of the saved rows (TrainState.train_rows). When the
+    rows now differ (data.train's content, the tokenizer or the data settings), refused in one line
+    (it used to continue at that position of the new file, silently), or, with checkpoint.new_data,
+    the line that says the new rows start from their first sample. None when nothing changed, or the
+    checkpoint recorded no rows (an older one)."""
+    old = saved.get("train_rows", "")
+    if not old or old == rows:
+        return None
+    position = saved.get("position", 0)
+    if not new_data:
+        raise ConfigError(f"{path}: the training rows differ from the ones this run was trained on (data.train's "
+                          f"content, the tokenizer, data.max_length, data.pack or data.format changed): a resume "
+                          f"would continue at sample {position} of other data. Resume with the same data, or set "
+                          f"checkpoint.new_data=true to train on the new rows from their first sample")
+    return (f"checkpoint.new_data=true: the training rows changed since {path}; the new rows are read from "
+            f"their first sample (a new epoch plan), not from sample {position}")
 
 
 def _check_stop_after_resume(stop_at_step: int | None, resume_from: Path) -> None:

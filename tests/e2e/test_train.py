@@ -144,6 +144,49 @@ def test_stop_at_step_not_after_the_resume_step_is_refused(tmp_path):
     assert "on host" not in p.stdout
 
 
+def test_a_resume_must_continue_the_same_job_or_say_what_changed(tmp_path, tiny_models):
+    """Each of these resumed silently: another tokenizer (loss 1.90 -> 4.29), a base with other weights
+    under the same file names and sizes, other training data (it continued at sample 32 of the new
+    file). Each is now refused before the base is built, in one line; other data is taken with
+    checkpoint.new_data=true, from its first sample, and said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bigtrain.data import load_tokenizer
+
+    model = tiny_models["tiny-opt"]
+    out = tmp_path / "run"
+    run(train_cmd(1, tiny_overrides(out, model, 4, 2, **{"checkpoint.every": 4})))
+    again = lambda **kw: run(train_cmd(1, tiny_overrides(out, kw.pop("model", model), 8, 2, **kw)), check=False)
+
+    tok = load_tokenizer(None)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # another tokenizer, same vocab
+    tok.save_pretrained(tmp_path / "tok2")
+    p = again(**{"model.tokenizer": tmp_path / "tok2"})
+    assert p.returncode == 1 and "was trained on a different tokenizer (model.tokenizer) (tokenizer_sha256 differ" in p.stderr
+    assert "on host" not in p.stdout
+
+    other = tmp_path / "other-weights"
+    shutil.copytree(model, other)
+    w = load_file(str(other / "model.safetensors"))
+    name = next(k for k in sorted(w) if "q_proj.weight" in k)
+    w[name] = w[name] * 1.01  # one weight changed: the same names, shapes and file size
+    save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert (other / "model.safetensors").stat().st_size == (model / "model.safetensors").stat().st_size
+    p = again(model=other)
+    assert p.returncode == 1 and "was trained on a different base model (weights_sampled_sha256 differ" in p.stderr
+    assert "checkpoint.force_base_mismatch=true" in p.stderr
+
+    p = again(**{"data.train": "builtin:e2e-chat"})
+    assert p.returncode == 2 and ("the training rows differ from the ones this run was trained on" in p.stderr
+                                  and "would continue at sample 8 of other data" in p.stderr)
+    p = again(**{"data.train": "builtin:e2e-chat", "checkpoint.new_data": "true"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "the new rows are read from their first sample (a new epoch plan), not from sample 8" in p.stdout
+    assert "at step 4 (sample 0," in p.stdout
+
+
 def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     """checkpoint.every_minutes: rank 0's clock decides, the decision travels in the step's
     all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""

@@ -340,3 +340,21 @@ def test_save_failing_with_nothing_saved_before_says_start_again(tmp_path, monke
                                                         r"\(no checkpoint was saved yet\)"):
         _save(tmp_path, 2, lora, opt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_base_keys_an_older_checkpoint_lacks_are_not_compared(tmp_path):
+    """base.json gained weights_sampled_sha256 and tokenizer_sha256: a checkpoint written before them
+    still resumes (and a key it does record is still compared)."""
+    import json
+
+    from bigtrain.checkpoint import CheckpointError, check_base
+
+    old = {"config_sha256": "c", "source": "path", "weights": {"model.safetensors": 10}}
+    (tmp_path / "base.json").write_text(json.dumps(old))
+    now = {**old, "weights_sampled_sha256": "w", "tokenizer_sha256": "t"}
+    check_base(tmp_path, now, force=False)
+    with pytest.raises(CheckpointError, match=r"a different base model \(weights differ"):
+        check_base(tmp_path, {**now, "weights": {"model.safetensors": 11}}, force=False)
+    (tmp_path / "base.json").write_text(json.dumps(now))
+    with pytest.raises(CheckpointError, match=r"was trained on a different tokenizer \(model.tokenizer\)"):
+        check_base(tmp_path, {**now, "tokenizer_sha256": "t2"}, force=False)

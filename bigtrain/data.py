@@ -264,6 +264,15 @@ def _read_jsonl(path: Path, r: _Reader) -> Iterator[dict]:
                 yield rec
 
 
+def _json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
 def _read_paragraphs(path: Path, r: _Reader) -> Iterator[dict]:
     """Plain text: one text example per non-empty paragraph (blank-line separated). A paragraph
     with a line that is not UTF-8 is a bad line (named by that line; skipped whole)."""
@@ -322,6 +331,16 @@ def _read_saved(path: Path, r: _Reader) -> Iterator[dict]:
                 yield rec
 
 
+# data files that are not read, and what to do with them
+UNREAD_SUFFIXES = {
+    ".gz": "decompress it (gunzip) first", ".bz2": "decompress it first", ".xz": "decompress it first",
+    ".zst": "decompress it first", ".zip": "unpack it first",
+    ".parquet": "datasets.load_dataset('parquet', data_files=...).save_to_disk(DIR), then data.train=DIR",
+    ".arrow": "load it with datasets and save_to_disk(DIR), then data.train=DIR",
+    ".csv": "datasets.load_dataset('csv', data_files=...).save_to_disk(DIR), then data.train=DIR",
+}
+
+
 def source_path(spec: str) -> Path:
     """The file or directory behind ``spec`` (``builtin:NAME`` or a path); a one-line error if none."""
     path = BUILTIN.get(spec)
@@ -341,7 +360,29 @@ def source_path(spec: str) -> Path:
         # a FIFO or a device: hashing it for the cache would wait forever for an end that never comes
         raise DataError(f"{path}: not a regular file or a directory (a FIFO or a device); give a data file "
                         f"or a saved datasets directory")
+    if _stat.S_ISREG(st.st_mode):
+        _check_format(path)
     return path
+
+
+def _check_format(path: Path) -> None:
+    """A file bigtrain would misread, refused in one line by its name and first line (cheap: checked
+    at every load, the cached ones too): a compressed or columnar file (it used to be read as text
+    and fail as "not UTF-8"), a JSON array (every line a bad line), JSON Lines named .txt (trained as
+    one raw text example, braces and keys included)."""
+    suffix = path.suffix.lower()
+    if suffix in UNREAD_SUFFIXES:
+        raise DataError(f"{path}: {path.suffix} files are not read; bigtrain reads JSON Lines (.jsonl, .json: one "
+                        f"object per line), plain text (.txt) and directories saved with datasets' "
+                        f"save_to_disk: {UNREAD_SUFFIXES[suffix]}")
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16).decode("utf-8", errors="replace").strip()
+    if suffix == ".txt" and _json_object(first):
+        raise DataError(f"{path}:1: a JSON object: this looks like JSON Lines, but a .txt file is read as plain text "
+                        f"(each paragraph one example, braces and keys included); rename it .jsonl")
+    if suffix != ".txt" and (first == "[" or first.startswith("[{")):
+        raise DataError(f"{path}:1: a JSON array; bigtrain reads JSON Lines, one JSON object per line "
+                        f"(convert it: jq -c '.[]' {path.name} > {path.stem}.jsonl)")
 
 
 def iter_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tuple[Iterator[dict], _Reader]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
+from .presets import position_limit
 
 # Deferred imports: the CLI imports this module to build its parser and `bigtrain --help` must not
 # pay for torch (tests/e2e/test_cli.py); each command imports what it runs.
@@ -83,14 +84,6 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def row_ids(tokenizer, row: dict) -> list[int]:
     """The prompt ids of a prompts row: its "messages" through the chat template, else its "prompt"."""
     return chat_prompt_ids(tokenizer, row["messages"]) if "messages" in row else prompt_ids(tokenizer, row["prompt"])
-
-
-def position_limit(hf_config) -> int | None:
-    """The model's position table (None for rotary models, which have none): a prompt plus its new
-    tokens must fit it."""
-    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
-        return None
-    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
 
 
 def check_positions(hf_config, prompts: list[list[int]], max_new_tokens: int, where: list[str]) -> None:

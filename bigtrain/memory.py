@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import QUANTIZE_CHOICES
-from .presets import PRESETS, hf_config_for, meta_model
+from .presets import PRESETS, hf_config_for, meta_model, position_limit
 
 # Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
 # torch (inject, lora, losses, zero3) are imported where used: `bigtrain estimate --help` builds this
@@ -1219,6 +1219,11 @@ def run_estimate(args) -> int:
     try:
         st = setup_from_args(args)
         shape = preset_shape(args.model, args.num_layers)
+        limit = position_limit(_hf_config(args.model)[1])
+        if limit and args.seq_len > limit:
+            print(f"error: --seq-len {args.seq_len} exceeds {args.model}'s {limit} positions (its learned position "
+                  f"table; training refuses data.max_length above it too)", file=sys.stderr)
+            return 2
         est = estimate(shape, st)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -137,6 +137,15 @@ def hf_config_for(name: str, vocab_size: int | None = None, num_layers: int | No
     return p.to_hf_config(vocab_size if p.vocab == 0 else None, num_layers)
 
 
+def position_limit(hf_config) -> int | None:
+    """The longest sequence a model's learned position table holds (OPT's, GPT-2's), None for rotary
+    models (LLaMA, GPT-NeoX): their max_position_embeddings is the trained context, not a limit
+    (MLPerf's llama2_70b_lora trains Llama-2-70B, context 4096, at 8192)."""
+    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
+        return None
+    return getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+
+
 def meta_model(hf_config):
     """The causal-LM for ``hf_config`` on the meta device: shapes only, no storage."""
     import torch

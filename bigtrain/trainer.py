@@ -58,7 +58,7 @@ from .losses import token_loss_sum
 from .memory import (GiB, estimate, format_savings, host_peak, measure_states, model_shape, predict_states,
                      run_savings, setup_for_run)
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
-from .presets import count_parameters, hf_config_for, meta_model
+from .presets import count_parameters, hf_config_for, meta_model, position_limit
 from .runlock import RunLock, RunLocked
 from .sampler import GlobalSampler, rank_micro_batches
 from .vocab import run_config as pad_vocab
@@ -266,6 +266,7 @@ class Trainer:
             targets = find_targets(meta, cfg.lora.targets)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        _check_rank(cfg.lora.r, targets)
         # the run's model: the vocabulary padded to a multiple of 64 (a faster LM-head GEMM); only the
         # real vocabulary's logits enter the loss, and nothing written outside the run is padded
         self.vocab = int(hf_config.vocab_size)
@@ -660,7 +661,7 @@ class Trainer:
         if cfg.model.compile:
             say("[bigtrain] samples skipped: model.compile would compile the layers again for every generated length")
             return
-        from .generate import Sampling, generate_ids, position_limit, row_ids  # deferred: only runs that print samples
+        from .generate import Sampling, generate_ids, row_ids  # deferred: only runs that print samples
 
         s = Sampling(max_new_tokens=cfg.train.sample_max_new_tokens)
         ids = [row_ids(self.tokenizer, row) for row, _ in self.samples]  # as training rendered them
@@ -842,6 +843,18 @@ def _base_model_name(path: str | None, preset: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def _check_rank(r: int, targets: dict) -> None:
+    """lora.r above an adapted layer's width: B·A of a d_out × d_in layer has rank at most
+    min(d_in, d_out), so the extra rank only costs memory and time (lora.r=100000 on the demo trained,
+    slowly, without a word)."""
+    name, m = min(targets.items(), key=lambda kv: min(kv[1].weight.shape))
+    width = min(m.weight.shape)
+    if r > width:
+        raise ConfigError(f"lora.r={r} is more than the width of the adapted layer {name} "
+                          f"({m.weight.shape[1]} -> {m.weight.shape[0]}): an update B·A of it has rank at most "
+                          f"{width}; use lora.r <= {width}")
+
+
 def _rows_changed(path: Path, saved: dict, rows: str, new_data: bool) -> str | None:
     """A resume continues at the saved position of the saved rows (TrainState.train_rows). When the
     rows now differ (data.train's content, the tokenizer or the data settings), refused in one line
@@ -983,9 +996,7 @@ def _check_positions(cfg: Config, hf_config) -> None:
     models (LLaMA, GPT-NeoX) have no table: their max_position_embeddings is the trained context,
     not a limit (MLPerf's llama2_70b_lora trains Llama-2-70B, context 4096, at 8192), so it is not
     enforced for them."""
-    if getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_theta", None):
-        return
-    limit = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    limit = position_limit(hf_config)
     if limit and cfg.data.max_length > limit:
         raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's "
                           f"{limit} positions (max_position_embeddings of {cfg.model.local_path or cfg.model.preset}); "

@@ -89,6 +89,11 @@ def test_config_error_before_any_work(tmp_path):
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[q_proj,lm_head]"]), check=False)
     assert p.returncode == 2 and "config error: lora.targets: 'lm_head' is the output head" in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
+    # lora.r above the adapted layers' width (128): it trained, slowly, without a word
+    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.r=100000"]), check=False)
+    assert p.returncode == 2 and ("config error: lora.r=100000 is more than the width of the adapted layer "
+                                  "model.decoder.layers.0.self_attn.v_proj (128 -> 128)") in p.stderr, p.stderr[-1000:]
+    assert "on host" not in p.stdout and not (tmp_path / "x").exists()
     # data that is not UTF-8: named file:line before any process group (it used to train on U+FFFD)
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes('{"prompt": "café:", "completion": " crème"}\n'.encode("latin-1"))

@@ -580,3 +580,27 @@ def test_a_fifo_or_a_link_loop_as_data_is_one_line(tmp_path):
     assert str(e.value) == f"{a}: cannot be read: Too many levels of symbolic links"
     with pytest.raises(DataError, match="no such file or directory"):
         source_path(str(tmp_path / "nope.jsonl"))
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("d.jsonl.gz", b"\x1f\x8b\x08\x00", ".gz files are not read; bigtrain reads JSON Lines (.jsonl, .json: one object "
+                                       "per line), plain text (.txt) and directories saved with datasets' "
+                                       "save_to_disk: decompress it (gunzip) first"),
+    ("d.parquet", b"PAR1", ".parquet files are not read;"),
+    ("d.json", b'[\n  {"text": "a"},\n  {"text": "b"}\n]\n', "d.json:1: a JSON array; bigtrain reads JSON Lines, one "
+                                                            "JSON object per line (convert it: jq -c '.[]' d.json > d.jsonl)"),
+    ("d.txt", b'{"prompt": "a", "completion": "b"}\n', "d.txt:1: a JSON object: this looks like JSON Lines, but a "
+                                                      ".txt file is read as plain text"),
+])
+def test_files_bigtrain_would_misread_are_one_line(tmp_path, name, content, msg):
+    """Each used to train on garbage or fail late: gzip and parquet as "not valid UTF-8 ... convert the
+    file to UTF-8", a JSON array as a bad line per line, JSON Lines named .txt as one raw text example."""
+    from bigtrain.data import DataError, source_path
+
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        source_path(str(f))
+    assert msg in str(e.value)
+    (tmp_path / "ok.txt").write_text("{not json} is fine as text\n\nsecond paragraph\n")
+    assert source_path(str(tmp_path / "ok.txt")) == tmp_path / "ok.txt"

@@ -110,7 +110,8 @@ def test_prompts_file_and_plan_name_the_line(tmp_path):
 
 def test_a_prompt_too_long_for_the_positions_is_named_before_any_work(tmp_path, capsys):
     from bigtrain.cli import main
-    from bigtrain.generate import check_positions, position_limit
+    from bigtrain.generate import check_positions
+    from bigtrain.presets import position_limit
     from bigtrain.presets import hf_config_for
 
     opt, llama = hf_config_for("tiny-opt", vocab_size=1024), hf_config_for("tiny-llama", vocab_size=1024)

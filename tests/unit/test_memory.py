@@ -398,3 +398,12 @@ def test_host_peak_per_rank(big):
     assert cpu["build"] == 2 * 2 * 1_812_099_072 + HOST_QUANT_TEMP_BYTES
     assert cpu["run"] == sum(per_gpu(big, replace(st, include_context=False), "lora").values())
     assert estimate(big, st)["lora"]["host_per_rank"] == gpu["total"]
+
+
+def test_estimate_seq_len_beyond_the_position_table_is_refused(capsys):
+    from bigtrain.memory import main
+
+    assert main(["estimate", "gpt3-small", "--seq-len", "100000"]) == 2
+    assert ("error: --seq-len 100000 exceeds gpt3-small's 2048 positions (its learned position table; training "
+            "refuses data.max_length above it too)") in capsys.readouterr().err
+    assert main(["estimate", "llama2-7b", "--seq-len", "100000"]) == 0  # rotary: no table, no limit

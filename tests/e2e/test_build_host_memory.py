@@ -10,9 +10,12 @@ Before, ``model.quantize`` built every unquantized partition in host memory and 
 them, so the transient grew by one layer per layer (GPT-3 175B at one rank: 349 GB through host
 memory; the kernel killed the run)."""
 
+import os
+from pathlib import Path
+
 import pytest
 
-from helpers import torchrun_workers, ROOT
+from helpers import ROOT
 
 WORKER = ROOT / "tests" / "dist" / "build_host_worker.py"
 D, FFN = 3072, 8192
@@ -22,14 +25,36 @@ SMALL, LARGE = 2, 8
 pytestmark = pytest.mark.slow
 
 
-def build(tmp_path_factory, layers: int, quantize: str, path: str = "none") -> dict:
-    return torchrun_workers(WORKER, [1], tmp_path_factory, args=(layers, quantize, path), timeout=600,
-                            prefix=f"b{layers}{quantize}")[1][0]
+def build(tmp_path_factory, quantize: str, paths: dict | None = None) -> dict:
+    """{layers: the worker's report} for SMALL and LARGE, the two builds run at once (one process each,
+    so each one's peak is its own)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = {}
+    for n in (SMALL, LARGE):
+        out = tmp_path_factory.mktemp(f"b{n}{quantize}")
+        cmd = [torchrun, "--nproc_per_node", "1", "--master_port", str(free_port()), str(WORKER), str(out), str(n),
+               quantize, str((paths or {}).get(n, "none"))]
+        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
+    res = {}
+    for n, (p, out) in procs.items():
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, log[-3000:]
+        res[n] = json.loads((out / "rank0.json").read_text())
+    return res
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "none"])
 def test_random_base_build_transient_does_not_grow_with_depth(tmp_path_factory, quantize):
-    small, large = build(tmp_path_factory, SMALL, quantize), build(tmp_path_factory, LARGE, quantize)
+    both = build(tmp_path_factory, quantize)
+    small, large = both[SMALL], both[LARGE]
     assert LAYER_BYTES == 226_504_704
     grown = large["transient"] - small["transient"]
     print(f"{quantize}: transient at {SMALL} layers {small['transient'] / 1e6:.1f} MB, at {LARGE} layers "
@@ -51,12 +76,18 @@ def test_checkpoint_build_transient_does_not_grow_with_depth(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "tests" / "dist"))
     from build_host_worker import SHAPE
 
-    out = {}
+    paths = {}
     for layers in (SMALL, LARGE):
-        d = tmp_path_factory.mktemp(f"ckpt{layers}")
+        paths[layers] = d = tmp_path_factory.mktemp(f"ckpt{layers}")
         torch.manual_seed(0)
-        tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=layers, **SHAPE)).to(torch.bfloat16).save_pretrained(d)
-        out[layers] = build(tmp_path_factory, layers, "nf4", str(d))
+        with torch.device("meta"):  # saved in bf16 without an fp32 copy first
+            m = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=layers, **SHAPE))
+        m = m.to_empty(device="cpu").to(torch.bfloat16)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        m.save_pretrained(d)
+        del m
+    out = build(tmp_path_factory, "nf4", paths)
     grown = out[LARGE]["transient_anon"] - out[SMALL]["transient_anon"]
     print(f"checkpoint, nf4: anonymous transient at {SMALL} layers {out[SMALL]['transient_anon'] / 1e6:.1f} MB, "
           f"at {LARGE} {out[LARGE]['transient_anon'] / 1e6:.1f} MB; peak RSS transient (file pages included) "

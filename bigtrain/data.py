@@ -49,6 +49,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -86,6 +87,11 @@ class DataError(ValueError):
 # Tokenizer
 
 
+def has_tokenizer(model_dir: str) -> bool:
+    """A model folder that ships its tokenizer (what ``AutoTokenizer`` loads from)."""
+    return any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def tokenizer_source(tokenizer: str | None, model_path: str | None) -> str | None:
     """The tokenizer directory a run loads (None: the built-in one), from ``model.tokenizer`` and
     the model's folder (``model.path`` resolved, None for a random preset). ``model.tokenizer=builtin``
@@ -99,7 +105,7 @@ def tokenizer_source(tokenizer: str | None, model_path: str | None) -> str | Non
         return tokenizer
     if model_path is None:
         return None
-    if any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if has_tokenizer(model_path):
         return model_path
     raise ConfigError(f"model.path={model_path} holds no tokenizer (no tokenizer.json or tokenizer_config.json): "
                       f"set model.tokenizer=DIR to the model's own tokenizer, or model.tokenizer=builtin to "
@@ -354,13 +360,11 @@ def source_path(spec: str) -> Path:
         if e.errno == errno.ENOENT:
             raise DataError(f"{path}: no such file or directory") from None
         raise DataError(f"{path}: cannot be read: {e.strerror}") from None
-    import stat as _stat
-
-    if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode)):
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         # a FIFO or a device: hashing it for the cache would wait forever for an end that never comes
         raise DataError(f"{path}: not a regular file or a directory (a FIFO or a device); give a data file "
                         f"or a saved datasets directory")
-    if _stat.S_ISREG(st.st_mode):
+    if stat.S_ISREG(st.st_mode):
         _check_format(path)
     return path
 
@@ -691,17 +695,21 @@ def _row_parts(path: Path, tokenizer, cfg: DataConfig, chat_template: str | None
             cfg.max_length, cfg.pack, cfg.on_bad_line, cfg.format]
 
 
-def cache_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
+def _digest(parts: list) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+
+
+def data_keys(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> tuple[str, str]:
+    """(the cache key, the rows key) of ``spec``, from one reading of what decides its rows. The
+    cache key adds the path (the stats' bad-line reports name it); the rows key, what a resume
+    compares (``TrainState.train_rows``), is the same rows wherever the file lies."""
     path = source_path(spec)
-    # the path too: the stats' bad-line reports name it
-    parts = [CACHE_VERSION, str(path.resolve()), *_row_parts(path, tokenizer, cfg, chat_template)]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+    parts = _row_parts(path, tokenizer, cfg, chat_template)
+    return _digest([CACHE_VERSION, str(path.resolve()), *parts]), _digest(parts)
 
 
-def rows_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
-    """What a resume compares (``TrainState.train_rows``): the same rows wherever the file lies."""
-    parts = _row_parts(source_path(spec), tokenizer, cfg, chat_template)
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+def cache_key(spec: str, tokenizer, cfg: DataConfig, chat_template: str | None) -> str:
+    return data_keys(spec, tokenizer, cfg, chat_template)[0]
 
 
 @contextlib.contextmanager
@@ -771,7 +779,7 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; rows need one to end each example")
     chat_template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
-    key = cache_key(spec, tokenizer, cfg, chat_template)
+    key, rows = data_keys(spec, tokenizer, cfg, chat_template)
     root = cache_root(cfg)
     final = root / key
     try:
@@ -805,7 +813,7 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
                     raise
                 how = "built"
     ds, stats = _open_rows(final)
-    stats.update(cache=how, cache_dir=str(final), rows_key=rows_key(spec, tokenizer, cfg, chat_template))
+    stats.update(cache=how, cache_dir=str(final), rows_key=rows)
     return ds, stats
 
 

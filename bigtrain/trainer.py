@@ -47,8 +47,8 @@ from . import checkpoint as ckpt
 from . import faults
 from .compile import compile_layers
 from .config import Config, ConfigError
-from .data import (DataError, collate, iter_records, load_examples, load_tokenizer, tokenizer_fingerprint,
-                   tokenizer_source)
+from .data import (DataError, collate, has_tokenizer, iter_records, load_examples, load_tokenizer,
+                   tokenizer_fingerprint, tokenizer_source)
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -628,7 +628,8 @@ class Trainer:
         last_save = self.checkpoints.latest()  # resumed at max_steps: nothing new, the checkpoint there
         if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
             st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
-                            _tokenizer_dir(self.model_path), cfg.checkpoint.merge_max_shard_size,
+                            self.model_path if self.model_path and has_tokenizer(self.model_path) else None,
+                            cfg.checkpoint.merge_max_shard_size,
                             progress=_use_bar(cfg), vocab=self.vocab)
             if st is not None:
                 say(f"[bigtrain] merged model (W0 + s·B·A, {st['merged_weights']} weights) written to {st['out']}: "
@@ -1039,12 +1040,6 @@ def _hf_config(cfg: Config, model_path: str | None, vocab: int):
         raise ConfigError(f"model.tokenizer: {vocab} tokens, more than the model's vocab_size "
                           f"{hf_config.vocab_size}; use the model's own tokenizer")
     return hf_config
-
-
-def _tokenizer_dir(model_path: str | None) -> str | None:
-    if model_path and any((Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return model_path
-    return None
 
 
 def _use_bar(cfg: Config) -> bool:

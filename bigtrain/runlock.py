@@ -59,12 +59,7 @@ class RunLock:
                                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "command": " ".join(sys.argv)[:160]}).encode())
         os.fsync(fd)
-        self._fd = fd  # held (open) until the process ends or release()
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        self._fd = fd  # held (open) until the process ends: the kernel drops the flock then
 
 
 def _read_holder(fd: int) -> str:

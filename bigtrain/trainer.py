@@ -291,9 +291,14 @@ class Trainer:
         resume_from = ckpt.check_resume(cfg.checkpoint.resume, self.ckpt_root)
         if cfg.checkpoint.resume == "auto":
             resume_from = ckpt.newest_adapter_config(self.ckpt_root)
+        saved_state = {}
         if resume_from is not None:
             ckpt.check_adapter(resume_from, adapter_config(cfg, list(targets)))
-            _check_stop_after_resume(t.stop_at_step, resume_from)
+            try:
+                saved_state = json.loads((resume_from / "trainer_state.json").read_text())
+            except (OSError, ValueError):
+                pass  # unreadable here: the resume's own verification names the file
+            _check_stop_after_resume(t.stop_at_step, resume_from, saved_state)
         if not _use_bar(cfg):  # datasets' own bars (tokenisation's map) would put \r in the log too
             datasets.disable_progress_bars()
         self.train_ds, self.train_stats = load_examples(cfg.data.train, self.tokenizer, cfg.data)
@@ -306,11 +311,7 @@ class Trainer:
                                              tokenizer_fingerprint(self.tokenizer))
         if resume_from is not None:
             ckpt.check_base(resume_from, self.base_fp, cfg.checkpoint.force_base_mismatch)
-            try:
-                saved = json.loads((resume_from / "trainer_state.json").read_text())
-            except (OSError, ValueError):
-                saved = {}  # unreadable here: the resume's own verification names the file
-            _rows_changed(resume_from, saved, self.train_stats.get("rows_key", ""), cfg.checkpoint.new_data)
+            _rows_changed(resume_from, saved_state, self.train_stats.get("rows_key", ""), cfg.checkpoint.new_data)
 
     def _build_base(self) -> None:
         """1. The process group and the frozen base."""
@@ -724,7 +725,7 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
     dev = engine.info.device
     mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
             "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "host_peak_rss_bytes": _host_peak_rss(),
             "adapter_elems": sum(p.numel() for p in params),
             "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}
     out = engine.all_gather_objects(mine)
@@ -875,14 +876,15 @@ def _rows_changed(path: Path, saved: dict, rows: str, new_data: bool) -> str | N
             f"their first sample (a new epoch plan), not from sample {position}")
 
 
-def _check_stop_after_resume(stop_at_step: int | None, resume_from: Path) -> None:
-    """train.stop_at_step at or before the step a resume continues from would be passed by and
-    ignored (one run trained on to step 2000): refused before the base is built."""
+def _check_stop_after_resume(stop_at_step: int | None, resume_from: Path, saved: dict) -> None:
+    """train.stop_at_step at or before the step a resume continues from (``saved``: the checkpoint's
+    trainer_state.json) would be passed by and ignored (one run trained on to step 2000): refused
+    before the base is built."""
     if stop_at_step is None:
         return
     try:
-        step = int(json.loads((resume_from / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        step = int(saved["step"])
+    except (KeyError, TypeError, ValueError):
         return  # unreadable here: the full verification at the resume itself names the file
     if stop_at_step <= step:
         raise ConfigError(f"train.stop_at_step={stop_at_step} is not after step {step}, which this run resumes "

@@ -35,21 +35,28 @@ def torchrun_workers(worker, worlds, tmp_path_factory, args=(), timeout=400, pre
     per world size in ``worlds``, all at once (the processes are mostly importing), each with its
     own output directory as its first argument, then ``args``; wait, and return {world: [each
     rank's JSON]}. A failed launch is an assertion naming the world size, with the log's tail."""
+    return torchrun_jobs(worker, {n: (n, args) for n in worlds}, tmp_path_factory, timeout, prefix)
+
+
+def torchrun_jobs(worker, jobs, tmp_path_factory, timeout=400, prefix="w"):
+    """:func:`torchrun_workers` for any set of launches: ``jobs`` maps a key to (ranks, args); all
+    start at once; returns {key: [each rank's JSON]}."""
     import shutil
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = {}
-    for n in worlds:
-        out = tmp_path_factory.mktemp(f"{prefix}{n}")
+    for key, (n, args) in jobs.items():
+        out = tmp_path_factory.mktemp(f"{prefix}{key}")
         cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()), str(worker), str(out),
                *map(str, args)]
-        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
+        procs[key] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                      out, n)
     results = {}
-    for n, (p, out) in procs.items():
+    for key, (p, out, n) in procs.items():
         log, _ = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"torchrun N={n} failed:\n{log[-3000:]}"
-        results[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+        assert p.returncode == 0, f"torchrun {key} (N={n}) failed:\n{log[-3000:]}"
+        results[key] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
     return results
 
 

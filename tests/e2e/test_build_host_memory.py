@@ -10,12 +10,9 @@ Before, ``model.quantize`` built every unquantized partition in host memory and 
 them, so the transient grew by one layer per layer (GPT-3 175B at one rank: 349 GB through host
 memory; the kernel killed the run)."""
 
-import os
-from pathlib import Path
-
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, torchrun_jobs
 
 WORKER = ROOT / "tests" / "dist" / "build_host_worker.py"
 D, FFN = 3072, 8192
@@ -28,27 +25,9 @@ pytestmark = pytest.mark.slow
 def build(tmp_path_factory, quantize: str, paths: dict | None = None) -> dict:
     """{layers: the worker's report} for SMALL and LARGE, the two builds run at once (one process each,
     so each one's peak is its own)."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-
-    from helpers import free_port
-
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = {}
-    for n in (SMALL, LARGE):
-        out = tmp_path_factory.mktemp(f"b{n}{quantize}")
-        cmd = [torchrun, "--nproc_per_node", "1", "--master_port", str(free_port()), str(WORKER), str(out), str(n),
-               quantize, str((paths or {}).get(n, "none"))]
-        procs[n] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), out)
-    res = {}
-    for n, (p, out) in procs.items():
-        log, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, log[-3000:]
-        res[n] = json.loads((out / "rank0.json").read_text())
-    return res
+    jobs = {n: (1, (n, quantize, (paths or {}).get(n, "none"))) for n in (SMALL, LARGE)}
+    return {n: ranks[0] for n, ranks in torchrun_jobs(WORKER, jobs, tmp_path_factory, timeout=600,
+                                                      prefix=f"b{quantize}").items()}
 
 
 @pytest.mark.parametrize("quantize", ["nf4", "none"])

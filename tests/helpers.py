@@ -60,6 +60,22 @@ def torchrun_jobs(worker, jobs, tmp_path_factory, timeout=400, prefix="w"):
     return results
 
 
+def start(cmd):
+    """Start ``cmd`` (a bigtrain command line) as users do, its output read as text."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc, text: str) -> str:
+    """Read ``proc``'s output up to and including the first line holding ``text``; an assertion with
+    the output's tail if it ends first."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    raise AssertionError("".join(lines)[-3000:])
+
+
 def run(cmd, timeout=600, env=None, check=True, preexec_fn=None):
     p = subprocess.run(cmd, cwd=ROOT, env=_env(env), capture_output=True, text=True, timeout=timeout,
                        preexec_fn=preexec_fn)

@@ -7,23 +7,10 @@ import subprocess
 import sys
 import time
 
-from helpers import ROOT, _env, free_port, run, tiny_overrides, train_cmd
+from helpers import free_port, read_until, run, start, tiny_overrides, train_cmd
 
 SLOW = {"model.preset": "gpt3-small", "model.num_layers": 4, "data.max_length": 256,
         "train.sample_prompts": 0}  # a CPU step of ~0.5 s: the run is alive while the test acts
-
-
-def _start(cmd):
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _until(proc, text):
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError("".join(lines)[-3000:])
 
 
 def test_a_second_run_into_a_live_runs_folder_is_refused_naming_it(tmp_path):
@@ -31,9 +18,9 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_naming_it(tmp_path):
     die on a save. A run killed with kill -9 leaves no stale lock: the next one starts and resumes."""
     out = tmp_path / "run"
     args = tiny_overrides(out, "null", 200, 4, **{**SLOW, "checkpoint.every": 2})
-    first = _start(train_cmd(1, args))
+    first = start(train_cmd(1, args))
     try:
-        _until(first, "[bigtrain] step 3/")
+        read_until(first, "[bigtrain] step 3/")
         p = run(train_cmd(1, args), check=False)
         assert p.returncode == 2, p.stderr[-2000:]
         line = [ln for ln in p.stderr.splitlines() if "in use by another run" in ln]
@@ -56,8 +43,8 @@ def test_workers_do_not_outlive_a_killed_torchrun(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "-m", "bigtrain", "train", *tiny_overrides(out, "null", 500, 4, **SLOW)]
-    launcher = _start(cmd)
-    _until(launcher, "[bigtrain] step 2/")
+    launcher = start(cmd)
+    read_until(launcher, "[bigtrain] step 2/")
     launcher.send_signal(signal.SIGKILL)
     t0 = time.monotonic()
     rest = launcher.stdout.read()  # the worker holds the pipe open until it exits

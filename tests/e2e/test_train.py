@@ -156,7 +156,7 @@ def test_a_resume_must_continue_the_same_job_or_say_what_changed(tmp_path, tiny_
     checkpoint.new_data=true, from its first sample, and said."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file  # (load_file: imported at the top)
 
     from bigtrain.data import load_tokenizer
 
@@ -348,22 +348,19 @@ def _interrupt(out, second: bool):
     """`bigtrain train` on a model whose CPU step takes ~0.5 s, Ctrl-C'd (SIGINT) after step 3; with
     ``second``, once more as soon as it says it will save. Returns (exit code, all output)."""
     import signal
-    import subprocess
 
-    from helpers import ROOT, _env
+    from helpers import read_until, start
 
-    cmd = train_cmd(1, tiny_overrides(out, "null", 50, 4, **{
+    proc = start(train_cmd(1, tiny_overrides(out, "null", 50, 4, **{
         "model.preset": "gpt3-small", "model.num_layers": 4, "data.max_length": 256, "checkpoint.every": 2,
-        "train.sample_prompts": 0}))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("[bigtrain] step 3/"):
-            proc.send_signal(signal.SIGINT)
-        if second and "Ctrl-C: saving" in line:
-            proc.send_signal(signal.SIGINT)
-    return proc.wait(timeout=120), "".join(lines)
+        "train.sample_prompts": 0})))
+    text = read_until(proc, "[bigtrain] step 3/")
+    proc.send_signal(signal.SIGINT)
+    if second:
+        text += read_until(proc, "Ctrl-C: saving")
+        proc.send_signal(signal.SIGINT)
+    text += proc.stdout.read()
+    return proc.wait(timeout=120), text
 
 
 def test_ctrl_c_saves_at_the_step_boundary_and_the_rerun_resumes(tmp_path):

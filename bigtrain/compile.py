@@ -23,14 +23,74 @@ recompile limit is raised to fit them, else the layers past the limit would sile
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .engine import decoder_layer_classes
 
 # Graphs per layer kept before a layer falls back to eager for a new variant: training and no-grad
-# (eval) forwards, times a few input shapes (every distinct padded length is one, dynamic=False).
-_GRAPHS_PER_LAYER = 8
+# (eval) forwards, times the input shapes (with unpacked data, one per length bucket: pad_multiple).
+_GRAPHS_PER_LAYER = 24
+# Unpacked data under model.compile is padded to a multiple of max_length / LENGTH_BUCKETS (at least
+# 64 tokens), so at most this many sequence lengths (each one compiled graph) occur.
+LENGTH_BUCKETS = 8
+
+
+def resolve(setting, device_type: str, stage: int, leaf_blocks: bool) -> tuple[bool, str]:
+    """``model.compile`` for this run: (on, the reason said at start-up). ``auto`` is on for CUDA
+    training unless something it needs is missing; ``true``/``false`` are taken as given (config
+    validation refuses ``true`` where it cannot work)."""
+    if setting is True:
+        return True, "model.compile=true"
+    if setting is False:
+        return False, "model.compile=false"
+    if device_type != "cuda":
+        return False, "model.compile auto: off on CPU (compiling takes longer than it saves at CPU speed)"
+    if stage == 3 and not leaf_blocks:
+        return False, ("model.compile auto: off, zero.leaf_blocks=false puts ZeRO-3's fetch hooks inside "
+                       "the decoder layers (set zero.leaf_blocks=true to compile them)")
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        return False, "model.compile auto: off, Triton is not installed (inductor needs it on GPUs)"
+    return True, "model.compile auto: on (CUDA)"
+
+
+def pad_multiple(compiled: bool, packed: bool, max_length: int) -> int:
+    """The multiple unpacked batches are padded to: 1 (the longest row) in eager runs and for packed
+    data (fixed shapes already), else max_length / LENGTH_BUCKETS rounded up to 64, so that a
+    compiled run meets a few sequence lengths (one graph each), not one per padded length."""
+    if not compiled or packed:
+        return 1
+    per_bucket = -(-max_length // LENGTH_BUCKETS)
+    return max(64, -(-per_bucket // 64) * 64)
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (one per layer variant; a rise in steady state is
+    a recompilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def eager_layers(model: nn.Module):
+    """Run the decoder layers eager inside the block (generation: every new length would compile
+    again): their compiled ``forward`` instance attributes are set aside and put back after."""
+    held = {}
+    for m in model.modules():
+        f = m.__dict__.get("forward")
+        if getattr(f, "_bigtrain_compiled", False):
+            held[m] = f
+            del m.forward
+    try:
+        yield len(held)
+    finally:
+        for m, f in held.items():
+            m.forward = f
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:

@@ -19,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -71,14 +71,22 @@ class ModelConfig:
     """transformers attention kernel: sdpa or eager; null: sdpa where the architecture supports it,
     else eager (e.g. Bloom, Gemma2), said at start-up. A value the architecture cannot run is
     refused before start-up."""
-    gradient_checkpointing: bool = False
-    """Recompute each decoder layer in backward (keeps only layer inputs)."""
+    gradient_checkpointing: Union[bool, int, str] = "auto"
+    """Activation checkpointing: which decoder layers keep only their input and are recomputed in
+    backward (slower by about a third of a forward, far less memory). auto: as few as fit the GPU
+    with headroom (train.memory_headroom), chosen before the first step from bigtrain's memory
+    estimate and corrected once from the first step's measured peak (none on CPU, where nothing is
+    sized); true: every layer; false: none; N: the first N layers (their recomputation comes after
+    the other layers' activations are freed). The run says how many it checkpoints and why."""
     tokenizer: Optional[str] = None
     """Tokenizer directory, or builtin (bigtrain's byte-level BPE, 1,024 tokens). null: the one in
     ``path`` (a model folder without one is refused: name its tokenizer, or builtin), or builtin
     for a random preset (path=null)."""
-    compile: bool = False
-    """torch.compile (inductor, dynamic=False) each decoder layer's forward, with the LoRA adapters
+    compile: Union[bool, str] = "auto"
+    """auto: true on a CUDA run (the fast path: measured 1.3x eager tokens/s on an H200), false
+    on CPU, where compiling takes longer than it saves, and where it cannot work (no Triton, no
+    decoder-layer class, a mixture-of-experts base, zero.stage=3 without zero.leaf_blocks), each
+    said in one line. true: torch.compile (inductor, dynamic=False) each decoder layer's forward, with the LoRA adapters
     of its projections inside the compiled graph and ZeRO-3's weight fetch/release outside it, so it
     composes with ZeRO-3 at any world size (needs zero.leaf_blocks=true at stage 3) and with
     gradient_checkpointing. The first steps are slower while each distinct layer graph compiles
@@ -246,6 +254,10 @@ class TrainConfig:
     (time-boxed jobs; a rerun resumes)."""
     max_bad_steps: int = 10
     """Non-finite loss/grad steps skipped (on every rank together) before the run stops."""
+    memory_headroom: float = 0.1
+    """The share of each GPU's memory that model.gradient_checkpointing=auto leaves free (for the
+    allocator's fragmentation, NCCL's buffers and the estimate's error): it checkpoints the fewest
+    layers whose estimated peak is within (1 - memory_headroom) of the GPU's memory."""
     check_memory: bool = True
     """Before the base is built, compare the estimator's per-GPU peak with each GPU's free memory and
     its host peak per rank with the host's MemAvailable, and stop in one line naming both figures when
@@ -255,7 +267,7 @@ class TrainConfig:
     """At the end of a run, greedy generations for the first sample_prompts prompts of data.eval
     (prompt/completion data), with the adapters off (the base) and on, printed beside the reference
     completion: what LoRA changed. 0: none. After the last eval and save: the run's figures are
-    unchanged. Skipped with model.compile (each generated length would compile the layers again)."""
+    unchanged. Compiled layers generate eager (each new length would compile them again)."""
     sample_max_new_tokens: int = 48
     """Tokens generated per sample at most (fewer when eos comes first)."""
 
@@ -286,6 +298,9 @@ class TrainConfig:
         if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.max_steps:
             raise ConfigError(f"{p}.stop_at_step must be in 1..{p}.max_steps ({self.max_steps}) or null, "
                               f"got {self.stop_at_step}")
+        if not 0.0 <= self.memory_headroom < 1.0:
+            raise ConfigError(f"{p}.memory_headroom must be in [0, 1) (the share of GPU memory left free), "
+                              f"got {self.memory_headroom}")
         if self.max_bad_steps < 0:
             raise ConfigError(f"{p}.max_bad_steps must be >= 0 (0: stop at the first non-finite step), "
                               f"got {self.max_bad_steps}")
@@ -431,7 +446,13 @@ class Config:
                                   f"(its live weights are quantized); set it to false and merge offline with "
                                   f"bigtrain merge CKPT OUT, which reads the unquantized base from disk "
                                   f"(--into-quantized: into the quantized base the adapters were trained over)")
-        if self.model.compile and self.zero.stage == 3 and not self.zero.leaf_blocks:
+        gc = self.model.gradient_checkpointing
+        if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
+            raise ConfigError(f"model.gradient_checkpointing: expected auto, true, false or a number of "
+                              f"layers >= 0, got {gc!r}")
+        if isinstance(self.model.compile, str) and self.model.compile != "auto":
+            raise ConfigError(f"model.compile: expected auto, true or false, got {self.model.compile!r}")
+        if self.model.compile is True and self.zero.stage == 3 and not self.zero.leaf_blocks:
             raise ConfigError("model.compile needs zero.leaf_blocks=true at zero.stage=3: ZeRO-3's "
                               "fetch hooks must sit on the compiled decoder layer, not inside it")
         return self

@@ -821,12 +821,15 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
 # Batching
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: input_ids with ``pad_id``, labels with -100,
+def collate(examples: list[dict], pad_id: int, multiple: int = 1, cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example, rounded up to ``multiple`` but not past ``cap`` (a compiled
+    run's few sequence lengths: compile.pad_multiple): input_ids with ``pad_id``, labels with -100,
     attention_mask 0 on padding. All int64, shape (B, T)."""
     if not examples:
         raise ValueError("collate: empty batch")
     T = max(len(e["input_ids"]) for e in examples)
+    if multiple > 1:
+        T = max(T, min(-(-T // multiple) * multiple, cap if cap is not None else T))
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)

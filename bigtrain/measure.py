@@ -126,6 +126,12 @@ def cmd_measure(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors first, before any process starts
+    # like for like: full fine-tuning has no auto; each auto key is measured as false unless named
+    fixed = [f"model.{k}=false" for k in ("gradient_checkpointing", "compile") if getattr(cfg.model, k) == "auto"]
+    if fixed:
+        args.overrides = list(args.overrides) + fixed
+        cfg = load_config(args.config, args.overrides)
+        print(f"[bigtrain measure] {', '.join(fixed)} (auto is not measured: name a value to measure it)", flush=True)
     modes = _check_args(args, cfg)
     from .dist import detect_world
 

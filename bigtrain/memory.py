@@ -129,6 +129,7 @@ class ModelShape:
     # (numel, quantized by model.quantize) of each parameter of one decoder layer (the first), tied once:
     # the layer gatherer's unit, for the buffers of a quantized base
     layer_numels: tuple = ()
+    rms_norm: bool = False  # the decoder layer normalises with RMSNorm (LLaMA family), not LayerNorm
 
     def lora_params(self, targets: list[str], r: int) -> int:
         return sum(r * (i + o) for i, o in self.lora_shapes(targets).values())
@@ -171,7 +172,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         largest = max(largest, own)
     layers_mod = _decoder_layers(model)
     quantized = quantizable_weights(model)
-    ffn, ffn_maps, layer_numels = 0, 1, ()
+    ffn, ffn_maps, layer_numels, rms_norm = 0, 1, (), False
     if layers_mod is not None and len(layers_mod):
         layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
         layer_numels = tuple((int(getattr(p, "ds_numel", p.numel())), id(p) in quantized)
@@ -179,6 +180,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         outs = [linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)]
         ffn = max(outs, default=0)
         ffn_maps = max(1, outs.count(ffn))
+        rms_norm = any("RMSNorm" in type(m).__name__ for m in layers_mod[0].modules())
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0)
     return ModelShape(
         name=name, numels=numels, total_params=sum(k * v for k, v in numels.items()),
@@ -189,7 +191,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         largest_module_params=largest, linears=linears, output_layers=frozenset(output_layer_names(model)),
         ffn=ffn or 4 * hidden, ffn_maps=ffn_maps, param_numels=order,
         quant_numels=Counter(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()
-                             if id(p) in quantized), layer_numels=layer_numels)
+                             if id(p) in quantized), layer_numels=layer_numels, rms_norm=rms_norm)
 
 
 def _decoder_layers(model):
@@ -381,6 +383,10 @@ class Setup:
     micro_batch: int = 1
     seq_len: int = 2048
     checkpointing: bool = True
+    # decoder layers recomputed in backward, the first ones (model.gradient_checkpointing=N or auto);
+    # None: every layer if ``checkpointing``, else none (LoRA only: full fine-tuning uses ``checkpointing``)
+    checkpoint_layers: int | None = None
+    compiled: bool = False  # LoRA's decoder layers torch.compile'd (model.compile): what they store differs
     lora_r: int = 4
     lora_targets: tuple = ("q_proj", "v_proj")
     dtype: str = "bfloat16"  # 16-bit weights/activations (LoRA: the frozen base's storage dtype)
@@ -411,28 +417,84 @@ class Setup:
                              f"{'hpZ' if self.hpz > 1 else 'parameter offload'} (training refuses it too)")
 
 
-def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int) -> int:
+# The last name of a linear map that projects the attention's output (its input is sdpa's output,
+# which sdpa keeps for its own backward: an adapter there stores nothing more of that width).
+_ATTN_OUT = frozenset({"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "attn_out"})
+
+
+def _lora_input_bytes(shape: ModelShape, lora: dict, act: int, r: int, compiled: bool) -> int:
+    """Per token, over all layers: what the adapters add to the stored activations. Each adapter keeps
+    its r-wide intermediate (for B's gradient) and its input (for A's); an input already stored is
+    not stored twice: an MLP's down projection reads the ffn-wide product, kept for the adapter alone;
+    the attention's output projection reads sdpa's output, which sdpa keeps anyway; the projections
+    reading one normalised input (q, k, v; gate, up) share one bf16 copy of it where it is bf16 before
+    they read it (RMSNorm returns the storage dtype; a compiled layer casts once inside its graph), but
+    each makes its own autocast copy of a LayerNorm's fp32 output in an eager layer."""
+    import re
+
+    shared = shape.rms_norm or compiled
+    total, groups = 0, set()
+    for name, (d_in, _) in lora.items():
+        parent, _, leaf = name.rpartition(".")
+        total += act * r
+        if shape.ffn != shape.hidden and d_in == shape.ffn:
+            total += act * d_in
+        elif leaf in _ATTN_OUT and re.search("attn|attention", parent, re.I):
+            continue
+        elif shared:
+            if parent not in groups:
+                groups.add(parent)
+                total += act * d_in
+        else:
+            total += act * d_in
+    return total
+
+
+def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int,
+                         compiled: bool = False) -> int:
     """One decoder layer's stored activations without recomputation.
 
     Full fine-tuning: 34·s·b·h (bf16, sdpa; scaled by act/2 for other widths; Korthikanti et al.
     2022), which includes every linear map's input, kept for its weight gradient.
 
     LoRA (bigtrain): a frozen linear map keeps no input (its input gradient needs only the weight,
-    bigtrain/frozen_linear.py), so what stays is, per layer: the two LayerNorms' inputs in fp32
-    (autocast runs LayerNorm in fp32, and LLaMA's RMSNorm upcasts itself: 2 × 4·s·b·h), sdpa's q, k,
-    v and output (4 × act·s·b·h; an upper bound under grouped-query attention, whose k, v are
-    narrower unless they are repeated to every head), the MLP's activation input (act·s·b·ffn) or,
-    for a gated MLP (SwiGLU: down(silu(gate(x)) · up(x))), the gate's output, its silu and the up
-    projection's output (3 × act·s·b·ffn), and per adapted matrix the bf16 copy of its input that
-    autocast makes for the adapter matmul and the r-dim intermediate (act·s·b·(d_in + r)), averaged
-    over the layers. Measured on an H200 (GPT-3 6.7B, micro-batch 2, 2 GPUs) this is ~29·s·b·h
-    against the formula's 28."""
+    bigtrain/frozen_linear.py), so what stays is, per token of a layer:
+
+    * eager: the two norms' inputs in fp32 (autocast runs LayerNorm in fp32, and LLaMA's RMSNorm
+      upcasts itself: 2 × 4·h), sdpa's q, k, v and output (4 × act·h; an upper bound under
+      grouped-query attention), the MLP's activation input (act·ffn) or, for a gated MLP (SwiGLU:
+      down(silu(gate(x)) · up(x))), the gate's output, its silu and the up projection's output
+      (3 × act·ffn);
+    * compiled (model.compile): inductor's partitioner recomputes the cheap pointwise work in
+      backward, so the layer keeps its input and the residual between attention and MLP in the
+      storage dtype (2 × act·h: the norms are recomputed from them), sdpa's q, k, v, output
+      (4 × act·h), and the ffn-wide outputs of the MLP's input projections (ffn_maps × act·ffn: the
+      activation is recomputed);
+
+    plus, either way, what the adapters keep (:func:`_lora_input_bytes`). Against saved-tensor counts
+    of one Llama-2-7B layer (q, k, v, o at r=16): eager 34.2 vs 35.2·s·b·h, compiled 24.8 vs 25.8
+    (the counts include the adapters' autocast weight copies, ~1·s·b·h at s·b = 256); on an H200
+    (micro-batch 2, sequence 4096) the measured peaks imply 35.1 and 25.8."""
     if not lora:
         return 34 * s * b * shape.hidden * act // 2
-    mlp = shape.ffn * (3 if shape.ffn_maps >= 2 else 1)
-    base = s * b * (8 * shape.hidden + act * (4 * shape.hidden + mlp))
-    extra = sum(act * s * b * (d_in + r) for d_in, _ in lora.values())
-    return base + extra // max(shape.layers, 1)
+    h = shape.hidden
+    if compiled:
+        per_token = act * (6 * h + shape.ffn * min(shape.ffn_maps, 2))
+    else:
+        per_token = 8 * h + act * (4 * h + shape.ffn * (3 if shape.ffn_maps >= 2 else 1))
+    extra = _lora_input_bytes(shape, lora, act, r, compiled) // max(shape.layers, 1)
+    return s * b * (per_token + extra)
+
+
+def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int) -> int:
+    """Stored activations of ``layers`` decoder layers of which the first ``k`` are recomputed in
+    backward (each keeps only its input, ``inp`` bytes) and the rest keep everything (``layer``
+    bytes). The peak is at the end of forward (k inputs and L-k whole layers), or, when every layer
+    is recomputed, while the last is recomputed (L inputs and one whole layer): the first layers'
+    recomputation comes after every later layer's activations are freed, which is why bigtrain
+    recomputes the first layers rather than the last."""
+    k = max(0, min(k, layers))
+    return k * inp + max(layers - k, 1 if k else 0) * layer
 
 
 def _components_full(shape: ModelShape, st: Setup) -> dict:
@@ -555,11 +617,10 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     s, b = st.seq_len, st.micro_batch
     act = DTYPE_BYTES[st.dtype]
     shapes = shape.lora_shapes(list(st.lora_targets)) if lora else None
-    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r)
-    if st.checkpointing:
-        acts = shape.layers * act * s * b * shape.hidden + layer
-    else:
-        acts = shape.layers * layer
+    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, st.compiled and lora)
+    k = st.checkpoint_layers if (lora and st.checkpoint_layers is not None) else (
+        shape.layers if st.checkpointing else 0)
+    acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer)
     if lora:
         # bigtrain's loss projects the target positions through the head in chunks of at most
         # CHUNK_LOGITS logits (bigtrain/losses.py): one chunk's logits (act), their fp32 copy and its
@@ -568,6 +629,11 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
 
         rows = min(s * b, max(1, CHUNK_LOGITS // max(1, shape.vocab)))
         logits = rows * shape.vocab * (act + 4 + 4) + act * s * b * shape.hidden
+        if k >= shape.layers:
+            # every layer recomputed: the loss's buffers are freed before the last layer is
+            # recomputed, so the two never coexist (Llama-2-7B on an H200: 17.1 GiB measured, 18.5
+            # if summed); the categories keep their sizes, the excess is taken off the activations
+            acts -= min(layer, logits)
     else:
         logits = s * b * shape.vocab * (act + 4 + 4)
     return acts, logits
@@ -686,13 +752,18 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
 
 def setup_for_run(cfg, world: int, **overrides) -> Setup:
     """The estimator's inputs for a run of ``cfg`` (a ``bigtrain.config.Config``) at ``world`` ranks:
-    its micro-batch, sequence, checkpointing, LoRA rank and targets, dtype and model.quantize (LoRA's
+    its micro-batch, sequence, checkpointing (``auto`` counts as every layer, the least memory, until
+    the run has chosen: pass ``checkpoint_layers``; likewise ``compiled``), LoRA rank and targets, dtype
+    and model.quantize (LoRA's
     base as stored; full fine-tuning's is never quantized), LoRA's ZeRO stage (3, or 0 when the run's
     is 0); ``overrides`` replace any field (the engine's persistence threshold, a mode's stage, the
     CUDA context allowance)."""
+    gc = cfg.model.gradient_checkpointing
     st = Setup(world_size=world, zero_stage=3 if cfg.zero.stage == 3 else 0,
                micro_batch=cfg.train.micro_batch_size, seq_len=cfg.data.max_length,
-               checkpointing=cfg.model.gradient_checkpointing, lora_r=cfg.lora.r,
+               checkpointing=gc is not False and gc != 0,
+               checkpoint_layers=gc if type(gc) is int else None, compiled=cfg.model.compile is True,
+               lora_r=cfg.lora.r,
                lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
                persistence_threshold=cfg.zero.persistence_threshold, quantize=cfg.model.quantize)
     return replace(st, **overrides)
@@ -910,7 +981,10 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
         f"{','.join(st['lora_targets'])}: {est['lora_params']:,} trainable "
         f"({100 * est['lora_params'] / est['total_params']:.4f} %)",
         f"{N} GPU(s), seq {st['seq_len']}, micro-batch {st['micro_batch']}, "
-        f"checkpointing {'on' if st['checkpointing'] else 'off'}, {st['dtype']}, "
+        + (f"checkpointing {'on' if st['checkpointing'] else 'off'}" if st["checkpoint_layers"] is None else
+           f"LoRA checkpointing the first {st['checkpoint_layers']} layers (full FT: "
+           f"{'on' if st['checkpointing'] else 'off'})")
+        + (", LoRA layers compiled" if st["compiled"] else "") + f", {st['dtype']}, "
         f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
         + (", parameters offloaded to CPU" if st["offload_param"] else "")
         + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else "")
@@ -1053,8 +1127,12 @@ def _legend(est: dict) -> list[str]:
         "  trainable weights   full FT: the 16-bit weights; LoRA: the fp32 adapters (A, B)",
         "  gradients           of the trainable weights only (LoRA: the adapters')",
         "  optimizer state     full FT: fp32 master + Adam m, v; LoRA: AdamW m, v of the adapters",
-        ("  activations         kept for backward: each layer's input + one layer being recomputed "
-         "(checkpointing)" if st["checkpointing"] else "  activations         kept for backward, every layer"),
+        (f"  activations         kept for backward, LoRA: the first {st['checkpoint_layers']} layers' inputs "
+         f"(recomputed) + the other layers' activations{' (compiled layers)' if st['compiled'] else ''}"
+         if st["checkpoint_layers"] is not None else
+         "  activations         kept for backward: each layer's input + one layer being recomputed "
+         "(checkpointing)" if st["checkpointing"] else "  activations         kept for backward, every layer"
+         + (" (LoRA: compiled layers)" if st["compiled"] else "")),
         "  logits + loss       the logits, their fp32 copy and the log-softmax kept for backward "
         "(LoRA: one chunk at a time)",
         f"  ZeRO/comm buffers   full FT: {full_buf}",
@@ -1150,6 +1228,12 @@ def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
                    help="activation checkpointing per decoder layer (default)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                    help="keep every layer's activations")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+                   help="LoRA: recompute only the first N decoder layers (model.gradient_checkpointing=N, "
+                        "what auto chooses); the others keep their activations")
+    p.add_argument("--compiled", action="store_true",
+                   help="LoRA: decoder layers torch.compile'd (model.compile, on by default on GPUs): they "
+                        "store less (inductor recomputes the pointwise work)")
     p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default 4, the paper's for 175B)")
     p.add_argument("--lora-targets", default="q_proj,v_proj",
                    help="comma-separated module-name suffixes, or all-linear (default q_proj,v_proj)")
@@ -1188,7 +1272,8 @@ def setup_from_args(args) -> Setup:
                  dtype=args.dtype, offload_param=args.offload_param,
                  persistence_threshold=args.persistence_threshold, hpz=args.hpz,
                  full_recipe=args.full_recipe,
-                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None))
+                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
+                 checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False))
 
 
 def run_estimate(args) -> int:

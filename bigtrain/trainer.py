@@ -44,8 +44,9 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from . import faults
-from .compile import compile_layers
+from . import faults, recompute
+from .compile import compile_layers, eager_layers, graphs_compiled, pad_multiple
+from .compile import resolve as compile_setting
 from .config import Config, ConfigError
 from .data import (DataError, collate, has_tokenizer, iter_records, load_examples, load_tokenizer,
                    tokenizer_fingerprint, tokenizer_source)
@@ -182,11 +183,20 @@ class Window:
     steps: int = 0
     tokens: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    # a step left out of tokens/s (a compiled run's first step, which compiles the layers)
+    skip_s: float = 0.0
+    skip_tokens: int = 0
 
     def add(self, loss: float, tokens: int) -> None:
         self.loss += loss
         self.steps += 1
         self.tokens += tokens
+
+    def tokens_per_s(self) -> float | None:
+        """Tokens per second over the window's steps but a skipped one; None if it held only that."""
+        tokens = self.tokens - self.skip_tokens
+        dt = time.perf_counter() - self.t0 - self.skip_s
+        return tokens / dt if tokens > 0 and dt > 0 else None
 
 
 def _silent(*a, **k) -> None:
@@ -279,6 +289,10 @@ class Trainer:
         cfg.model.attn_implementation, self.attn_note = _attention(cfg.model.attn_implementation, meta)
         check_world(cfg.zero, t.device, cfg.model.quantize)
         _check_positions(cfg, hf_config)
+        try:  # a number of layers to checkpoint above the model's depth
+            recompute.fixed_layers(cfg.model.gradient_checkpointing, model_shape(meta).layers)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _check_output_dir(self.out_dir, t.output_dir)
         if model_path:  # every weight file's header: a truncated or garbled file is named now
             try:
@@ -364,14 +378,74 @@ class Trainer:
                 f"(zero rows, masked out of the loss; checkpoints and merges keep {self.vocab:,})")
         for note in engine.ds_config_notes:
             say(f"[bigtrain] DeepSpeed config: {note}")
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.train()  # transformers only recomputes in training mode; the base has no dropout left
+        model.train()  # transformers recomputes checkpointed layers only in training mode; no dropout is left
+        self.compiled, why = compile_setting(cfg.model.compile, dev.type, cfg.zero.stage, cfg.zero.leaf_blocks)
+        say(f"[bigtrain] {why}")
+        self.pad_multiple = pad_multiple(self.compiled, cfg.data.pack, cfg.data.max_length)
+        if self.pad_multiple > 1:
+            say(f"[bigtrain] unpacked data under model.compile: batches padded to a multiple of "
+                f"{self.pad_multiple} tokens, so that a few sequence lengths compile (data.pack=true: one)")
+        self._plan_recompute()
         self.autocast = autocast_for(t.precision, dev)
         self.peak = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
         self.flops_per_token = lora_flops_per_token(
             self.base_params, getattr(self.hf_config, "num_hidden_layers", 0),
             getattr(self.hf_config, "hidden_size", 0), cfg.data.max_length)
+
+    def _plan_recompute(self) -> None:
+        """model.gradient_checkpointing: how many decoder layers to recompute (bigtrain.recompute),
+        from the estimate on a GPU: the budget is the smallest GPU's memory over the ranks, less
+        train.memory_headroom."""
+        cfg, dev, engine = self.cfg, self.dev, self.engine
+        self.recompute_budget = None
+        if dev.type == "cuda":
+            total = torch.cuda.get_device_properties(dev).total_memory
+            self.recompute_budget = int(min(engine.all_gather_objects(total)) * (1 - cfg.train.memory_headroom))
+        peak = self._estimated_peak if self.recompute_budget is not None else None
+        plan = recompute.choose(cfg.model.gradient_checkpointing, model_shape(self.meta).layers, peak,
+                                self.recompute_budget)
+        self._apply_recompute(plan)
+
+    def _estimate_at(self, n: int) -> dict:
+        """The estimator's LoRA column for this run with the first ``n`` layers recomputed."""
+        st = setup_for_run(self.cfg, self.info.world_size, persistence_threshold=self.engine.zero.persistence_threshold,
+                           hpz=self.engine.hpz_size, checkpoint_layers=n, checkpointing=n > 0, compiled=self.compiled)
+        return estimate(model_shape(self.meta), st)["lora"]
+
+    def _estimated_peak(self, n: int) -> int:
+        return self._estimate_at(n)["per_gpu_total"]
+
+    def _apply_recompute(self, plan) -> None:
+        have = recompute.apply(self.model, plan.checkpointed)
+        if plan.checkpointed and not have and plan.checkpointed < plan.layers:
+            plan = dataclasses.replace(plan, checkpointed=plan.layers, why=plan.why + "; this architecture "
+                                       "has no per-layer flag, so every layer is recomputed")
+        self.recompute_plan = plan
+        self.say(f"[bigtrain] {recompute.describe(plan)}")
+
+    def _correct_recompute(self) -> bool:
+        """After the first step, once: model.gradient_checkpointing=auto chosen again from the measured
+        peak (the largest over ranks). True if the plan changed."""
+        plan = self.recompute_plan
+        if not plan.auto or self.recompute_budget is None:
+            return False
+        measured = max(self.engine.all_gather_objects(torch.cuda.max_memory_allocated(self.dev)))
+        est = self._estimate_at(plan.checkpointed)
+        ctx = est["per_gpu"]["cuda_context"]  # max_memory_allocated counts no CUDA context
+
+        def act_at(n: int) -> int:
+            c = self._estimate_at(n)["per_gpu"]
+            return c["activations"] + c["logits_loss"]
+
+        new = recompute.corrected(plan, measured + ctx, est["per_gpu_total"], act_at(plan.checkpointed),
+                                  act_at, self.recompute_budget)
+        if new is None:
+            self.say(f"[bigtrain] step 1 measured peak {measured / GiB:.1f} GiB, estimate "
+                     f"{(est['per_gpu_total'] - ctx) / GiB:.1f} (without the CUDA context): "
+                     f"{plan.checkpointed} of {plan.layers} layers recomputed still the fewest that fit")
+            return False
+        self._apply_recompute(new)
+        return True
 
     def _lock_output_dir(self) -> None:
         """One run per output folder (runlock.RunLock): rank 0 takes the folder's lock before anything
@@ -398,7 +472,7 @@ class Trainer:
         self.params = params = list(lora.parameters())
         engine.broadcast_(params)
         set_seed(t.seed + 1_000_003 * info.rank)  # per-rank stream for LoRA dropout
-        if cfg.model.compile:  # after the LoRA hooks exist: they are traced into each layer's graph
+        if self.compiled:  # after the LoRA hooks exist: they are traced into each layer's graph
             say(f"[bigtrain] model.compile: {compile_layers(model)} decoder layers torch.compile'd "
                 f"(dynamic=False); the first steps compile them")
         self.report = report = parameter_report(model, lora)
@@ -472,8 +546,11 @@ class Trainer:
         self.window = Window()
         self.checkpoints.restart_clock()  # checkpoint.every_minutes counts from the first step
         self.preempt.arm()  # from here a signal saves at the next step boundary
+        first, self.recompiles, self.recompiles_said, self.recompile_expected = True, 0, 0, False
         while state.step < t.max_steps:
+            started, graphs = time.perf_counter(), graphs_compiled() if self.compiled else 0
             r = self.train_step(self._step_batches())
+            took = time.perf_counter() - started
             # the samples are consumed even by a skipped step: a resume replays the same order
             state.position += self.global_batch
             state.tokens += r.tokens
@@ -485,6 +562,12 @@ class Trainer:
             step = state.step
             self.window.add(r.loss, r.tokens)
             self.bar.update(1)
+            if first:
+                first = False
+                self._after_first_step(step, took, r.tokens, graphs)
+            elif self.compiled and graphs_compiled() > graphs and not self.recompile_expected:
+                self.recompiles += graphs_compiled() - graphs  # a new shape or mode in steady state
+            self.recompile_expected = False
 
             # the last step always logs, evaluates and saves: the run's result is its final state
             if step % t.log_every == 0 or step == t.max_steps:
@@ -505,7 +588,7 @@ class Trainer:
         """This rank's micro-batches of the next optimizer step, cut from the global sample order."""
         t, info = self.cfg.train, self.info
         step_idx = self.sampler.take(self.state.position, self.global_batch)
-        return [collate([self.train_ds[i] for i in idx], self.pad_id)
+        return [collate([self.train_ds[i] for i in idx], self.pad_id, self.pad_multiple, self.cfg.data.max_length)
                 for idx in rank_micro_batches(step_idx, t.micro_batch_size, t.grad_accum,
                                               info.rank, info.world_size)]
 
@@ -555,6 +638,19 @@ class Trainer:
                           stop_requested=extras[PREEMPTED].item() > 0 or next_step == t.stop_at_step,
                           save_due=extras[SAVE_DUE].item() > 0, skipped=skipped)
 
+    def _after_first_step(self, step: int, took: float, tokens: int, graphs: int) -> None:
+        """The first step of this process: a compiled run's compile time, said and left out of
+        tokens/s; model.gradient_checkpointing=auto corrected from the measured peak."""
+        self.recompile_expected = False
+        if self.compiled:
+            self.window.skip_s, self.window.skip_tokens = took, tokens
+            sep = "\n" if isinstance(self.bar, tqdm) else ""
+            self.say(f"{sep}[bigtrain] step {step} took {took:.1f} s, compiling {graphs_compiled() - graphs} layer "
+                     f"graph(s) (inductor's cache serves identical layers and reruns); tokens/s counts from "
+                     f"step {step + 1}")
+        if self.dev.type == "cuda" and self._correct_recompute():
+            self.recompile_expected = True  # the layers whose flag changed compile again at the next step
+
     def _count_bad_step(self) -> None:
         t, state = self.cfg.train, self.state
         state.bad_steps += 1
@@ -571,21 +667,29 @@ class Trainer:
     def _log(self, step: int, grad_norm) -> None:
         """One log line over the window since the last one."""
         w, info, dev = self.window, self.info, self.dev
-        dt = time.perf_counter() - w.t0
-        tps = w.tokens / dt
+        tps = w.tokens_per_s()
         m = {"loss": w.loss / w.steps, "lr": self.scheduler.get_last_lr()[0],
-             "grad_norm": float(grad_norm), "tokens_per_s": tps, "epoch": self.sampler.epoch(self.state.position),
+             "grad_norm": float(grad_norm), "epoch": self.sampler.epoch(self.state.position),
              "samples": self.state.position}
+        if tps is not None:
+            m["tokens_per_s"] = tps
+        if self.compiled:
+            m["compile_recompiles"] = self.recompiles
+            if self.recompiles > self.recompiles_said:
+                self.recompiles_said = self.recompiles
+                self.say(f"{chr(10) if isinstance(self.bar, tqdm) else ''}[bigtrain] step {step}: "
+                         f"{self.recompiles} layer graph(s) compiled after the first step (a new sequence "
+                         f"length or batch shape; data.pack=true gives one)")
         if dev.type == "cuda":
             m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
             m["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
             # cudaMalloc retries (the caching allocator freed its cache and synchronised the device
             # to find room): each costs a stall; a climbing count means memory is too tight to be fast
             m["gpu_alloc_retries"] = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
-            if self.peak:
+            if self.peak and tps is not None:
                 m["mfu"] = tps / info.world_size * self.flops_per_token / (self.peak * 1e12)
         self.loggers.log(m, step)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}")
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}" if tps is not None else "-")
         self.window = Window()
 
     def _evaluate(self) -> float:
@@ -594,7 +698,8 @@ class Trainer:
         from the training's dropout stream)."""
         self.lora.eval()
         try:
-            return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab)
+            return evaluate(self.model, self.eval_ds, self.engine, self.cfg, self.autocast, self.pad_id, self.vocab,
+                            self.pad_multiple)
         finally:
             self.lora.train()
 
@@ -625,7 +730,9 @@ class Trainer:
         ranks = rank_report(engine, self.model, self.params, self.optimizer, self.host)
         if info.is_main:
             (self.out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
-        _report_savings(cfg, self.meta, info.world_size, ranks, measured, engine, loggers, say)
+        _report_savings(cfg, self.meta, info.world_size, ranks, measured, engine, loggers, say,
+                        checkpoint_layers=self.recompute_plan.checkpointed,
+                        checkpointing=self.recompute_plan.checkpointed > 0, compiled=self.compiled)
         last_save = self.checkpoints.latest()  # resumed at max_steps: nothing new, the checkpoint there
         if cfg.checkpoint.merge_at_end:  # every rank: the base is gathered tensor by tensor
             st = merge_live(self.model, self.lora, engine, self.out_dir / "merged", self.tokenizer,
@@ -639,13 +746,15 @@ class Trainer:
         result = {"step": self.state.step, "eval_loss": self.last_eval, "checkpoint": str(last_save),
                   "adapter_bytes": size, "trainable_params": self.report["trainable"],
                   "bad_steps": self.state.bad_steps}
-        if cfg.model.compile:
+        result["checkpointed_layers"] = self.recompute_plan.checkpointed
+        if self.compiled:
             # deferred: importing torch._dynamo costs start-up time, and only compiled runs need it
             from torch._dynamo.utils import counters
 
             result["compile_graph_breaks"] = sum(counters["graph_break"].values())
-            say(f"[bigtrain] model.compile: {counters['stats']['unique_graphs']} graphs compiled, "
-                f"{result['compile_graph_breaks']} graph breaks")
+            result["compile_recompiles"] = self.recompiles
+            say(f"[bigtrain] model.compile: {graphs_compiled()} graphs compiled, "
+                f"{result['compile_graph_breaks']} graph breaks, {self.recompiles} compiled after the first step")
         loggers.summary(result)
         self._show_samples()
         self._farewell = (f"[bigtrain] done: {self.state.step} steps; adapter written to "
@@ -659,9 +768,6 @@ class Trainer:
         numbers, and this comes after the last eval and save."""
         cfg, say = self.cfg, self.say
         if not self.samples:
-            return
-        if cfg.model.compile:
-            say("[bigtrain] samples skipped: model.compile would compile the layers again for every generated length")
             return
         from .generate import Sampling, generate_ids, row_ids  # deferred: only runs that print samples
 
@@ -682,9 +788,10 @@ class Trainer:
         try:
             for label, enabled in (("base", False), ("after", True)):
                 self.lora.enabled = enabled
-                outs[label] = generate_ids(self.model, self.tokenizer, ids, s, vocab=self.vocab,
-                                           synced=self.engine.distributed, autocast=self.autocast,
-                                           after=self.engine.after_backward)
+                with eager_layers(self.model):  # compiled layers would compile again for every length
+                    outs[label] = generate_ids(self.model, self.tokenizer, ids, s, vocab=self.vocab,
+                                               synced=self.engine.distributed, autocast=self.autocast,
+                                               after=self.engine.after_backward)
         finally:
             self.lora.enabled = True
             self.lora.train(was_training)
@@ -735,14 +842,14 @@ def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dic
 
 
 def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: dict | None,
-                    engine: Engine, loggers, say) -> None:
+                    engine: Engine, loggers, say, **run_setup) -> None:
     """The VRAM LoRA saved in this run: its measured peak per GPU (the largest over ranks) beside the
     estimate for full fine-tuning with Adam of the same model on the same GPUs; printed, and sent to
     W&B as summary values and a table."""
     peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
     # without the CUDA context: allocated bytes, as torch.cuda.max_memory_allocated counts them
     st = setup_for_run(cfg, world, persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
-                       include_context=False)
+                       include_context=False, **run_setup)
     try:
         sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
     except (KeyError, ValueError) as e:  # a model the estimator does not know
@@ -758,7 +865,8 @@ def _report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: 
 
 
 @torch.no_grad()
-def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int, vocab: int | None = None) -> float:
+def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int, vocab: int | None = None,
+             multiple: int = 1) -> float:
     """Mean token loss over the first ``train.eval_examples`` examples of the eval set, each scored
     once, split over the ranks. Every rank runs the same number of forwards (ZeRO-3's gathers are
     collective): the last batches are filled with example 0 with its loss masked out, so the figure
@@ -774,7 +882,7 @@ def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int,
             if i >= n:  # filler: keeps the forward count equal on every rank, scores nothing
                 ex["labels"] = [-100] * len(ex["labels"])
             rows.append(ex)
-        b = {k: v.to(info.device) for k, v in collate(rows, pad_id).items()}
+        b = {k: v.to(info.device) for k, v in collate(rows, pad_id, multiple, cfg.data.max_length).items()}
         with autocast():
             ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
         total += float(ls)
@@ -941,7 +1049,7 @@ def _check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> s
             fixes.append("model.quantize=nf4")
         if cfg.train.micro_batch_size > 1:
             fixes.append("a smaller train.micro_batch_size")
-        if not cfg.model.gradient_checkpointing:
+        if cfg.model.gradient_checkpointing is False or type(cfg.model.gradient_checkpointing) is int:
             fixes.append("model.gradient_checkpointing=true")
         raise ConfigError(f"train.check_memory: this run does not fit on rank {r}: {'; '.join(s)}; use "
                           f"{', or '.join(fixes) or 'a larger GPU'} (bigtrain estimate shows what each needs), "

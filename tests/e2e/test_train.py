@@ -594,3 +594,24 @@ def test_architecture_without_sdpa_trains_with_eager(tmp_path, no_sdpa_models, n
     assert f"{cls} does not support an attention implementation through" in p.stderr
     assert "set model.attn_implementation=eager" in p.stderr
     assert "on host" not in p.stdout and not bad.exists()
+
+
+def test_checkpointing_some_layers_trains_exactly_as_every_layer(tmp_path, tiny_models):
+    """model.gradient_checkpointing=N recomputes the first N layers: a run with 2 of 4 equals one with
+    every layer and one with none, losses and adapters bit for bit; each run says what it recomputes."""
+    model, steps = tiny_models["tiny-opt"], 3
+    outs = {}
+    for setting, said in (("true", "4 of 4"), ("2", "2 of 4"), ("false", "0 of 4"), ("auto", "0 of 4")):
+        out = tmp_path / setting
+        p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **{"model.gradient_checkpointing": setting})))
+        assert f"activation checkpointing: {said} decoder layers recomputed in backward" in p.stdout, p.stdout
+        outs[setting] = losses(out), final_adapters(out)
+    ref_l, ref_a = outs["true"]
+    for setting, (l, a) in outs.items():
+        assert l == ref_l, setting
+        assert all(torch.equal(a[k], ref_a[k]) for k in ref_a), setting
+    p = run(train_cmd(1, tiny_overrides(tmp_path / "deep", model, steps, 2, **{"model.gradient_checkpointing": 5})),
+            check=False)
+    assert p.returncode != 0
+    assert "model.gradient_checkpointing=5: the model has 4 decoder layers; use at most 4" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "deep").exists()  # refused before any work

@@ -1,0 +1,141 @@
+"""Which decoder layers are recomputed in backward (``model.gradient_checkpointing``).
+
+A checkpointed layer keeps only its input (act·s·b·h bytes) and runs its forward again in backward:
+about a third more compute for that layer, and most of its activation memory back. ``true`` and
+``false`` mean every layer and none; ``N`` the first N; ``auto`` (the default) as few as fit:
+
+* before the first step, the smallest N whose estimated per-GPU peak (``bigtrain.memory``, with the
+  run's micro-batch, sequence, adapters, dtype, quantization and compiled layers) is within the GPU's
+  memory less ``train.memory_headroom``; on CPU none (nothing is sized);
+* after the first step, once, from the measured peak: the estimate's activation part is scaled by
+  measured/estimated and N chosen again (so an estimate that is off by 20% costs no OOM and leaves
+  no memory idle).
+
+The *first* N layers are the ones checkpointed: their recomputation comes last in backward, after
+every later layer's stored activations are freed, so the peak is N inputs and L-N whole layers at
+the end of forward, never N inputs, L-N layers and a recomputed one (see
+``memory.checkpointed_activation_bytes``). Which layers are recomputed changes nothing numerically:
+a recomputed forward is the same arithmetic (tests/unit/test_recompute.py checks the adapters are
+equal bit for bit against checkpointing every layer).
+
+transformers marks each decoder layer with a ``gradient_checkpointing`` flag
+(``GradientCheckpointingLayer``); ``gradient_checkpointing_enable`` sets every one, and bigtrain then
+clears the flags of the layers past the first N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from torch import nn
+
+
+@dataclass
+class Plan:
+    """The layers to checkpoint and why (one line for the run's log)."""
+
+    layers: int  # decoder layers of the model
+    checkpointed: int  # the first ``checkpointed`` of them are recomputed in backward
+    auto: bool  # chosen by model.gradient_checkpointing=auto (and so corrected after step 1)
+    why: str
+
+
+def fixed_layers(setting, layers: int) -> int | None:
+    """The number of checkpointed layers a setting names, or None for ``auto``. A number above the
+    model's depth is refused naming both."""
+    if setting is True:
+        return layers
+    if setting is False:
+        return 0
+    if setting == "auto":
+        return None
+    if setting > layers:
+        raise ValueError(f"model.gradient_checkpointing={setting}: the model has {layers} decoder layers; "
+                         f"use at most {layers} (or true for every layer)")
+    return int(setting)
+
+
+def choose(setting, layers: int, peak: Callable[[int], int] | None, budget: int | None) -> Plan:
+    """The plan for ``setting`` (``model.gradient_checkpointing``). ``peak(n)`` is the estimated
+    per-GPU peak with the first n layers checkpointed and ``budget`` the bytes it must stay within;
+    both None where nothing is sized (CPU)."""
+    fixed = fixed_layers(setting, layers)
+    if fixed is not None:
+        return Plan(layers, fixed, False, f"model.gradient_checkpointing={str(setting).lower()}")
+    if peak is None or budget is None:
+        return Plan(layers, 0, True, "auto: none on CPU (no GPU memory to size for)")
+    n = smallest_fit(layers, peak, budget)
+    if n is None:
+        return Plan(layers, layers, True, f"auto: every layer, and the estimate ({peak(layers) / 2**30:.1f} GiB) "
+                                          f"is still above the {budget / 2**30:.1f} GiB budget")
+    if n == 0:
+        why = f"auto: none needed (estimate {peak(0) / 2**30:.1f} GiB within the {budget / 2**30:.1f} GiB budget)"
+    else:
+        why = (f"auto: the fewest that fit (estimate {peak(n) / 2**30:.1f} GiB within the "
+               f"{budget / 2**30:.1f} GiB budget; {peak(n - 1) / 2**30:.1f} GiB with one fewer)")
+    return Plan(layers, n, True, why)
+
+
+def smallest_fit(layers: int, peak: Callable[[int], int], budget: int) -> int | None:
+    """The smallest n in 0..layers with ``peak(n) <= budget`` (peak is non-increasing in n), or None."""
+    if peak(layers) > budget:
+        return None
+    lo, hi = -1, layers  # peak(hi) fits; peak(lo) does not (lo = -1: a sentinel)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if peak(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def corrected(plan: Plan, measured: int, estimated: int, activations: int,
+              act_at: Callable[[int], int], budget: int) -> Plan | None:
+    """After the first step: ``measured`` peak against ``estimated`` (of which ``activations`` are the
+    activation and loss bytes) for ``plan``. The activation part is scaled by the ratio the
+    measurement implies and the smallest fitting n chosen again; a new Plan if n changes, else None.
+    ``act_at(n)`` is the estimated activation part with n layers checkpointed."""
+    if not plan.auto or activations <= 0:
+        return None
+    scale = max(0.0, (measured - (estimated - activations)) / activations)
+    fixed_part = estimated - activations
+
+    def scaled(n: int) -> int:
+        return int(fixed_part + scale * act_at(n))
+
+    n = smallest_fit(plan.layers, scaled, budget)
+    if n is None:
+        n = plan.layers
+    if n == plan.checkpointed:
+        return None
+    return replace(plan, checkpointed=n, why=(
+        f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
+        f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {scaled(n) / 2**30:.1f} GiB within the "
+        f"{budget / 2**30:.1f} GiB budget"))
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers that carry transformers' per-layer ``gradient_checkpointing`` flag, in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply(model: nn.Module, n: int) -> int:
+    """Checkpoint the first ``n`` decoder layers of a transformers model and no others; returns the
+    number of layers that carry the flag. Needs training mode (transformers recomputes only then)."""
+    layers = checkpointable_layers(model)
+    if n > 0 and not getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if n > 0 and not layers:
+        return 0  # a model without per-layer flags: gradient_checkpointing_enable covered every layer
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
+    return len(layers)
+
+
+def describe(plan: Plan) -> str:
+    return (f"activation checkpointing: {plan.checkpointed} of {plan.layers} decoder layers recomputed in "
+            f"backward ({plan.why})")

@@ -125,14 +125,23 @@ def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
 
 def apply(model: nn.Module, n: int) -> int:
     """Checkpoint the first ``n`` decoder layers of a transformers model and no others; returns the
-    number of layers that carry the flag. Needs training mode (transformers recomputes only then)."""
+    number of layers that carry the flag. transformers recomputes a layer only when the layer is in
+    training mode: the checkpointed layers alone are put in it, not their submodules, so the frozen
+    base stays in eval mode (no dropout) as the engine left it."""
     layers = checkpointable_layers(model)
     if n > 0 and not getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if n > 0 and not layers:
-        return 0  # a model without per-layer flags: gradient_checkpointing_enable covered every layer
+        model.train()  # a model without per-layer flags: gradient_checkpointing_enable covered every layer
+        return 0
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < n
+        layer.gradient_checkpointing = layer.training = i < n
+        if layer.training:
+            # a layer that applies dropout itself by its own mode (OPT: F.dropout(p=self.dropout,
+            # training=self.training)) would now drop: the frozen base has none, so its rate is 0
+            for name, value in list(vars(layer).items()):
+                if "drop" in name and isinstance(value, float):
+                    setattr(layer, name, 0.0)
     return len(layers)
 
 

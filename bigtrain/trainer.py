@@ -378,7 +378,6 @@ class Trainer:
                 f"(zero rows, masked out of the loss; checkpoints and merges keep {self.vocab:,})")
         for note in engine.ds_config_notes:
             say(f"[bigtrain] DeepSpeed config: {note}")
-        model.train()  # transformers recomputes checkpointed layers only in training mode; no dropout is left
         self.compiled, why = compile_setting(cfg.model.compile, dev.type, cfg.zero.stage, cfg.zero.leaf_blocks)
         say(f"[bigtrain] {why}")
         self.pad_multiple = pad_multiple(self.compiled, cfg.data.pack, cfg.data.max_length)

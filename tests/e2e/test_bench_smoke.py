@@ -34,22 +34,31 @@ def test_bench_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_smoke(tmp_path):
-    """bench/scaling.py --cpu: all three contenders (bigtrain under torchrun, FSDP2 + PEFT and
-    DeepSpeed ZeRO-3 + PEFT workers) at 1 and 2 processes on gloo give an ok row each, plus the
-    table and the plot. Every contender runs on the CPU: none is skipped. ~2 min on 2 cores."""
+    """bench/scaling.py --cpu: bigtrain as a user runs it (under torchrun, activation checkpointing
+    left at auto), compiled FSDP2 + PEFT (each layer .compile()d before fully_shard; the eager
+    baseline is the same code without that line) and DeepSpeed ZeRO-3 + PEFT at 1 and 2 processes on
+    gloo give an ok row each, plus the table (with each contender's vocabulary and the layers auto
+    chose) and the plot. Every contender runs on the CPU: none is skipped. ~1.5 min on 2 cores."""
     out = tmp_path / "scaling"
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "scaling.py"), "--cpu", "--models", "tiny-opt",
-                        "--ckpt", "off", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                        "--contenders", "bigtrain,fsdp2-peft-compile,ds-peft", "--ckpt", "auto,off",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(ln) for ln in (out / "scaling.jsonl").read_text().splitlines() if ln.strip()]
-    assert {(r["contender"], r["gpus"]) for r in rows} == {
-        (c, n) for c in ("bigtrain", "fsdp2-peft", "ds-peft") for n in (1, 2)}
+    assert {(r["contender"], r["gpus"], r["ckpt"]) for r in rows} == {
+        (c, n, ac) for c in ("bigtrain", "fsdp2-peft-compile", "ds-peft") for n in (1, 2)
+        for ac in (("auto", False) if c == "bigtrain" else (False,))}
     for r in rows:
         assert r["status"] == "ok", (r["name"], r["status"])
         assert r["tokens_per_s_per_gpu"] > 0 and r["step_ms"] > 0
         assert all(x == x for x in r["losses"])  # finite, not NaN
         assert (out / "logs" / f"{r['name']}.txt").exists()
-    assert "| tiny-opt (CPU smoke) | bigtrain | 2 |" in (out / "scaling.md").read_text()
+    vocab = rows[0]["vocab"]
+    assert vocab > 0 and all(r["vocab"] == vocab for r in rows)  # tiny-opt's 1,024: aligned, nothing padded
+    assert all(r["checkpointed_layers"] == 0 and r["layers_total"] == 4 for r in rows if r["contender"] == "bigtrain")
+    assert all(r["compiled"] is False for r in rows if r["contender"] == "bigtrain")  # auto: off on CPU
+    md = (out / "scaling.md").read_text()
+    assert f"| tiny-opt (CPU smoke) | bigtrain | {vocab:,} | 2 | 2 | auto: 0 of 4 layers |" in md, md
     assert (out / "scaling.png").stat().st_size > 0
 
 

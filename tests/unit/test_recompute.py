@@ -20,7 +20,7 @@ BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eag
 
 
 def _model(arch="tiny-llama", layers=4, hidden=None, ffn=None, dtype=torch.float32, targets=("q_proj", "v_proj"),
-           r=4):
+           r=4, dropout=0.0):
     import transformers as tf
 
     from bigtrain import frozen_linear
@@ -29,6 +29,8 @@ def _model(arch="tiny-llama", layers=4, hidden=None, ffn=None, dtype=torch.float
 
     cfg = hf_config_for(arch, vocab_size=512)
     cfg.num_hidden_layers = layers
+    for key in ("dropout", "attention_dropout"):
+        setattr(cfg, key, dropout)
     if hidden:
         cfg.hidden_size, cfg.intermediate_size = hidden, ffn
         cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
@@ -40,7 +42,7 @@ def _model(arch="tiny-llama", layers=4, hidden=None, ffn=None, dtype=torch.float
     lora = inject_lora(model, list(targets), r, 2 * r, 0.0, False, torch.float32, "cpu")
     for _, ad in lora.named_adapters():
         nn.init.normal_(ad.lora_B, std=0.05)  # B != 0: the adapters change the output
-    model.train()
+    model.eval()  # as the engine leaves the frozen base: no dropout
     return model, lora
 
 
@@ -55,7 +57,7 @@ def _loss_and_grads(model, lora, ids):
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt"])
 def test_first_n_layers_checkpointed_equal_all_and_none(arch):
-    model, lora = _model(arch)
+    model, lora = _model(arch, dropout=0.1)  # a base with dropout rates: the engine's eval mode keeps them off
     layers = recompute.checkpointable_layers(model)
     assert len(layers) == 4
     calls = [0] * len(layers)
@@ -66,6 +68,7 @@ def test_first_n_layers_checkpointed_equal_all_and_none(arch):
     for n in (4, 0, 1, 3, 2):
         assert recompute.apply(model, n) == 4
         assert [m.gradient_checkpointing for m in layers] == [i < n for i in range(4)]
+        assert not any(m.training for layer in layers for m in layer.children())  # base dropout stays off
         calls[:] = [0] * 4
         loss, grads = _loss_and_grads(model, lora, ids)
         # a checkpointed layer runs its forward again in backward; the others once

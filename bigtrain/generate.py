@@ -269,7 +269,12 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
     from .trainer import _hf_config
 
     first = ck.read_checkpoint(ckpt)
-    named = [(default_name(first.path), first)]
+    name = default_name(first.path)
+    if name == BASE:  # a run folder named "base": the name already means the bare base model
+        name = f"{BASE}-adapter"
+        print(f"[bigtrain] {ckpt}: its run folder is named {BASE!r}, which here means the bare base model; "
+              f"its adapter is named {name!r} (--use {name})", file=sys.stderr, flush=True)
+    named = [(name, first)]
     for name, path in adapters:
         if name == named[0][0]:
             raise ConfigError(f"--adapter {name}={path}: {name!r} is already the name of {ckpt} "

@@ -121,3 +121,17 @@ def test_the_demo_prints_what_generate_gives_before_and_after_training(runs, tmp
         assert before == text[(row["prompt"], "base")]
         assert after == text[(row["prompt"], "a")]
         assert before != after
+
+
+def test_a_run_folder_named_base_keeps_its_adapter_apart_from_the_bare_base(runs, tmp_path):
+    """"base" names the bare base model in generate and eval: a run folder called base (a natural
+    name) was taken for it, so no adapter was applied and the table showed "base" twice. Its adapter
+    is now "base-adapter", said in one line."""
+    import shutil
+
+    a = runs["a"]
+    shutil.copytree(a["dir"], tmp_path / "base")
+    p = run(bigtrain(1, "eval", str(tmp_path / "base"), "--data", "builtin:e2e-eval", "--json"))
+    assert "its run folder is named 'base'" in p.stderr and "'base-adapter'" in p.stderr, p.stderr[-2000:]
+    res = {r["adapter"]: r["loss"] for r in json.loads(p.stdout.strip().splitlines()[-1])["results"]}
+    assert res == {"base": a["evals"][0], "base-adapter": a["evals"][30]}

@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -235,12 +236,33 @@ def verify(path: Path) -> dict:
     return manifest
 
 
+def read_latest(root: Path, log=print) -> str | None:
+    """The checkpoint name ``root/latest`` holds; None if there is no such file, or (said in one line
+    naming it) if its bytes are not a checkpoint name: the directory listing is the truth then."""
+    f = root / LATEST
+    if not f.is_file():
+        return None
+    try:
+        raw = f.read_bytes()
+    except OSError as e:
+        log(f"warning: {f}: unreadable ({e.strerror or e}); the newest complete checkpoint is used instead")
+        return None
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    if not re.fullmatch(r"[\w.-]+", name):
+        log(f"warning: {f}: {len(raw)} bytes that are not a checkpoint name ({raw[:24]!r}); the newest "
+            f"complete checkpoint is used instead")
+        return None
+    return name
+
+
 def find_resumable(root: Path, log=print) -> Path | None:
     """The newest checkpoint that verifies. Each newer one skipped is reported with its reason.
     ``latest`` is not trusted over the directory listing: a crash after a checkpoint's rename but
     before ``latest`` moved leaves a complete newer checkpoint, and that one is used."""
-    latest = root / LATEST
-    pointed = latest.read_text().strip() if latest.is_file() else None
+    pointed = read_latest(root, log)
     for p in list_checkpoints(root):
         try:
             verify(p)
@@ -375,7 +397,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return p
     for root in (p, p / "checkpoints"):
         if (root / LATEST).is_file():
-            return root / (root / LATEST).read_text().strip()
+            def warn(msg):
+                print(f"[bigtrain] {msg}", file=sys.stderr, flush=True)
+            name = read_latest(root, warn)
+            found = root / name if name else find_resumable(root, warn)
+            if found is None:
+                raise CheckpointError(f"{root / LATEST} names no readable checkpoint and {root} holds no "
+                                      f"complete one")
+            return found
     raise CheckpointError(f"{p}: not a bigtrain checkpoint (no {ADAPTER_CONFIG}, {MANIFEST} "
                           f"or checkpoints/{LATEST})")
 

@@ -358,3 +358,20 @@ def test_base_keys_an_older_checkpoint_lacks_are_not_compared(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps(now))
     with pytest.raises(CheckpointError, match=r"was trained on a different tokenizer \(model.tokenizer\)"):
         check_base(tmp_path, {**now, "tokenizer_sha256": "t2"}, force=False)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"", b"../../etc\n"], ids=["binary", "empty", "path"])
+def test_unreadable_latest_is_named_and_the_listing_used(tmp_path, content, capsys):
+    """checkpoints/latest holding bytes that are not a checkpoint name (a torn write, a disk error):
+    a resume, and generate/eval/export given the run, name the file in one line and use the newest
+    complete checkpoint; before, a UnicodeDecodeError traceback (or a path outside the run)."""
+    lora, opt = _setup()
+    _save(tmp_path, 1, lora, opt)
+    _save(tmp_path, 2, lora, opt)
+    (tmp_path / ckpt.LATEST).write_bytes(content)
+    msgs = []
+    assert ckpt.find_resumable(tmp_path, msgs.append) == tmp_path / "step-00000002"
+    assert len(msgs) == 1 and str(tmp_path / ckpt.LATEST) in msgs[0] and "not a checkpoint name" in msgs[0]
+    capsys.readouterr()
+    assert ckpt.resolve_checkpoint(tmp_path) == tmp_path / "step-00000002"  # what generate/eval/export read
+    assert str(tmp_path / ckpt.LATEST) in capsys.readouterr().err

@@ -470,6 +470,17 @@ def check_adapter(path: Path, current: dict) -> list[str]:
     for key in ("r", "alpha", "rslora", "modules"):
         if key not in saved or key not in current or saved[key] == current[key]:
             continue
+        if key == "modules" and saved.get("targets") == current.get("targets"):
+            # the same lora.targets matched other modules: the base is another model (depth, names)
+            extra = sorted(set(current["modules"]) - set(saved["modules"]))
+            gone = sorted(set(saved["modules"]) - set(current["modules"]))
+            raise ConfigError(f"{path}: the base changed on resume: lora.targets {saved.get('targets')} match "
+                              f"{len(saved['modules'])} modules in the checkpoint's base "
+                              f"({saved.get('base_model', '?')}) but {len(current['modules'])} in this one "
+                              f"({current.get('base_model', '?')})"
+                              + (f", e.g. {gone[0]} is missing" if gone else f", e.g. {extra[0]} is new" if extra else "")
+                              + "; resume on the checkpoint's base (model.path / model.preset, model.num_layers), "
+                              "or start a fresh run in another train.output_dir")
         if key == "modules":
             raise ConfigError(f"{path}: lora.targets changed on resume: the checkpoint adapts "
                               f"{len(saved['modules'])} modules ({saved.get('targets')}), now "

@@ -215,6 +215,10 @@ def test_manager_resume_auto_never_explicit_and_base_check(tmp_path):
     ({"r": 4}, "lora.r changed on resume: checkpoint 2, now 4; resume with lora.r=2"),
     ({"targets": ["k_proj"], "modules": ["layers.0.k_proj"]},
      "lora.targets changed on resume: the checkpoint adapts 2 modules (['q_proj']), now 1 (['k_proj'])"),
+    # the same targets over a shallower base: the base is named, not lora.targets (which did not change)
+    ({"modules": ["layers.0.q_proj"], "base_model": "preset:y"},
+     "the base changed on resume: lora.targets ['q_proj'] match 2 modules in the checkpoint's base (preset:x) "
+     "but 1 in this one (preset:y), e.g. layers.1.q_proj is missing; resume on the checkpoint's base"),
 ])
 def test_manager_resume_refuses_changed_adapter_hparams(tmp_path, change, msg):
     """A changed alpha or rslora used to resume silently: the scale jumped and the new

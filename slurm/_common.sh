@@ -49,12 +49,16 @@ if [[ -n ${OUTPUT_DIR:-} ]]; then
   ARGS+=("train.output_dir=$OUTPUT_DIR")
 else
   # the output dir the trainer will use, resolved exactly as bigtrain does (file + overrides)
+  # a bad config (a missing file, a typo) stops here in one line, before anything is launched
   OUTPUT_DIR=$("$PYTHON" - "${CONFIG:-}" "$@" <<'PY'
 import sys
-from bigtrain.config import load_config
-print(load_config(sys.argv[1] or None, sys.argv[2:], validate=False).train.output_dir)
+from bigtrain.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1] or None, sys.argv[2:], validate=False).train.output_dir)
+except ConfigError as e:
+    sys.exit(f"bigtrain: config error: {e}")
 PY
-)
+) || exit 2
 fi
 
 # The preemption marker bigtrain writes when a signal stops it: which one was there before this run

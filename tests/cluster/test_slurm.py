@@ -230,3 +230,17 @@ def test_measure_through_sbatch_is_not_requeued(cluster, tmp_path):
                                               (out / "measure" / "lora" / "rank0.log").read_text()
                                               + (out / "measure" / "lora" / "rank1.log").read_text())}
     assert hosts == {0: hosts[0], 1: hosts[1]} and {hosts[0], hosts[1]} == {"n1", "n2"}, hosts
+
+
+@pytest.mark.parametrize("script", ["train_deepspeed.sbatch", "train_torchrun.sbatch", "train_srun.sbatch"])
+def test_a_missing_config_stops_the_script_in_one_line(script, tmp_path):
+    """An sbatch script given a config file that does not exist stops before it launches anything,
+    with bigtrain's one line and exit 2 (it printed a 5-line Python traceback from the output-dir
+    helper, then went on). Run as the batch shell would, outside an allocation: it stops before it
+    asks Slurm for the nodes."""
+    env = dict(os.environ, CONFIG=str(tmp_path / "missing.yaml"), PYTHONPATH=str(ROOT))
+    p = subprocess.run(["bash", str(ROOT / "slurm" / script)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stdout[-1000:], p.stderr[-2000:])
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert err == [f"bigtrain: config error: config file '{tmp_path / 'missing.yaml'}' does not exist"], p.stderr

@@ -160,12 +160,14 @@ class _Reader:
         self.named = fmt != "auto"
         self.skipped = 0
         self.bad: list[str] = []
+        self.reasons: dict[str, int] = {}  # skipped lines per reason, in order of first appearance
 
     def bad_line(self, loc: str, reason: str) -> None:
         msg = f"{self.where}:{loc}: {reason}"
         if self.policy == "error":
             raise DataError(msg)
         self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
         if len(self.bad) < MAX_BAD_LINES_REPORTED:
             self.bad.append(msg)
 
@@ -621,7 +623,8 @@ def _tokenise_to(path: Path, spec: str, tokenizer, cfg: DataConfig, chat_templat
     if r.fmt is None:
         raise DataError(f"{r.where}: no usable examples" + (f" ({r.skipped} bad lines skipped)" if r.skipped else ""))
     stats: dict[str, Any] = {"format": FORMAT_NAMES[r.fmt], "examples": n, "skipped": r.skipped,
-                             "bad_lines": r.bad, "truncated": truncated, "seconds": time.perf_counter() - t0}
+                             "bad_lines": r.bad, "skip_reasons": dict(list(r.reasons.items())[:MAX_BAD_LINES_REPORTED]),
+                             "truncated": truncated, "seconds": time.perf_counter() - t0}
     if r.fmt == "messages":
         stats["rows_without_target"] = no_target
     if packer is not None:
@@ -819,6 +822,21 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
 
 # ---------------------------------------------------------------------------------------------
 # Batching
+
+
+def skipped_summary(stats: dict) -> str | None:
+    """data.on_bad_line=skip: one line of why lines were skipped (a count per reason, the first
+    few reasons) and where the first was; None if none was."""
+    n = stats.get("skipped", 0)
+    if not n:
+        return None
+    reasons = stats.get("skip_reasons") or {}
+    why = "; ".join(f"{c} x {r}" for r, c in reasons.items())
+    more = n - sum(reasons.values())
+    first = (stats.get("bad_lines") or [None])[0]
+    return (f"{n} line(s) skipped (data.on_bad_line=skip): {why or 'reasons not recorded'}"
+            + (f"; {more} more of other reasons" if more > 0 else "")
+            + (f"; the first: {first}" if first else ""))
 
 
 def collate(examples: list[dict], pad_id: int, multiple: int = 1, cap: int | None = None) -> dict[str, torch.Tensor]:

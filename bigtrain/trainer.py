@@ -48,7 +48,7 @@ from . import faults, recompute
 from .compile import compile_layers, eager_layers, graphs_compiled, pad_multiple
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
-from .data import (DataError, collate, has_tokenizer, iter_records, load_examples, load_tokenizer,
+from .data import (DataError, collate, has_tokenizer, iter_records, load_examples, load_tokenizer, skipped_summary,
                    tokenizer_fingerprint, tokenizer_source)
 from .engine import DTYPES, Engine
 from .export import merge_live
@@ -349,6 +349,8 @@ class Trainer:
             f"{st.get('skipped', 0)} skipped, {st.get('truncated', 0)} truncated"
             + (f", {st['rows_without_target']} rows with no assistant token within data.max_length"
                if st.get("rows_without_target") else ""))
+        if skipped_summary(st):
+            say(f"[bigtrain] train data: {skipped_summary(st)}")
         if built_by:
             shared = (f"; {info.world_size - len(built_by)} of {info.world_size} rank(s) memory-mapped it"
                       if info.world_size > 1 else "")

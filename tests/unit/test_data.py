@@ -15,7 +15,7 @@ import torch
 from bigtrain import datagen
 from bigtrain.config import ConfigError, DataConfig, load_config
 from bigtrain.data import (ASSETS, IGNORE_INDEX, DataError, collate, load_examples,
-                           load_tokenizer)
+                           load_tokenizer, skipped_summary)
 
 datasets.disable_progress_bars()
 
@@ -233,6 +233,16 @@ def test_bad_lines_skipped_and_counted(tok, tmp_path):
     assert st["bad_lines"][1] == f"{path}:4: expected a JSON object, got list"
     assert len(st["bad_lines"]) == 5
     assert ds[1]["input_ids"] == [1] + _ids(tok, "last:") + _ids(tok, " z") + [2]
+    # why: a count per reason (the first 5 reasons), said in one line with the first bad line
+    path2 = _write_jsonl(tmp_path / "twice.jsonl", lines + [{"prompt": "x:"}, {"prompt": "y:"}])
+    _, st2 = load_examples(str(path2), tok, DataConfig(on_bad_line="skip"))
+    assert st2["skipped"] == len(BAD_CASES) + 2 and len(st2["skip_reasons"]) == 5
+    assert st2["skip_reasons"]["missing field 'completion'"] == 3
+    line = skipped_summary(st2)
+    assert line.startswith(f"{len(BAD_CASES) + 2} line(s) skipped (data.on_bad_line=skip): ")
+    assert "3 x missing field 'completion'" in line and "1 x expected a JSON object, got list" in line
+    assert line.endswith(f"; 2 more of other reasons; the first: {st2['bad_lines'][0]}") and "\n" not in line
+    assert skipped_summary({"skipped": 0}) is None
 
 
 def test_non_utf8_lines_are_bad_lines(tok, tmp_path):

@@ -824,6 +824,15 @@ def load_examples(spec: str, tokenizer, cfg: DataConfig, say: Callable[[str], No
 # Batching
 
 
+def escape_controls(text: str, keep: str = "\n\t") -> str:
+    """``text`` for a terminal or a batch log: control and other non-printable characters (a NUL
+    makes grep call the whole log binary; an escape sequence repaints the terminal) written as
+    Python escapes (\\x00, \\x1b, \\u200b), except those in ``keep``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+
+
 def skipped_summary(stats: dict) -> str | None:
     """data.on_bad_line=skip: one line of why lines were skipped (a count per reason, the first
     few reasons) and where the first was; None if none was."""

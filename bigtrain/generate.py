@@ -455,11 +455,14 @@ def cmd_generate(args) -> int:
     # on an error from here on the process group is left to the process's exit, as training does
     out = run_generate(sess, jobs, s, args.batch_size)
     if sess.is_main:
+        from .data import escape_controls
+
         for r in out["results"]:
             if args.format == "jsonl":
                 print(json.dumps(r, ensure_ascii=False), flush=True)
             else:
-                print(f"--- [{r['adapter']}] {r['new_tokens']} new tokens\n{r['prompt']}{r['completion']}",
+                print(f"--- [{r['adapter']}] {r['new_tokens']} new tokens\n"
+                      f"{escape_controls(r['prompt'] + r['completion'])}",
                       flush=True)
         _err(f"[bigtrain] generated {out['new_tokens']:,} tokens for {len(jobs)} prompt(s) in "
              f"{out['seconds']:.2f} s: {out['new_tokens'] / max(out['seconds'], 1e-9):,.1f} tokens/s "

@@ -48,7 +48,7 @@ from . import faults, recompute
 from .compile import compile_layers, eager_layers, graphs_compiled, pad_multiple
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
-from .data import (DataError, collate, has_tokenizer, iter_records, load_examples, load_tokenizer, skipped_summary,
+from .data import (DataError, collate, escape_controls, has_tokenizer, iter_records, load_examples, load_tokenizer, skipped_summary,
                    tokenizer_fingerprint, tokenizer_source)
 from .engine import DTYPES, Engine
 from .export import merge_live
@@ -915,7 +915,8 @@ def _sample_prompts(cfg: Config) -> list[tuple[dict, str]]:
 
 
 def _one_line(text: str) -> str:
-    return text.strip().replace("\n", "\\n")
+    """A sample on one log line: newlines and every other non-printable character escaped."""
+    return escape_controls(text.strip(), keep="")
 
 
 def _check_same_data(engine: Engine, cfg: Config, stats: dict, eval_ds) -> list[int]:

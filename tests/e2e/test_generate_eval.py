@@ -115,9 +115,11 @@ def test_the_demo_prints_what_generate_gives_before_and_after_training(runs, tmp
     plain.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     got = _jsonl(run(bigtrain(1, "generate", str(a["dir"]), "--prompts", str(plain), "--use", "base", "--use", "a",
                               "--max-new-tokens", "48", "--format", "jsonl")).stdout)
-    text = {(r["prompt"], r["adapter"]): r["completion"].strip().replace("\n", "\\n") for r in got}
+    from bigtrain.trainer import _one_line  # a sample's one log line: every non-printable escaped
+
+    text = {(r["prompt"], r["adapter"]): _one_line(r["completion"]) for r in got}
     for (k, prompt, ref, before, after), row in zip(samples, rows):
-        assert prompt == row["prompt"].replace("\n", "\\n") and ref == row["completion"].strip()
+        assert prompt == _one_line(row["prompt"]) and ref == row["completion"].strip()
         assert before == text[(row["prompt"], "base")]
         assert after == text[(row["prompt"], "a")]
         assert before != after

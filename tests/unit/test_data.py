@@ -614,3 +614,16 @@ def test_files_bigtrain_would_misread_are_one_line(tmp_path, name, content, msg)
     assert msg in str(e.value)
     (tmp_path / "ok.txt").write_text("{not json} is fine as text\n\nsecond paragraph\n")
     assert source_path(str(tmp_path / "ok.txt")) == tmp_path / "ok.txt"
+
+
+def test_printed_text_escapes_control_characters():
+    """Samples printed by a run and by bigtrain generate's text output: a NUL made grep call the
+    batch log binary, an escape sequence repainted the terminal. Written as escapes; newlines and
+    tabs kept where the text keeps its lines (generate), escaped where it is one log line (the run)."""
+    from bigtrain.data import escape_controls
+    from bigtrain.trainer import _one_line
+
+    raw = "a\x00b\x1b[2Jc\u200bd\ne\tf é"
+    assert escape_controls(raw) == "a\\x00b\\x1b[2Jc\\u200bd\ne\tf é"
+    assert _one_line(" " + raw + "\n") == "a\\x00b\\x1b[2Jc\\u200bd\\ne\\tf é"
+    assert escape_controls("plain text, ünïcode") == "plain text, ünïcode"

@@ -629,11 +629,6 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
 
         rows = min(s * b, max(1, CHUNK_LOGITS // max(1, shape.vocab)))
         logits = rows * shape.vocab * (act + 4 + 4) + act * s * b * shape.hidden
-        if k >= shape.layers:
-            # every layer recomputed: the loss's buffers are freed before the last layer is
-            # recomputed, so the two never coexist (Llama-2-7B on an H200: 17.1 GiB measured, 18.5
-            # if summed); the categories keep their sizes, the excess is taken off the activations
-            acts -= min(layer, logits)
     else:
         logits = s * b * shape.vocab * (act + 4 + 4)
     return acts, logits

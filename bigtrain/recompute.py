@@ -64,17 +64,27 @@ def choose(setting, layers: int, peak: Callable[[int], int] | None, budget: int 
     if fixed is not None:
         return Plan(layers, fixed, False, f"model.gradient_checkpointing={str(setting).lower()}")
     if peak is None or budget is None:
-        return Plan(layers, 0, True, "auto: none on CPU (no GPU memory to size for)")
-    n = smallest_fit(layers, peak, budget)
+        return Plan(layers, 0, True, "auto: none on CPU, where no GPU memory is sized")
+    most = auto_limit(layers)
+    n = smallest_fit(most, peak, budget)
     if n is None:
-        return Plan(layers, layers, True, f"auto: every layer, and the estimate ({peak(layers) / 2**30:.1f} GiB) "
-                                          f"is still above the {budget / 2**30:.1f} GiB budget")
+        return Plan(layers, most, True, f"auto: all but the last, the least memory, and the estimate "
+                                        f"({peak(most) / 2**30:.1f} GiB) is still above the "
+                                        f"{budget / 2**30:.1f} GiB budget")
     if n == 0:
         why = f"auto: none needed (estimate {peak(0) / 2**30:.1f} GiB within the {budget / 2**30:.1f} GiB budget)"
     else:
         why = (f"auto: the fewest that fit (estimate {peak(n) / 2**30:.1f} GiB within the "
                f"{budget / 2**30:.1f} GiB budget; {peak(n - 1) / 2**30:.1f} GiB with one fewer)")
     return Plan(layers, n, True, why)
+
+
+def auto_limit(layers: int) -> int:
+    """The most layers auto recomputes: all but the last. Recomputing the last layer too costs one
+    more layer input of memory, not less: its recomputation starts backward while every layer's input
+    is still held (the peak is L inputs + one whole layer), where keeping its activations holds L-1
+    inputs + that same layer. ``true`` still recomputes every layer, as it always did."""
+    return max(layers - 1, 0) if layers > 1 else layers
 
 
 def smallest_fit(layers: int, peak: Callable[[int], int], budget: int) -> int | None:
@@ -105,9 +115,10 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
     def scaled(n: int) -> int:
         return int(fixed_part + scale * act_at(n))
 
-    n = smallest_fit(plan.layers, scaled, budget)
+    most = auto_limit(plan.layers)
+    n = smallest_fit(most, scaled, budget)
     if n is None:
-        n = plan.layers
+        n = most
     if n == plan.checkpointed:
         return None
     return replace(plan, checkpointed=n, why=(

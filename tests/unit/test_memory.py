@@ -346,9 +346,14 @@ def test_gated_mlp_activations_llama():
     st = Setup(world_size=2, checkpointing=False, seq_len=s, lora_r=16,
                lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     lo = per_gpu(shape, st, "lora")
-    # per adapted matrix: the bf16 copy of its input (d_in = h for all four) and the r-dim output
-    adapters = L * 4 * 2 * s * (h + 16)
+    # per adapted matrix its r-dim output; q, k, v share one bf16 input (RMSNorm's output), and o's
+    # input is sdpa's output, which sdpa keeps anyway: one h-wide tensor per layer for the four
+    adapters = L * (4 * 2 * s * 16 + 2 * s * h)
     assert lo["activations"] == L * (s * (8 * h + 2 * (4 * h + 3 * 28672))) + adapters
+    # compiled layers keep the layer input and the mid residual instead of fp32 norm inputs, and the
+    # gate and up outputs (silu is recomputed): 6 h + 2 ffn per token, the same adapters
+    co = per_gpu(shape, replace(st, compiled=True), "lora")
+    assert co["activations"] == L * (s * 2 * (6 * h + 2 * 28672)) + adapters
 
 
 def test_estimate_num_layers(capsys):

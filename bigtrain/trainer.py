@@ -48,8 +48,8 @@ from . import faults, recompute
 from .compile import compile_layers, eager_layers, graphs_compiled, pad_multiple
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
-from .data import (DataError, collate, escape_controls, has_tokenizer, iter_records, load_examples, load_tokenizer, skipped_summary,
-                   tokenizer_fingerprint, tokenizer_source)
+from .data import (DataError, collate, escape_controls, has_tokenizer, iter_records, load_examples, load_tokenizer,
+                   skipped_summary, source_path, tokenizer_fingerprint, tokenizer_source)
 from .engine import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -269,7 +269,17 @@ class Trainer:
         """0. Everything that can fail on bad input, before any process group or model exists."""
         cfg, t = self.cfg, self.cfg.train
         self.model_path = model_path = cfg.model.local_path
-        self.tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer, model_path))
+        # a missing file or folder named by a key is a config error like any other (exit 2, the key)
+        for key, spec in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+            if spec:
+                try:
+                    source_path(spec)
+                except DataError as e:
+                    raise ConfigError(f"{key}: {e}") from None
+        try:
+            self.tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer, model_path))
+        except DataError as e:
+            raise ConfigError(f"{'model.tokenizer' if cfg.model.tokenizer else 'model.path'}: {e}") from None
         self.hf_config = hf_config = _hf_config(cfg, model_path, len(self.tokenizer))
         meta = meta_model(hf_config)  # shapes only: for the target check and the memory prediction
         try:

@@ -100,6 +100,12 @@ def test_config_error_before_any_work(tmp_path):
     p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"data.train={bad}"]), check=False)
     assert p.returncode == 1 and f"error: {bad}:1: not valid UTF-8 (byte 0xe9" in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
+    # a file or folder a key names that does not exist: a config error like the others (exit 2, the
+    # key named); it was exit 1 without the key for data.train, data.eval and model.tokenizer
+    for key in ("data.train", "data.eval", "model.tokenizer"):
+        p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"{key}={tmp_path}/missing"]), check=False)
+        assert p.returncode == 2 and f"bigtrain: config error: {key}: " in p.stderr, (key, p.stderr[-1000:])
+        assert str(tmp_path / "missing") in p.stderr and not (tmp_path / "x").exists()
 
 
 def test_a_run_the_host_cannot_hold_stops_before_the_build(tmp_path):

@@ -505,7 +505,14 @@ class _Tokenize:
             raise DataError(f"{self.where}: messages data needs a chat template and the tokenizer has "
                             "none; give one with data.chat_template=FILE.jinja")
         out: dict[str, Any] = {"input_ids": [], "labels": [], "_truncated": [], "_no_target": 0}
+        template = self.chat_template or self.tok.chat_template
         for r in records:
+            calls = next((j for j, m in enumerate(r["messages"], 1) if m.get("tool_calls")), None)
+            if calls is not None and "tool_calls" not in template:
+                # the template would render the turn as nothing: trained as an empty answer
+                raise DataError(f"{self.where}:{r['_loc']}: message {calls} (assistant) has tool_calls, which this "
+                                f"chat template does not render (the turn would be trained as an empty answer); "
+                                f"give a template that renders tool calls with data.chat_template=FILE.jinja")
             try:
                 ids, mask = chat_tokens(self.tok, r["messages"], self.chat_template)
             except Exception as e:  # jinja's TemplateError (e.g. roles must alternate) and the like

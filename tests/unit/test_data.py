@@ -627,3 +627,25 @@ def test_printed_text_escapes_control_characters():
     assert escape_controls(raw) == "a\\x00b\\x1b[2Jc\\u200bd\ne\tf é"
     assert _one_line(" " + raw + "\n") == "a\\x00b\\x1b[2Jc\\u200bd\\ne\\tf é"
     assert escape_controls("plain text, ünïcode") == "plain text, ünïcode"
+
+
+def test_tool_calls_the_template_drops_are_refused(tmp_path):
+    """An assistant turn that carries only tool_calls, under a template that never renders them,
+    was trained as an empty answer (the turn's end token alone). Refused naming the file, line and
+    message; a template that renders tool calls trains on them."""
+    conv = [{"role": "user", "content": "What is the weather?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Seoul"}}}]},
+            {"role": "tool", "content": "{\"temp\": 21}"},
+            {"role": "assistant", "content": "It is 21 degrees."}]
+    path = _write_jsonl(tmp_path / "tools.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": conv}])
+    with pytest.raises(DataError) as e:
+        load_examples(str(path), _chat_tok(CHATML), DataConfig(max_length=512))
+    assert str(e.value).startswith(f"{path}:2: message 2 (assistant) has tool_calls, which this chat template "
+                                   f"does not render"), str(e.value)
+    renders = CHATML.replace("{{ m['content'] }}",
+                             "{{ m['content'] if m['content'] else m['tool_calls'][0]['function']['name'] }}")
+    assert "tool_calls" in renders
+    ds, st = load_examples(str(path), _chat_tok(renders), DataConfig(max_length=512))
+    t = _chat_tok(renders)
+    assert st["examples"] == 2 and "weather<|im_end|>" in t.decode([x for x in ds[1]["labels"] if x != IGNORE_INDEX])

@@ -24,6 +24,8 @@ recompile limit is raised to fit them, else the layers past the limit would sile
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,6 +68,25 @@ def pad_multiple(compiled: bool, packed: bool, max_length: int) -> int:
         return 1
     per_bucket = -(-max_length // LENGTH_BUCKETS)
     return max(64, -(-per_bucket // 64) * 64)
+
+
+def use_shared_cache() -> str:
+    """Where inductor keeps compiled kernels and graphs: ``TORCHINDUCTOR_CACHE_DIR`` if set, else
+    ``~/.cache/bigtrain/inductor`` (set here), not torch's default under /tmp, which is node-local on
+    clusters: a requeued or rerun job on another node, sharing the home directory, compiles nothing
+    it compiled before. Returns the directory."""
+    d = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not d:
+        d = str(Path.home() / ".cache" / "bigtrain" / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = d
+    return d
+
+
+def cache_use() -> tuple[int, int]:
+    """(inductor graphs served by its cache, inductor graphs compiled) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_hit"]), int(counters["inductor"]["fxgraph_cache_miss"])
 
 
 def graphs_compiled() -> int:

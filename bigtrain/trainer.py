@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import faults, recompute
-from .compile import compile_layers, eager_layers, graphs_compiled, pad_multiple
+from .compile import cache_use, compile_layers, eager_layers, graphs_compiled, pad_multiple, use_shared_cache
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
 from .data import (DataError, collate, escape_controls, has_tokenizer, iter_records, load_examples, load_tokenizer,
@@ -484,8 +484,9 @@ class Trainer:
         engine.broadcast_(params)
         set_seed(t.seed + 1_000_003 * info.rank)  # per-rank stream for LoRA dropout
         if self.compiled:  # after the LoRA hooks exist: they are traced into each layer's graph
+            cache = use_shared_cache()
             say(f"[bigtrain] model.compile: {compile_layers(model)} decoder layers torch.compile'd "
-                f"(dynamic=False); the first steps compile them")
+                f"(dynamic=False); the first step compiles them (inductor's cache: {cache})")
         self.report = report = parameter_report(model, lora)
         say(f"[bigtrain] {report['trainable']:,} trainable adapter parameters "
             f"({len(lora.names())} modules, r={cfg.lora.r}) over a frozen base of {report['base']:,} "
@@ -656,9 +657,10 @@ class Trainer:
         if self.compiled:
             self.window.skip_s, self.window.skip_tokens = took, tokens
             sep = "\n" if isinstance(self.bar, tqdm) else ""
+            hit, miss = cache_use()
             self.say(f"{sep}[bigtrain] step {step} took {took:.1f} s, compiling {graphs_compiled() - graphs} layer "
-                     f"graph(s) (inductor's cache serves identical layers and reruns); tokens/s counts from "
-                     f"step {step + 1}")
+                     f"graph(s): inductor compiled {miss} forward/backward graph(s) and took {hit} from its cache "
+                     f"(identical layers, earlier runs); tokens/s counts from step {step + 1}")
         if self.dev.type == "cuda" and self._correct_recompute():
             self.recompile_expected = True  # the layers whose flag changed compile again at the next step
 

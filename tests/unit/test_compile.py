@@ -5,6 +5,7 @@ back to aot_eager only if no C++ compiler is found. Inductor fuses and reorders 
 so compiled and eager agree to rounding, not bit for bit: losses and gradients within rtol 1e-5.
 """
 import json
+import re
 import shutil
 
 import pytest
@@ -124,7 +125,15 @@ def test_train_compiled_unpacked_equals_eager(tmp_path, tiny_models):
     ref = tmp_path / "eager"
     run(train_cmd(1, tiny_overrides(ref, model, steps, 2, **common, **{"model.compile": "auto"})))
     out = tmp_path / "compiled"
-    p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"})))
+    cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # empty: this run compiles
+    p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"})), env=cache)
+    assert f"(inductor's cache: {tmp_path / 'inductor'})" in p.stdout
+    miss = int(re.search(r"inductor compiled (\d+) forward/backward graph", p.stdout).group(1))
+    assert miss > 0
+    # a rerun (a requeue, the next job) compiles nothing: every graph comes from the cache
+    again = run(train_cmd(1, tiny_overrides(tmp_path / "again", model, 1, 2, **common,
+                                            **{"model.compile": "true"})), env=cache)
+    assert "inductor compiled 0 forward/backward graph(s) and took" in again.stdout, again.stdout[-2000:]
     assert "batches padded to a multiple of 64 tokens" in p.stdout
     assert "step 1 took" in p.stdout and "tokens/s counts from step 2" in p.stdout, p.stdout
     assert "0 graph breaks, 0 compiled after the first step" in p.stdout, p.stdout[-3000:]

@@ -61,6 +61,7 @@ def run_bigtrain(args, out: Path) -> None:
     from scaling import write_data
 
     from bigtrain.config import load_config
+    from bigtrain.run import build_run
     from bigtrain.trainer import Trainer
 
     data = out / "train.jsonl"
@@ -73,9 +74,8 @@ def run_bigtrain(args, out: Path) -> None:
         "checkpoint.every=0", "logging.progress_bar=false", f"lora.r={args.lora_r}",
         f"lora.targets=[{args.lora_targets}]", f"train.output_dir={out / 'run'}"]
         + ([] if CUDA else ["train.device=cpu"]))
-    trainer = Trainer(cfg)
-    trainer.setup()
-    batches = trainer._step_batches()
+    trainer = Trainer(build_run(cfg))
+    batches = trainer.step_batches()
     profile(lambda: trainer.train_step(batches), out, "bigtrain")
 
 

@@ -53,7 +53,7 @@ def cmd_train(args) -> int:
     die_with_parent()  # under a launcher: SIGTERM (save and stop) if the launcher dies
     cfg = load_config(args.config, args.overrides)  # every config error is raised here, before any work
     from .dist import exit_after_teardown
-    from .train import train
+    from .trainer import train
 
     train(cfg, pending)  # returns after the process group is torn down and every output is closed
     exit_after_teardown(0)

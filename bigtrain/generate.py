@@ -17,7 +17,7 @@ bigtrain's. Every rank generates the same prompts with the same seed: the greedy
 are those of one process (``tests/e2e/test_generate_eval.py``). Only the real vocabulary can be
 generated when the run pads it (:mod:`bigtrain.vocab`).
 
-``bigtrain eval`` scores a data file with training's own :func:`bigtrain.trainer.evaluate` and
+``bigtrain eval`` scores a data file with training's own :func:`bigtrain.evaluate.evaluate` and
 :func:`bigtrain.data.load_examples` under the run's data settings and ``train.eval_examples``, so
 its figure for the run's eval set is the one the run logged.
 
@@ -176,6 +176,62 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
+# -- a run's held-out samples, before and after training --------------------------------------
+def one_line(text: str) -> str:
+    """A sample on one log line: newlines and every other non-printable character escaped."""
+    from .data import escape_controls
+
+    return escape_controls(text.strip(), keep="")
+
+
+def show_samples(run) -> None:
+    """train.sample_prompts held-out prompts, generated greedily with the adapters off (the base)
+    and on (what training made), printed with the reference: what LoRA changed. Every rank
+    generates (the base's gathers are collective); rank 0 prints. Greedy draws no random
+    numbers, and this comes after the last eval and save. ``run``: a :class:`bigtrain.run.Run`."""
+    from .compile import eager_layers  # deferred: imports torch (this module is read by --help)
+
+    cfg, say, tok = run.cfg, run.say, run.inputs.tokenizer
+    samples = run.inputs.samples
+    if not samples:
+        return
+    s = Sampling(max_new_tokens=cfg.train.sample_max_new_tokens)
+    ids = [row_ids(tok, row) for row, _ in samples]  # as training rendered them
+    limit = position_limit(run.inputs.hf_config)
+    if limit:  # a prompt too long for the positions loses its left end, as training's prompts do
+        room = limit - s.max_new_tokens
+        if room < 2:
+            say(f"[bigtrain] samples skipped: train.sample_max_new_tokens={s.max_new_tokens} leaves no room "
+                f"for a prompt in the model's {limit} positions")
+            return
+        nb = int(tok.bos_token_id is not None)  # bos stays, as in training's rows
+        ids = [p[:nb] + p[len(p) - room + nb:] if len(p) > room else p for p in ids]
+    outs, t0 = {}, time.perf_counter()
+    was_training = run.lora.training
+    run.lora.eval()  # no adapter dropout
+    try:
+        for label, enabled in (("base", False), ("after", True)):
+            run.lora.enabled = enabled
+            with eager_layers(run.model):  # compiled layers would compile again for every length
+                outs[label] = generate_ids(run.model, tok, ids, s, vocab=run.inputs.vocab,
+                                           synced=run.engine.distributed, autocast=run.autocast,
+                                           after=run.engine.after_backward)
+    finally:
+        run.lora.enabled = True
+        run.lora.train(was_training)
+    dt = time.perf_counter() - t0
+    n = sum(len(o) for out in outs.values() for o in out)
+    say(f"[bigtrain] {len(ids)} held-out prompt(s) of {cfg.data.eval}, greedy, at most "
+        f"{s.max_new_tokens} new tokens ({n} generated in {dt:.2f} s); before training (the base) and after:")
+    dec = tok.decode
+    for k, (row, ref) in enumerate(samples):
+        prompt = row["prompt"] if "prompt" in row else dec(ids[k], skip_special_tokens=False)
+        say(f"  [{k + 1}] prompt:    {one_line(prompt)}")
+        say(f"      reference: {one_line(ref)}")
+        say(f"      before:    {one_line(dec(outs['base'][k], skip_special_tokens=True))}")
+        say(f"      after:     {one_line(dec(outs['after'][k], skip_special_tokens=True))}")
+
+
 # -- a session: the run's base, built as training builds it, and a bank of adapters ----------------
 @dataclass
 class Session:
@@ -266,7 +322,7 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
     from . import checkpoint as ck
     from .data import load_tokenizer, tokenizer_source
     from .switch import check_compatible
-    from .trainer import _hf_config
+    from .run import model_config
 
     first = ck.read_checkpoint(ckpt)
     name = default_name(first.path)
@@ -283,7 +339,7 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
     check_compatible([(n, c.path, c.spec, _base_json(c.path)) for n, c in named])
     cfg = run_config(first, base, device, quantize)
     tokenizer = load_tokenizer(tokenizer_source(cfg.model.tokenizer, cfg.model.local_path))
-    return Prepared(cfg, named, tokenizer, _hf_config(cfg, cfg.model.local_path, len(tokenizer)))
+    return Prepared(cfg, named, tokenizer, model_config(cfg, cfg.model.local_path, len(tokenizer)))
 
 
 def open_session(prep: Prepared, say=print) -> Session:
@@ -299,7 +355,7 @@ def open_session(prep: Prepared, say=print) -> Session:
 def _open_session(prep: Prepared, say) -> Session:
     from .engine import Engine
     from .switch import AdapterBank
-    from .trainer import autocast_for, set_seed
+    from .run import autocast_for, set_seed
     from .vocab import run_config as pad_vocab
 
     cfg, hf_config = prep.cfg, prep.hf_config
@@ -488,7 +544,7 @@ def run_eval(sess: Session, ds, names: list[str | None]) -> list[dict]:
     :func:`bigtrain.data.load_examples` under the run's data settings) with training's evaluate():
     the first ``train.eval_examples`` rows (0: all), each scored once."""
     from .losses import IGNORE_INDEX
-    from .trainer import evaluate
+    from .evaluate import evaluate
 
     cfg = sess.cfg
     n = len(ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(ds))

@@ -3,7 +3,7 @@
 For the job as configured (model, micro-batch, sequence, checkpointing; GPUs and nodes from the
 launcher), every rank runs K optimizer steps of each mode in turn:
 
-* ``lora``: bigtrain's own training loop (:class:`~bigtrain.trainer.Trainer`, untouched);
+* ``lora``: bigtrain's own training loop (``run.build_run`` and :class:`~bigtrain.trainer.Trainer`, as ``bigtrain train`` runs them);
 * ``full-zero3`` (``full-zero2``, ``full-zero1``): full fine-tuning as its users run it, DeepSpeed
   ZeRO stage 3 (2, 1) with 16-bit mixed precision and DeepSpeed's AdamW (fp32 master weights and
   Adam states in DeepSpeed's optimizer; ``torch_adam``, see :func:`bigtrain.zero3.full_ft_ds_config`),
@@ -381,12 +381,12 @@ def _configs(cfg):
     from .data import load_tokenizer, tokenizer_source
     from .inject import find_targets, output_layer_names
     from .presets import meta_model
-    from .trainer import _hf_config
+    from .run import model_config
     from .vocab import run_config
 
     path = cfg.model.local_path
     tok = load_tokenizer(tokenizer_source(cfg.model.tokenizer, path))
-    hf = _hf_config(cfg, path, len(tok))
+    hf = model_config(cfg, path, len(tok))
     meta = meta_model(hf)
     targets = find_targets(meta, cfg.lora.targets)
     return hf, run_config(hf, head_is_target=bool(set(targets) & output_layer_names(meta)))
@@ -681,41 +681,42 @@ def _sync(dev):
 
 
 def _run_lora(cfg, spec, prog: Progress) -> dict:
-    """bigtrain's own loop, untouched: K steps of Trainer, timed and capped around each step."""
+    """bigtrain's own loop, as ``bigtrain train`` runs it (run.build_run, trainer.Trainer), timed
+    and capped around each step by a step observer."""
     from .memory import measure_states
+    from .run import build_run
     from .trainer import Trainer
 
-    tr = Trainer(cfg)
+    cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
+    run = build_run(cfg)
     failed = True
     try:
-        tr._check_inputs()
-        cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
-        tr._build_base()
-        tr._build_adapters()
-        tr._load_state()
-        tr._open_loggers()
-        cap.check(0, sum(measure_states(tr.model, tr.lora, tr.optimizer).values()))
-        step_fn, sync = tr.train_step, _sync(tr.dev)
+        def states() -> int:
+            return sum(measure_states(run.model, run.lora, run.optimizer).values())
 
-        def timed_step(batches):
-            prog.step += 1
-            r = step_fn(batches)
-            prog.done(r.tokens, sync)
-            cap.check(prog.step, sum(measure_states(tr.model, tr.lora, tr.optimizer).values()))
-            return r
+        cap.check(0, states())
+        sync = _sync(run.dev)
 
-        tr.train_step = timed_step
+        class Timed:
+            def before_step(self) -> None:
+                prog.step += 1
+
+            def after_step(self, result) -> None:
+                prog.done(result.tokens, sync)
+                cap.check(prog.step, states())
+
+        trainer = Trainer(run, observer=Timed())
         prog.last = time.perf_counter()
-        tr.train()
+        trainer.train()
         failed = False
     finally:
-        tr.close(failed)
-    if tr.measured is None:  # the loop ended before step K: a preemption signal
-        raise RuntimeError(f"the LoRA run stopped at step {tr.state.step} of {spec['steps']}")
-    world = tr.info.world_size
-    return {"world_size": world, "states": tr.measured, "predicted_states": tr.predicted,
+        run.close(failed)
+    if trainer.measured is None:  # the loop ended before step K: a preemption signal
+        raise RuntimeError(f"the LoRA run stopped at step {run.state.step} of {spec['steps']}")
+    world = run.info.world_size
+    return {"world_size": world, "states": trainer.measured, "predicted_states": run.predicted,
             "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
-            **_device_info(tr.dev)}
+            **_device_info(run.dev)}
 
 
 def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
@@ -723,16 +724,14 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     from . import dist as D
     from . import faults
     from . import zero3 as Z
-    from .data import collate
     from .engine import DTYPES
     from .losses import token_loss_sum_reference
     from .memory import predict_full_states, shape_from_model
-    from .sampler import GlobalSampler, rank_micro_batches
-    from .trainer import Trainer, set_seed
+    from .run import check_inputs, set_seed
+    from .sampler import GlobalSampler, count_tokens, step_batches
 
     t = cfg.train
-    tr = Trainer(cfg)  # its input checks, tokenizer, model config and data: those of a LoRA run
-    tr._check_inputs()
+    inp = check_inputs(cfg)  # the input checks, tokenizer, model config and data of a LoRA run
     Z.check_deepspeed_version()
     cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
     info = D.init_distributed(t.device, cfg.zero.backend, cfg.zero.timeout_s, 3)  # DeepSpeed's comm layer
@@ -741,31 +740,27 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     ds = Z.full_ft_ds_config(stage, dtype, t.micro_batch_size, t.grad_accum, world, t.lr, t.betas,
                              t.weight_decay, t.max_grad_norm, cfg.zero.persistence_threshold)
     set_seed(t.seed)
-    engine, opt, hf_ds = Z.build_full_ft(tr.build_config, dtype, cfg.model.attn_implementation, ds,
-                                         tr.model_path, info.rank, tr.vocab, cfg.model.gradient_checkpointing)
+    engine, opt, hf_ds = Z.build_full_ft(inp.build_config, dtype, cfg.model.attn_implementation, ds,
+                                         inp.model_path, info.rank, inp.vocab, cfg.model.gradient_checkpointing)
     cap.check(0, sum(Z.full_ft_states(engine, opt).values()))
     phases = PhasePeaks(dev)
     phases.end("build")
-    sampler = GlobalSampler(len(tr.train_ds), t.seed)
+    sampler = GlobalSampler(len(inp.train_ds), t.seed)
     global_batch = t.micro_batch_size * t.grad_accum * world
-    pad = tr.tokenizer.pad_token_id
     sync = _sync(dev)
     losses, position, states = [], 0, None
     prog.last = time.perf_counter()
     for k in range(1, spec["steps"] + 1):
         prog.step = k
         faults.hang_due(k, info.rank)
-        idx = sampler.take(position, global_batch)
+        batches = step_batches(inp.train_ds, sampler, position, t.micro_batch_size, t.grad_accum, info.rank, world,
+                               inp.tokenizer.pad_token_id)
         position += global_batch
-        batches = [collate([tr.train_ds[i] for i in mb], pad)
-                   for mb in rank_micro_batches(idx, t.micro_batch_size, t.grad_accum, info.rank, world)]
-        local_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        g_targets, g_tokens = D.all_reduce_scalars(info, [local_targets, local_tokens])
+        g_targets, g_tokens = D.all_reduce_scalars(info, list(count_tokens(batches)))
         total = 0.0
         for j, b in enumerate(batches):
             b = {kk: v.to(dev) for kk, v in b.items()}
-            ls, _ = token_loss_sum_reference(engine, b["input_ids"], b["attention_mask"], b["labels"], tr.vocab)
+            ls, _ = token_loss_sum_reference(engine, b["input_ids"], b["attention_mask"], b["labels"], inp.vocab)
             # DeepSpeed averages gradients over ranks and micro-batches: scaled back, the gradient is
             # that of the LoRA run's objective, the target tokens' loss sum over the global count
             engine.backward(ls * (world * t.grad_accum) / max(g_targets, 1))
@@ -780,7 +775,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
         cap.check(k, sum(Z.full_ft_states(engine, opt).values()))
     if stage == 3:
         states = Z.full_ft_states(engine, opt)
-    predicted = predict_full_states(shape_from_model(tr.meta), world, stage, cfg.model.dtype,
+    predicted = predict_full_states(shape_from_model(inp.meta), world, stage, cfg.model.dtype,
                                     cfg.zero.persistence_threshold)
     out = {"world_size": world, "losses": losses,
            "states": {"trainable_weights": states["weights"], "gradients": states["gradients"],

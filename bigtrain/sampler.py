@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .data import collate
+from .losses import IGNORE_INDEX
+
 
 class GlobalSampler:
     def __init__(self, n: int, seed: int):
@@ -51,3 +54,19 @@ def rank_micro_batches(step_indices: list[int], micro: int, accum: int, rank: in
         chunk = step_indices[a * micro * world:(a + 1) * micro * world]
         out.append(chunk[rank * micro:(rank + 1) * micro])
     return out
+
+
+def step_batches(ds, sampler: GlobalSampler, position: int, micro: int, accum: int, rank: int, world: int,
+                 pad_id: int, multiple: int = 1, cap: int | None = None) -> list[dict]:
+    """This rank's collated micro-batches of the optimizer step that starts at global sample
+    ``position`` (the LoRA loop's and ``bigtrain measure``'s full fine-tuning alike)."""
+    idx = sampler.take(position, micro * accum * world)
+    return [collate([ds[i] for i in mb], pad_id, multiple, cap)
+            for mb in rank_micro_batches(idx, micro, accum, rank, world)]
+
+
+def count_tokens(batches: list[dict]) -> tuple[int, int]:
+    """(target tokens, attended tokens) of this rank's micro-batches: a step's loss is divided by
+    the target tokens summed over all ranks."""
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    return targets, sum(int(b["attention_mask"].sum()) for b in batches)

@@ -115,7 +115,7 @@ def test_the_demo_prints_what_generate_gives_before_and_after_training(runs, tmp
     plain.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     got = _jsonl(run(bigtrain(1, "generate", str(a["dir"]), "--prompts", str(plain), "--use", "base", "--use", "a",
                               "--max-new-tokens", "48", "--format", "jsonl")).stdout)
-    from bigtrain.trainer import _one_line  # a sample's one log line: every non-printable escaped
+    from bigtrain.generate import one_line as _one_line  # a sample's one log line: every non-printable escaped
 
     text = {(r["prompt"], r["adapter"]): _one_line(r["completion"]) for r in got}
     for (k, prompt, ref, before, after), row in zip(samples, rows):

@@ -238,7 +238,7 @@ def test_changed_lr_on_resume_is_used_and_said(tmp_path):
     """The checkpoint's optimizer/scheduler state carries the old lr and weight decay; a resume
     with new values in the config uses the new ones (config.yaml records them) and says so."""
     from bigtrain.config import load_config
-    from bigtrain.train import lr_lambda
+    from bigtrain.run import lr_lambda
 
     out = tmp_path / "r"
     run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
@@ -476,7 +476,7 @@ def test_read_only_output_dir_is_refused_naming_it(tmp_path, monkeypatch):
     import os
 
     from bigtrain.config import ConfigError
-    from bigtrain.trainer import _check_output_dir
+    from bigtrain.preflight import check_output_dir as _check_output_dir
 
     ro = tmp_path / "ro"
     ro.mkdir()

@@ -621,7 +621,7 @@ def test_printed_text_escapes_control_characters():
     batch log binary, an escape sequence repainted the terminal. Written as escapes; newlines and
     tabs kept where the text keeps its lines (generate), escaped where it is one log line (the run)."""
     from bigtrain.data import escape_controls
-    from bigtrain.trainer import _one_line
+    from bigtrain.generate import one_line as _one_line
 
     raw = "a\x00b\x1b[2Jc\u200bd\ne\tf é"
     assert escape_controls(raw) == "a\\x00b\\x1b[2Jc\\u200bd\ne\tf é"

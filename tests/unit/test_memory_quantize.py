@@ -242,11 +242,11 @@ def test_paper_shows_quantized_bases_and_the_qlora_anchor(capsys):
 
 
 def test_end_of_run_savings_line_uses_the_quantized_estimate():
-    """trainer._report_savings builds its Setup from the run's config: a model.quantize run's
+    """trainer.report_savings builds its Setup from the run's config: a model.quantize run's
     'estimate for this LoRA run' is the quantized one (it was the bf16 base's before)."""
     from bigtrain.config import load_config
     from bigtrain.presets import hf_config_for, meta_model
-    from bigtrain.trainer import _report_savings
+    from bigtrain.trainer import report_savings as _report_savings
 
     cfg = load_config(None, ["model.path=null", "model.preset=tiny-llama", "model.dtype=bfloat16",
                              "model.quantize=int8", "train.micro_batch_size=2", "data.max_length=64",

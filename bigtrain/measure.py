@@ -232,7 +232,7 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
                 stopped = f"stopped: still running after --mode-timeout-s {args.mode_timeout_s:g}"
                 _kill(proc)
         time.sleep(0.1)
-    from .zero3 import unlink_deepspeed_shm
+    from .dist import unlink_deepspeed_shm
 
     # the child's DeepSpeed CPU shared-memory buffer (made under the deepspeed launcher), left by a
     # child that ran out of memory or was stopped
@@ -722,9 +722,10 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     """Full fine-tuning under DeepSpeed ZeRO-``stage``: the same base build, data order and objective."""
     from . import dist as D
     from . import faults
-    from . import zero3 as Z
+    from .engine import full_ft as Z
     from .data import collate
-    from .engine import DTYPES
+    from .engine.core import DTYPES
+    from .engine.ds_config import check_deepspeed_version
     from .losses import token_loss_sum_reference
     from .memory import predict_full_states, shape_from_model
     from .sampler import GlobalSampler, rank_micro_batches
@@ -733,7 +734,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     t = cfg.train
     tr = Trainer(cfg)  # its input checks, tokenizer, model config and data: those of a LoRA run
     tr._check_inputs()
-    Z.check_deepspeed_version()
+    check_deepspeed_version()
     cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
     info = D.init_distributed(t.device, cfg.zero.backend, cfg.zero.timeout_s, 3)  # DeepSpeed's comm layer
     dev, world = info.device, info.world_size

@@ -160,7 +160,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
     """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
     from .inject import _is_linear, output_layer_names
     from .lora import linear_shape
-    from .zero3 import quantizable_weights
+    from .quantize import quantizable_weights
 
     cfg = getattr(model, "config", None)
     order = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
@@ -310,7 +310,7 @@ def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage
     if stage == 0:
         return shape.total_params * base_bytes
     if quantize is not None:  # the quantized partition's stored sections, never persistent
-        from .zero3 import quantized_bytes
+        from .quantize import quantized_bytes
 
         rest = shape.numels - shape.quant_numels
         return (base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
@@ -353,7 +353,7 @@ def measure_states(model, lora, optimizer) -> dict:
     parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent, plus the
     hpZ secondary partition if any), adapter
     weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
-    from .zero3 import local_param_bytes  # the same count the engine reports; imports no DeepSpeed
+    from .engine.build import local_param_bytes  # the same count the engine reports; imports no DeepSpeed
 
     frozen = local_param_bytes(model)
     params = list(lora.parameters())
@@ -561,7 +561,7 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
       unquantized); at world size 1 aliased to their partitions: none.
 
     ``total = units + all_gather + dequant_temp + root``."""
-    from .zero3 import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
+    from .quantize import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
 
     N, w, q = st.world_size, DTYPE_BYTES[st.dtype], st.quantize
     layer = shape.layer_numels or ((shape.layer_params or shape.largest_module_params, False),)

@@ -50,7 +50,7 @@ from .compile import resolve as compile_setting
 from .config import Config, ConfigError
 from .data import (DataError, collate, escape_controls, has_tokenizer, iter_records, load_examples, load_tokenizer,
                    skipped_summary, source_path, tokenizer_fingerprint, tokenizer_source)
-from .engine import DTYPES, Engine
+from .engine.core import DTYPES, Engine
 from .export import merge_live
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .loader import checkpoint_files
@@ -63,7 +63,7 @@ from .presets import count_parameters, hf_config_for, meta_model, position_limit
 from .runlock import RunLock, RunLocked
 from .sampler import GlobalSampler, rank_micro_batches
 from .vocab import run_config as pad_vocab
-from .zero3 import check_world
+from .engine.ds_config import check_world
 
 
 class PreemptedBeforeStep(Exception):

@@ -27,10 +27,11 @@ from ..presets import decoder_layer_classes
 # Deferred imports: deepspeed is imported where used, so that stage-0 runs and the CPU-only tools
 # never pay DeepSpeed's import time (its op builders).
 
-# The DeepSpeed release this module was written and tested against (pyproject.toml pins it).
+# The DeepSpeed release this package was written and tested against (pyproject.toml pins it).
 DEEPSPEED_VERSION = "0.19.8"
 
-# (module, attribute path) of the private or undocumented DeepSpeed APIs used here.
+# (module, attribute path) of the private or undocumented DeepSpeed APIs used by this package (and,
+# for build_shm_op, by dist.no_shm_comm_build, which starts DeepSpeed's comm layer).
 PRIVATE_APIS = (
     ("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload"),
     ("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload.release_backward_leftovers"),
@@ -43,7 +44,7 @@ PRIVATE_APIS = (
     ("deepspeed", "zero.GatheredParameters"),
     ("deepspeed.comm.torch", "build_shm_op"),
 )
-# Attributes zero.Init puts on every partitioned parameter, read or written here and by
+# Attributes zero.Init puts on every partitioned parameter, read or written by this package and by
 # ``loader.load_partitions``. Some runs also use ds_persist (persistent parameters) and, with hpZ,
 # ds_secondary_tensor and ds_zero_param_process_group; those are read with a default.
 PARAM_ATTRS = ("ds_tensor", "ds_status", "ds_numel", "ds_shape", "ds_process_group")

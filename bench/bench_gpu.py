@@ -143,7 +143,7 @@ def worker(job: dict) -> dict:
 
     if name.startswith("bigtrain"):
         from bigtrain.config import ZeroConfig
-        from bigtrain.engine import Engine
+        from bigtrain.engine.core import Engine
         from bigtrain.inject import inject_lora
         from bigtrain.losses import token_loss_sum
 
@@ -159,7 +159,7 @@ def worker(job: dict) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()  # HF checkpoints only in training mode; the presets have no dropout
         if name == "bigtrain-compile":  # torch.compile each decoder layer (LoRA hooks inside)
-            from bigtrain.engine import decoder_layer_classes
+            from bigtrain.presets import decoder_layer_classes
 
             torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
             classes = tuple(decoder_layer_classes(model))

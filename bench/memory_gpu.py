@@ -11,7 +11,7 @@ Recipes (both bf16 autocast, sdpa attention, AdamW):
 * ``full``: plain PyTorch, one process, no DeepSpeed. fp32 weights (the master copy), fp32 grads,
   AdamW m and v in fp32 (fused on CUDA: no temporaries); autocast makes the bf16 copies of the
   weights that the matmuls use. The estimator's ``full_recipe="torch-amp"``.
-* ``lora``: ``bigtrain.engine.Engine`` at ZeRO stage 3 with world size 1 (the base partitioned into a
+* ``lora``: ``bigtrain.engine.core.Engine`` at ZeRO stage 3 with world size 1 (the base partitioned into a
   single partition, fetched a decoder layer at a time), base stored in bf16, fp32 adapters r=8 on
   q_proj and v_proj, fused torch AdamW. The estimator's LoRA column at world size 1.
 
@@ -73,7 +73,7 @@ def run_one(preset: str, mode: str, checkpointing: bool, args, device: torch.dev
         lora = None
     else:
         from bigtrain.config import ZeroConfig
-        from bigtrain.engine import Engine
+        from bigtrain.engine.core import Engine
         from bigtrain.inject import inject_lora
 
         engine = Engine(ZeroConfig(stage=3), device=device.type)

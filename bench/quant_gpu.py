@@ -3,7 +3,7 @@
 For the largest linear weights of GPT-3 6.7B and 13B (the MLP's d_model × 4·d_model), as one, two
 and (6.7B) three ranks' gathered rows (three: partitions that end inside a block, the fallback
 path), and for both schemes (int8, nf4): what training runs on a GPU (``Scheme.dequantize``: the
-Triton kernels of ``zero3._triton_kernels``) gives the CPU's eager values bit for bit, and how long
+Triton kernels of ``quantize._triton_kernels``) gives the CPU's eager values bit for bit, and how long
 it takes against eager PyTorch on the GPU (median of 20 after 3 warm-ups, CUDA events), as
 effective bandwidth over the bytes read (stored form) plus written (bf16). Writes
 ``quant_gpu.json`` under --out; exits 1 if any row differs.
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bigtrain import zero3 as Z  # noqa: E402
+from bigtrain import quantize as Z  # noqa: E402
 
 
 def timed(fn, reps=20, warm=3):

@@ -319,8 +319,8 @@ def _save_failed_message(step: int, fail: tuple, root: Path, partial: str) -> st
     rank, path, err, text = fail
     todo = {errno.ENOSPC: f"free space on the filesystem of {root}",
             errno.EDQUOT: f"free space within your disk quota on {root} (or have it raised)",
-            errno.EFBIG: f"raise the file-size limit (ulimit -f) or put train.output_dir on a filesystem "
-                         f"that takes larger files"}.get(err, f"check that {root} is writable and healthy")
+            errno.EFBIG: "raise the file-size limit (ulimit -f) or put train.output_dir on a filesystem "
+                         "that takes larger files"}.get(err, f"check that {root} is writable and healthy")
     have = find_resumable(root, log=lambda _: None)
     then = (f"rerun the same command to resume from step {step_of(have)}" if have is not None
             else "rerun the same command to start again (no checkpoint was saved yet)")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .engine import decoder_layer_classes
+from .presets import decoder_layer_classes
 
 # Graphs per layer kept before a layer falls back to eager for a new variant: training and no-grad
 # (eval) forwards, times the input shapes (with unpacked data, one per length bucket: pad_multiple).
@@ -116,7 +116,7 @@ def eager_layers(model: nn.Module):
 
 def compile_layers(model: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile(dynamic=False)`` the ``forward`` of every decoder layer of ``model`` (found by
-    :func:`bigtrain.engine.decoder_layer_classes`). Call it after the LoRA hooks are attached.
+    :func:`bigtrain.presets.decoder_layer_classes`). Call it after the LoRA hooks are attached.
     Returns the number of layers compiled (0 if the model declares no decoder-layer class)."""
     classes = tuple(decoder_layer_classes(model))
     layers = [m for m in model.modules() if classes and isinstance(m, classes)]

@@ -50,7 +50,7 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-# model.quantize's schemes (bigtrain.zero3.SCHEMES implements them; named here, where no torch is imported)
+# model.quantize's schemes (bigtrain.quantize.SCHEMES implements them; named here, where no torch is imported)
 QUANTIZE_CHOICES = ("int8", "nf4")
 
 

@@ -4,20 +4,24 @@ This module owns:
 
 * finding out who this process is (rank, world size, local rank) from the launcher's environment
   (torchrun, the deepspeed launcher, Slurm's ``srun``), and picking its device;
-* starting the process group (through DeepSpeed's ``init_distributed`` at ZeRO stage 3, through
-  ``torch.distributed`` otherwise) and destroying it;
+* starting the process group (through DeepSpeed's ``init_distributed`` at ZeRO stage 3, without
+  its shared-memory op's build, ``no_shm_comm_build``; through ``torch.distributed`` otherwise) and
+  destroying it (``unlink_deepspeed_shm``: the shared-memory buffers DeepSpeed's comm layer leaves);
 * the collectives on tensors that are identical on every rank (the LoRA adapters, their gradients,
   loss and token counts): each is a single flat call, and each is a no-op at world size 1;
 * leaving a process that ran a process group without the interpreter's finalisation.
 
-Nothing here knows about ZeRO-3 partitions (``zero3.py``) or checkpoints (``loader.py``). DeepSpeed
-is not imported at module level: importing it is slow, and stage 0 runs never need it.
+Nothing here knows about ZeRO-3 partitions (``bigtrain/engine/``, which imports this module) or
+checkpoints (``loader.py``). DeepSpeed is not imported at module level: importing it is slow, and
+stage 0 runs never need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
+import importlib
 import logging
 import os
 import socket
@@ -108,8 +112,6 @@ def init_distributed(device_pref: str, backend: str, timeout_s: float, stage: in
                 # DeepSpeed's own comm layer, which zero.Init and DeepSpeedZeRoOffload go through.
                 import deepspeed
 
-                from .zero3 import no_shm_comm_build  # (zero3 imports this module)
-
                 with no_shm_comm_build():  # a stale build lock would hang every later start
                     deepspeed.init_distributed(dist_backend=backend, timeout=timeout,
                                                rank=rank, world_size=world, verbose=False)
@@ -117,6 +119,28 @@ def init_distributed(device_pref: str, backend: str, timeout_s: float, stage: in
                 dist.init_process_group(backend=backend, rank=rank, world_size=world,
                                         timeout=timeout)
     return DistInfo(rank, world, local_rank, device)
+
+
+@contextlib.contextmanager
+def no_shm_comm_build():
+    """Start DeepSpeed's comm layer without its shared-memory all-reduce op.
+
+    ``deepspeed.init_distributed`` JIT-builds (or loads) the ``deepspeed_shm_comm`` C++ op on CPU at
+    every start, under a file lock in torch's extensions cache (``~/.cache/torch_extensions``, or
+    ``$TORCH_EXTENSIONS_DIR``). A process killed while it holds the lock (6-10 ms normally, 30-40 s
+    when the op is rebuilt) leaves the lock file behind, and every later start by that user then
+    waits on it forever, silently. bigtrain never uses the op: it serves DeepSpeed's inference
+    all-reduce, while training's collectives (bigtrain's and ZeRO-3's) go through torch.distributed.
+    So the build is skipped, and no lock is ever taken."""
+    # by module path: ``import deepspeed.comm.torch as m`` binds deepspeed.comm's attribute ``torch``,
+    # which is torch itself
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    build = ds_comm.build_shm_op
+    ds_comm.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_comm.build_shm_op = build
 
 
 def quiesce(info: DistInfo) -> None:
@@ -133,6 +157,26 @@ def destroy_process_group() -> tuple[int, int] | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dist.destroy_process_group()
     return rank, world
+
+
+def unlink_deepspeed_shm(rank: int, world: int, addr: str | None = None, port: str | int | None = None) -> None:
+    """Remove this rank's DeepSpeed shared-memory all-reduce buffer, which DeepSpeed never does.
+
+    On CPU, when every rank is on one host and the launcher sets LOCAL_SIZE (the ``deepspeed``
+    launcher does), DeepSpeed's comm backend creates a 66 MiB POSIX shared-memory segment per rank
+    (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``) and never unlinks it:
+    each such run leaked 132 MiB of RAM on tmpfs until reboot. Peers have it mapped, not open by
+    name, so unlinking after the process group is gone is safe. A run killed before this point
+    still leaves its segments behind (nothing in-process can help that), unless another process
+    unlinks them by the run's rendezvous ``addr`` and ``port``, as ``bigtrain measure`` does after
+    each mode's child, however it ended."""
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(name)
 
 
 # -- collectives on replicated tensors ----------------------------------------------------------

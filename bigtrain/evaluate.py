@@ -15,7 +15,7 @@ from .data import collate, iter_records
 from .losses import IGNORE_INDEX, token_loss_sum
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine.core import Engine
 
 
 @torch.no_grad()

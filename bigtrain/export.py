@@ -324,12 +324,12 @@ def quantized_base(ckpt: Path, base: Path, keys: set[str]) -> tuple[str, int, st
     """What ``bigtrain merge --into-quantized`` needs to rebuild the quantized base a run trained
     over: (model.quantize, the world size its checkpoint was saved at, model.dtype, the base-file
     keys of the quantized weights). The run's config.yaml and trainer_state.json say the first
-    three; the weights are :func:`bigtrain.zero3.quantizable_weights` of the base's architecture
+    three; the weights are :func:`bigtrain.quantize.quantizable_weights` of the base's architecture
     (built on the meta device)."""
     import transformers as tf  # deferred: heavy
 
     from .config import load_config
-    from .zero3 import quantizable_weights  # deferred: imports torch
+    from .quantize import quantizable_weights  # deferred: imports torch
 
     saved = ckpt / "config.yaml"
     if not saved.is_file():
@@ -404,7 +404,7 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                 for k in keys:
                     t = h.get_tensor(k)
                     if k in quantized.get("keys", ()):  # as the run's ranks held it after each gather
-                        from .zero3 import reference_dequantized  # deferred: imports torch
+                        from .quantize import reference_dequantized  # deferred: imports torch
 
                         t = reference_dequantized(t.to(quantized["dtype"]), quantized["world"],
                                                   scheme=quantized["scheme"])

@@ -353,7 +353,7 @@ def open_session(prep: Prepared, say=print) -> Session:
 
 
 def _open_session(prep: Prepared, say) -> Session:
-    from .engine import Engine
+    from .engine.core import Engine
     from .switch import AdapterBank
     from .run import autocast_for, set_seed
     from .vocab import run_config as pad_vocab

@@ -26,7 +26,7 @@ the parameter names, as ``merge_at_end`` writes) is read slice-wise with no conv
 
 It reads the attributes DeepSpeed's ``zero.Init`` puts on partitioned parameters (``ds_tensor``,
 ``ds_shape``, ``ds_numel``, ``ds_process_group``; with hpZ ``ds_secondary_tensor`` and
-``ds_zero_param_process_group``), which ``zero3.check_param_attrs`` checks, but imports no
+``ds_zero_param_process_group``), which ``engine.ds_config.check_param_attrs`` checks, but imports no
 DeepSpeed and nothing of bigtrain's config.
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def plan_keys(model: nn.Module, files: dict, read=None) -> KeyPlan:
 
 class PartitionLoader:
     """Fills ZeRO-3 partitions from the checkpoint at ``path``, one group of parameters at a time
-    (``fill``), so that a base built layer by layer (``zero3.build_streamed``) reads each layer's
+    (``fill``), so that a base built layer by layer (``engine.build.build_streamed``) reads each layer's
     slices right after the layer is partitioned and before the next exists. Reads only the rows of
     each tensor that cover this rank's slice of the flattened tensor. Parameters named in
     ``short_rows`` (a padded vocabulary) may have fewer rows in the checkpoint: those fill the first

@@ -6,7 +6,7 @@ launcher), every rank runs K optimizer steps of each mode in turn:
 * ``lora``: bigtrain's own training loop (``run.build_run`` and :class:`~bigtrain.trainer.Trainer`, as ``bigtrain train`` runs them);
 * ``full-zero3`` (``full-zero2``, ``full-zero1``): full fine-tuning as its users run it, DeepSpeed
   ZeRO stage 3 (2, 1) with 16-bit mixed precision and DeepSpeed's AdamW (fp32 master weights and
-  Adam states in DeepSpeed's optimizer; ``torch_adam``, see :func:`bigtrain.zero3.full_ft_ds_config`),
+  Adam states in DeepSpeed's optimizer; ``torch_adam``, see :func:`bigtrain.engine.full_ft.full_ft_ds_config`),
   every parameter trainable, the same base build, data order and objective (target-token cross
   entropy summed and divided by the step's global target count).
 
@@ -22,7 +22,7 @@ the dead rank) after :data:`GRACE_S`. The parents then go on to the next mode to
 Measured per rank, reported per GPU as the maximum over ranks: peak allocated and reserved memory
 (``torch.cuda.max_memory_*``; on CPU the host's peak RSS), model-state bytes by kind counted on the
 live tensors (LoRA: :func:`bigtrain.memory.measure_states`; full fine-tuning: the DeepSpeed engine's
-16-bit weights, gradient partitions, fp32 master and Adam states, :func:`bigtrain.zero3.full_ft_states`),
+16-bit weights, gradient partitions, fp32 master and Adam states, :func:`bigtrain.engine.full_ft.full_ft_states`),
 activations and buffers (the peak less the model states) and tokens/s per GPU (steps 2..K). Beside
 each, ``bigtrain estimate``'s prediction for the same setting (without the CUDA context, which the
 allocator's counters do not see) and the error; and the full / LoRA ratio, measured and predicted.
@@ -723,8 +723,9 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     """Full fine-tuning under DeepSpeed ZeRO-``stage``: the same base build, data order and objective."""
     from . import dist as D
     from . import faults
-    from . import zero3 as Z
-    from .engine import DTYPES
+    from .engine import full_ft as Z
+    from .engine.core import DTYPES
+    from .engine.ds_config import check_deepspeed_version
     from .losses import token_loss_sum_reference
     from .memory import predict_full_states, shape_from_model
     from .run import check_inputs, set_seed
@@ -732,7 +733,7 @@ def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
 
     t = cfg.train
     inp = check_inputs(cfg)  # the input checks, tokenizer, model config and data of a LoRA run
-    Z.check_deepspeed_version()
+    check_deepspeed_version()
     cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
     info = D.init_distributed(t.device, cfg.zero.backend, cfg.zero.timeout_s, 3)  # DeepSpeed's comm layer
     dev, world = info.device, info.world_size

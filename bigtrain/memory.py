@@ -43,7 +43,7 @@ Assumptions (every one of them is a choice stated here, not a law):
 * CUDA context 0.5 GiB plus a 5 % fragmentation allowance on everything else; these two are not
   part of ``torch.cuda.max_memory_allocated`` (the bench compares without them).
 * A quantized LoRA base (``Setup.quantize``, model.quantize=int8|nf4): the frozen weights are the
-  quantized partitions (``zero3.quantized_bytes``) and the gather buffers those of the layer gatherer
+  quantized partitions (``quantize.quantized_bytes``) and the gather buffers those of the layer gatherer
   dequantizing layer by layer, at world size 1 too (:func:`quantized_gather_bytes`). Full fine-tuning
   is never quantized.
 
@@ -68,7 +68,7 @@ from .config import QUANTIZE_CHOICES
 from .presets import PRESETS, hf_config_for, meta_model, position_limit
 
 # Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
-# torch (inject, lora, losses, zero3) are imported where used: `bigtrain estimate --help` builds this
+# torch (inject, lora, losses, quantize) are imported where used: `bigtrain estimate --help` builds this
 # module's parser without loading torch, and the comparisons with other tools are optional.
 
 GiB = 2 ** 30
@@ -160,7 +160,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
     """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
     from .inject import _is_linear, output_layer_names
     from .lora import linear_shape
-    from .zero3 import quantizable_weights
+    from .quantize import quantizable_weights
 
     cfg = getattr(model, "config", None)
     order = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
@@ -310,7 +310,7 @@ def frozen_base_bytes(shape: ModelShape, world_size: int, base_bytes: int, stage
     if stage == 0:
         return shape.total_params * base_bytes
     if quantize is not None:  # the quantized partition's stored sections, never persistent
-        from .zero3 import quantized_bytes
+        from .quantize import quantized_bytes
 
         rest = shape.numels - shape.quant_numels
         return (base_bytes * sum(c * zero3_local_numel(n, world_size, persistence_threshold, hpz)
@@ -329,7 +329,7 @@ def predict_states(hf_config_or_model_meta, targets: list[str], r: int, world_si
     :func:`measure_states`): the frozen base (ZeRO-3 partitions + persistent whole tensors, or the whole
     base at stage 0), fp32 adapter weights, their grads, and torch AdamW's state (m, v in fp32 and a
     4-byte fp32 ``step`` per adapter tensor). Exact, not approximate. ``quantize`` (model.quantize):
-    the decoder layers' linear weights count as their quantized partitions (``zero3.quantized_bytes``)."""
+    the decoder layers' linear weights count as their quantized partitions (``quantize.quantized_bytes``)."""
     shape = model_shape(hf_config_or_model_meta)
     ab = DTYPE_BYTES[adapter_dtype]
     shapes = shape.lora_shapes(targets)
@@ -353,7 +353,7 @@ def measure_states(model, lora, optimizer) -> dict:
     parameter its local partition ``ds_tensor`` plus ``data`` while gathered/persistent, plus the
     hpZ secondary partition if any), adapter
     weights, adapter gradients (call after backward, before ``zero_grad``), optimizer state tensors."""
-    from .zero3 import local_param_bytes  # the same count the engine reports; imports no DeepSpeed
+    from .engine.build import local_param_bytes  # the same count the engine reports; imports no DeepSpeed
 
     frozen = local_param_bytes(model)
     params = list(lora.parameters())
@@ -403,7 +403,7 @@ class Setup:
         return 0 if self.zero_stage == 0 else 3
 
     def check_quantize(self) -> None:
-        """A quantized base needs what training needs (config.Config.validate, zero3.check_world): the
+        """A quantized base needs what training needs (config.Config.validate, engine.ds_config.check_world): the
         ZeRO-3 base and bigtrain's layer gatherer, so no hpZ and no parameter offload."""
         if self.quantize is None:
             return
@@ -536,7 +536,7 @@ def _components_full(shape: ModelShape, st: Setup) -> dict:
 
 def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
     """The layer gatherer's buffers per GPU with a quantized base (``st.quantize``: model.quantize), by
-    part, from ``LayerGatherer._issue`` / ``_gather_packed`` / ``_wait`` (bigtrain/zero3.py). The gatherer
+    part, from ``LayerGatherer._issue`` / ``_gather_packed`` / ``_wait`` (bigtrain/engine/gather.py). The gatherer
     runs at every world size, 1 included: it dequantizes layer by layer.
 
     * ``unit``: one decoder layer dequantized in the compute dtype, ``st.dtype``: each parameter of the
@@ -545,12 +545,12 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
       gathered size ``N·ceil(numel/N)``. Three are counted, as on the unquantized path (the layer
       computing, the next one gathered ahead, and one more in flight): ``units = 3·unit``.
     * ``packed``: this rank's packed bytes of one layer, what is all-gathered: the quantized partitions
-      (``zero3.quantized_bytes``) and the unquantized non-persistent partitions in ``st.dtype``.
+      (``quantize.quantized_bytes``) and the unquantized non-persistent partitions in ``st.dtype``.
       ``all_gather``: the all-gather output, ``N·packed``, alive while the layer is dequantized from
       it; none at world size 1 (the rank's own bytes are dequantized in place).
     * ``dequant_temp``: the temporaries of dequantizing the largest quantized weight on a GPU, with
       ``nb = ceil(ceil(numel/N)/64)`` blocks per rank's row. The Triton kernels
-      (``zero3._triton_kernels``) write the values straight into the layer's buffer when each row is
+      (``quantize._triton_kernels``) write the values straight into the layer's buffer when each row is
       whole blocks (``ceil(numel/N)`` a multiple of 64); otherwise into a padded temporary in the
       compute dtype, ``w·N·nb·64``, copied out (int8 also pads its values first, ``N·nb·64``). Besides: int8: at world size > 1 the fp32 scale rows
       copied out contiguous, ``4·N·nb``; nf4: the decoded fp32 block scales, ``4·N·ceil(nb/256)·256``
@@ -561,7 +561,7 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
       unquantized); at world size 1 aliased to their partitions: none.
 
     ``total = units + all_gather + dequant_temp + root``."""
-    from .zero3 import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
+    from .quantize import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
 
     N, w, q = st.world_size, DTYPE_BYTES[st.dtype], st.quantize
     layer = shape.layer_numels or ((shape.layer_params or shape.largest_module_params, False),)
@@ -721,7 +721,7 @@ def estimate(model, st: Setup | None = None, **kw) -> dict:
 
 def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoint: bool = False) -> dict:
     """Each LoRA rank's peak host memory (bytes by part, and ``total``). The base is built one
-    decoder layer at a time (``zero3.build_streamed``), so the build adds at most one layer,
+    decoder layer at a time (``engine.build.build_streamed``), so the build adds at most one layer,
     whatever the depth:
 
     * ``runtime``: the process itself (:data:`HOST_RUNTIME_BYTES`);

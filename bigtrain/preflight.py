@@ -21,7 +21,7 @@ from .memory import GiB, estimate, host_peak, model_shape, setup_for_run
 from .presets import position_limit
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .engine.core import Engine
 
 
 def check_rank(r: int, targets: dict) -> None:

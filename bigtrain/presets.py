@@ -159,3 +159,13 @@ def count_parameters(model) -> int:
     """Distinct parameter elements, tied weights once (``parameters()`` yields a shared tensor once),
     at full size under ZeRO-3 (``ds_numel``: a partitioned parameter's own ``numel`` is 0)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def decoder_layer_classes(model) -> list[type]:
+    """The transformer-block classes of a ``transformers`` model (its ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    seen: dict[str, type] = {}
+    for m in model.modules():
+        if type(m).__name__ in names:
+            seen[type(m).__name__] = type(m)
+    return list(seen.values())

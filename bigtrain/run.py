@@ -40,7 +40,7 @@ from .compile import resolve as compile_setting
 from .config import Config, ConfigError
 from .data import (DataError, load_examples, load_tokenizer, skipped_summary, source_path, tokenizer_fingerprint,
                    tokenizer_source)
-from .engine import DTYPES, Engine
+from .engine.core import DTYPES, Engine
 from .evaluate import sample_prompts
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .loader import checkpoint_files
@@ -53,7 +53,7 @@ from .runlock import RunLock, RunLocked
 from .sampler import GlobalSampler
 from .signals import PreemptedBeforeStep
 from .vocab import run_config as pad_vocab
-from .zero3 import check_world
+from .engine.ds_config import check_world
 
 
 def set_seed(seed: int) -> None:

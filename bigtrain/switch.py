@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import LATER_BASE_KEYS, read_checkpoint, read_json
-from .engine import DTYPES
+from .engine.core import DTYPES
 from .inject import inject_lora
 from .lora import AdapterSpec, LoRAModel
 

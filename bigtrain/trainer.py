@@ -30,7 +30,7 @@ from . import faults
 from .compile import cache_use, graphs_compiled
 from .config import Config
 from .data import has_tokenizer
-from .engine import Engine
+from .engine.core import Engine
 from .evaluate import evaluate
 from .export import merge_live
 from .generate import show_samples

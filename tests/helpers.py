@@ -132,7 +132,7 @@ def make_ckpt(root, base_dir, targets, seed, r=4, alpha=8.0, rslora=False, base_
 
     from bigtrain.checkpoint import save_checkpoint
     from bigtrain.config import ZeroConfig
-    from bigtrain.engine import Engine
+    from bigtrain.engine.core import Engine
     from bigtrain.inject import inject_lora
 
     model = load_model(base_dir)

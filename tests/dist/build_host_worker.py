@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import transformers as tf  # noqa: E402
 
 from bigtrain.config import ZeroConfig  # noqa: E402
-from bigtrain.engine import Engine  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=3072, intermediate_size=8192, num_attention_heads=24,
              num_key_value_heads=24, max_position_embeddings=512, tie_word_embeddings=False)

@@ -8,7 +8,8 @@ import sys
 import torch
 
 from bigtrain.config import ZeroConfig
-from bigtrain.engine import Engine, exit_after_teardown
+from bigtrain.dist import exit_after_teardown
+from bigtrain.engine.core import Engine
 from bigtrain.inject import inject_lora
 from bigtrain.losses import token_loss_sum
 

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from bigtrain.config import ZeroConfig
-from bigtrain.engine import Engine, checkpoint_files, exit_after_teardown
+from bigtrain.dist import exit_after_teardown
+from bigtrain.engine.core import Engine
+from bigtrain.loader import checkpoint_files
 from bigtrain.inject import inject_lora
 from bigtrain.losses import token_loss_sum
 

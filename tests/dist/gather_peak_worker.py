@@ -18,7 +18,9 @@ import torch  # noqa: E402
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 
 from bigtrain.config import ZeroConfig  # noqa: E402
-from bigtrain.engine import Engine, decoder_layer_classes, exit_after_teardown  # noqa: E402
+from bigtrain.dist import exit_after_teardown  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
+from bigtrain.presets import decoder_layer_classes  # noqa: E402
 from bigtrain.inject import inject_lora  # noqa: E402
 from bigtrain.losses import token_loss_sum  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402

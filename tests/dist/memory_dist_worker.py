@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from bigtrain.config import ZeroConfig  # noqa: E402
-from bigtrain.engine import Engine  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
 from bigtrain.inject import inject_lora  # noqa: E402
 from bigtrain.memory import measure_states  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
@@ -45,6 +45,6 @@ rank = engines[0].info.rank
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 engines[-1].close()
-from bigtrain.engine import exit_after_teardown  # noqa: E402
+from bigtrain.dist import exit_after_teardown  # noqa: E402
 
 exit_after_teardown(0)  # as bigtrain train ends

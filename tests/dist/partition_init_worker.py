@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 
 from bigtrain.config import ZeroConfig  # noqa: E402
-from bigtrain.engine import Engine  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
 
 

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bigtrain.config import ZeroConfig  # noqa: E402
-from bigtrain.engine import Engine, exit_after_teardown  # noqa: E402
+from bigtrain.dist import exit_after_teardown  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
 
 

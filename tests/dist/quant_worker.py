@@ -15,11 +15,12 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from bigtrain.config import ZeroConfig, resolve_model_path  # noqa: E402
-from bigtrain.engine import Engine, exit_after_teardown  # noqa: E402
+from bigtrain.dist import exit_after_teardown  # noqa: E402
+from bigtrain.engine.core import Engine  # noqa: E402
 from bigtrain.inject import inject_lora  # noqa: E402
 from bigtrain.memory import measure_states  # noqa: E402
 from bigtrain.presets import hf_config_for  # noqa: E402
-from bigtrain.zero3 import reference_dequantized  # noqa: E402
+from bigtrain.quantize import reference_dequantized  # noqa: E402
 
 out_dir = sys.argv[1]
 CASES = {  # name: (path, preset, dtype, persistence threshold, model.quantize)

@@ -1,4 +1,4 @@
-"""The base is built one decoder layer at a time (``zero3.build_streamed``): the host memory a build
+"""The base is built one decoder layer at a time (``engine.build.build_streamed``): the host memory a build
 takes beyond the partitions that stay does not grow with the model's depth. Measured in a fresh
 process per build (world size 1 on CPU, where the partitions themselves live on the host, so they
 are subtracted) at 2 and at 8 layers of one Llama shape (d 3072, FFN 8192: one layer is 113M

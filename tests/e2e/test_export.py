@@ -378,7 +378,7 @@ def test_merge_and_export_of_quantized_runs(tmp_path, capsys):
 
     from bigtrain.cli import main
     from bigtrain.config import resolve_model_path
-    from bigtrain.zero3 import quantizable_weights, reference_dequantized
+    from bigtrain.quantize import quantizable_weights, reference_dequantized
 
     procs = {}
     for q in ("nf4", "int8"):
@@ -461,7 +461,7 @@ def test_merge_into_quantized_at_the_runs_world_size(tmp_path, capsys):
 
     from bigtrain.cli import main
     from bigtrain.config import resolve_model_path
-    from bigtrain.zero3 import quantizable_weights, reference_dequantized
+    from bigtrain.quantize import quantizable_weights, reference_dequantized
 
     run = tmp_path / "run"
     p = subprocess.run(train_cmd(2, [f"train.output_dir={run}", "logging.progress_bar=false", "train.sample_prompts=0",

@@ -12,7 +12,7 @@ from torch import nn
 
 from bigtrain import checkpoint as ckpt
 from bigtrain.config import ConfigError, ZeroConfig
-from bigtrain.engine import Engine
+from bigtrain.engine.core import Engine
 from bigtrain.lora import AdapterSpec, LoRAModel
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from bigtrain import memory as M
 from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, per_gpu, predict_states, preset_shape
-from bigtrain.zero3 import quantized_bytes
+from bigtrain.quantize import quantized_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 H, F = 12288, 49152  # GPT-3 175B: d_model, the MLP's width

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from bigtrain import zero3 as Z
+from bigtrain import quantize as Z
 from bigtrain.config import ConfigError, load_config
 from bigtrain.memory import model_shape, predict_states
 
@@ -132,28 +132,10 @@ def test_unknown_quantize_value():
     assert load_config(None, []).model.quantize is None
 
 
-@pytest.mark.parametrize("zo,key", [({"zero_hpz_partition_size": 2}, "zero_hpz_partition_size"),
-                                    ({"offload_param": {"device": "cpu"}}, "offload_param"),
-                                    ({"zero_quantized_nontrainable_weights": True},
-                                     "zero_quantized_nontrainable_weights")])
-def test_ds_configs_a_quantized_base_cannot_use(tmp_path, zo, key):
-    import json
-
-    from bigtrain.config import ZeroConfig
-
-    f = tmp_path / "ds.json"
-    f.write_text(json.dumps({"zero_optimization": {"stage": 3, **zo}}))
-    with pytest.raises(ConfigError, match=f"^model.quantize=int8: zero.ds_config {f} sets {key},"):
-        Z.check_world(ZeroConfig(ds_config=str(f)), "cpu", "int8")
-    ok = tmp_path / "ok.json"
-    ok.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
-    Z.check_world(ZeroConfig(ds_config=str(ok)), "cpu", "int8")
-
-
 # -- nf4 ---------------------------------------------------------------------------------------------
 def _nf4_by_hand(x: torch.Tensor):
     """QLoRA's NF4 with double-quantized scales, element by element on fp32 scalars: the definition in
-    zero3.quantize_nf4's docstring. Returns (codes as a list of 4-bit indices, int8 scales, [s2..., mean])."""
+    quantize.quantize_nf4's docstring. Returns (codes as a list of 4-bit indices, int8 scales, [s2..., mean])."""
     f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
     xs = x.reshape(-1).float().tolist()
     n = len(xs)
@@ -250,7 +232,7 @@ def test_nf4_partitions_and_rows_dequantize_as_one():
 
 
 def test_triton_kernels_under_the_interpreter():
-    """The GPU kernels' logic (zero3._triton_kernels, both schemes, whole and padded rows) against the
+    """The GPU kernels' logic (quantize._triton_kernels, both schemes, whole and padded rows) against the
     CPU's values, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1) with fp32 output: the
     interpreter does not round to bf16 as a GPU does, which bench/quant_gpu.py checks bit for bit on
     an H200. Needs Triton (CUDA builds of torch ship it; the CPU build does not: skipped there)."""
@@ -262,7 +244,7 @@ def test_triton_kernels_under_the_interpreter():
 
     code = '''
 import torch
-from bigtrain import zero3 as Z
+from bigtrain import quantize as Z
 eager = Z._use_triton  # False on the CPU: the reference values
 Z._KERNELS[("code", torch.device("cpu"))] = torch.tensor(Z.NF4_CODE)
 g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import transformers as tf
 
 from bigtrain.config import ZeroConfig
 from bigtrain.data import load_tokenizer
-from bigtrain.engine import Engine
+from bigtrain.engine.core import Engine
 from bigtrain.inject import inject_lora
 from bigtrain.losses import token_loss_sum
 from bigtrain.presets import hf_config_for

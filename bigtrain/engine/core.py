@@ -1,13 +1,14 @@
 """The engine of one run: process group, frozen base and adapter collectives, behind one object.
 
-``Engine`` is a thin facade over three modules, so the training loop, checkpointing and export
-talk to one object whatever the ZeRO stage:
+``Engine`` is a thin facade, so the training loop, checkpointing and export talk to one object
+whatever the ZeRO stage. It delegates to:
 
-* ``dist.py``: the process group and the flat collectives on replicated tensors;
-* ``zero3.py``: everything that touches DeepSpeed: the DeepSpeed config, the base built under
-  ``zero.Init`` and gathered layer by layer during a step (bigtrain's ``LayerGatherer``, or
-  ``DeepSpeedZeRoOffload``'s hooks), gathering whole parameters;
-* ``loader.py``: reading a local safetensors checkpoint straight into ZeRO-3 partitions.
+* ``bigtrain/dist.py``: the process group and the flat collectives on replicated tensors;
+* this package's modules, everything that touches DeepSpeed: ``ds_config.py`` (the DeepSpeed
+  config), ``build.py`` (the base built layer by layer under ZeRO-3), ``gather.py`` (gathered layer
+  by layer during a step, by bigtrain's ``LayerGatherer`` or ``DeepSpeedZeRoOffload``'s hooks, and
+  whole parameters); ``bigtrain/quantize.py`` for a quantized base;
+* ``bigtrain/loader.py``: reading a local safetensors checkpoint straight into ZeRO-3 partitions.
 
 The frozen base is partitioned by ZeRO-3 (no rank ever holds the whole model; a local checkpoint
 is read partition by partition). The adapters are never handed to DeepSpeed: they are ordinary
@@ -25,17 +26,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import dist as D
-from . import frozen_linear
-from . import vocab as V
-from . import zero3 as Z
-from .config import ZeroConfig
-from .loader import PartitionLoader
-
-# Names other modules, tests and benchmarks import from here.
-from .dist import DistInfo, detect_world, exit_after_teardown  # noqa: F401
-from .loader import checkpoint_files  # noqa: F401
-from .zero3 import check_world, decoder_layer_classes, read_user_ds_config  # noqa: F401
+from .. import dist as D
+from .. import frozen_linear
+from .. import vocab as V
+from ..config import ZeroConfig
+from ..loader import PartitionLoader
+from ..quantize import quantize_layer
+from . import build as B
+from . import ds_config as C
+from . import gather as G
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +56,7 @@ class Engine:
         self.ds_config: dict | None = None
         self.ds_config_notes: list[str] = []
         if self.stage == 3:
-            Z.check_deepspeed_version()
+            C.check_deepspeed_version()
         self.info = D.init_distributed(device, zero.backend, zero.timeout_s, self.stage)
 
     def close(self) -> None:
@@ -69,13 +68,13 @@ class Engine:
             self._offload = None
         ended = D.destroy_process_group()
         if ended is not None:
-            Z.unlink_deepspeed_shm(*ended)
+            D.unlink_deepspeed_shm(*ended)
 
     # -- DeepSpeed config ------------------------------------------------------------------------
     def build_ds_config(self, base_dtype: torch.dtype, layer_numel: int | None = None) -> dict:
         """Defaults (fetch sizes from one decoder layer of ``layer_numel`` elements) <- the user's
         JSON (zero.ds_config) <- the keys bigtrain owns."""
-        self.ds_config, self.ds_config_notes = Z.build_ds_config(
+        self.ds_config, self.ds_config_notes = C.build_ds_config(
             self.zero, base_dtype, self.micro_batch_size, self.grad_accum, self.info.world_size, layer_numel)
         return self.ds_config
 
@@ -88,7 +87,7 @@ class Engine:
         is read here unless the caller already passes it). ``vocab``: the model's own vocabulary when
         ``hf_config`` is a padded copy (:mod:`bigtrain.vocab`): rows from ``vocab`` on are zeros.
         ``quantize`` (model.quantize, stage 3 only): the decoder layers' linear weights are stored
-        quantized (int8 or nf4) once the partitions are filled (``zero3.LayerGatherer``); ``quantize_summary`` then
+        quantized (int8 or nf4) once the partitions are filled (``gather.LayerGatherer``); ``quantize_summary`` then
         holds the line that reports their error."""
         import transformers as tf
 
@@ -111,22 +110,22 @@ class Engine:
                     p[vocab:] = 0
             model.to(self.info.device)
         else:
-            ds = self.build_ds_config(torch_dtype, Z.largest_layer_numel(hf_config))
+            ds = self.build_ds_config(torch_dtype, C.largest_layer_numel(hf_config))
             # one decoder layer at a time: built (random) or read from ``path``, partitioned, and
-            # with ``quantize`` quantized before the next layer exists (zero3.build_streamed)
-            after = (lambda layer: Z.quantize_layer(layer, quantize, self.info.device)) if quantize else None
+            # with ``quantize`` quantized before the next layer exists (build.build_streamed)
+            after = (lambda layer: quantize_layer(layer, quantize, self.info.device)) if quantize else None
 
             def open_loader(skeleton):  # the checkpoint's slices, read a layer at a time
                 rows = V.vocab_parameters(skeleton, padded) if padded != vocab else {}
                 return PartitionLoader(skeleton, path, self.info.rank, short_rows=set(rows))
 
-            model, self._ds_hf_config = Z.build_streamed(
+            model, self._ds_hf_config = B.build_streamed(
                 hf_config, torch_dtype, attn_implementation, ds, self.info.device,
                 loader=open_loader if path is not None else None, after_layer=after)
             if path is None and padded != vocab:
                 for p in V.vocab_parameters(model, padded).values():
-                    Z.zero_from_row(p, vocab)
-            self._offload, self._single_rank_plain = Z.install_offload(
+                    B.zero_from_row(p, vocab)
+            self._offload, self._single_rank_plain = G.install_offload(
                 model, ds, self.zero, self.info, self.ds_config_notes, quantize)
             self.quantize = quantize
             self.quantize_summary = getattr(self._offload, "summary", None) if quantize else None
@@ -152,7 +151,7 @@ class Engine:
 
     def after_backward(self) -> None:
         """Return every ZeRO-3 parameter gathered for this step to its partition."""
-        Z.release_backward_leftovers(self._offload)
+        G.release_backward_leftovers(self._offload)
 
     # -- gathering (merge, export, tests) --------------------------------------------------------
     def gather(self, params, modify: bool = False):
@@ -165,7 +164,7 @@ class Engine:
                                f"bigtrain merge --into-quantized CKPT OUT (into the base as trained)")
         if self.stage == 0 or self._single_rank_plain:  # whole tensors already (aliased partitions)
             return contextlib.nullcontext()
-        return Z.gather(params, modify)
+        return G.gather(params, modify)
 
     def full_tensor(self, p: torch.Tensor) -> torch.Tensor:
         """A CPU copy of the whole parameter."""
@@ -173,7 +172,7 @@ class Engine:
             return p.detach().to("cpu", copy=True)
 
     # -- per-rank storage ------------------------------------------------------------------------
-    local_param_bytes = staticmethod(Z.local_param_bytes)
+    local_param_bytes = staticmethod(B.local_param_bytes)
 
     # -- collectives on replicated tensors -------------------------------------------------------
     @property

@@ -5,10 +5,17 @@
 #   CONFIG=configs/my_run.yaml launch/torchrun.sh train.output_dir=runs/my_run
 #   NPROC=2 launch/torchrun.sh model.preset=tiny-opt train.device=cpu train.max_steps=20
 #
-# Env: CONFIG (YAML file), NPROC (default: GPU count, else 2), TORCHRUN (default torchrun).
+# Env: CONFIG (YAML file), NPROC (default: GPU count, else 2), PYTHON (default python; runs torchrun
+# through launch/_torchrun.py), TORCHRUN (a torchrun command to run as it is instead).
 # --standalone runs a local rendezvous on a free port, so several runs can share a machine.
 # Every other argument is forwarded to `bigtrain train`. Multi-node: slurm/train_torchrun.sbatch.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-exec "${TORCHRUN:-torchrun}" --standalone --nnodes=1 --nproc_per_node="$NPROC" \
-  -m bigtrain "${BT_ARGS[@]}"
+# Stop signals (launch/_torchrun.py): Ctrl-C reaches the workers alone, which save at the next step
+# boundary (Ctrl-C again: at once); `kill` of torchrun is passed to them and ends in one line, not a
+# traceback. TORCHRUN=torchrun runs the plain command instead.
+if [[ -n ${TORCHRUN:-} ]]; then
+  exec "$TORCHRUN" --standalone --nnodes=1 --nproc_per_node="$NPROC" -m bigtrain "${BT_ARGS[@]}"
+fi
+exec "${PYTHON:-python}" "$(dirname "${BASH_SOURCE[0]}")/_torchrun.py" --standalone --nnodes=1 \
+  --nproc_per_node="$NPROC" -m bigtrain "${BT_ARGS[@]}"

@@ -9,6 +9,8 @@
 #   NODES, HEAD_NODE, HEAD_ADDR   the allocation's nodes, the first one, the address its slurmd is reached at
 # exports the NCCL defaults, creates logs/, and defines
 #   bt_gpus_per_node    sets GPUS_PER_NODE (env, else SLURM_GPUS_ON_NODE, else nvidia-smi, else 1)
+#   bt_run_step srun ...    run the training step (own process group; stop signals to the batch
+#                           shell are forwarded to it as USR1); sets rc
 #   bt_requeue_or_exit RC   requeue the job after a clean preemption exit; then exit RC
 
 PYTHON=${PYTHON:-python}
@@ -65,9 +67,34 @@ fi
 # (inode and mtime; none: empty), so that a marker this run wrote can be told from an old one.
 bt_marker() { stat -c '%i %y' "$OUTPUT_DIR/preempted" 2>/dev/null || true; }
 BT_MARKER_BEFORE=$(bt_marker)
-# A site's preemption may SIGTERM the batch shell too: survive it, so that the requeue logic below
-# runs once the ranks have saved (the trap is reset in the launched processes).
-trap 'echo "SIGTERM: waiting for the ranks to save" >&2' TERM
+
+# ---- signals to the batch shell ----------------------------------------------------------------
+# A site's preemption may signal the batch shell too: `scancel --signal=TERM --full` (or -f with
+# USR1/INT) signals the batch shell's process group, `--batch` (and `--signal=B:...`) the shell
+# alone; neither signals the training step's ranks. Untrapped, USR1 and INT kill the shell (the job
+# ends FAILED 0:10 / 0:2 and is not requeued), and srun, in the shell's process group, turns a
+# TERM into a SIGKILL of its step ("srun: forcing job termination": nothing saved, FAILED 137:0).
+# So bt_run_step starts srun in its own process group (setsid: out of reach of --full), and the shell
+# traps TERM, USR1 and INT and forwards each as USR1 to srun, which passes it to every task: the
+# ranks save at the next step boundary and exit 0 (the launchers in between ignore USR1), and
+# bt_requeue_or_exit requeues. USR1, never the signal itself: srun would kill the step on TERM, and
+# bigtrain takes a second INT as "stop at once". (The traps are reset in the launched processes.)
+BT_STEP_PID=''     # the srun of bt_run_step while it runs
+BT_PENDING=''      # a signal that came while no step ran (before it started)
+BT_SIGNALLED=0
+bt_on_signal() {
+  BT_SIGNALLED=1
+  if [[ -n $BT_STEP_PID ]] && kill -0 "$BT_STEP_PID" 2>/dev/null; then
+    echo "bigtrain: the batch shell got SIG$1: forwarded to the training step as SIGUSR1 (the ranks" \
+         "save at the next step boundary, then the job is requeued)" >&2
+    kill -s USR1 "$BT_STEP_PID" 2>/dev/null || true
+  else
+    echo "bigtrain: the batch shell got SIG$1 while no training step runs" >&2
+    BT_PENDING=$1
+  fi
+}
+for _sig in TERM USR1 INT; do trap "bt_on_signal $_sig" "$_sig"; done
+unset _sig
 
 # ---- the allocation's nodes --------------------------------------------------------------------
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -86,6 +113,38 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # Choose the network interface yourself if NCCL picks a wrong one, e.g.:
 #   export NCCL_SOCKET_IFNAME=ib0      (or eth0, bond0 ...; GLOO_SOCKET_IFNAME for gloo)
 # export NCCL_DEBUG=INFO               # prints the topology and transport NCCL chose
+
+# ---- the training step --------------------------------------------------------------------------
+# bt_run_step srun ARGS...   runs the step in its own process group and waits for it, staying
+# responsive to the traps above; sets rc to its exit status. A stop signal that came before it
+# started (nothing launched, nothing to save): the step is not started, and a training job is
+# requeued as after a preemption (it resumes from checkpoints/latest, if any).
+bt_run_step() {
+  local r=0 r2
+  if [[ -n $BT_PENDING ]]; then
+    echo "bigtrain: SIG$BT_PENDING before the training step started: not starting it" >&2
+    if [[ $BT_COMMAND == train ]]; then
+      echo "preempted before training started; requeueing job $SLURM_JOB_ID"
+      scontrol requeue "$SLURM_JOB_ID"
+      exit 0
+    fi
+    exit $((128 + $(kill -l "$BT_PENDING")))
+  fi
+  BT_SIGNALLED=0
+  setsid "$@" &   # not a process-group leader here (no job control), so setsid execs srun: $! is srun
+  BT_STEP_PID=$!
+  wait "$BT_STEP_PID" || r=$?
+  # `wait` returns early (> 128) when a trapped signal arrives: wait again for the step's own status;
+  # 127 (no such child): the step had ended just before the signal, and r was its status
+  while (( r > 128 && BT_SIGNALLED )); do
+    BT_SIGNALLED=0 r2=0
+    wait "$BT_STEP_PID" 2>/dev/null || r2=$?
+    (( r2 == 127 )) && break
+    r=$r2
+  done
+  BT_STEP_PID=''
+  rc=$r
+}
 
 # ---- after training ----------------------------------------------------------------------------
 bt_requeue_or_exit() {

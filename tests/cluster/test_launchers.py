@@ -10,8 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,50 @@ def test_measure_under_the_deepspeed_launcher(tmp_path):
     assert "full-zero3/lora: model states measured" in log
     left = _shm_buffers() - shm_before
     assert not left, f"shared memory left behind: {sorted(left)}"
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "kill-torchrun"])
+def test_torchrun_stop_signal_saves_in_one_line(how, tmp_path):
+    """Issue 27: launch/torchrun.sh stopped by Ctrl-C (SIGINT to the terminal's process group, which
+    holds torchrun alone: it starts each worker in its own session) or by `kill <torchrun>`
+    (SIGTERM). torchrun passes the signal to its workers and waits: both ranks save at the next
+    step boundary. It then ended in its SignalException traceback (exit 1); now in one line, exit
+    128+signal."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("`torchrun` is not on PATH")
+    out = tmp_path / "out"
+    args = [a for a in TRAIN_ARGS if not a.startswith(("train.max_steps", "checkpoint.every"))]
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc", "2", *args, "train.max_steps=2000",
+           "checkpoint.every=1000", f"train.output_dir={out}"]
+    env = _env()
+    env.pop("TORCHRUN", None)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)   # its own process group, as in a terminal
+    log_file = out / "train_log.jsonl"
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (log_file.is_file() and len(log_file.read_text().splitlines()) >= 3):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.2)
+        sig = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+        if how == "ctrl-c":
+            os.killpg(p.pid, sig)   # what the terminal does on Ctrl-C
+        else:
+            os.kill(p.pid, sig)     # torchrun (the script exec'd it)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log = stdout + stderr
+    assert "Traceback" not in log, log[-6000:]
+    assert p.returncode == 128 + sig, (p.returncode, log[-4000:])
+    assert [ln for ln in stderr.splitlines() if ln.startswith("torchrun: ")] == [
+        f"torchrun: stopped by {sig.name}: it passed the signal to its workers and waited for them (bigtrain "
+        "saves at the next step boundary; rerun the same command to resume)"], stderr[-3000:]
+    saved = int((out / "preempted").read_text())
+    assert 3 <= saved < 2000
+    assert f"stopped early ({sig.name}): saved step {saved}" in log, log[-4000:]
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == saved
+    assert (latest / "adapter_model.safetensors").is_file()

@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,25 +144,46 @@ def test_two_node_job_completes(cluster, script, tmp_path):
     assert not (out / "preempted").exists()
 
 
-@pytest.mark.parametrize("sig", ["USR1", "TERM"])
-@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
-                                    "train_deepspeed.sbatch"])
-def test_preemption_checkpoints_requeues_and_resumes(cluster, script, sig, tmp_path):
-    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) or TERM (a site's
-    preemption) reaches every rank; they checkpoint, the script sees $OUTPUT_DIR/preempted and
-    `scontrol requeue`s the job, and the rerun (same job id) resumes from the saved step and
-    finishes. torchrun and the deepspeed launcher ignore USR1 and wait for their ranks; on TERM they
-    end with an error after the ranks saved, and the script still requeues (the marker is this
-    run's own)."""
-    out, steps = tmp_path / "out", 80
+PREEMPT_STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def reference_adapter(cluster, tmp_path_factory) -> bytes:
+    """The final adapter file of one uninterrupted run (train_srun.sbatch, PREEMPT_STEPS steps): every
+    preempted, requeued and resumed run below must end with the same bytes, whatever its script."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = tmp / "out"
+    jid = submit("train_srun.sbatch", tmp, out, PREEMPT_STEPS)
+    info = wait_done(jid, tmp)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
+        f"{info}\n{job_log(tmp, jid)[-6000:]}"
+    ckpt, step = latest_state(out)
+    assert step == PREEMPT_STEPS
+    return (ckpt / "adapter_model.safetensors").read_bytes()
+
+
+def preempt_requeue_resume(script: str, scancel_args: list[str], tmp_path: Path, reference: bytes) -> str:
+    """Submit `script`, signal the job with `scancel *scancel_args JOB` once step 5 is logged, and check
+    the whole path: the ranks save at the next step boundary (the `preempted` marker and
+    checkpoints/latest name that step), the script requeues the job (PENDING, Restarts=1), the rerun
+    resumes at the next step, completes, and its final adapter equals the uninterrupted run's, byte
+    for byte. Returns the job's log."""
+    out, steps = tmp_path / "out", PREEMPT_STEPS
     jid = submit(script, tmp_path, out, steps)
     wait_for(lambda: (s := logged_steps(out)) and s[-1] >= 5, "step 5 in train_log.jsonl", jid, tmp_path)
-    # without --batch/--full this signals every job step (the srun'd ranks), not the batch shell
-    assert _run(["scancel", f"--signal={sig}", jid]).returncode == 0
+    p = _run(["scancel", *scancel_args, jid])
+    assert p.returncode == 0, p.stderr
 
-    # requeued: back to PENDING with Restarts=1, held by Slurm's requeue BeginTime (~2 min)
-    wait_for(lambda: (i := job_info(jid))["Restarts"] == "1" and i["JobState"] == "PENDING",
-             "the requeue", jid, tmp_path, timeout=120)
+    # requeued: back to PENDING with Restarts=1, held by Slurm's requeue BeginTime (~2 min); a job
+    # that ended instead (FAILED 137:0 when srun killed the step, 0:10 when USR1 killed the batch
+    # shell) fails here at once
+    def requeued_or_ended():
+        i = job_info(jid)
+        return i if (i["Restarts"] == "1" and i["JobState"] == "PENDING") or i["JobState"] in TERMINAL else None
+    info = wait_for(requeued_or_ended, "the requeue", jid, tmp_path, timeout=120)
+    assert info["Restarts"] == "1" and info["JobState"] == "PENDING", \
+        f"not requeued: {info['JobState']} {info['ExitCode']} Restarts={info['Restarts']}\n" \
+        f"{job_log(tmp_path, jid)[-4000:]}"
     preempted = out / "preempted"
     assert preempted.is_file(), job_log(tmp_path, jid)[-4000:]
     saved = int(preempted.read_text().strip())
@@ -185,9 +208,46 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, script, sig, tmp_p
     assert f"preempted at step {saved}; requeueing job {jid}" in log
     new_steps = logged_steps(out)[n_before:]
     assert new_steps and new_steps[0] == saved + 1 and new_steps[-1] == steps, new_steps
-    assert latest_state(out)[1] == steps
+    ckpt, step = latest_state(out)
+    assert step == steps
+    assert (ckpt / "adapter_model.safetensors").read_bytes() == reference, \
+        "the resumed run's adapter differs from the uninterrupted run's"
     assert not preempted.exists()
     assert len(re.findall(r"rank \d/2 on host n[12]", log)) == 4   # both ranks, both runs
+    return log
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+@pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
+                                    "train_deepspeed.sbatch"])
+def test_preemption_checkpoints_requeues_and_resumes(cluster, reference_adapter, script, sig, tmp_path):
+    """scancel --signal=USR1 (what --signal=USR1@120 sends before the time limit) or TERM (a site's
+    preemption) reaches every rank; they checkpoint, the script sees $OUTPUT_DIR/preempted and
+    `scontrol requeue`s the job, and the rerun (same job id) resumes from the saved step and
+    finishes with the uninterrupted run's adapter. torchrun and the deepspeed launcher ignore USR1
+    and wait for their ranks; on TERM they end with an error after the ranks saved, and the script
+    still requeues (the marker is this run's own)."""
+    # without --batch/--full this signals every job step (the srun'd ranks), not the batch shell
+    preempt_requeue_resume(script, [f"--signal={sig}"], tmp_path, reference_adapter)
+
+
+WHOLE_JOB_SIGNALS = {"TERM-full": ["--signal=TERM", "--full"], "USR1-full": ["-s", "USR1", "-f"],
+                     "USR1-batch": ["-s", "USR1", "--batch"]}
+
+
+@pytest.mark.parametrize("how", list(WHOLE_JOB_SIGNALS))
+def test_whole_job_signal_checkpoints_requeues_and_resumes(cluster, reference_adapter, how, tmp_path):
+    """Issue 27: a preemption that signals the batch shell (`--full`: its whole process group;
+    `--batch`: the shell alone; neither signals the ranks' step). It was: TERM --full reached the
+    srun in the batch shell, which SIGKILLed the step (FAILED 137:0, nothing saved); USR1 killed the
+    untrapped shell (FAILED 0:10, no requeue). Now the shell traps it and forwards USR1 to srun (in
+    its own process group, out of reach of --full): the ranks save, the job requeues and resumes to
+    the uninterrupted run's adapter. On train_torchrun.sbatch (srun -> torchrun -> ranks); the
+    three scripts share this code (test_every_script_runs_its_step_through_bt_run_step)."""
+    log = preempt_requeue_resume("train_torchrun.sbatch", WHOLE_JOB_SIGNALS[how], tmp_path, reference_adapter)
+    sig = how.split("-")[0]
+    assert f"bigtrain: the batch shell got SIG{sig}: forwarded to the training step as SIGUSR1" in log, log[-4000:]
+    assert "forcing job termination" not in log
 
 
 def test_failed_rerun_after_preemption_is_not_requeued(cluster, tmp_path):
@@ -244,3 +304,96 @@ def test_a_missing_config_stops_the_script_in_one_line(script, tmp_path):
     assert p.returncode == 2, (p.returncode, p.stdout[-1000:], p.stderr[-2000:])
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert err == [f"bigtrain: config error: config file '{tmp_path / 'missing.yaml'}' does not exist"], p.stderr
+
+
+SCRIPTS = ["train_srun.sbatch", "train_torchrun.sbatch", "train_deepspeed.sbatch"]
+
+
+def test_every_script_runs_its_step_through_bt_run_step():
+    """The three scripts share the batch shell's signal handling: each sources slurm/_common.sh
+    (traps, bt_run_step) and starts its training step with `bt_run_step srun`, never with a bare
+    srun (which --full would reach, and which the traps could not forward to). So the whole-job
+    signal test on one script covers all three."""
+    for script in SCRIPTS:
+        text = (ROOT / "slurm" / script).read_text()
+        code = [ln.split("#")[0] for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+        assert 'source "$BT_SLURM_DIR/_common.sh"' in text, script
+        runs = [ln for ln in code if re.search(r"(^|[;&|(]|\bbt_run_step)\s*srun\s", ln)]
+        assert runs and all(re.match(r"\s*bt_run_step srun ", ln) for ln in runs), (script, runs)
+        assert len(runs) == 1, (script, runs)
+
+
+# A stand-in for srun: records the signals it gets; USR1 -> "the ranks saved": exit 0 after a
+# moment; TERM -> what srun does (SIGKILL of the step): exit 137. Ready once its handlers are set.
+FAKE_SRUN = """
+import os, signal, sys, time
+log, ready = sys.argv[1], sys.argv[2]
+def got(signum, frame):
+    with open(log, "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+    if signum == signal.SIGUSR1:
+        time.sleep(0.5); sys.exit(0)
+    sys.exit(137)
+for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(s, got)
+open(ready, "w").close()
+time.sleep(60)
+sys.exit(5)
+"""
+
+
+def _batch_shell(tmp: Path, before_step: str = "") -> subprocess.Popen:
+    """slurm/_common.sh sourced as a batch script would (set -euo pipefail, the allocation's env,
+    stub scontrol), then `bt_run_step` with FAKE_SRUN; in its own session, as slurmstepd starts the
+    batch shell, so that killpg reaches it the way `scancel --full` does."""
+    stub = tmp / "bin"
+    stub.mkdir()
+    (stub / "scontrol").write_text('#!/bin/sh\ncase "$1 $2" in\n  "show hostnames") echo n1 ;;\n'
+                                   '  "show node") echo "NodeName=n1 NodeAddr=127.0.0.1" ;;\n'
+                                   f'  *) echo "$@" >>{tmp}/scontrol.log ;;\nesac\n')
+    (stub / "scontrol").chmod(0o755)
+    (tmp / "fake_srun.py").write_text(FAKE_SRUN)
+    script = (f'set -euo pipefail\nsource {ROOT}/slurm/_common.sh\n{before_step}\nrc=0\n'
+              f'bt_run_step {sys.executable} {tmp}/fake_srun.py {tmp}/signals.log {tmp}/ready\n'
+              'echo "rc=$rc"\n')
+    env = dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1",
+               OUTPUT_DIR=str(tmp / "out"))
+    return subprocess.Popen(["bash", "-c", script], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("sig,full", [("TERM", True), ("USR1", True), ("INT", True), ("USR1", False)],
+                         ids=["TERM-full", "USR1-full", "INT-full", "USR1-batch"])
+def test_batch_shell_forwards_stop_signals_to_the_step(sig, full, tmp_path):
+    """Without Slurm: the batch shell's whole process group (--full: slurmstepd's killpg) or the
+    shell alone (--batch) gets the signal; srun (here a stand-in) must not get it itself (srun turns
+    TERM into a SIGKILL of the step) but get exactly one USR1 from the shell, whose status becomes
+    rc; the shell survives to the requeue logic."""
+    p = _batch_shell(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+            time.sleep(0.05)
+        signum = getattr(signal, f"SIG{sig}")
+        os.killpg(p.pid, signum) if full else os.kill(p.pid, signum)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, (p.returncode, out)
+    assert (tmp_path / "signals.log").read_text().split() == ["SIGUSR1"], out
+    assert f"bigtrain: the batch shell got SIG{sig}: forwarded to the training step as SIGUSR1" in out
+    assert out.rstrip().endswith("rc=0"), out
+
+
+def test_signal_before_the_step_requeues_without_starting_it(tmp_path):
+    """A stop signal to the batch shell before its step started: nothing to save; the step is not
+    started and the training job is requeued (scontrol requeue, exit 0)."""
+    p = _batch_shell(tmp_path, before_step="kill -s TERM $$")
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, out
+    assert not (tmp_path / "ready").exists()
+    assert "bigtrain: SIGTERM before the training step started: not starting it" in out
+    assert "requeueing job 7" in out and "rc=" not in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "7"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `bigtrain measure` on H200s: LoRA against full fine-tuning with DeepSpeed ZeRO-3 (bf16, DeepSpeed's
 # AdamW), GPT-3 6.7B and 13B, micro-batch 2, sequence 2048, with and without activation
-# checkpointing; the README's "what LoRA saves" table (bench/measure_table.py renders it).
+# checkpointing; the "what LoRA saves" table in docs/results.md (bench/measure_table.py renders it).
 # One phase per device call, each under 10 minutes:
 #   OUT=DIR bash bench/measure_h200.sh 1gpu    one H200 (python -m bigtrain measure)
 #   OUT=DIR bash bench/measure_h200.sh 2gpu    two H200s (torchrun --nproc_per_node 2)

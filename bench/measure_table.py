@@ -1,4 +1,4 @@
-"""The README's "what LoRA saves" table from ``bigtrain measure`` outputs (measure.json files, or the
+"""The "what LoRA saves" table (docs/results.md) from ``bigtrain measure`` outputs (measure.json files, or the
 .jsonl of them that bench/measure_h200.sh appends to).
 
   python bench/measure_table.py OUT/measure_1gpu.jsonl OUT/measure_2gpu.jsonl > table.md

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=TRAIN_EPILOG + _config_reference(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", metavar="FILE", action=_Once,
-                   help="YAML config file (see ds_configs/ and the README); once")
+                   help="YAML config file (see ds_configs/ and docs/configuration.md); once")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-3")
     t.set_defaults(func=cmd_train)
     pr = sub.add_parser("presets", help="list built-in model presets with exact parameter counts")

@@ -103,7 +103,7 @@ class ModelConfig:
     model.dtype. The partitions are built in host memory and quantized onto the device one weight at
     a time once loaded (the host holds this rank's unquantized partitions meanwhile); the block
     boundaries follow the partitions, so the dequantized values depend on the world size. Measured on
-    H200s (README): int8 0.96-1.0x and nf4 0.88-1.04x the bf16 base's tokens/s at 2 GPUs, peak per
+    H200s (docs/quantized.md): int8 0.96-1.0x and nf4 0.88-1.04x the bf16 base's tokens/s at 2 GPUs, peak per
     GPU at or below bigtrain estimate --quantize. Needs zero.stage=3, zero.gather=layers,
     zero.leaf_blocks=true, no hpZ or parameter offload, checkpoint.merge_at_end=false (merge offline
     with bigtrain merge, which reads the unquantized base from disk, or with --into-quantized into the
@@ -640,8 +640,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for every leaf field: the config reference in the README and
-    ``bigtrain train --help`` are generated from this, so they cannot drift from the code."""
+    """(key, type, default, doc) for every leaf field: ``bigtrain train --help``'s config reference
+    is generated from this, so it cannot drift from the code."""
 
     docs: dict[str, str] = {}
     try:  # attribute docstrings: a string literal right after the field

@@ -464,7 +464,7 @@ The base is streamed tensor by tensor; memory held is about one output shard. W0
 stored on disk, also for a run trained with model.quantize; --into-quantized writes the base the
 adapters were trained against instead (each quantized weight quantized and dequantized as the run's
 ranks held it, at the world size of its checkpoint; in the run's model.dtype), the one whose eval
-loss is the run's own (the README gives the difference).
+loss is the run's own (docs/quantized.md gives the difference).
 """
 
 

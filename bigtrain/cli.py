@@ -116,29 +116,16 @@ class _Once(argparse.Action):
 
 
 def _optional_commands():
-    """Subcommands that live in their own modules."""
-    out = []
-    try:
-        from .memory import add_estimate_parser
-        out.append(add_estimate_parser)
-    except ImportError:
-        pass
-    try:
-        from .measure import add_measure_parser
-        out.append(add_measure_parser)
-    except ImportError:
-        pass
-    try:
-        from .export import add_export_parsers
-        out.append(add_export_parsers)
-    except ImportError:
-        pass
-    try:
-        from .generate import add_generate_parsers
-        out.append(add_generate_parsers)
-    except ImportError:
-        pass
-    return out
+    """The subcommands that live in their own modules, each registering its parser. Those modules
+    import torch only inside their commands, so ``bigtrain --help`` loads none of it
+    (tests/e2e/test_cli.py); a module that fails to import fails here, loudly, rather than its
+    subcommand going missing."""
+    from .export import add_export_parsers
+    from .generate import add_generate_parsers
+    from .measure import add_measure_parser
+    from .memory import add_estimate_parser
+
+    return [add_estimate_parser, add_measure_parser, add_export_parsers, add_generate_parsers]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,13 @@ from typing import Any, Optional, Union
 import yaml
 
 
+# The dtypes a base or adapter may be stored in, and their bytes per element: one definition, read by
+# the config's checks, the estimator (memory.py), the engine (torch dtypes by these names) and
+# export's --dtype (which also takes the short names).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the dotted key."""
 
@@ -110,7 +117,7 @@ class ModelConfig:
     quantized base the adapters were trained over)."""
 
     def validate(self, p: str) -> None:
-        _choice(p + ".dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice(p + ".dtype", self.dtype, tuple(DTYPE_BYTES))
         _choice(p + ".quantize", self.quantize, (None, *QUANTIZE_CHOICES))
         _choice(p + ".attn_implementation", self.attn_implementation, (None, "sdpa", "eager"))
         if self.path is not None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from .config import TOKENIZER_FILES, parse_size, resolve_model_path
+from .config import DTYPE_BYTES, DTYPE_SHORT_NAMES, TOKENIZER_FILES, parse_size, resolve_model_path
 from .presets import meta_model
 
 if TYPE_CHECKING:
@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 PEFT_PREFIX = "base_model.model."
 FORMATS = ("peft",)
 # --dtype names -> torch dtype names (torch is imported only when a command runs: --help stays fast)
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16",
-               "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+DTYPE_NAMES = {**{n: n for n in DTYPE_BYTES}, **DTYPE_SHORT_NAMES}  # --dtype's names
 
 
 # -- reading a bigtrain checkpoint -------------------------------------------------------------

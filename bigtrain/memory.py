@@ -64,7 +64,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import QUANTIZE_CHOICES
+from .config import DTYPE_BYTES, QUANTIZE_CHOICES
 from .presets import PRESETS, hf_config_for, meta_model, position_limit
 
 # Deferred imports: torch, transformers, deepspeed, accelerate, matplotlib and the modules that load
@@ -74,7 +74,6 @@ from .presets import PRESETS, hf_config_for, meta_model, position_limit
 GiB = 2 ** 30
 GB = 10 ** 9
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state",
               "activations", "logits_loss", "zero_buffers", "cuda_context")
 CATEGORY_LABELS = {

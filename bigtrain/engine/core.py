@@ -29,14 +29,14 @@ from torch import nn
 from .. import dist as D
 from .. import frozen_linear
 from .. import vocab as V
-from ..config import ZeroConfig
+from ..config import DTYPE_BYTES, ZeroConfig
 from ..loader import PartitionLoader
 from ..quantize import quantize_layer
 from . import build as B
 from . import ds_config as C
 from . import gather as G
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_BYTES}  # config.DTYPE_BYTES's names
 
 
 class Engine:

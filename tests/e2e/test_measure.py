@@ -166,3 +166,24 @@ def test_terminating_a_rank_ends_its_child(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_measure_runs_on_the_demo_as_it_comes(tmp_path):
+    """The first command a newcomer tries after the demo: `bigtrain measure` with no config on the
+    built-in tiny OPT (a float32 base). Both modes are measured on a bf16 base, said in one line, and
+    the report compares them: LoRA's model states are far below full fine-tuning's, both measured
+    equal to the estimator's count (it was refused: "full fine-tuning runs DeepSpeed's 16-bit ...")."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, "-m", "bigtrain", "measure", "--steps", "2",
+                        f"train.output_dir={tmp_path}/demo"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "model.dtype=float32 -> bfloat16 for every mode" in p.stdout, p.stdout
+    rep = json.loads((tmp_path / "demo" / "measure" / "measure.json").read_text())
+    rows = rep["modes"]
+    assert set(rows) == {"lora", "full-zero3"} and all(m["status"] == "ok" for m in rows.values()), rows
+    for mode, m in rows.items():
+        assert m["states"] == m["predicted"]["states"], (mode, m["states"], m["predicted"]["states"])
+    assert rows["full-zero3"]["states_total"] > 3 * rows["lora"]["states_total"], rows

@@ -636,7 +636,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         try:
             tree = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            # one line: the problem and where (PyYAML appends the offending snippet on more lines)
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            if "given twice" in what:
+                where = ""  # the message names its line
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {what}{where}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
     for o in overrides:

@@ -133,6 +133,11 @@ def test_a_yaml_key_given_twice_is_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert "is not valid YAML" in str(e.value) and "key 'lr' is given twice (line 4)" in str(e.value)
+    assert "\n" not in str(e.value)  # one line: PyYAML's snippet of the file is not appended
+    f.write_text("train:\n  lr: 1e-3\n   x: [\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).endswith("is not valid YAML: mapping values are not allowed here (line 3, column 5)")
     f.write_text("train:\n  lr: 0.001\nlora:\n  r: 4\n")  # the same key in two sections is fine
     assert load_config(f).train.lr == 0.001
 

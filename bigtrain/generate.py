@@ -2,7 +2,7 @@
 
 Both commands open a *session*: the run's own config (the checkpoint's ``config.yaml``), its
 recorded base (``adapter_config.json``'s ``base_model``, or ``--base DIR``) built by the training
-engine exactly as training builds it (:meth:`bigtrain.engine.Engine.build_base`: whole at world
+engine exactly as training builds it (:meth:`bigtrain.engine.core.Engine.build_base`: whole at world
 size 1, partitioned by ZeRO-3 under ``torchrun``, the vocabulary padded the same way), and an
 :class:`~bigtrain.switch.AdapterBank` holding every adapter given, over that one base. The adapters
 are applied unmerged, through the LoRA forward hooks training used, so what is generated or scored

@@ -237,7 +237,7 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
                 stopped = f"stopped: still running after --mode-timeout-s {args.mode_timeout_s:g}"
                 _kill(proc)
         time.sleep(0.1)
-    from .zero3 import unlink_deepspeed_shm
+    from .dist import unlink_deepspeed_shm
 
     # the child's DeepSpeed CPU shared-memory buffer (made under the deepspeed launcher), left by a
     # child that ran out of memory or was stopped

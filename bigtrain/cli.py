@@ -120,10 +120,10 @@ def _optional_commands():
     import torch only inside their commands, so ``bigtrain --help`` loads none of it
     (tests/e2e/test_cli.py); a module that fails to import fails here, loudly, rather than its
     subcommand going missing."""
+    from .estimate import add_estimate_parser
     from .export import add_export_parsers
     from .generate import add_generate_parsers
     from .measure import add_measure_parser
-    from .memory import add_estimate_parser
 
     return [add_estimate_parser, add_measure_parser, add_export_parsers, add_generate_parsers]
 

@@ -1,6 +1,6 @@
 """The module layout: no import cycles among bigtrain's modules (function-level imports counted), the
-config module imports neither export nor engine, and the quantizer and the CPU-only tools load
-no DeepSpeed."""
+config module imports neither export nor engine, and the quantizer and the CPU-only tools (the
+memory model and ``bigtrain estimate``) load no DeepSpeed."""
 import ast
 import subprocess
 import sys
@@ -103,7 +103,7 @@ def test_config_imports_no_export_or_engine():
     assert _loaded(code) == "['bigtrain', 'bigtrain.config']"
 
 
-def test_quantize_and_memory_load_no_deepspeed_or_engine():
-    code = ("import sys, bigtrain.quantize, bigtrain.memory; "
+def test_quantize_memory_and_estimate_load_no_deepspeed_or_engine():
+    code = ("import sys, bigtrain.quantize, bigtrain.memory, bigtrain.estimate; "
             "print('deepspeed' in sys.modules, any(m.startswith('bigtrain.engine') for m in sys.modules))")
     assert _loaded(code) == "False False"

@@ -1,10 +1,9 @@
-"""bigtrain.memory with a quantized LoRA base (``Setup.quantize``, ``bigtrain estimate --quantize``):
-the frozen bytes by hand from the storage formats, the layer gatherer's buffer model (and, on one CPU
-rank, against the buffers the gatherer really allocates), the command's table, JSON and errors,
-the --paper comparison and the PEFT ZeRO-3 + QLoRA anchor, and the runs that build a Setup from their
-config (the end-of-run savings line, ``bigtrain measure``'s report)."""
+"""bigtrain.memory with a quantized LoRA base (``Setup.quantize``): the frozen bytes by hand from the
+storage formats, the layer gatherer's buffer model (and, on one CPU rank, against the buffers the
+gatherer really allocates), and the runs that build a Setup from their config (the end-of-run savings
+line, ``bigtrain measure``'s report). ``bigtrain estimate --quantize``'s table, JSON and errors, the
+--paper comparison and the PEFT ZeRO-3 + QLoRA anchor: test_estimate.py."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from bigtrain import memory as M
-from bigtrain.memory import GB, GiB, Setup, estimate, model_shape, per_gpu, predict_states, preset_shape
+from bigtrain.memory import GiB, Setup, estimate, model_shape, per_gpu, predict_states, preset_shape
 from bigtrain.quantize import quantized_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,51 +125,6 @@ def test_settings_a_quantized_base_refuses(bad):
         per_gpu(model_shape("gpt3-2.7b"), replace(Setup(world_size=8, quantize="int8"), **bad), "lora")
 
 
-def _args(*argv):
-    p = argparse.ArgumentParser()
-    M.add_estimate_parser(p.add_subparsers())
-    return p.parse_args(["estimate", *argv])
-
-
-ANCHOR = ("llama2-70b", "--gpus-per-node", "2", "--micro-batch", "2", "--seq-len", "2048", "--lora-r", "8",
-          "--lora-targets", "all-linear", "--quantize", "nf4", "--gpu-mem-gib", "40")
-
-
-def test_cli_quantize_table_json_and_errors(capsys):
-    assert M.run_estimate(_args(*ANCHOR)) == 0
-    text = capsys.readouterr().out
-    assert "LoRA's base quantized nf4" in text and "LoRA (ZeRO-3, nf4 base)" in text
-    rows = {line[:32].strip(): line[32:].split() for line in text.splitlines() if line[:32].strip() in
-            ("frozen weights", "ZeRO/comm buffers + casts", "peak per GPU", "fits the GPU")}
-    assert rows["frozen weights"] == ["0.00", "18.18"] and rows["ZeRO/comm buffers + casts"][1] == "7.07"
-    assert rows["peak per GPU"][1] == "37.57" and rows["fits the GPU"] == ["NO", "yes"]
-    assert "3 decoder layers dequantized to bfloat16" in text and "packed nf4 all-gather output" in text
-    assert M.run_estimate(_args(*ANCHOR, "--json")) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["setup"]["quantize"] == "nf4" and out["lora"]["quantize"] == "nf4" and "quantize" not in out["full"]
-    shape = model_shape("llama2-70b")
-    assert out["lora"]["per_gpu"]["frozen_weights"] == predict_states(
-        shape, ["all-linear"], 8, 2, "bfloat16", quantize="nf4")["frozen_weights"]
-    assert M.run_estimate(_args(*ANCHOR[:-4], "--gpu-mem-gib", "40", "--json")) == 0  # no --quantize
-    plain = json.loads(capsys.readouterr().out)
-    assert plain["setup"]["quantize"] is None and plain["lora"]["quantize"] is None and plain["full"] == out["full"]
-    assert plain["lora"]["per_gpu"]["frozen_weights"] > 3.5 * out["lora"]["per_gpu"]["frozen_weights"]
-    for extra, flag in ((("--zero-stage", "0"), "--zero-stage 0"), (("--hpz", "2"), "--hpz 2"),
-                        (("--offload-param",), "--offload-param")):
-        assert M.run_estimate(_args(*ANCHOR, *extra)) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: --quantize nf4 needs LoRA's ZeRO-3 base") and flag in err and err.count("\n") == 1
-    with pytest.raises(SystemExit):
-        _args("gpt3-2.7b", "--quantize", "int4")
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
-    p = argparse.ArgumentParser(prog="bigtrain")
-    raw_help = M.add_estimate_parser(p.add_subparsers()).format_help()
-    help_text = " ".join(raw_help.split())
-    assert "--quantize {int8,nf4}" in help_text and "Needs ZeRO stage 3" in help_text
-    assert "--lora-targets all-linear \\\n      --quantize nf4 --gpu-mem-gib 40" in raw_help  # the example
-    print(text)
-
-
 def test_world_one_buffers_equal_the_gatherers_allocations(tmp_path):
     """One gloo rank, a random bf16 tiny-llama built into partitions with model.quantize through
     Engine.build_base (tests/dist/quant_buffers_worker.py): for every decoder-layer unit the
@@ -206,39 +160,6 @@ def test_world_one_buffers_equal_the_gatherers_allocations(tmp_path):
         print(key, got["units"][0], {k: g[k] for k in ("unit", "packed", "dequant_temp")})
     # the threshold decides what is in the unit: the two RMSNorm weights (64 elements each)
     assert res["int8/0"]["units"][0]["whole"] - res["int8/100000"]["units"][0]["whole"] == 2 * 2 * 64
-
-
-def test_paper_shows_quantized_bases_and_the_qlora_anchor(capsys):
-    assert M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper", "--json")) == 0
-    raw = capsys.readouterr().out
-    out = json.loads(raw)  # only the JSON: DeepSpeed's import-time log line is kept off stdout
-    qc = out["paper"]["quantized"]
-    assert qc["world_size"] == 64 and [r["base"] for r in qc["rows"]] == ["bfloat16", "int8", "nf4"]
-    big = model_shape("gpt3-175b")
-    for r in qc["rows"]:
-        e = estimate(big, Setup(world_size=64, quantize=r["quantize"]))["lora"]
-        assert (r["frozen_weights"], r["per_gpu_total"], r["job_total"]) == (
-            e["per_gpu"]["frozen_weights"], e["per_gpu_total"], e["job_total"])
-    bf16, int8, nf4 = qc["rows"]
-    assert bf16["per_gpu_total"] == out["lora"]["per_gpu_total"]  # the setup above is 8 x 8 already
-    assert nf4["frozen_weights"] < int8["frozen_weights"] < bf16["frozen_weights"]
-    # at 64 GPUs the gather buffers are most of the saving's size: int8 saves 0.62 GB per GPU, nf4 3.18
-    assert bf16["per_gpu_total"] > int8["per_gpu_total"] > nf4["per_gpu_total"]
-    assert round((bf16["per_gpu_total"] - int8["per_gpu_total"]) / GB, 2) == 0.62
-    assert round((bf16["per_gpu_total"] - nf4["per_gpu_total"]) / GB, 2) == 3.18
-    a = out["paper"]["qlora_anchor"]
-    assert a["reported_gb_per_gpu"] == 36.6 and a["quantize"] == "nf4" and a["gpus"] == 2
-    assert round(a["per_gpu_total"] / GB, 2) == 37.57 and round(a["per_gpu_allocated"] / GB, 2) == 35.27
-    assert round(a["per_gpu_total"] / (36.6 * GB) - 1, 3) == 0.026 and a["fits"]
-    assert M.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
-    text = capsys.readouterr().out
-    assert "What model.quantize changes for LoRA, gpt3-175b on 64 GPUs" in text
-    assert "reported 36.6 GB per GPU" in text and "37.57 GB per GPU (34.99 GiB; +2.6% against 36.6 GB)" in text
-    # the docs note states the same figures
-    note = (ROOT / "docs" / "quantized_estimate.md").read_text()
-    for fig in ("37.57", "35.27", "+2.6%", "18.18", "7.07", "5.13", "1.05", "6.98", "1.66", "90.41"):
-        assert fig in note, fig
-    print(text[text.index("What model.quantize changes"):text.index("What the usual estimators")])
 
 
 def test_end_of_run_savings_line_uses_the_quantized_estimate():

@@ -1,0 +1,560 @@
+"""``bigtrain estimate``: per-GPU memory of full fine-tuning with Adam against LoRA, as a table, JSON
+or a plot; with ``--paper``, the LoRA paper's GPT-3 175B figures, what model.quantize changes, the
+anchor against PEFT's ZeRO-3 + QLoRA example and what accelerate's and DeepSpeed's estimators say.
+
+The model of memory itself (what each row counts, and why) is :mod:`bigtrain.memory`; this module
+only asks it and prints the answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+from dataclasses import replace
+
+from .config import QUANTIZE_CHOICES
+from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, DEFAULT_PERSISTENCE, FRAGMENTATION, GB,
+                     GiB, ModelShape, Setup, _hf_config, _meta_cached, estimate, model_shape, peak_bytes,
+                     per_gpu, preset_shape, quantized_gather_bytes)
+from .presets import meta_model, position_limit
+
+# Deferred imports: accelerate, deepspeed and matplotlib are imported where used: `bigtrain estimate
+# --help` builds this module's parser without loading torch, and the comparisons with other tools
+# are optional.
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA paper's GPT-3 175B figures, and what the usual tools say.
+
+PAPER_FULL_VRAM = 1.2e12  # Hu et al. 2021, §4.2: "from 1.2TB to 350GB"
+PAPER_LORA_VRAM = 350e9
+PAPER_CHECKPOINT = 35e6  # "from 350GB to 35MB"
+
+
+def paper_figures(model="gpt3-175b") -> dict:
+    """The paper's headline figures recomputed from the meta-built model.
+
+    * trainable parameters, W_q and W_v: r=1 and r=4 (the paper's setting);
+    * adapter checkpoint at r=4 in bf16 (the paper's "35 MB" is 37.7 MB = 18,874,368 × 2 bytes);
+    * the LoRA training VRAM "350 GB" is the 16-bit frozen weights, 2Ψ; adapter state (16Φ ≈ 0.3 GB)
+      and activations are small beside it;
+    * the full fine-tuning "1.2 TB" is the paper's own measured figure: no itemised accounting is
+      given. It is ≈ 6.9 bytes/param, i.e. 16-bit weights + 16-bit Adam m and v (6Ψ = 1.05 TB) plus part
+      of the 16-bit gradients live at once (all of them: 8Ψ = 1.40 TB); it is not the 16Ψ (2.79 TB) of
+      mixed-precision Adam with an fp32 master copy, which is what ``bigtrain estimate`` reports.
+    """
+    shape = model_shape(model)
+    P = shape.total_params
+    r1 = shape.lora_params(["q_proj", "v_proj"], 1)
+    r4 = shape.lora_params(["q_proj", "v_proj"], 4)
+    return {
+        "total_params": P, "lora_params_r1": r1, "lora_params_r4": r4,
+        "param_reduction": P / r4,
+        "checkpoint_full_bytes_bf16": 2 * P, "checkpoint_lora_bytes_bf16": 2 * r4,
+        "checkpoint_reduction": P / r4,
+        "paper_full_vram_bytes": PAPER_FULL_VRAM, "paper_lora_vram_bytes": PAPER_LORA_VRAM,
+        "paper_checkpoint_bytes": PAPER_CHECKPOINT,
+        "lora_vram_bf16_weights": 2 * P,
+        "lora_vram_with_adapter_state": 2 * P + 16 * r4,
+        "full_vram_implied_bytes_per_param": PAPER_FULL_VRAM / P,
+        "full_vram_16bit_weights_adam": 6 * P,
+        "full_vram_16bit_weights_grads_adam": 8 * P,
+        "full_vram_mixed_precision_adam": 16 * P,
+        "vram_reduction_paper": PAPER_FULL_VRAM / PAPER_LORA_VRAM,
+    }
+
+
+def quantize_comparison(shape: ModelShape, st: Setup, world_size: int = 64) -> dict:
+    """What model.quantize changes for LoRA on ``world_size`` GPUs (the LoRA paper's 175B setup: 8
+    nodes × 8), ``st`` otherwise (its ZeRO-3 base, no hpZ or offload): per GPU the frozen base bytes, the
+    gather buffers and the LoRA peak, and the whole job's, for the unquantized base and each scheme."""
+    out = {"world_size": world_size, "rows": []}
+    for q in (None, *QUANTIZE_CHOICES):
+        s = replace(st, world_size=world_size, quantize=q, zero_stage=3, hpz=1, offload_param=False)
+        c = per_gpu(shape, s, "lora")
+        total = peak_bytes(c, s, "lora")
+        out["rows"].append({"quantize": q, "base": q or st.dtype, "frozen_weights": c["frozen_weights"],
+                            "zero_buffers": c["zero_buffers"], "per_gpu_total": total,
+                            "job_total": total * world_size})
+    return out
+
+
+# HF PEFT's "Use PEFT QLoRA and DeepSpeed with ZeRO3 for finetuning large models on multiple GPUs"
+# (peft docs/source/accelerate/deepspeed.md; examples/sft/run_peft_qlora_deepspeed_stage3.sh and
+# configs/deepspeed_config_z3_qlora.yaml): Llama-2-70B on 2 × 40 GB A100s, "36.6 GB" per GPU.
+PEFT_QLORA = {"model": "llama2-70b", "gpus": 2, "gpu_mem_gib": 40, "micro_batch": 2, "grad_accum": 2,
+              "seq_len": 2048, "lora_r": 8, "lora_alpha": 16, "lora_targets": "all-linear", "quantize": "nf4",
+              "reported_gb_per_gpu": 36.6}
+
+
+def peft_qlora_anchor() -> dict:
+    """bigtrain's estimate for the job of PEFT's ZeRO-3 + QLoRA example (``PEFT_QLORA``): 2 GPUs,
+    micro-batch 2 of 2,048 packed tokens, activation checkpointing, LoRA r=8 on every linear layer,
+    an nf4 base, bf16 compute; with the CUDA context and fragmentation allowance (what
+    nvidia-smi-like figures include) and without it (``torch.cuda.max_memory_allocated``)."""
+    a = PEFT_QLORA
+    st = Setup(world_size=a["gpus"], micro_batch=a["micro_batch"], seq_len=a["seq_len"], checkpointing=True,
+               lora_r=a["lora_r"], lora_targets=(a["lora_targets"],), quantize=a["quantize"],
+               gpu_mem_bytes=a["gpu_mem_gib"] * GiB)
+    shape = model_shape(a["model"])
+    c = per_gpu(shape, st, "lora")
+    bare = per_gpu(shape, replace(st, include_context=False), "lora")
+    bf16 = per_gpu(shape, replace(st, quantize=None), "lora")
+    return {**a, "per_gpu": c, "per_gpu_total": peak_bytes(c, st, "lora"),
+            "per_gpu_allocated": peak_bytes(bare, st, "lora"),
+            "gather": quantized_gather_bytes(shape, st),
+            "bf16_base_per_gpu_total": peak_bytes(bf16, st, "lora"),
+            "fits": peak_bytes(c, st, "lora") <= st.gpu_mem_bytes}
+
+
+def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dict:
+    """What ``accelerate`` and DeepSpeed's estimators say, called for real on the meta model.
+
+    * accelerate: ``calculate_maximum_sizes`` on the meta model (fp32 sizes), then
+      ``estimate_training_usage(bytes=16-bit size, "float16")``: whole-job totals for full fine-tuning
+      at batch 1, with no notion of LoRA, sharding or activations (model 2Ψ, gradients 3Ψ, optimizer
+      and step 4Ψ). The ``accelerate estimate-memory`` command (which needs the Hub) passes the fp32
+      size to the same function, so its float16 row says 8Ψ (1.40 TB for 175B): ``cli_float16_row_peak``.
+    * DeepSpeed: ``estimate_zero3_model_states_mem_needs_all_live`` prints and returns nothing, and its
+      ``model_to_params`` de-duplicates parameters by ``data_ptr()``, which is 0 for every meta tensor
+      (it then sees only one parameter). We run it for real and report what it printed, then call the
+      same formula it uses, ``estimate_zero3_model_states_mem_needs``, with the real counts: per GPU
+      ``4·largest_layer + 18·Ψ/N`` bytes, every parameter charged 18 bytes whatever its requires_grad,
+      so it gives LoRA the same figure as full fine-tuning.
+    """
+    if isinstance(model, str):
+        mm = _meta_cached(model)
+    elif hasattr(model, "parameters"):
+        mm = model
+    else:
+
+        mm = meta_model(_hf_config(model)[1])
+    shape = model_shape(model)
+    out: dict = {}
+    try:
+        from accelerate.commands.estimate import estimate_training_usage
+        from accelerate.utils import calculate_maximum_sizes
+
+        total_size, largest = calculate_maximum_sizes(mm)  # bytes, in the meta model's fp32
+        sizes = estimate_training_usage(total_size // 2, "float16")
+        # the `accelerate estimate-memory` command itself passes the fp32 size for every dtype row
+        cli = estimate_training_usage(total_size, "float16")
+        out["accelerate"] = {"ran": True, "model_bytes_fp32": int(total_size),
+                             "params_counted": int(total_size // 4), **{k: int(v) for k, v in sizes.items()},
+                             "peak": int(max(sizes.values())),
+                             "cli_float16_row_peak": int(max(cli.values())),
+                             "note": "whole job, full fine-tuning, no sharding/LoRA/activations"}
+    except Exception as e:  # pragma: no cover - depends on the installed accelerate
+        out["accelerate"] = {"ran": False, "error": repr(e)}
+    N = num_gpus_per_node * num_nodes
+    ds: dict = {}
+    try:
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            # imported here too: DeepSpeed's logger writes its "Setting accelerator" warning to the
+            # stdout of the moment, which would otherwise come before --json's JSON
+            from deepspeed.runtime.zero import stage3 as s3
+
+            logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+            s3.estimate_zero3_model_states_mem_needs_all_live(mm, num_gpus_per_node, num_nodes)
+        ds["all_live_output"] = "\n".join(  # its table, without DeepSpeed's log lines
+            ln for ln in buf.getvalue().strip().splitlines() if not re.match(r"\[\d{4}-\d\d-\d\d ", ln))
+        ds["all_live_params_seen"] = s3.model_to_params(mm)[0]
+        cpu, gpu, largest_mem = s3.estimate_zero3_model_states_mem_needs(
+            total_params=shape.total_params, largest_layer_params=shape.largest_module_params,
+            num_gpus_per_node=num_gpus_per_node, num_nodes=num_nodes, cpu_offload=False,
+            cpu_offload_params=False, zero_init=True)
+        ds.update(ran=True, gpu_per_gpu=int(gpu), cpu_per_node=int(cpu),
+                  formula="4*largest_layer + 18*params/N per GPU")
+    except Exception as e:  # pragma: no cover - depends on the installed deepspeed
+        ds.update(ran=False, error=repr(e),
+                  gpu_per_gpu=4 * shape.largest_module_params + int(18 * shape.total_params / N),
+                  formula="computed from DeepSpeed's documented formula: 4*largest_layer + 18*params/N")
+    out["deepspeed_zero3"] = ds
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: table, JSON, plot; the ``estimate`` command.
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:,.2f}"
+
+
+def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
+    st = est["setup"]
+    N = st["world_size"]
+    q = st.get("quantize")
+    W = 26 if q else 22  # the LoRA column's width
+    lines = [
+        f"{est['model']}: {est['total_params']:,} parameters (meta build); LoRA r={st['lora_r']} on "
+        f"{','.join(st['lora_targets'])}: {est['lora_params']:,} trainable "
+        f"({100 * est['lora_params'] / est['total_params']:.4f} %)",
+        f"{N} GPU(s), seq {st['seq_len']}, micro-batch {st['micro_batch']}, "
+        + (f"checkpointing {'on' if st['checkpointing'] else 'off'}" if st["checkpoint_layers"] is None else
+           f"LoRA checkpointing the first {st['checkpoint_layers']} layers (full FT: "
+           f"{'on' if st['checkpointing'] else 'off'})")
+        + (", LoRA layers compiled" if st["compiled"] else "") + f", {st['dtype']}, "
+        f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
+        + (", parameters offloaded to CPU" if st["offload_param"] else "")
+        + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else "")
+        + (f", LoRA's base quantized {q} (model.quantize={q}: the decoder layers' linear weights)" if q else ""),
+        "",
+        f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
+        f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + (f', {q}' if q else '') + ' base)':>{W}}",
+    ]
+    for k in CATEGORIES:
+        lines.append(f"{CATEGORY_LABELS[k]:<32}{_gb(est['full']['per_gpu'][k]):>20}"
+                     f"{_gb(est['lora']['per_gpu'][k]):>{W}}")
+    lines.append("-" * (52 + W))
+    f, lo = est["full"], est["lora"]
+    lines += [
+        f"{'peak per GPU':<32}{_gb(f['per_gpu_total']):>20}{_gb(lo['per_gpu_total']):>{W}}",
+        f"{'whole job (x' + str(N) + ')':<32}{_gb(f['job_total']):>20}{_gb(lo['job_total']):>{W}}",
+        f"{'host memory per rank (peak)':<32}{'-':>20}{_gb(lo['host_per_rank']):>{W}}",
+        f"{'fits the GPU':<32}{'yes' if f['fits'] else 'NO':>20}{'yes' if lo['fits'] else 'NO':>{W}}",
+        f"{'fewest GPUs that fit':<32}{str(f['fewest_gpus'] or 'none'):>20}"
+        f"{str(lo['fewest_gpus'] or 'none'):>{W}}",
+        f"full / LoRA: {est['ratio_per_gpu']:.2f}x per GPU, {est['ratio_job']:.2f}x whole job",
+    ]
+    if st["full_recipe"] == "torch-amp":
+        lines.append("(torch-amp: gradients and activations never coexist, so the full FT peak is below "
+                     "the sum of its rows)")
+    lines += ["", *_legend(est)]
+    if paper:
+        p = paper
+        lines += [
+            "",
+            "LoRA paper (Hu et al. 2021), GPT-3 175B, recomputed from the meta build:",
+            f"  trainable params W_q,W_v: r=1 {p['lora_params_r1']:,}, r=4 {p['lora_params_r4']:,} "
+            f"({p['param_reduction']:,.0f}x fewer than {p['total_params']:,}; paper: ~10,000x)",
+            f"  adapter checkpoint r=4 bf16: {p['checkpoint_lora_bytes_bf16'] / 1e6:.1f} MB (paper: 35 MB) "
+            f"vs full {p['checkpoint_full_bytes_bf16'] / GB:.1f} GB (paper: 350 GB)",
+            f"  training VRAM, whole job: paper 1.2 TB -> 350 GB ({p['vram_reduction_paper']:.1f}x)",
+            f"    350 GB = the bf16 frozen weights 2*Psi = {p['lora_vram_bf16_weights'] / GB:.1f} GB "
+            f"(+ adapter state {16 * p['lora_params_r4'] / GB:.2f} GB)",
+            f"    1.2 TB = the paper's own measurement, {p['full_vram_implied_bytes_per_param']:.2f} bytes/param: "
+            f"between 16-bit weights+Adam m,v (6*Psi = {p['full_vram_16bit_weights_adam'] / 1e12:.2f} TB) and "
+            f"with 16-bit grads too (8*Psi = {p['full_vram_16bit_weights_grads_adam'] / 1e12:.2f} TB);",
+            f"    mixed-precision Adam with an fp32 master (16*Psi, this tool's 'full FT') is "
+            f"{p['full_vram_mixed_precision_adam'] / 1e12:.2f} TB before activations",
+        ]
+    if paper and paper.get("quantized"):
+        qc = paper["quantized"]
+        lines += ["", f"What model.quantize changes for LoRA, {est['model']} on {qc['world_size']} GPUs "
+                      f"(8 nodes x 8, the paper's setup; the rest as above), GB:",
+                  f"  {'base':<10}{'base per GPU':>14}{'gather buffers':>16}{'LoRA per GPU':>14}"
+                  f"{'LoRA whole job':>16}{'base, whole job':>17}"]
+        for r in qc["rows"]:
+            lines.append(f"  {r['base']:<10}{_gb(r['frozen_weights']):>14}{_gb(r['zero_buffers']):>16}"
+                         f"{_gb(r['per_gpu_total']):>14}{_gb(r['job_total']):>16}"
+                         f"{_gb(r['frozen_weights'] * qc['world_size']):>17}")
+    if paper and paper.get("qlora_anchor"):
+        a = paper["qlora_anchor"]
+        lines += [
+            "",
+            "Anchor: HF PEFT's DeepSpeed ZeRO-3 + QLoRA example (PEFT docs, accelerate/deepspeed; "
+            "examples/sft/run_peft_qlora_deepspeed_stage3.sh):",
+            f"  Llama-2-70B, {a['gpus']} x {a['gpu_mem_gib']} GB A100, micro-batch {a['micro_batch']} x "
+            f"{a['seq_len']} packed tokens, checkpointing, LoRA r={a['lora_r']} all-linear, bnb nf4 + double "
+            f"quant, bf16: reported {a['reported_gb_per_gpu']} GB per GPU",
+            f"  bigtrain estimate {a['model']} --gpus-per-node {a['gpus']} --micro-batch {a['micro_batch']} "
+            f"--seq-len {a['seq_len']} --lora-r {a['lora_r']} --lora-targets {a['lora_targets']} --quantize "
+            f"{a['quantize']} --gpu-mem-gib {a['gpu_mem_gib']}:",
+            f"    {_gb(a['per_gpu_total'])} GB per GPU ({a['per_gpu_total'] / GiB:.2f} GiB; "
+            f"{a['per_gpu_total'] / (a['reported_gb_per_gpu'] * GB) - 1:+.1%} against 36.6 GB), "
+            f"{_gb(a['per_gpu_allocated'])} GB without the CUDA context and fragmentation allowance; "
+            f"with a bf16 base {_gb(a['bf16_base_per_gpu_total'])} GB",
+            f"    of which: nf4 base partition {_gb(a['per_gpu']['frozen_weights'])}, gather buffers "
+            f"{_gb(a['per_gpu']['zero_buffers'])} (3 dequantized bf16 layers {_gb(a['gather']['units'])}, "
+            f"embeddings and head {_gb(a['gather']['root'])}), activations {_gb(a['per_gpu']['activations'])}, "
+            f"replicated fp32 adapters + AdamW "
+            f"{_gb(sum(a['per_gpu'][k] for k in ('trainable_weights', 'gradients', 'optimizer_state')))}",
+            "    (docs/quantized_estimate.md: what differs, and what DeepSpeed ZeRO-3 does with bitsandbytes' "
+            "4-bit weights)",
+        ]
+    if tools:
+        a, d = tools.get("accelerate", {}), tools.get("deepspeed_zero3", {})
+        lines += ["", "What the usual estimators say for this model:"]
+        if a.get("ran"):
+            lines.append(f"  accelerate estimate_training_usage (fp16, whole job, batch 1): model {_gb(a['model'])}, "
+                         f"gradients {_gb(a['gradients'])}, optimizer {_gb(a['optimizer'])}, step "
+                         f"{_gb(a['step'])} GB; no LoRA, no sharding, no activations")
+            lines.append(f"    (the `accelerate estimate-memory` command passes the fp32 size: its float16 row "
+                         f"says {_gb(a['cli_float16_row_peak'])} GB)")
+        else:
+            lines.append(f"  accelerate: could not run ({a.get('error')})")
+        lines.append(f"  DeepSpeed estimate_zero3_model_states_mem_needs ({d.get('formula')}): "
+                     f"{_gb(d.get('gpu_per_gpu', 0))} GB per GPU on {N} GPUs, the same for LoRA: it charges "
+                     f"18 bytes to every parameter, frozen or not, and counts no activations")
+        if "all_live_params_seen" in d:
+            lines.append(f"    (its _all_live variant on a meta model sees {d['all_live_params_seen']:,} params: "
+                         f"it de-duplicates by data_ptr(), 0 for every meta tensor)")
+        lines.append(f"  bigtrain: LoRA keeps no grads/Adam for the base and shards it: "
+                     f"{_gb(lo['per_gpu_total'])} GB per GPU including activations and buffers")
+    return "\n".join(lines)
+
+
+def _legend(est: dict) -> list[str]:
+    """What each row of :func:`format_table` counts, for this setup (the two rows that are not a
+    tensor the model owns above all: the gather buffers and the CUDA allowance)."""
+    st = est["setup"]
+    N, w = st["world_size"], st["dtype"]
+    full_st, lora_st = est["full"]["stage"], est["lora"]["stage"]
+    if full_st == 3:
+        full_buf = "the largest module gathered + DeepSpeed's prefetch bucket (5e7) + reduce bucket (5e8)"
+    elif full_st >= 1:
+        full_buf = "DeepSpeed's reduce bucket (5e8 elements)"
+    else:
+        full_buf = ("autocast's 16-bit copy of every weight" if st["full_recipe"] == "torch-amp" else "none")
+    q = st.get("quantize")
+    if lora_st == 3 and q:
+        lora_buf = (f"3 decoder layers dequantized to {w} (the one computing, the next prefetched, one more in "
+                    f"flight)" + (f" + the packed {q} all-gather output of one layer + embeddings and head, "
+                                  f"gathered for the whole step" if N > 1 else
+                                  " (at 1 GPU too: the gatherer dequantizes layer by layer; embeddings and head "
+                                  "are not copied)")
+                    + "; the dequantization temporaries of the largest weight"
+                    + ("; and the fp32 all-reduce of the adapter gradients" if N > 1 else ""))
+    elif lora_st == 3 and N > 1:
+        lora_buf = (f"3 decoder layers gathered in {w} (the one computing, the next prefetched, its "
+                    f"all-gather output) + embeddings and head, gathered for the whole step; and the fp32 "
+                    f"all-reduce of the adapter gradients")
+    elif N > 1:
+        lora_buf = "the fp32 all-reduce of the adapter gradients"
+    else:
+        lora_buf = "none at 1 GPU (each partition is the whole tensor: nothing is gathered)"
+    ctx = (f"{CUDA_CONTEXT_BYTES / GiB:g} GiB CUDA context + {FRAGMENTATION:.0%} of every other row for "
+           f"the allocator's fragmentation; neither is in torch.cuda.max_memory_allocated"
+           if st.get("include_context", True) else "not counted in this estimate")
+    return [
+        "what the rows count (per GPU):",
+        (f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base, the decoder layers' linear "
+         f"weights in {q} with their scales, the rest in {w} plus small parameters kept whole" if q else
+         f"  frozen weights      LoRA: this GPU's ZeRO-3 partition of the base ({w}), plus small parameters "
+         f"kept whole (persistence threshold)" if lora_st == 3 else
+         f"  frozen weights      LoRA: the whole base ({w}) on every GPU"),
+        "  trainable weights   full FT: the 16-bit weights; LoRA: the fp32 adapters (A, B)",
+        "  gradients           of the trainable weights only (LoRA: the adapters')",
+        "  optimizer state     full FT: fp32 master + Adam m, v; LoRA: AdamW m, v of the adapters",
+        (f"  activations         kept for backward, LoRA: the first {st['checkpoint_layers']} layers' inputs "
+         f"(recomputed) + the other layers' activations{' (compiled layers)' if st['compiled'] else ''}"
+         if st["checkpoint_layers"] is not None else
+         "  activations         kept for backward: each layer's input + one layer being recomputed "
+         "(checkpointing)" if st["checkpointing"] else "  activations         kept for backward, every layer"
+         + (" (LoRA: compiled layers)" if st["compiled"] else "")),
+        "  logits + loss       the logits, their fp32 copy and the log-softmax kept for backward "
+        "(LoRA: one chunk at a time)",
+        f"  ZeRO/comm buffers   full FT: {full_buf}",
+        f"                      LoRA: {lora_buf}",
+        f"  CUDA context + frag {ctx}",
+    ]
+
+
+def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup | None = None) -> str:
+    """Stacked bars (full vs LoRA per GPU, by category) and per-GPU total vs GPU count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    bottoms = [0.0, 0.0]
+    for k in CATEGORIES:
+        vals = [est["full"]["per_gpu"][k] / GB, est["lora"]["per_gpu"][k] / GB]
+        ax1.bar(["full FT", "LoRA"], vals, bottom=bottoms, label=CATEGORY_LABELS[k])
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    gpu = est["setup"]["gpu_mem_bytes"] / GB
+    ax1.axhline(gpu, color="k", ls="--", lw=1, label=f"GPU {est['setup']['gpu_mem_bytes'] / GiB:g} GiB")
+    ax1.set_ylabel("GB per GPU")
+    ax1.set_title(f"{est['model']} on {est['setup']['world_size']} GPU(s)")
+    ax1.legend(fontsize=7)
+    if shape is not None and st is not None:
+        ns = [n for n in (2 ** i for i in range(0, 11)) if n % st.hpz == 0] or \
+            [st.hpz * 2 ** i for i in range(0, 8)]
+        for which, lab in (("full", "full FT"), ("lora", "LoRA")):
+            ys = [sum(per_gpu(shape, replace(st, world_size=n), which).values()) / GB for n in ns]
+            ax2.plot(ns, ys, marker="o", label=lab)
+        ax2.axhline(gpu, color="k", ls="--", lw=1)
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("GPUs")
+        ax2.set_ylabel("GB per GPU")
+        ax2.set_title("per-GPU memory vs GPU count")
+        ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+EPILOG = """\
+what it counts (per GPU, bytes; GB = 1e9):
+  full FT   mixed-precision Adam, 16 bytes/param: bf16 weights 2, bf16 grads 2, fp32 master+m+v 12,
+            split by ZeRO stage 0 (none) / 1 (optimizer) / 2 (+grads) / 3 (+weights)
+  LoRA      bigtrain: frozen base bf16 partitioned by ZeRO-3 (--zero-stage 0: whole on every GPU),
+            fp32 adapters + grads + AdamW m,v = 16 bytes per adapter parameter, replicated
+  both      activations (34*s*b*h bytes per layer, or layer inputs only with --checkpointing),
+            logits + loss, ZeRO gather/reduce buffers, CUDA context + 5 %% fragmentation
+  --hpz N   ZeRO++ hierarchical partitioning: the 16-bit weights (full FT) or frozen base (LoRA) per
+            GPU grow by a secondary partition over N GPUs: 1/world + 1/N of the model
+  --quantize int8|nf4  LoRA's base as model.quantize stores it (ZeRO-3 only): the decoder layers'
+            linear weights quantized in each partition; the gather buffers become 3 layers
+            dequantized to bf16 + the packed all-gather output + the dequantization temporaries
+            (at 1 GPU too); full FT's column is unchanged
+  Parameter counts come from the real model built on the meta device.
+
+examples:
+  bigtrain estimate gpt3-175b --nodes 8 --gpus-per-node 8
+  bigtrain estimate gpt3-175b --paper                 # the LoRA paper's figures, and accelerate/DeepSpeed's
+  bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
+  bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
+  bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
+  bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
+      --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
+  bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
+"""
+
+
+def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``estimate`` on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "estimate", help="predict per-GPU memory: full fine-tuning with Adam vs LoRA",
+        description="Predict per-GPU memory of full fine-tuning with mixed-precision Adam (ZeRO stage "
+                    "0-3) and of bigtrain's LoRA (ZeRO-3 frozen base, replicated fp32 adapters), side by "
+                    "side, with whole-job totals, whether each fits, and the fewest GPUs that do.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="preset name (see bigtrain presets) or a local Hugging Face config directory")
+    p.add_argument("--num-layers", type=int, default=None, metavar="N",
+                   help="a preset's depth instead of its own (as model.num_layers=N in training)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
+                   help="ZeRO stage for full fine-tuning (default 3); LoRA uses a ZeRO-3 base, or a whole "
+                        "base per GPU when this is 0")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=True,
+                   help="activation checkpointing per decoder layer (default)")
+    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                   help="keep every layer's activations")
+    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
+                   help="LoRA: recompute only the first N decoder layers (model.gradient_checkpointing=N, "
+                        "what auto chooses); the others keep their activations")
+    p.add_argument("--compiled", action="store_true",
+                   help="LoRA: decoder layers torch.compile'd (model.compile, on by default on GPUs): they "
+                        "store less (inductor recomputes the pointwise work)")
+    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default 4, the paper's for 175B)")
+    p.add_argument("--lora-targets", default="q_proj,v_proj",
+                   help="comma-separated module-name suffixes, or all-linear (default q_proj,v_proj)")
+    p.add_argument("--offload-param", action="store_true",
+                   help="ZeRO-3 parameter partitions live in host memory (stage 3)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="weights/activations dtype (default bfloat16)")
+    p.add_argument("--persistence-threshold", type=int, default=DEFAULT_PERSISTENCE,
+                   help="ZeRO-3 stage3_param_persistence_threshold in elements (default 1e5)")
+    p.add_argument("--hpz", type=int, default=1, metavar="N",
+                   help="ZeRO++ hierarchical partitioning, zero_hpz_partition_size (stage 3; usually the "
+                        "GPUs per node): adds a secondary partition of every non-persistent parameter "
+                        "over N ranks, so backward gathers stay in the node (default 1: off)")
+    p.add_argument("--full-recipe", choices=("zero", "torch-amp"), default="zero",
+                   help="full FT: zero = mixed-precision Adam, 16 bytes/param (default); torch-amp = plain "
+                        "one-GPU PyTorch, fp32 weights+grads+Adam and autocast (needs --zero-stage 0, 1 GPU)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="LoRA's frozen base as model.quantize stores it: the decoder layers' linear weights "
+                        "quantized in each GPU's ZeRO-3 partition (int8: 1 byte + an fp32 scale per 64; nf4: "
+                        "4 bits + double-quantized scales), all-gathered as stored and dequantized layer by "
+                        "layer, at 1 GPU too. Needs ZeRO stage 3 (not --zero-stage 0, --hpz or "
+                        "--offload-param); full fine-tuning's column is unchanged (default: unquantized)")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--paper", action="store_true",
+                   help="also print the LoRA paper's GPT-3 175B figures and what accelerate/DeepSpeed estimate")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    p.add_argument("--plot", metavar="FILE.png", help="write stacked bars and a per-GPU-vs-GPU-count plot")
+    p.set_defaults(func=run_estimate)
+    return p
+
+
+def setup_from_args(args) -> Setup:
+    return Setup(world_size=args.nodes * args.gpus_per_node, zero_stage=args.zero_stage,
+                 micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
+                 lora_r=args.lora_r, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+                 dtype=args.dtype, offload_param=args.offload_param,
+                 persistence_threshold=args.persistence_threshold, hpz=args.hpz,
+                 full_recipe=args.full_recipe,
+                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
+                 checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False))
+
+
+def run_estimate(args) -> int:
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
+        return 2
+    for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
+                    ("--num-layers", 1 if args.num_layers is None else args.num_layers),
+                    ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib)):
+        if v <= 0:
+            print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
+            return 2
+    world = args.nodes * args.gpus_per_node
+    if args.hpz < 1 or world % args.hpz:
+        print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "
+              f"(--nodes x --gpus-per-node)", file=sys.stderr)
+        return 2
+    if args.hpz > 1 and args.zero_stage != 3:
+        print(f"error: --hpz {args.hpz} needs --zero-stage 3 (hierarchical partitioning is ZeRO-3's)",
+              file=sys.stderr)
+        return 2
+    if args.quantize is not None and (args.zero_stage == 0 or args.hpz > 1 or args.offload_param):
+        clash = ("--zero-stage 0" if args.zero_stage == 0 else f"--hpz {args.hpz}" if args.hpz > 1
+                 else "--offload-param")
+        print(f"error: --quantize {args.quantize} needs LoRA's ZeRO-3 base with bigtrain's layer gatherer; "
+              f"drop {clash} (training refuses model.quantize with it too)", file=sys.stderr)
+        return 2
+    try:
+        st = setup_from_args(args)
+        shape = preset_shape(args.model, args.num_layers)
+        limit = position_limit(_hf_config(args.model)[1])
+        if limit and args.seq_len > limit:
+            print(f"error: --seq-len {args.seq_len} exceeds {args.model}'s {limit} positions (its learned position "
+                  f"table; training refuses data.max_length above it too)", file=sys.stderr)
+            return 2
+        est = estimate(shape, st)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paper = tools = None
+    if args.paper:
+        paper = paper_figures(args.model)
+        paper["quantized"] = quantize_comparison(shape, st)
+        paper["qlora_anchor"] = peft_qlora_anchor()
+        tools = tool_estimates(args.model, args.gpus_per_node, args.nodes)
+        est["paper"], est["tools"] = paper, tools
+    if args.plot:
+        write_plot(est, args.plot, shape, st)
+        est["plot"] = args.plot
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        print(format_table(est, paper, tools))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bigtrain.estimate")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_estimate_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

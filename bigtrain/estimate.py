@@ -187,12 +187,18 @@ def _gb(x: float) -> str:
     return f"{x / GB:,.2f}"
 
 
-def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
+def _lora_width(est: dict) -> int:
+    """The LoRA column's width: wider for a quantized base's longer heading."""
+    return 26 if est["setup"].get("quantize") else 22
+
+
+def _header(est: dict) -> list[str]:
+    """The model and the setup, then the columns' heads."""
     st = est["setup"]
     N = st["world_size"]
     q = st.get("quantize")
-    W = 26 if q else 22  # the LoRA column's width
-    lines = [
+    W = _lora_width(est)
+    return [
         f"{est['model']}: {est['total_params']:,} parameters (meta build); LoRA r={st['lora_r']} on "
         f"{','.join(st['lora_targets'])}: {est['lora_params']:,} trainable "
         f"({100 * est['lora_params'] / est['total_params']:.4f} %)",
@@ -209,6 +215,14 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
         f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
         f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + (f', {q}' if q else '') + ' base)':>{W}}",
     ]
+
+
+def _rows(est: dict) -> list[str]:
+    """A row per category, the totals below the rule, the full / LoRA ratios."""
+    st = est["setup"]
+    N = st["world_size"]
+    W = _lora_width(est)
+    lines = []
     for k in CATEGORIES:
         lines.append(f"{CATEGORY_LABELS[k]:<32}{_gb(est['full']['per_gpu'][k]):>20}"
                      f"{_gb(est['lora']['per_gpu'][k]):>{W}}")
@@ -226,78 +240,104 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
     if st["full_recipe"] == "torch-amp":
         lines.append("(torch-amp: gradients and activations never coexist, so the full FT peak is below "
                      "the sum of its rows)")
-    lines += ["", *_legend(est)]
+    return lines
+
+
+def _paper_lines(p: dict) -> list[str]:
+    """The LoRA paper's GPT-3 175B figures beside the meta build's."""
+    return [
+        "",
+        "LoRA paper (Hu et al. 2021), GPT-3 175B, recomputed from the meta build:",
+        f"  trainable params W_q,W_v: r=1 {p['lora_params_r1']:,}, r=4 {p['lora_params_r4']:,} "
+        f"({p['param_reduction']:,.0f}x fewer than {p['total_params']:,}; paper: ~10,000x)",
+        f"  adapter checkpoint r=4 bf16: {p['checkpoint_lora_bytes_bf16'] / 1e6:.1f} MB (paper: 35 MB) "
+        f"vs full {p['checkpoint_full_bytes_bf16'] / GB:.1f} GB (paper: 350 GB)",
+        f"  training VRAM, whole job: paper 1.2 TB -> 350 GB ({p['vram_reduction_paper']:.1f}x)",
+        f"    350 GB = the bf16 frozen weights 2*Psi = {p['lora_vram_bf16_weights'] / GB:.1f} GB "
+        f"(+ adapter state {16 * p['lora_params_r4'] / GB:.2f} GB)",
+        f"    1.2 TB = the paper's own measurement, {p['full_vram_implied_bytes_per_param']:.2f} bytes/param: "
+        f"between 16-bit weights+Adam m,v (6*Psi = {p['full_vram_16bit_weights_adam'] / 1e12:.2f} TB) and "
+        f"with 16-bit grads too (8*Psi = {p['full_vram_16bit_weights_grads_adam'] / 1e12:.2f} TB);",
+        f"    mixed-precision Adam with an fp32 master (16*Psi, this tool's 'full FT') is "
+        f"{p['full_vram_mixed_precision_adam'] / 1e12:.2f} TB before activations",
+    ]
+
+
+def _quantized_lines(est: dict, qc: dict) -> list[str]:
+    """What model.quantize changes for LoRA at the paper's GPU count (:func:`quantize_comparison`)."""
+    lines = ["", f"What model.quantize changes for LoRA, {est['model']} on {qc['world_size']} GPUs "
+                 f"(8 nodes x 8, the paper's setup; the rest as above), GB:",
+             f"  {'base':<10}{'base per GPU':>14}{'gather buffers':>16}{'LoRA per GPU':>14}"
+             f"{'LoRA whole job':>16}{'base, whole job':>17}"]
+    for r in qc["rows"]:
+        lines.append(f"  {r['base']:<10}{_gb(r['frozen_weights']):>14}{_gb(r['zero_buffers']):>16}"
+                     f"{_gb(r['per_gpu_total']):>14}{_gb(r['job_total']):>16}"
+                     f"{_gb(r['frozen_weights'] * qc['world_size']):>17}")
+    return lines
+
+
+def _anchor_lines(a: dict) -> list[str]:
+    """bigtrain's estimate beside PEFT's ZeRO-3 + QLoRA example (:func:`peft_qlora_anchor`)."""
+    return [
+        "",
+        "Anchor: HF PEFT's DeepSpeed ZeRO-3 + QLoRA example (PEFT docs, accelerate/deepspeed; "
+        "examples/sft/run_peft_qlora_deepspeed_stage3.sh):",
+        f"  Llama-2-70B, {a['gpus']} x {a['gpu_mem_gib']} GB A100, micro-batch {a['micro_batch']} x "
+        f"{a['seq_len']} packed tokens, checkpointing, LoRA r={a['lora_r']} all-linear, bnb nf4 + double "
+        f"quant, bf16: reported {a['reported_gb_per_gpu']} GB per GPU",
+        f"  bigtrain estimate {a['model']} --gpus-per-node {a['gpus']} --micro-batch {a['micro_batch']} "
+        f"--seq-len {a['seq_len']} --lora-r {a['lora_r']} --lora-targets {a['lora_targets']} --quantize "
+        f"{a['quantize']} --gpu-mem-gib {a['gpu_mem_gib']}:",
+        f"    {_gb(a['per_gpu_total'])} GB per GPU ({a['per_gpu_total'] / GiB:.2f} GiB; "
+        f"{a['per_gpu_total'] / (a['reported_gb_per_gpu'] * GB) - 1:+.1%} against 36.6 GB), "
+        f"{_gb(a['per_gpu_allocated'])} GB without the CUDA context and fragmentation allowance; "
+        f"with a bf16 base {_gb(a['bf16_base_per_gpu_total'])} GB",
+        f"    of which: nf4 base partition {_gb(a['per_gpu']['frozen_weights'])}, gather buffers "
+        f"{_gb(a['per_gpu']['zero_buffers'])} (3 dequantized bf16 layers {_gb(a['gather']['units'])}, "
+        f"embeddings and head {_gb(a['gather']['root'])}), activations {_gb(a['per_gpu']['activations'])}, "
+        f"replicated fp32 adapters + AdamW "
+        f"{_gb(sum(a['per_gpu'][k] for k in ('trainable_weights', 'gradients', 'optimizer_state')))}",
+        "    (docs/quantized_estimate.md: what differs, and what DeepSpeed ZeRO-3 does with bitsandbytes' "
+        "4-bit weights)",
+    ]
+
+
+def _tools_lines(est: dict, tools: dict) -> list[str]:
+    """What accelerate's and DeepSpeed's estimators say (:func:`tool_estimates`), beside bigtrain's."""
+    N, lo = est["setup"]["world_size"], est["lora"]
+    a, d = tools.get("accelerate", {}), tools.get("deepspeed_zero3", {})
+    lines = ["", "What the usual estimators say for this model:"]
+    if a.get("ran"):
+        lines.append(f"  accelerate estimate_training_usage (fp16, whole job, batch 1): model {_gb(a['model'])}, "
+                     f"gradients {_gb(a['gradients'])}, optimizer {_gb(a['optimizer'])}, step "
+                     f"{_gb(a['step'])} GB; no LoRA, no sharding, no activations")
+        lines.append(f"    (the `accelerate estimate-memory` command passes the fp32 size: its float16 row "
+                     f"says {_gb(a['cli_float16_row_peak'])} GB)")
+    else:
+        lines.append(f"  accelerate: could not run ({a.get('error')})")
+    lines.append(f"  DeepSpeed estimate_zero3_model_states_mem_needs ({d.get('formula')}): "
+                 f"{_gb(d.get('gpu_per_gpu', 0))} GB per GPU on {N} GPUs, the same for LoRA: it charges "
+                 f"18 bytes to every parameter, frozen or not, and counts no activations")
+    if "all_live_params_seen" in d:
+        lines.append(f"    (its _all_live variant on a meta model sees {d['all_live_params_seen']:,} params: "
+                     f"it de-duplicates by data_ptr(), 0 for every meta tensor)")
+    lines.append(f"  bigtrain: LoRA keeps no grads/Adam for the base and shards it: "
+                 f"{_gb(lo['per_gpu_total'])} GB per GPU including activations and buffers")
+    return lines
+
+
+def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
+    """The table, what its rows count and, with ``paper`` and ``tools`` (``--paper``), the paper's
+    figures, the quantized bases, the PEFT anchor and the other estimators."""
+    lines = [*_header(est), *_rows(est), "", *_legend(est)]
     if paper:
-        p = paper
-        lines += [
-            "",
-            "LoRA paper (Hu et al. 2021), GPT-3 175B, recomputed from the meta build:",
-            f"  trainable params W_q,W_v: r=1 {p['lora_params_r1']:,}, r=4 {p['lora_params_r4']:,} "
-            f"({p['param_reduction']:,.0f}x fewer than {p['total_params']:,}; paper: ~10,000x)",
-            f"  adapter checkpoint r=4 bf16: {p['checkpoint_lora_bytes_bf16'] / 1e6:.1f} MB (paper: 35 MB) "
-            f"vs full {p['checkpoint_full_bytes_bf16'] / GB:.1f} GB (paper: 350 GB)",
-            f"  training VRAM, whole job: paper 1.2 TB -> 350 GB ({p['vram_reduction_paper']:.1f}x)",
-            f"    350 GB = the bf16 frozen weights 2*Psi = {p['lora_vram_bf16_weights'] / GB:.1f} GB "
-            f"(+ adapter state {16 * p['lora_params_r4'] / GB:.2f} GB)",
-            f"    1.2 TB = the paper's own measurement, {p['full_vram_implied_bytes_per_param']:.2f} bytes/param: "
-            f"between 16-bit weights+Adam m,v (6*Psi = {p['full_vram_16bit_weights_adam'] / 1e12:.2f} TB) and "
-            f"with 16-bit grads too (8*Psi = {p['full_vram_16bit_weights_grads_adam'] / 1e12:.2f} TB);",
-            f"    mixed-precision Adam with an fp32 master (16*Psi, this tool's 'full FT') is "
-            f"{p['full_vram_mixed_precision_adam'] / 1e12:.2f} TB before activations",
-        ]
+        lines += _paper_lines(paper)
     if paper and paper.get("quantized"):
-        qc = paper["quantized"]
-        lines += ["", f"What model.quantize changes for LoRA, {est['model']} on {qc['world_size']} GPUs "
-                      f"(8 nodes x 8, the paper's setup; the rest as above), GB:",
-                  f"  {'base':<10}{'base per GPU':>14}{'gather buffers':>16}{'LoRA per GPU':>14}"
-                  f"{'LoRA whole job':>16}{'base, whole job':>17}"]
-        for r in qc["rows"]:
-            lines.append(f"  {r['base']:<10}{_gb(r['frozen_weights']):>14}{_gb(r['zero_buffers']):>16}"
-                         f"{_gb(r['per_gpu_total']):>14}{_gb(r['job_total']):>16}"
-                         f"{_gb(r['frozen_weights'] * qc['world_size']):>17}")
+        lines += _quantized_lines(est, paper["quantized"])
     if paper and paper.get("qlora_anchor"):
-        a = paper["qlora_anchor"]
-        lines += [
-            "",
-            "Anchor: HF PEFT's DeepSpeed ZeRO-3 + QLoRA example (PEFT docs, accelerate/deepspeed; "
-            "examples/sft/run_peft_qlora_deepspeed_stage3.sh):",
-            f"  Llama-2-70B, {a['gpus']} x {a['gpu_mem_gib']} GB A100, micro-batch {a['micro_batch']} x "
-            f"{a['seq_len']} packed tokens, checkpointing, LoRA r={a['lora_r']} all-linear, bnb nf4 + double "
-            f"quant, bf16: reported {a['reported_gb_per_gpu']} GB per GPU",
-            f"  bigtrain estimate {a['model']} --gpus-per-node {a['gpus']} --micro-batch {a['micro_batch']} "
-            f"--seq-len {a['seq_len']} --lora-r {a['lora_r']} --lora-targets {a['lora_targets']} --quantize "
-            f"{a['quantize']} --gpu-mem-gib {a['gpu_mem_gib']}:",
-            f"    {_gb(a['per_gpu_total'])} GB per GPU ({a['per_gpu_total'] / GiB:.2f} GiB; "
-            f"{a['per_gpu_total'] / (a['reported_gb_per_gpu'] * GB) - 1:+.1%} against 36.6 GB), "
-            f"{_gb(a['per_gpu_allocated'])} GB without the CUDA context and fragmentation allowance; "
-            f"with a bf16 base {_gb(a['bf16_base_per_gpu_total'])} GB",
-            f"    of which: nf4 base partition {_gb(a['per_gpu']['frozen_weights'])}, gather buffers "
-            f"{_gb(a['per_gpu']['zero_buffers'])} (3 dequantized bf16 layers {_gb(a['gather']['units'])}, "
-            f"embeddings and head {_gb(a['gather']['root'])}), activations {_gb(a['per_gpu']['activations'])}, "
-            f"replicated fp32 adapters + AdamW "
-            f"{_gb(sum(a['per_gpu'][k] for k in ('trainable_weights', 'gradients', 'optimizer_state')))}",
-            "    (docs/quantized_estimate.md: what differs, and what DeepSpeed ZeRO-3 does with bitsandbytes' "
-            "4-bit weights)",
-        ]
+        lines += _anchor_lines(paper["qlora_anchor"])
     if tools:
-        a, d = tools.get("accelerate", {}), tools.get("deepspeed_zero3", {})
-        lines += ["", "What the usual estimators say for this model:"]
-        if a.get("ran"):
-            lines.append(f"  accelerate estimate_training_usage (fp16, whole job, batch 1): model {_gb(a['model'])}, "
-                         f"gradients {_gb(a['gradients'])}, optimizer {_gb(a['optimizer'])}, step "
-                         f"{_gb(a['step'])} GB; no LoRA, no sharding, no activations")
-            lines.append(f"    (the `accelerate estimate-memory` command passes the fp32 size: its float16 row "
-                         f"says {_gb(a['cli_float16_row_peak'])} GB)")
-        else:
-            lines.append(f"  accelerate: could not run ({a.get('error')})")
-        lines.append(f"  DeepSpeed estimate_zero3_model_states_mem_needs ({d.get('formula')}): "
-                     f"{_gb(d.get('gpu_per_gpu', 0))} GB per GPU on {N} GPUs, the same for LoRA: it charges "
-                     f"18 bytes to every parameter, frozen or not, and counts no activations")
-        if "all_live_params_seen" in d:
-            lines.append(f"    (its _all_live variant on a meta model sees {d['all_live_params_seen']:,} params: "
-                         f"it de-duplicates by data_ptr(), 0 for every meta tensor)")
-        lines.append(f"  bigtrain: LoRA keeps no grads/Adam for the base and shards it: "
-                     f"{_gb(lo['per_gpu_total'])} GB per GPU including activations and buffers")
+        lines += _tools_lines(est, tools)
     return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ def measure_cmd(out, model, *extra):
 
 def _predicted(model):
     from bigtrain.config import load_config
-    from bigtrain.measure import _shape
+    from bigtrain.measure_report import _shape
     from bigtrain.memory import predict_full_states, predict_states
 
     cfg = load_config(None, [f"model.path={model}", "model.dtype=bfloat16"])

@@ -192,7 +192,7 @@ def test_measure_estimates_the_quantized_lora_base():
     base (measured equal on CPU: `bigtrain measure ... model.quantize=int8`, states +0.0%); full
     fine-tuning's prediction is the same as without."""
     from bigtrain.config import load_config
-    from bigtrain.measure import _setup_for
+    from bigtrain.measure_report import _setup_for
 
     cfg = load_config(None, ["model.path=null", "model.preset=tiny-opt", "model.dtype=bfloat16",
                              "model.quantize=nf4"])

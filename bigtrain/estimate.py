@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from .config import QUANTIZE_CHOICES
 from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, DEFAULT_PERSISTENCE, FRAGMENTATION, GB,
-                     GiB, ModelShape, Setup, _hf_config, _meta_cached, estimate, model_shape, peak_bytes,
+                     GiB, ModelShape, Setup, named_config, meta_cached, estimate, model_shape, peak_bytes,
                      per_gpu, preset_shape, quantized_gather_bytes)
 from .presets import meta_model, position_limit
 
@@ -128,12 +128,12 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
       so it gives LoRA the same figure as full fine-tuning.
     """
     if isinstance(model, str):
-        mm = _meta_cached(model)
+        mm = meta_cached(model)
     elif hasattr(model, "parameters"):
         mm = model
     else:
 
-        mm = meta_model(_hf_config(model)[1])
+        mm = meta_model(named_config(model)[1])
     shape = model_shape(model)
     out: dict = {}
     try:
@@ -560,7 +560,7 @@ def run_estimate(args) -> int:
     try:
         st = setup_from_args(args)
         shape = preset_shape(args.model, args.num_layers)
-        limit = position_limit(_hf_config(args.model)[1])
+        limit = position_limit(named_config(args.model)[1])
         if limit and args.seq_len > limit:
             print(f"error: --seq-len {args.seq_len} exceeds {args.model}'s {limit} positions (its learned position "
                   f"table; training refuses data.max_length above it too)", file=sys.stderr)

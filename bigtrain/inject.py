@@ -11,7 +11,7 @@ from .presets import count_parameters
 ALL_LINEAR = "all-linear"
 
 
-def _is_linear(m: nn.Module) -> bool:
+def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_conv1d(m)
 
 
@@ -75,7 +75,7 @@ def fused_expert_note(model: nn.Module) -> str:
 
 def find_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
     """The modules of ``model`` that LoRA adapts for ``targets`` (:func:`select_targets`)."""
-    linear = {n: m for n, m in model.named_modules() if _is_linear(m)}
+    linear = {n: m for n, m in model.named_modules() if is_linear(m)}
     names = select_targets(list(linear), targets, output_layer_names(model), type(model).__name__,
                            fused_expert_note(model))
     return {n: linear[n] for n in names}

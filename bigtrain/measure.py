@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from .measure_report import MODES, GiB, _status, build_report, write_outputs
+from .measure_report import MODES, GiB, mode_status, build_report, write_outputs
 
 # Deferred imports: torch, deepspeed, transformers and the training modules are imported where used,
 # so that `bigtrain measure --help` answers without them and a parent process never touches CUDA
@@ -252,7 +252,7 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
     if rank != 0:
         return None
     results = [json.loads(store.get(f"{key}/result/{r}")) for r in range(world)]
-    print(f"[bigtrain] measure: {mode}: {_status(results)}", flush=True)
+    print(f"[bigtrain] measure: {mode}: {mode_status(results)}", flush=True)
     return results
 
 

@@ -19,7 +19,7 @@ MODES = {"lora": None, "full-zero3": 3, "full-zero2": 2, "full-zero1": 1}
 GiB = 2 ** 30
 
 
-def _status(results: list) -> str:
+def mode_status(results: list) -> str:
     if all(r.get("status") == "ok" for r in results):
         return "ok"
     ooms = [r for r in results if r.get("status") == "oom"]
@@ -69,7 +69,7 @@ def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict
                 "rest_bytes": est["per_gpu_total"] - sum(pred_states.values()),
                 "by_category": est["per_gpu"], "fits_with_context": fit["fits"],
                 "fewest_gpus": fit["fewest_gpus"]}
-        m = {"status": _status(rs), "ranks": rs, "predicted": pred}
+        m = {"status": mode_status(rs), "ranks": rs, "predicted": pred}
         if m["status"] == "ok":
             states = {k: max(r["states"].get(k, 0) for r in rs) for k in STATE_KINDS}
             m["states"] = states
@@ -174,7 +174,7 @@ def format_report(rep: dict) -> str:
             lines.append(f"{mode:<12} {_g(m.get('host_peak_rss_bytes')):>10} "
                          f"{'-' if st is None else f'{st:,}':>10} {p['states_total']:>10,} "
                          f"{_pct(m.get('states_error')):>7} {tps:>13}  {status}")
-    from .memory import CATEGORY_LABELS, _bin
+    from .memory import CATEGORY_LABELS, fmt_binary
 
     for mode, m in rep["modes"].items():
         if m["status"] != "ok":
@@ -193,7 +193,7 @@ def format_report(rep: dict) -> str:
             lines.append(f"{mode} peak allocated by phase, GiB: "
                          + ", ".join(f"{k.replace('_', ' ')} {v / GiB:.2f}" for k, v in ph.items()))
         lines.append(f"{mode} model states by kind, measured / estimated: "
-                     + "; ".join(f"{lab} {_bin(a)} / {_bin(b)}" for lab, a, b in kinds))
+                     + "; ".join(f"{lab} {fmt_binary(a)} / {fmt_binary(b)}" for lab, a, b in kinds))
     for k, r in rep["ratios"].items():
         basis = "peak" if gpu else "model states"
         meas = r.get("measured_peak" if gpu else "measured_states")

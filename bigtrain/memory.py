@@ -135,7 +135,7 @@ class ModelShape:
         return {n: self.linears[n] for n in select_targets(list(self.linears), targets, set(self.output_layers), self.name)}
 
 
-def _hf_config(source):
+def named_config(source):
     """A preset name, a local HF config directory, or an HF config object -> (name, config)."""
     if isinstance(source, str):
         if source in PRESETS:
@@ -151,14 +151,14 @@ def _hf_config(source):
 
 def shape_from_model(model, name: str = "model") -> ModelShape:
     """Read a :class:`ModelShape` off a (meta or real) model; ZeRO-3 full shapes when partitioned."""
-    from .inject import _is_linear, output_layer_names
+    from .inject import is_linear, output_layer_names
     from .lora import linear_shape
     from .quantize import quantizable_weights
 
     cfg = getattr(model, "config", None)
     order = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())  # tied once
     numels = Counter(order)
-    linears = {n: linear_shape(m) for n, m in model.named_modules() if _is_linear(m)}
+    linears = {n: linear_shape(m) for n, m in model.named_modules() if is_linear(m)}
     layer_params, largest = 0, 0
     for m in model.modules():
         own = sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters(recurse=False))
@@ -170,7 +170,7 @@ def shape_from_model(model, name: str = "model") -> ModelShape:
         layer_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in layers_mod[0].parameters())
         layer_numels = tuple((int(getattr(p, "ds_numel", p.numel())), id(p) in quantized)
                              for p in layers_mod[0].parameters())
-        outs = [linear_shape(m)[1] for m in layers_mod[0].modules() if _is_linear(m)]
+        outs = [linear_shape(m)[1] for m in layers_mod[0].modules() if is_linear(m)]
         ffn = max(outs, default=0)
         ffn_maps = max(1, outs.count(ffn))
         rms_norm = any("RMSNorm" in type(m).__name__ for m in layers_mod[0].modules())
@@ -198,14 +198,14 @@ def _decoder_layers(model):
 
 
 @functools.lru_cache(maxsize=4)
-def _meta_cached(source: str):
+def meta_cached(source: str):
 
-    return meta_model(_hf_config(source)[1])
+    return meta_model(named_config(source)[1])
 
 
 @functools.lru_cache(maxsize=16)
 def _shape_cached(source: str) -> ModelShape:
-    return shape_from_model(_meta_cached(source), _hf_config(source)[0])
+    return shape_from_model(meta_cached(source), named_config(source)[0])
 
 
 def preset_shape(name: str, num_layers: int | None = None) -> ModelShape:
@@ -229,7 +229,7 @@ def model_shape(source) -> ModelShape:
     if hasattr(source, "parameters"):
         return shape_from_model(source, type(source).__name__)
 
-    name, cfg = _hf_config(source)
+    name, cfg = named_config(source)
     return shape_from_model(meta_model(cfg), name)
 
 
@@ -781,7 +781,7 @@ def run_savings(model, st: Setup, measured_peak: int | None, measured_states: di
     return out
 
 
-def _bin(n: int) -> str:
+def fmt_binary(n: int) -> str:
     """Bytes in binary units: GiB (2**30) from 1 GiB up, else MiB (2**20)."""
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.2f} MiB"
 
@@ -791,10 +791,10 @@ def format_savings(sv: dict) -> str:
     if "ratio" not in sv:
         return "memory: nothing measured"
     what = ("peak per GPU" if sv["basis"] == "peak" else "model states per rank (no GPU peak on CPU)")
-    line = (f"memory, {what} at {sv['world_size']} rank(s): LoRA measured {_bin(sv['lora_measured_bytes'])} "
-            f"vs full fine-tuning with Adam estimated {_bin(sv['full_ft_estimated_bytes'])}: "
-            f"saved {_bin(sv['saved_bytes'])} ({sv['ratio']:.2f}x less)")
+    line = (f"memory, {what} at {sv['world_size']} rank(s): LoRA measured {fmt_binary(sv['lora_measured_bytes'])} "
+            f"vs full fine-tuning with Adam estimated {fmt_binary(sv['full_ft_estimated_bytes'])}: "
+            f"saved {fmt_binary(sv['saved_bytes'])} ({sv['ratio']:.2f}x less)")
     if sv["basis"] == "peak":
         err = sv["lora_estimated_peak_bytes"] / sv["lora_measured_bytes"] - 1
-        line += f"; the estimate for this LoRA run was {_bin(sv['lora_estimated_peak_bytes'])} ({err:+.1%})"
+        line += f"; the estimate for this LoRA run was {fmt_binary(sv['lora_estimated_peak_bytes'])} ({err:+.1%})"
     return line

@@ -107,7 +107,7 @@ def _init_modules(modules: list, owners: dict) -> None:
             owners[id(m)]._init_weights(m)
 
 
-def _return_freed_host_memory() -> None:
+def return_freed_host_memory() -> None:
     """Give the host memory freed by the layer just built back to the kernel (glibc's ``malloc_trim``;
     a no-op elsewhere). glibc raises its mmap threshold as large blocks are freed, so a layer's
     temporaries (whole weights on a CPU run, quantization's chunks) come from the heap, between
@@ -184,7 +184,7 @@ def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str
                 reader.fill([n for n, p in model.named_parameters() if id(p) in made])
             if after_layer is not None and unit is not model:
                 after_layer(unit)
-            _return_freed_host_memory()
+            return_freed_host_memory()
     check_param_attrs(model)
     return model, hf_ds
 

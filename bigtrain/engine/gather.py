@@ -23,7 +23,7 @@ from ..config import ConfigError, ZeroConfig
 from ..dist import DistInfo
 from ..presets import decoder_layer_classes
 from ..quantize import QUANT_FORMATS, SCHEMES, quantizable_weights
-from .build import _return_freed_host_memory
+from .build import return_freed_host_memory
 
 # Deferred imports: deepspeed is imported where used.
 
@@ -223,7 +223,7 @@ class LayerGatherer:
             self._flat = []
             for i, u in enumerate(self.units):  # each unit's sections freed as it is packed
                 self._flat.append(self._pack_unit(i, u))
-                _return_freed_host_memory()
+                return_freed_host_memory()
             self._flat.append(self._flatten_partitions(root))
             self._quant_report(model)
         else:

@@ -184,7 +184,7 @@ def test_end_of_run_savings_line_uses_the_quantized_estimate():
     want = estimate(meta, replace(st, quantize="int8"))["lora"]["per_gpu_total"]
     assert kept["memory/lora_estimated_peak_bytes"] == want
     assert want != estimate(meta, st)["lora"]["per_gpu_total"]
-    assert M._bin(want) in said[0]
+    assert M.fmt_binary(want) in said[0]
 
 
 def test_measure_estimates_the_quantized_lora_base():

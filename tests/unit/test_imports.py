@@ -107,3 +107,14 @@ def test_quantize_memory_and_estimate_load_no_deepspeed_or_engine():
     code = ("import sys, bigtrain.quantize, bigtrain.memory, bigtrain.estimate; "
             "print('deepspeed' in sys.modules, any(m.startswith('bigtrain.engine') for m in sys.modules))")
     assert _loaded(code) == "False False"
+
+
+def test_no_private_name_crosses_a_module():
+    """A name with a leading underscore is its module's own: no other bigtrain module imports it."""
+    crossing = []
+    for f in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("bigtrain")):
+                crossing += [f"{f.relative_to(PACKAGE)}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not crossing, crossing

@@ -616,9 +616,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
-                    key_node.start_mark)
+                raise yaml.constructor.ConstructorError(  # the message names the line: no mark
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -640,8 +639,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            if "given twice" in what:
-                where = ""  # the message names its line
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {what}{where}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")

@@ -100,7 +100,7 @@ def add_measure_parser(subparsers) -> argparse.ArgumentParser:
 # The parent: one per rank, started by the launcher.
 
 
-def _check_args(args, cfg) -> list[str]:
+def _check_args(args) -> list[str]:
     """Every error that bad arguments can cause, before any process or store starts."""
     from .config import ConfigError
 
@@ -124,18 +124,18 @@ def cmd_measure(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors first, before any process starts
+    modes = _check_args(args)
     # like for like: full fine-tuning has no auto; each auto key is measured as false unless named
     fixed = [f"model.{k}=false" for k in ("gradient_checkpointing", "compile") if getattr(cfg.model, k) == "auto"]
+    # the demo's float32 base: DeepSpeed's full fine-tuning keeps 16-bit weights (and fp32 masters),
+    # so every mode is measured on the same 16-bit base
+    to_bf16 = any(MODES[m] for m in modes) and cfg.model.dtype == "float32"
+    if fixed or to_bf16:
+        args.overrides = list(args.overrides) + fixed + (["model.dtype=bfloat16"] if to_bf16 else [])
+        cfg = load_config(args.config, args.overrides)
     if fixed:
-        args.overrides = list(args.overrides) + fixed
-        cfg = load_config(args.config, args.overrides)
         print(f"[bigtrain measure] {', '.join(fixed)} (auto is not measured: name a value to measure it)", flush=True)
-    modes = _check_args(args, cfg)
-    if any(MODES[m] for m in modes) and cfg.model.dtype == "float32":
-        # the demo's base: DeepSpeed's full fine-tuning keeps 16-bit weights (and fp32 masters), so
-        # both modes are measured with the same 16-bit base, like for like
-        args.overrides = list(args.overrides) + ["model.dtype=bfloat16"]
-        cfg = load_config(args.config, args.overrides)
+    if to_bf16:
         print("[bigtrain measure] model.dtype=float32 -> bfloat16 for every mode: full fine-tuning runs "
               "DeepSpeed's 16-bit mixed precision (fp32 master weights), and LoRA is measured on the "
               "same base", flush=True)
@@ -352,11 +352,10 @@ class PhasePeaks:
 
 
 def _child(spec_path: str) -> int:
-    import resource
-
     import torch
 
     from .config import load_config
+    from .preflight import host_peak_rss
 
     spec = json.loads(Path(spec_path).read_text())
     mode, steps = spec["mode"], spec["steps"]
@@ -385,7 +384,7 @@ def _child(spec_path: str) -> int:
         if dev.type == "cuda":  # for the estimate's fewest GPUs of this size, whatever else ran
             res.update(device=torch.cuda.get_device_name(dev),
                        device_total_bytes=torch.cuda.get_device_properties(dev).total_memory)
-    res["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    res["host_peak_rss_bytes"] = host_peak_rss()
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(res))
     tmp.replace(spec["result"])

@@ -264,7 +264,8 @@ def build_run(cfg: Config) -> Run:
     """Build the run ``cfg`` describes, in the order of the module docstring. A stop signal during
     the build (signals.Preemption, not yet armed) raises ``PreemptedBeforeStep`` out of here with
     ``step`` set: the step a rerun resumes from."""
-    run = Run(cfg, check_inputs(cfg), output_dir(cfg), RunLock(output_dir(cfg)))
+    out = output_dir(cfg)
+    run = Run(cfg, check_inputs(cfg), out, RunLock(out))
     try:
         _build_base(run)
         _build_adapters(run)

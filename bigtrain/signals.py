@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 
+from .checkpoint import CheckpointError
+
 
 class PreemptedBeforeStep(Exception):
     """SIGTERM, SIGUSR1 or SIGINT before the run's first optimizer step: nothing new exists to save."""
@@ -30,6 +32,9 @@ class Preemption:
     def __init__(self, pending: list[int] | None = None):
         self.signum = pending[-1] if pending else 0  # caught by the CLI before torch was imported
         self.armed = False
+        # every rank gets the signal; one says so: global rank 0 (RANK from torchrun, the deepspeed
+        # launcher, accelerate; SLURM_PROCID from srun)
+        self.speaks = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
         for s in STOP_SIGNALS:
             signal.signal(s, self._handler)
 
@@ -44,13 +49,31 @@ class Preemption:
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.armed and self.signum:
             # a second interrupt: out at once (os.write: no buffered I/O inside a signal handler)
-            os.write(2, b"[bigtrain] second Ctrl-C: stopped at once, nothing more saved; the last checkpoint "
-                        b"is intact: rerun the same command to resume from it\n")
+            if self.speaks:
+                os.write(2, b"[bigtrain] second Ctrl-C: stopped at once, nothing more saved; the last "
+                            b"checkpoint is intact: rerun the same command to resume from it\n")
             os._exit(128 + signal.SIGINT)
         first = not self.signum
         self.signum = signum
         if not self.armed:
             raise PreemptedBeforeStep(signum)
-        if signum == signal.SIGINT and first:
+        if signum == signal.SIGINT and first and self.speaks:
             os.write(2, b"[bigtrain] Ctrl-C: saving at the end of this step, then stopping "
                         b"(Ctrl-C again to stop at once)\n")
+
+    def peer_stopped_at_once(self, error: BaseException) -> bool:
+        """Whether ``error`` is what a rank sees when a peer stopped at once (os._exit) under it:
+        a communication error (gloo's "Connection reset by peer", a RuntimeError) while this rank's
+        Ctrl-C save was pending. A launcher passes the second Ctrl-C to the ranks one after another,
+        and a rank blocked in a collective meets the peer's exit before its own second signal runs.
+        Not a checkpoint error (a failed save is reported as one)."""
+        return (self.armed and self.signum == signal.SIGINT and isinstance(error, RuntimeError)
+                and not isinstance(error, CheckpointError))
+
+    def stop_with_peer(self) -> None:
+        """Out at once, in one line, as the second Ctrl-C does."""
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        os.write(2, f"[bigtrain] rank {rank}: stopped at once: another rank took a second Ctrl-C while this "
+                    f"one was saving; nothing more saved, the last checkpoint is intact\n".encode())
+        os._exit(128 + signal.SIGINT)
+

@@ -63,6 +63,10 @@ def train(cfg: Config, pending_signals: list[int] | None = None) -> dict:
     except PreemptedBeforeStep as e:
         failed, early = False, True
         return _preempted_before_step(cfg, run.state.step if run is not None else e.step, e.signum)
+    except Exception as e:
+        if preempt.peer_stopped_at_once(e):
+            preempt.stop_with_peer()  # does not return
+        raise
     finally:
         if run is not None:
             run.close(failed, leave_group=early, farewell=trainer.farewell if trainer else None)

@@ -118,48 +118,85 @@ def test_measure_under_the_deepspeed_launcher(tmp_path):
     assert not left, f"shared memory left behind: {sorted(left)}"
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "kill-torchrun"])
-def test_torchrun_stop_signal_saves_in_one_line(how, tmp_path):
-    """Issue 27: launch/torchrun.sh stopped by Ctrl-C (SIGINT to the terminal's process group, which
-    holds torchrun alone: it starts each worker in its own session) or by `kill <torchrun>`
-    (SIGTERM). torchrun passes the signal to its workers and waits: both ranks save at the next
-    step boundary. It then ended in its SignalException traceback (exit 1); now in one line, exit
-    128+signal."""
-    if shutil.which("torchrun") is None:
-        pytest.skip("`torchrun` is not on PATH")
+STOP_CASES = [("torchrun", "ctrl-c"), ("torchrun", "kill-launcher"), ("torchrun", "ctrl-c-twice"),
+              ("deepspeed", "ctrl-c"), ("deepspeed", "ctrl-c-twice")]
+
+
+@pytest.mark.parametrize("launcher,how", STOP_CASES, ids=[f"{a}-{b}" for a, b in STOP_CASES])
+def test_stop_signal_under_a_launcher_saves_in_one_line(launcher, how, tmp_path):
+    """Issue 27: launch/torchrun.sh and launch/deepspeed.sh stopped by Ctrl-C (SIGINT to the
+    terminal's process group) or by `kill <launcher>` (SIGTERM). The launcher passes the signal to
+    each worker once (torchrun starts them in sessions of their own; launch/_deepspeed.py starts
+    DeepSpeed's launch.py in one) and waits: the ranks save at the next step boundary and the launcher
+    ends in one line, exit 128+signal. Before: torchrun's SignalException traceback; under the
+    deepspeed launcher the runner's KeyboardInterrupt traceback, a "saving" line per rank, the save
+    reported as SIGTERM (launch.py's), and a SIGKILL 30 s after Ctrl-C whatever the ranks were doing.
+    A second Ctrl-C stops the ranks at once (it used to leave torchrun's workers running on alone):
+    exit 130 and the last checkpoint before it, loadable."""
+    if shutil.which(launcher) is None:
+        pytest.skip(f"`{launcher}` is not on PATH")
     out = tmp_path / "out"
+    twice = how == "ctrl-c-twice"
     args = [a for a in TRAIN_ARGS if not a.startswith(("train.max_steps", "checkpoint.every"))]
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "--nproc", "2", *args, "train.max_steps=2000",
-           "checkpoint.every=1000", f"train.output_dir={out}"]
+    # twice: steps of ~5 s (200 micro-batches each), so that the second Ctrl-C lands inside one
+    args += ["train.max_steps=2000", f"checkpoint.every={1 if twice else 1000}", f"train.output_dir={out}"]
+    if twice:
+        args.append("train.grad_accum=200")
+    cmd = ["bash", str(ROOT / "launch" / f"{launcher}.sh"), "--nproc", "2", *args]
     env = _env()
     env.pop("TORCHRUN", None)
+    env.pop("DEEPSPEED", None)
     p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)   # its own process group, as in a terminal
     log_file = out / "train_log.jsonl"
+    sig = signal.SIGTERM if how == "kill-launcher" else signal.SIGINT
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while not (log_file.is_file() and len(log_file.read_text().splitlines()) >= 3):
+        # twice: once step 1 is saved, the last good checkpoint the second Ctrl-C must leave
+        ready = (lambda: (out / "checkpoints" / "latest").is_file()) if twice else \
+            (lambda: log_file.is_file() and len(log_file.read_text().splitlines()) >= 3)
+        while not ready():
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.2)
-        sig = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
-        if how == "ctrl-c":
-            os.killpg(p.pid, sig)   # what the terminal does on Ctrl-C
+        if how == "kill-launcher":
+            os.kill(p.pid, sig)     # the launcher (torchrun.sh exec's it)
         else:
-            os.kill(p.pid, sig)     # torchrun (the script exec'd it)
+            os.killpg(p.pid, sig)   # what the terminal does on Ctrl-C
+        if twice:
+            stderr_head = ""
+            while "Ctrl-C: saving" not in stderr_head:
+                line = p.stderr.readline()
+                assert line, stderr_head[-3000:]
+                stderr_head += line
+            os.killpg(p.pid, sig)
         stdout, stderr = p.communicate(timeout=120)
+        if twice:
+            stderr = stderr_head + stderr
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     log = stdout + stderr
-    assert "Traceback" not in log, log[-6000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-6000:]
     assert p.returncode == 128 + sig, (p.returncode, log[-4000:])
-    assert [ln for ln in stderr.splitlines() if ln.startswith("torchrun: ")] == [
-        f"torchrun: stopped by {sig.name}: it passed the signal to its workers and waited for them (bigtrain "
+    assert [ln for ln in stderr.splitlines() if ln.startswith(f"{launcher}: ")] == [
+        f"{launcher}: stopped by {sig.name}: it passed the signal to its workers and waited for them (bigtrain "
         "saves at the next step boundary; rerun the same command to resume)"], stderr[-3000:]
-    saved = int((out / "preempted").read_text())
-    assert 3 <= saved < 2000
-    assert f"stopped early ({sig.name}): saved step {saved}" in log, log[-4000:]
+    if sig == signal.SIGINT:  # said once, by rank 0, not once per rank
+        assert log.count("Ctrl-C: saving at the end of this step") == 1, log[-4000:]
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
-    assert json.loads((latest / "trainer_state.json").read_text())["step"] == saved
-    assert (latest / "adapter_model.safetensors").is_file()
+    from bigtrain.checkpoint import read_checkpoint
+
+    read_checkpoint(latest)   # loadable, verified
+    if twice:
+        assert log.count("second Ctrl-C: stopped at once") == 1, log[-4000:]
+        assert "stopped early" not in log and not (out / "preempted").exists()
+        assert json.loads((latest / "trainer_state.json").read_text())["step"] >= 1
+    else:
+        saved = int((out / "preempted").read_text())
+        assert 3 <= saved < 2000
+        assert f"stopped early ({sig.name}): saved step {saved}" in log, log[-4000:]
+        assert json.loads((latest / "trainer_state.json").read_text())["step"] == saved
+    # nothing outlives the launcher
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, left

@@ -32,6 +32,9 @@ from torch import nn
 
 from .presets import decoder_layer_classes
 
+# Deferred imports: torch._dynamo (its counters) and torch's Triton probe load the compiler stack,
+# seconds of start-up that only compiled runs (and model.compile=auto on CUDA) need.
+
 # Graphs per layer kept before a layer falls back to eager for a new variant: training and no-grad
 # (eval) forwards, times the input shapes (with unpacked data, one per length bucket: pad_multiple).
 _GRAPHS_PER_LAYER = 24

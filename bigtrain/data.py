@@ -58,6 +58,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from transformers import AutoTokenizer
 
 from .config import ASSETS, TOKENIZER_FILES, ConfigError, DataConfig
 from .losses import IGNORE_INDEX
@@ -116,8 +117,6 @@ def load_tokenizer(path: str | None = None):
     """A ``transformers`` tokenizer from a local directory; ``None``: the built-in byte-level BPE
     (vocabulary 1024, ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, and a small chat template).
     Never touches the Hub. A tokenizer without a pad token gets pad = eos."""
-    from transformers import AutoTokenizer
-
     d = Path(path) if path is not None else BUILTIN_TOKENIZER
     if not d.is_dir():
         raise DataError(f"tokenizer {str(d)!r}: not a directory")

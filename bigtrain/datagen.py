@@ -20,6 +20,9 @@ import random
 import shutil
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 from .config import ASSETS
 
 SEED = 20211
@@ -254,9 +257,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE with the fixed special ids, wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

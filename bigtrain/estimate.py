@@ -8,24 +8,20 @@ only asks it and prints the answer.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
 import logging
 import re
-import sys
 from dataclasses import replace
 
 from .config import QUANTIZE_CHOICES
-from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, DEFAULT_PERSISTENCE, FRAGMENTATION, GB,
-                     GiB, ModelShape, Setup, named_config, meta_cached, estimate, model_shape, peak_bytes,
-                     per_gpu, preset_shape, quantized_gather_bytes)
-from .presets import meta_model, position_limit
+from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, FRAGMENTATION, GB, GiB, ModelShape, Setup,
+                     meta_cached, model_shape, named_config, peak_bytes, per_gpu, quantized_gather_bytes)
+from .presets import meta_model
 
-# Deferred imports: accelerate, deepspeed and matplotlib are imported where used: `bigtrain estimate
-# --help` builds this module's parser without loading torch, and the comparisons with other tools
-# are optional.
+# Deferred imports: accelerate and deepspeed (--paper's comparisons with other tools; either may be
+# missing) and matplotlib (--plot) are imported where used. This module and bigtrain.memory load no
+# torch until a model is built: `bigtrain estimate` stays a CPU-only tool (tests/unit/test_imports.py).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +176,7 @@ def tool_estimates(model, num_gpus_per_node: int = 8, num_nodes: int = 1) -> dic
 
 
 # ---------------------------------------------------------------------------------------------
-# Output: table, JSON, plot; the ``estimate`` command.
+# Output: the table and the plot (the command, bigtrain.commands.estimate, prints them or the JSON).
 
 
 def _gb(x: float) -> str:
@@ -432,169 +428,3 @@ def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-EPILOG = """\
-what it counts (per GPU, bytes; GB = 1e9):
-  full FT   mixed-precision Adam, 16 bytes/param: bf16 weights 2, bf16 grads 2, fp32 master+m+v 12,
-            split by ZeRO stage 0 (none) / 1 (optimizer) / 2 (+grads) / 3 (+weights)
-  LoRA      bigtrain: frozen base bf16 partitioned by ZeRO-3 (--zero-stage 0: whole on every GPU),
-            fp32 adapters + grads + AdamW m,v = 16 bytes per adapter parameter, replicated
-  both      activations (34*s*b*h bytes per layer, or layer inputs only with --checkpointing),
-            logits + loss, ZeRO gather/reduce buffers, CUDA context + 5 %% fragmentation
-  --hpz N   ZeRO++ hierarchical partitioning: the 16-bit weights (full FT) or frozen base (LoRA) per
-            GPU grow by a secondary partition over N GPUs: 1/world + 1/N of the model
-  --quantize int8|nf4  LoRA's base as model.quantize stores it (ZeRO-3 only): the decoder layers'
-            linear weights quantized in each partition; the gather buffers become 3 layers
-            dequantized to bf16 + the packed all-gather output + the dequantization temporaries
-            (at 1 GPU too); full FT's column is unchanged
-  Parameter counts come from the real model built on the meta device.
-
-examples:
-  bigtrain estimate gpt3-175b --nodes 8 --gpus-per-node 8
-  bigtrain estimate gpt3-175b --paper                 # the LoRA paper's figures, and accelerate/DeepSpeed's
-  bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
-  bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
-  bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
-  bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
-      --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
-  bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
-"""
-
-
-def add_estimate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``estimate`` on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser(
-        "estimate", help="predict per-GPU memory: full fine-tuning with Adam vs LoRA",
-        description="Predict per-GPU memory of full fine-tuning with mixed-precision Adam (ZeRO stage "
-                    "0-3) and of bigtrain's LoRA (ZeRO-3 frozen base, replicated fp32 adapters), side by "
-                    "side, with whole-job totals, whether each fits, and the fewest GPUs that do.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="preset name (see bigtrain presets) or a local Hugging Face config directory")
-    p.add_argument("--num-layers", type=int, default=None, metavar="N",
-                   help="a preset's depth instead of its own (as model.num_layers=N in training)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=3,
-                   help="ZeRO stage for full fine-tuning (default 3); LoRA uses a ZeRO-3 base, or a whole "
-                        "base per GPU when this is 0")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per step (default 1)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
-    p.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=True,
-                   help="activation checkpointing per decoder layer (default)")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
-                   help="keep every layer's activations")
-    p.add_argument("--checkpoint-layers", type=int, default=None, metavar="N",
-                   help="LoRA: recompute only the first N decoder layers (model.gradient_checkpointing=N, "
-                        "what auto chooses); the others keep their activations")
-    p.add_argument("--compiled", action="store_true",
-                   help="LoRA: decoder layers torch.compile'd (model.compile, on by default on GPUs): they "
-                        "store less (inductor recomputes the pointwise work)")
-    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default 4, the paper's for 175B)")
-    p.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="comma-separated module-name suffixes, or all-linear (default q_proj,v_proj)")
-    p.add_argument("--offload-param", action="store_true",
-                   help="ZeRO-3 parameter partitions live in host memory (stage 3)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                   help="weights/activations dtype (default bfloat16)")
-    p.add_argument("--persistence-threshold", type=int, default=DEFAULT_PERSISTENCE,
-                   help="ZeRO-3 stage3_param_persistence_threshold in elements (default 1e5)")
-    p.add_argument("--hpz", type=int, default=1, metavar="N",
-                   help="ZeRO++ hierarchical partitioning, zero_hpz_partition_size (stage 3; usually the "
-                        "GPUs per node): adds a secondary partition of every non-persistent parameter "
-                        "over N ranks, so backward gathers stay in the node (default 1: off)")
-    p.add_argument("--full-recipe", choices=("zero", "torch-amp"), default="zero",
-                   help="full FT: zero = mixed-precision Adam, 16 bytes/param (default); torch-amp = plain "
-                        "one-GPU PyTorch, fp32 weights+grads+Adam and autocast (needs --zero-stage 0, 1 GPU)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="LoRA's frozen base as model.quantize stores it: the decoder layers' linear weights "
-                        "quantized in each GPU's ZeRO-3 partition (int8: 1 byte + an fp32 scale per 64; nf4: "
-                        "4 bits + double-quantized scales), all-gathered as stored and dequantized layer by "
-                        "layer, at 1 GPU too. Needs ZeRO stage 3 (not --zero-stage 0, --hpz or "
-                        "--offload-param); full fine-tuning's column is unchanged (default: unquantized)")
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    p.add_argument("--paper", action="store_true",
-                   help="also print the LoRA paper's GPT-3 175B figures and what accelerate/DeepSpeed estimate")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.add_argument("--plot", metavar="FILE.png", help="write stacked bars and a per-GPU-vs-GPU-count plot")
-    p.set_defaults(func=run_estimate)
-    return p
-
-
-def setup_from_args(args) -> Setup:
-    return Setup(world_size=args.nodes * args.gpus_per_node, zero_stage=args.zero_stage,
-                 micro_batch=args.micro_batch, seq_len=args.seq_len, checkpointing=args.checkpointing,
-                 lora_r=args.lora_r, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
-                 dtype=args.dtype, offload_param=args.offload_param,
-                 persistence_threshold=args.persistence_threshold, hpz=args.hpz,
-                 full_recipe=args.full_recipe,
-                 gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
-                 checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False))
-
-
-def run_estimate(args) -> int:
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
-        return 2
-    for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
-                    ("--num-layers", 1 if args.num_layers is None else args.num_layers),
-                    ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib)):
-        if v <= 0:
-            print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
-            return 2
-    world = args.nodes * args.gpus_per_node
-    if args.hpz < 1 or world % args.hpz:
-        print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "
-              f"(--nodes x --gpus-per-node)", file=sys.stderr)
-        return 2
-    if args.hpz > 1 and args.zero_stage != 3:
-        print(f"error: --hpz {args.hpz} needs --zero-stage 3 (hierarchical partitioning is ZeRO-3's)",
-              file=sys.stderr)
-        return 2
-    if args.quantize is not None and (args.zero_stage == 0 or args.hpz > 1 or args.offload_param):
-        clash = ("--zero-stage 0" if args.zero_stage == 0 else f"--hpz {args.hpz}" if args.hpz > 1
-                 else "--offload-param")
-        print(f"error: --quantize {args.quantize} needs LoRA's ZeRO-3 base with bigtrain's layer gatherer; "
-              f"drop {clash} (training refuses model.quantize with it too)", file=sys.stderr)
-        return 2
-    try:
-        st = setup_from_args(args)
-        shape = preset_shape(args.model, args.num_layers)
-        limit = position_limit(named_config(args.model)[1])
-        if limit and args.seq_len > limit:
-            print(f"error: --seq-len {args.seq_len} exceeds {args.model}'s {limit} positions (its learned position "
-                  f"table; training refuses data.max_length above it too)", file=sys.stderr)
-            return 2
-        est = estimate(shape, st)
-    except (ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    paper = tools = None
-    if args.paper:
-        paper = paper_figures(args.model)
-        paper["quantized"] = quantize_comparison(shape, st)
-        paper["qlora_anchor"] = peft_qlora_anchor()
-        tools = tool_estimates(args.model, args.gpus_per_node, args.nodes)
-        est["paper"], est["tools"] = paper, tools
-    if args.plot:
-        write_plot(est, args.plot, shape, st)
-        est["plot"] = args.plot
-    if args.json:
-        print(json.dumps(est, indent=2))
-    else:
-        print(format_table(est, paper, tools))
-        if args.plot:
-            print(f"\nplot written to {args.plot}")
-    return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bigtrain.estimate")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_estimate_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

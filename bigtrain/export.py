@@ -18,30 +18,28 @@ checkpoint against its ``manifest.json`` first.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+import transformers as tf
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import DTYPE_BYTES, DTYPE_SHORT_NAMES, TOKENIZER_FILES, parse_size, resolve_model_path
-from .presets import meta_model
-
-if TYPE_CHECKING:
-    import torch
-
-    from .lora import AdapterSpec
-
-# The imports left inside functions are deferred on purpose: the CLI imports this module to build
-# its parser, and `bigtrain export|merge --help` must not pay for torch (tests/e2e/test_cli.py).
+from . import checkpoint
+from .config import DTYPE_BYTES, DTYPE_SHORT_NAMES, TOKENIZER_FILES, load_config, parse_size, resolve_model_path
+from .data import load_tokenizer
+from .loader import checkpoint_files, open_safetensors, resolve_key
+from .lora import AdapterSpec, is_conv1d
+from .presets import hf_config_for, meta_model
+from .quantize import quantizable_weights, reference_dequantized
+from .vocab import vocab_parameters
 
 PEFT_PREFIX = "base_model.model."
 FORMATS = ("peft",)
-# --dtype names -> torch dtype names (torch is imported only when a command runs: --help stays fast)
+# --dtype names -> torch dtype names
 DTYPE_NAMES = {**{n: n for n in DTYPE_BYTES}, **DTYPE_SHORT_NAMES}  # --dtype's names
 
 
@@ -49,8 +47,6 @@ DTYPE_NAMES = {**{n: n for n in DTYPE_BYTES}, **DTYPE_SHORT_NAMES}  # --dtype's 
 def read_checkpoint(path: str | os.PathLike) -> tuple[Path, dict, dict[str, torch.Tensor]]:
     """(dir, adapter_config, {key: tensor}) of a verified checkpoint: the tuple form of
     :func:`bigtrain.checkpoint.read_checkpoint`, for callers that unpack it."""
-    from . import checkpoint  # deferred: imports torch
-
     c = checkpoint.read_checkpoint(path)
     return c.path, c.spec.to_json(), c.tensors
 
@@ -72,11 +68,6 @@ def conv1d_modules(base: Path | str, modules: list[str]) -> set[str]:
     """Which of ``modules`` are GPT-2 Conv1D layers (weight stored d_in × d_out), found on a model
     built on the meta device from the base's config.json, or a preset's config for ``preset:NAME``
     (no weights are read)."""
-    import transformers as tf  # deferred: heavy
-
-    from .lora import is_conv1d  # deferred: imports torch
-    from .presets import hf_config_for
-
     if str(base).startswith("preset:"):
         # a tiny preset's vocabulary is its tokenizer's; any size names the same modules
         model = meta_model(hf_config_for(str(base).split(":", 1)[1], vocab_size=64))
@@ -109,10 +100,6 @@ def peft_config(spec: AdapterSpec, base_name: str, fan_in_fan_out: bool) -> dict
 def export_peft(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None,
                 base: str | None = None) -> Path:
     """Write ``out/adapter_config.json`` and ``out/adapter_model.safetensors`` in PEFT's format."""
-    from safetensors.torch import save_file  # deferred: imports torch
-
-    from . import checkpoint  # deferred: imports torch
-
     _check_out_dir(Path(out), replaceable=("adapter_model.safetensors", "adapter_config.json", "README.md"))
     c = checkpoint.read_checkpoint(ckpt)
     spec = c.spec
@@ -153,8 +140,6 @@ def _check_out_dir(out: Path, replaceable: tuple[str, ...] = ()) -> None:
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"--dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
-    import torch  # deferred: heavy
-
     return getattr(torch, DTYPE_NAMES[name])
 
 
@@ -179,8 +164,6 @@ class _ShardWriter:
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file  # deferred: imports torch
-
         if not self.pending:
             return
         name = f".partial-{len(self.shards):05d}.safetensors"
@@ -228,8 +211,6 @@ def _write_side_files(out: Path, hf_config: dict, tok_dir: Path | None, tokenize
     if not tok_files:
         label = "(the run's tokenizer)"
         if tokenizer is None:
-            from .data import load_tokenizer  # deferred: imports datasets and torch
-
             tokenizer, label = load_tokenizer(None), "(built-in tokenizer)"
         tokenizer.save_pretrained(str(out))
         tok_files = [label]
@@ -248,11 +229,6 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
     under the final name. ``vocab``: the real vocabulary of a run whose model is padded
     (:mod:`bigtrain.vocab`): the embedding and head are written with their first ``vocab`` rows, and
     the config with ``vocab_size = vocab``. Returns stats on rank 0, None elsewhere."""
-    import torch  # deferred: heavy
-
-    from .lora import is_conv1d  # deferred: imports torch
-    from .vocab import vocab_parameters  # deferred: imports torch
-
     is_main = engine.info.is_main
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
@@ -314,8 +290,6 @@ def merge_live(model, lora, engine, out: str | os.PathLike, tokenizer=None, tok_
 
 
 def _weight_key(module: str, keys: set[str]) -> str | None:
-    from .loader import resolve_key  # deferred: imports torch
-
     return resolve_key(module + ".weight", dict.fromkeys(keys))
 
 
@@ -325,11 +299,6 @@ def quantized_base(ckpt: Path, base: Path, keys: set[str]) -> tuple[str, int, st
     keys of the quantized weights). The run's config.yaml and trainer_state.json say the first
     three; the weights are :func:`bigtrain.quantize.quantizable_weights` of the base's architecture
     (built on the meta device)."""
-    import transformers as tf  # deferred: heavy
-
-    from .config import load_config
-    from .quantize import quantizable_weights  # deferred: imports torch
-
     saved = ckpt / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"{saved}: missing; --into-quantized reads the run's model.quantize and model.dtype "
@@ -361,9 +330,6 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
     """Write a merged Hugging Face checkpoint to ``out``; return stats (files, bytes, peak).
     ``into_quantized``: merge into the run's quantized base (:func:`quantized_base`), written in the
     run's model.dtype unless ``dtype``."""
-    from . import checkpoint  # deferred: imports torch
-    from .loader import checkpoint_files, open_safetensors  # deferred: imports torch
-
     c = checkpoint.read_checkpoint(ckpt)
     tensors = c.tensors
     bdir = base_dir(c.spec, base, c.path)
@@ -403,8 +369,6 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
                 for k in keys:
                     t = h.get_tensor(k)
                     if k in quantized.get("keys", ()):  # as the run's ranks held it after each gather
-                        from .quantize import reference_dequantized  # deferred: imports torch
-
                         t = reference_dequantized(t.to(quantized["dtype"]), quantized["world"],
                                                   scheme=quantized["scheme"])
                     if k in targets:
@@ -439,88 +403,3 @@ def merge_checkpoint(ckpt: str | os.PathLike, out: str | os.PathLike, base: str 
         stats["quantized"] = {"scheme": quantized["scheme"], "world_size": quantized["world"],
                               "weights": len(quantized["keys"])}
     return stats
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-EXPORT_EPILOG = """\
-examples:
-  bigtrain export runs/demo/checkpoints/step-00000500 --format peft out/peft-adapter
-  bigtrain export runs/demo --format peft out/peft-adapter --dtype bf16     # latest checkpoint of a run
-
-then, with PEFT:
-  base = AutoModelForCausalLM.from_pretrained(BASE); model = PeftModel.from_pretrained(base, "out/peft-adapter")
-"""
-
-MERGE_EPILOG = """\
-examples:
-  bigtrain merge runs/demo/checkpoints/step-00000500 out/merged
-  bigtrain merge runs/demo out/merged --base /models/opt-1.3b --max-shard-size 5GB --dtype bf16
-
-  bigtrain merge runs/nf4 out/merged-nf4 --into-quantized   # a model.quantize run: its quantized base
-
-The result loads with plain transformers: AutoModelForCausalLM.from_pretrained("out/merged").
-The base is streamed tensor by tensor; memory held is about one output shard. W0 is the base as
-stored on disk, also for a run trained with model.quantize; --into-quantized writes the base the
-adapters were trained against instead (each quantized weight quantized and dequantized as the run's
-ranks held it, at the world size of its checkpoint; in the run's model.dtype), the one whose eval
-loss is the run's own (docs/quantized.md gives the difference).
-"""
-
-
-def cmd_export(args) -> int:
-    if args.format not in FORMATS:
-        raise ValueError(f"--format {args.format!r}: unknown export format (known: {', '.join(FORMATS)})")
-    out = export_peft(args.checkpoint, args.out, dtype=args.dtype, base=args.base)
-    print(f"PEFT adapter written to {out}")
-    return 0
-
-
-def cmd_merge(args) -> int:
-    st = merge_checkpoint(args.checkpoint, args.out, base=args.base, max_shard_size=args.max_shard_size,
-                          dtype=args.dtype, progress=not args.no_progress and sys.stderr.isatty(),
-                          into_quantized=args.into_quantized)
-    q = st.get("quantized")
-    into = (f" (its {q['weights']} quantized weights as model.quantize={q['scheme']} held them at "
-            f"{q['world_size']} rank(s))" if q else "")
-    print(f"merged {st['merged_weights']} weights of {st['base']}{into} into {st['out']}: "
-          f"{len(st['shards'])} shard(s), {st['total_bytes']:,} bytes")
-    return 0
-
-
-# export and merge read one bigtrain checkpoint into OUT: (help, description, epilog, OUT's help,
-# --base's help) of each
-_SUBCOMMANDS = {
-    "export": ("convert a bigtrain checkpoint to a PEFT LoRA adapter",
-               "Convert a bigtrain adapter checkpoint to another format (PEFT: adapter_config.json + "
-               "adapter_model.safetensors).", EXPORT_EPILOG, "output directory",
-               "base model dir (default: the checkpoint's base_model); read for its config only"),
-    "merge": ("merge adapters into the base, write a Hugging Face checkpoint",
-              "Write W0 + s·B·A for every adapted weight as a plain Hugging Face checkpoint (sharded "
-              "safetensors, config, tokenizer).", MERGE_EPILOG, "output directory (must not exist or be empty)",
-              "base model dir (default: the checkpoint's base_model)"),
-}
-
-
-def add_export_parsers(subparsers) -> None:
-    p = {}
-    for name, (help_, description, epilog, out_help, base_help) in _SUBCOMMANDS.items():
-        p[name] = subparsers.add_parser(name, help=help_, description=description, epilog=epilog,
-                                        formatter_class=argparse.RawDescriptionHelpFormatter)
-        p[name].add_argument("checkpoint", metavar="CKPT",
-                             help="checkpoint dir (step-N), or a run dir (uses its latest)")
-        p[name].add_argument("out", metavar="OUT", help=out_help)
-        p[name].add_argument("--base", metavar="DIR", default=None, help=base_help)
-    e, m = p["export"], p["merge"]
-    e.add_argument("--format", default="peft", help="output format (only: peft)")
-    e.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
-                   help="adapter tensor dtype (default: as stored in the checkpoint)")
-    e.set_defaults(func=cmd_export)
-    m.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
-    m.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), default=None,
-                   help="dtype of the written weights (default: the base's)")
-    m.add_argument("--into-quantized", action="store_true",
-                   help="for a run trained with model.quantize: merge into its quantized base (dequantized, "
-                        "as its ranks held it) instead of the unquantized weights on disk")
-    m.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (it is shown on a terminal only, by input bytes)")
-    m.set_defaults(func=cmd_merge)

@@ -26,7 +26,7 @@ Nothing here touches DeepSpeed: the engine owns that.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
 import sys
@@ -34,11 +34,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError
-from .presets import position_limit
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-# Deferred imports: the CLI imports this module to build its parser and `bigtrain --help` must not
-# pay for torch (tests/e2e/test_cli.py); each command imports what it runs.
+from . import checkpoint as ck
+from .compile import eager_layers
+from .config import Config, ConfigError, load_config
+from .data import ROLES, escape_controls, load_tokenizer, tokenizer_source
+from .engine.core import Engine
+from .evaluate import evaluate
+from .export import base_dir
+from .losses import IGNORE_INDEX
+from .presets import position_limit
+from .run import autocast_for, model_config, set_seed
+from .switch import AdapterBank, check_compatible
+from .vocab import run_config as pad_vocab
 
 BASE = "base"  # the adapter name that means the bare base model
 
@@ -98,8 +108,6 @@ def check_positions(hf_config, prompts: list[list[int]], max_new_tokens: int, wh
 
 # -- generation -------------------------------------------------------------------------------------
 def _real_vocab_processor(vocab: int):
-    from transformers import LogitsProcessor  # deferred: heavy
-
     class RealVocab(LogitsProcessor):
         """Rows from ``vocab`` on are the run's padding (zero weights, :mod:`bigtrain.vocab`): never
         generated, as the loss never scores them."""
@@ -118,11 +126,6 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], s: Sampling, *, voc
     Batches of ``batch_size`` prompts, left-padded. ``synced``: the base is partitioned over several
     ranks (every rank must call this with the same prompts). ``after``: called after each batch
     (the engine's release of the gathered base). Draws random numbers only when sampling."""
-    import contextlib
-
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     dev = next(iter(model.parameters())).device
@@ -179,8 +182,6 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 # -- a run's held-out samples, before and after training --------------------------------------
 def one_line(text: str) -> str:
     """A sample on one log line: newlines and every other non-printable character escaped."""
-    from .data import escape_controls
-
     return escape_controls(text.strip(), keep="")
 
 
@@ -189,8 +190,6 @@ def show_samples(run) -> None:
     and on (what training made), printed with the reference: what LoRA changed. Every rank
     generates (the base's gathers are collective); rank 0 prints. Greedy draws no random
     numbers, and this comes after the last eval and save. ``run``: a :class:`bigtrain.run.Run`."""
-    from .compile import eager_layers  # deferred: imports torch (this module is read by --help)
-
     cfg, say, tok = run.cfg, run.say, run.inputs.tokenizer
     samples = run.inputs.samples
     if not samples:
@@ -282,9 +281,6 @@ def run_config(c, base: str | None, device: str | None, quantize: str | None = N
     at ``--base`` or the recorded one, the device asked for, and ``--quantize`` (None: the run's
     model.quantize; ``none``: the unquantized base, e.g. a merged model or the base a PEFT export
     is loaded on)."""
-    from .config import Config, load_config
-    from .export import base_dir
-
     bdir = base_dir(c.spec, base, c.path)  # a preset base (random weights) has no files: --base needed
     saved = c.path / "config.yaml"
     overrides = [f"model.path={bdir}"] + ([f"train.device={device}"] if device else [])
@@ -319,11 +315,6 @@ def prepare(ckpt: str, adapters: list[tuple[str, str]] = (), base: str | None = 
             device: str | None = None, quantize: str | None = None) -> Prepared:
     """Read and verify every checkpoint, check that they can share one bank, read the run's config
     and tokenizer: every error of bad input, before any process group starts."""
-    from . import checkpoint as ck
-    from .data import load_tokenizer, tokenizer_source
-    from .switch import check_compatible
-    from .run import model_config
-
     first = ck.read_checkpoint(ckpt)
     name = default_name(first.path)
     if name == BASE:  # a run folder named "base": the name already means the bare base model
@@ -346,18 +337,11 @@ def open_session(prep: Prepared, say=print) -> Session:
     """Start the process group, build the base as the run did, load the adapters into one bank.
     What DeepSpeed prints while it starts (its logger writes to stdout) goes to stderr: stdout is
     the commands' output (jsonl)."""
-    import contextlib
-
     with contextlib.redirect_stdout(sys.stderr):
         return _open_session(prep, say)
 
 
 def _open_session(prep: Prepared, say) -> Session:
-    from .engine.core import Engine
-    from .switch import AdapterBank
-    from .run import autocast_for, set_seed
-    from .vocab import run_config as pad_vocab
-
     cfg, hf_config = prep.cfg, prep.hf_config
     model_path = cfg.model.local_path
     build = pad_vocab(hf_config, head_is_target=False)  # the head is never a LoRA target (inject.py)
@@ -379,9 +363,7 @@ def _open_session(prep: Prepared, say) -> Session:
 
 
 def _base_json(path: Path) -> dict:
-    from .checkpoint import read_json
-
-    return read_json(path / "base.json") if (path / "base.json").is_file() else {}
+    return ck.read_json(path / "base.json") if (path / "base.json").is_file() else {}
 
 
 # -- bigtrain generate --------------------------------------------------------------------------
@@ -416,8 +398,6 @@ def read_prompts(path: str) -> list[dict]:
 
 
 def _chat_row(obj: dict, where: str) -> dict:
-    from .data import ROLES
-
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs or not all(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
@@ -450,8 +430,6 @@ def plan(rows: list[dict], use: list[str], names: list[str], where: str) -> list
 def run_generate(sess: Session, jobs: list[tuple[int, str, dict]], s: Sampling, batch_size: int) -> dict:
     """Generate every job, grouped by adapter (one switch per adapter, in order of first use);
     results in the jobs' order, with timings."""
-    import torch
-
     torch.manual_seed(s.seed)  # the same on every rank: the same samples everywhere
     order: dict[str, list] = {}
     for job in jobs:
@@ -481,71 +459,11 @@ def run_generate(sess: Session, jobs: list[tuple[int, str, dict]], s: Sampling, 
             "new_tokens": new_tokens}
 
 
-def _format_switches(switches) -> str:
-    copies = [sw for sw in switches if sw.bytes]
-    if not copies:
-        return "no adapter weights copied"
-    ms = sorted(sw.seconds * 1e3 for sw in copies)
-    return (f"{len(copies)} adapter switch(es), {copies[0].bytes:,} bytes copied each, "
-            f"{ms[len(ms) // 2]:.3f} ms median (max {ms[-1]:.3f} ms); the base was built once")
-
-
-def cmd_generate(args) -> int:
-    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, list(args.stop or []))
-    s.check()
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if bool(args.prompt) == bool(args.prompts):
-        raise ConfigError("give --prompt TEXT (repeatable) or --prompts FILE.jsonl, one of the two")
-    if args.prompts:
-        rows = read_prompts(args.prompts)
-    elif args.chat:  # each --prompt is the user's turn of a new conversation
-        rows = [{"messages": [{"role": "user", "content": p}]} for p in args.prompt]
-    else:
-        rows = [{"prompt": p} for p in args.prompt]
-    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device, args.quantize)
-    jobs = plan(rows, args.use or [prep.names[0]], prep.names, args.prompts or "--prompt")
-    check_positions(prep.hf_config, [row_ids(prep.tokenizer, row) for row in rows], s.max_new_tokens,
-                    [f"{args.prompts}:{row['_line']}" if args.prompts else f"--prompt {i + 1}" for i, row in enumerate(rows)])
-    sess = open_session(prep, say=_err)
-    # on an error from here on the process group is left to the process's exit, as training does
-    out = run_generate(sess, jobs, s, args.batch_size)
-    if sess.is_main:
-        from .data import escape_controls
-
-        for r in out["results"]:
-            if args.format == "jsonl":
-                print(json.dumps(r, ensure_ascii=False), flush=True)
-            else:
-                print(f"--- [{r['adapter']}] {r['new_tokens']} new tokens\n"
-                      f"{escape_controls(r['prompt'] + r['completion'])}",
-                      flush=True)
-        _err(f"[bigtrain] generated {out['new_tokens']:,} tokens for {len(jobs)} prompt(s) in "
-             f"{out['seconds']:.2f} s: {out['new_tokens'] / max(out['seconds'], 1e-9):,.1f} tokens/s "
-             f"({'greedy' if s.temperature == 0 else f'temperature {s.temperature:g}, top-p {s.top_p:g}, seed {s.seed}'}"
-             f", batch {args.batch_size}, {sess.engine.info.world_size} rank(s)); "
-             f"{_format_switches(out['switches'])}")
-    sess.close()
-    _leave_process()
-    return 0
-
-
-def _leave_process() -> None:
-    """As ``bigtrain train`` ends: after the engine's teardown, without the interpreter's
-    finalisation when a process group ran (:func:`bigtrain.dist.exit_after_teardown`)."""
-    from .dist import exit_after_teardown
-
-    exit_after_teardown(0)
-
-
 # -- bigtrain eval ------------------------------------------------------------------------------
 def run_eval(sess: Session, ds, names: list[str | None]) -> list[dict]:
     """Loss and perplexity of each of ``names`` (None: the bare base) on ``ds`` (rows of
     :func:`bigtrain.data.load_examples` under the run's data settings) with training's evaluate():
     the first ``train.eval_examples`` rows (0: all), each scored once."""
-    from .losses import IGNORE_INDEX
-    from .evaluate import evaluate
-
     cfg = sess.cfg
     n = len(ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(ds))
     targets = sum(int(t != IGNORE_INDEX) for row in ds.select(range(n))["labels"] for t in row[1:])
@@ -557,123 +475,3 @@ def run_eval(sess: Session, ds, names: list[str | None]) -> list[dict]:
                     "target_tokens": targets})
     sess.bank.use(None)
     return out
-
-
-def cmd_eval(args) -> int:
-    from .data import load_examples
-
-    prep = prepare(args.checkpoint, parse_adapters(args.adapter), args.base, args.device, args.quantize)
-    if args.examples is not None:
-        if args.examples < 0:
-            raise ConfigError(f"--examples must be >= 0 (0: all), got {args.examples}")
-        prep.cfg.train.eval_examples = args.examples
-    if not sys.stderr.isatty():  # datasets' tokenisation bar would put carriage returns into a log
-        import datasets
-
-        datasets.disable_progress_bars()
-    ds = load_examples(args.data, prep.tokenizer, prep.cfg.data)[0]  # a bad line is named before any work
-    sess = open_session(prep, say=_err)
-    # on an error from here on the process group is left to the process's exit, as training does
-    t0 = time.perf_counter()
-    rows = run_eval(sess, ds, [None] + sess.bank.names())
-    dt = time.perf_counter() - t0
-    if sess.is_main:
-        if args.json:
-            print(json.dumps({"data": args.data, "results": rows}), flush=True)
-        else:
-            print(f"{'adapter':<20} {'loss':>8} {'perplexity':>10}   ({rows[0]['examples']} examples of "
-                  f"{args.data}, {rows[0]['target_tokens']:,} target tokens)")
-            for r in rows:
-                print(f"{r['adapter']:<20} {r['loss']:>8.4f} {r['perplexity']:>10.4f}")
-        _err(f"[bigtrain] eval of {len(rows)} model(s) in {dt:.2f} s at {sess.engine.info.world_size} rank(s)")
-    sess.close()
-    _leave_process()
-    return 0
-
-
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-GENERATE_EPILOG = """\
-examples (after `bigtrain train`, which writes runs/demo):
-  bigtrain generate runs/demo --prompt $'<mr> name[The Eagle], food[French]\\nDescription:'
-  bigtrain generate runs/demo --use base --use demo --prompt $'<mr> name[Alimentum]\\nDescription:'
-  bigtrain generate runs/demo --prompts bigtrain/assets/e2e_eval.jsonl --format jsonl > out.jsonl
-  bigtrain generate runs/demo --adapter short=runs/short --prompts mixed.jsonl   # per-prompt "adapter"
-  bigtrain generate runs/demo --prompt 'x' --temperature 0.8 --top-p 0.95 --seed 1 --stop '.'
-  bigtrain generate runs/chat --chat --prompt 'name[Aromi], area[riverside]'   # trained on builtin:e2e-chat
-  torchrun --nproc_per_node 8 -m bigtrain generate runs/big --prompts p.jsonl   # base partitioned (ZeRO-3)
-
-A prompts file holds one JSON object per line: {"prompt": "...", "adapter": "NAME"}, or
-{"messages": [{"role": "user", "content": "..."}, ...]} rendered by the chat template (a final
-assistant message, as in chat training data, is the reference, not given to the model) ("adapter" is
-optional: without it, the --use adapters; "base" is the bare base; a "completion" field, as in
-training data, is written out as "reference"). The base is built once; a switch
-between adapters copies only the adapter's A and B (its bytes and time are printed). The adapter is
-applied unmerged, through the hooks training used. Outputs go to stdout, timings to stderr.
-"""
-
-EVAL_EPILOG = """\
-examples:
-  bigtrain eval runs/demo --data builtin:e2e-eval             # the figure the run logged at its end
-  bigtrain eval runs/demo --data my_eval.jsonl --examples 0   # every example of a file
-  bigtrain eval runs/demo --adapter other=runs/other --data builtin:e2e-eval --json
-  torchrun --nproc_per_node 2 -m bigtrain eval runs/demo --data builtin:e2e-eval
-  bigtrain eval runs/nf4 --base out/merged --quantize none --data builtin:e2e-eval   # the "base" row: a merged model
-
-Scores the bare base and every adapter with training's own eval: the run's data settings
-(data.max_length, data.pack, ...), its micro-batch, and its train.eval_examples first examples
-(--examples to change). Data: any form training takes (prompt/completion or text jsonl, .txt, a
-saved datasets directory, builtin:NAME).
-"""
-
-
-def _common(p) -> None:
-    p.add_argument("checkpoint", metavar="RUN_OR_CKPT",
-                   help="a run's output_dir (its latest checkpoint) or a checkpoint dir (step-N); its name is "
-                        "the run directory's")
-    p.add_argument("--adapter", action="append", metavar="NAME=PATH", default=[],
-                   help="another adapter (checkpoint or run dir) over the same base; repeatable")
-    p.add_argument("--base", metavar="DIR", default=None,
-                   help="base model dir (default: the checkpoint's recorded base_model)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="default: the run's train.device")
-    p.add_argument("--quantize", choices=("none", "int8", "nf4"), default=None,
-                   help="the base's model.quantize (default: the run's; none: the unquantized base, e.g. "
-                        "to score a merged model given as --base, or the adapter as a PEFT export runs it)")
-
-
-def add_generate_parsers(subparsers) -> None:
-    g = subparsers.add_parser("generate", help="generate text with one or several adapters over one base",
-                              description="Generate continuations of prompts with trained LoRA adapters "
-                                          "over their base (greedy or sampled, KV cache, batched).",
-                              epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(g)
-    g.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeatable")
-    g.add_argument("--chat", action="store_true",
-                   help="each --prompt is a user's message, rendered with the tokenizer's chat template "
-                        "(for adapters trained on messages data)")
-    g.add_argument("--prompts", metavar="FILE.jsonl", help='prompts file: {"prompt": ..., "adapter": ...} per line')
-    g.add_argument("--use", action="append", metavar="NAME",
-                   help=f"adapter(s) for prompts that name none ({BASE!r}: the bare base); repeatable; "
-                        "default: RUN_OR_CKPT's")
-    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default 64")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy; > 0: sampling")
-    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0; the same on every rank)")
-    g.add_argument("--stop", action="append", metavar="STR", help="end a generation at this string; repeatable")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call (default 8)")
-    g.add_argument("--format", choices=("text", "jsonl"), default="text", help="output format (default text)")
-    g.set_defaults(func=cmd_generate)
-    e = subparsers.add_parser("eval", help="loss and perplexity of the base and each adapter on a data file",
-                              description="Score a data file with training's eval: the bare base and every "
-                                          "adapter given.",
-                              epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(e)
-    e.add_argument("--data", required=True, metavar="FILE", help="jsonl, .txt, saved datasets dir or builtin:NAME")
-    e.add_argument("--examples", type=int, default=None, metavar="N",
-                   help="score the first N examples (0: all; default: the run's train.eval_examples)")
-    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    e.set_defaults(func=cmd_eval)

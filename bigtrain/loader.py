@@ -32,6 +32,7 @@ DeepSpeed and nothing of bigtrain's config.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -40,14 +41,16 @@ from typing import Collection
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
+
+# Deferred imports: transformers' conversion mapping and core_model_loading exist from transformers 5
+# on (4.x matches the checkpoints' keys as they are) and are needed only when a name is not a key.
 
 
 def open_safetensors(f: Path):
     """``safe_open(f)``; a file that is truncated, garbled or missing raises a one-line error that
     names it and what to do (safetensors' own error names no file)."""
-    from safetensors import safe_open
-
     if not f.is_file():
         raise FileNotFoundError(f"{f}: missing (named by {f.parent / 'model.safetensors.index.json'}); "
                                 "copy the whole checkpoint again")
@@ -147,8 +150,6 @@ def plan_keys(model: nn.Module, files: dict, read=None) -> KeyPlan:
         return KeyPlan(keys, converted)
     renamings, converters = transformers_conversions(model)
     if renamings or converters:
-        import copy
-
         from transformers.core_model_loading import dot_natural_key, rename_source_key
 
         wanted = dict.fromkeys(names, True)  # rename_source_key reads .get(name) is not None

@@ -36,6 +36,7 @@ estimate as outlines), each mode's logs and files under ``<out>/<mode>/``, and, 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -46,101 +47,37 @@ import sys
 import time
 from pathlib import Path
 
-from .measure_report import MODES, GiB, mode_status, build_report, write_outputs
+import torch
+import torch.distributed as dist
 
-# Deferred imports: torch, deepspeed, transformers and the training modules are imported where used,
-# so that `bigtrain measure --help` answers without them and a parent process never touches CUDA
-# (a CUDA context in the parent would take GPU memory from every mode it measures).
+from . import dist as D
+from . import faults
+from .config import ConfigError, load_config
+from .dist import detect_world, exit_after_teardown, unlink_deepspeed_shm, wants_cuda
+from .engine import full_ft as Z
+from .engine.core import DTYPES
+from .engine.ds_config import check_deepspeed_version
+from .losses import token_loss_sum_reference
+from .measure_report import MODES, GiB, build_report, mode_status, write_outputs
+from .memory import measure_states, predict_full_states, shape_from_model
+from .preflight import host_peak_rss
+from .run import build_run, check_inputs, set_seed
+from .sampler import GlobalSampler, count_tokens, step_batches
+from .trainer import Trainer
+
+# The parent process never touches CUDA (a CUDA context there would take GPU memory from every mode
+# it measures): importing these creates none; each mode's work runs in a child process.
 
 OOM_EXIT = 17  # a child that ran out of memory (CUDA, or the --mem-cap-gib cap) exits with this
 GRACE_S = 10.0  # after another rank's child failed: how long a still-running child may take to end
-
-EPILOG = """\
-examples:
-  bigtrain measure model.path=null model.preset=tiny-opt model.dtype=bfloat16 --steps 3
-  torchrun --nproc_per_node 2 -m bigtrain measure --config my.yaml --modes lora,full-zero3
-  torchrun --nproc_per_node 8 -m bigtrain measure model.path=/models/opt-6.7b model.dtype=bfloat16 \\
-      data.max_length=2048 train.micro_batch_size=2 model.gradient_checkpointing=true
-  BT_COMMAND=measure BT_MEASURE_ARGS="--steps 4" sbatch --nodes=2 slurm/train_torchrun.sbatch --config my.yaml
-
-Each mode runs --steps optimizer steps (>= 2: model states are compared in steady state) in a child
-process per rank; a mode that does not fit ends as "out of memory at step N" with the estimate's
-fewest GPUs that fit, and the other modes still run. Outputs go to --out (default
-<train.output_dir>/measure): measure.json, measure.png, <mode>/rank<R>.log.
-"""
-
-
-def add_measure_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "measure", help="measure per-GPU memory and speed of LoRA vs full fine-tuning on this job",
-        description="Run K steps of LoRA and of full fine-tuning (DeepSpeed ZeRO-3/2/1, bf16, AdamW) "
-                    "for the job as configured, each mode in a clean process per rank, and report "
-                    "per-GPU peak memory, model states by kind, activations and tokens/s beside "
-                    "bigtrain estimate's prediction.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="YAML config file, as for bigtrain train")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for bigtrain train")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per mode (>= 2, default 4)")
-    p.add_argument("--modes", default="lora,full-zero3",
-                   help=f"comma-separated, run in this order (default lora,full-zero3); of {', '.join(MODES)}")
-    p.add_argument("--out", metavar="DIR", help="output directory (default <train.output_dir>/measure)")
-    p.add_argument("--mem-cap-gib", type=float, default=None, metavar="G",
-                   help="cap each rank's memory at G GiB (GPU: the allocator's limit; CPU: the model "
-                        "states counted after setup and after every step), to see a mode run out")
-    p.add_argument("--gpu-mem-gib", type=float, default=None, metavar="G",
-                   help="GPU memory for the estimate's 'fewest GPUs that fit' (default: the cap, else "
-                        "the GPU's own, else 80)")
-    p.add_argument("--mode-timeout-s", type=float, default=3600.0,
-                   help="a mode still running after this long is stopped (default 3600)")
-    p.set_defaults(func=cmd_measure)
-    return p
-
 
 # ------------------------------------------------------------------------------------------------
 # The parent: one per rank, started by the launcher.
 
 
-def _check_args(args) -> list[str]:
-    """Every error that bad arguments can cause, before any process or store starts."""
-    from .config import ConfigError
-
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise ConfigError(f"--modes: {','.join(bad) or repr(args.modes)} is not a mode; choose from "
-                          f"{', '.join(MODES)}")
-    if len(set(modes)) != len(modes):
-        raise ConfigError(f"--modes: {args.modes!r} names a mode twice")
-    if args.steps < 2:
-        raise ConfigError(f"--steps must be >= 2 (model states are compared in steady state, after "
-                          f"step 2), got {args.steps}")
-    for flag, v in (("--mem-cap-gib", args.mem_cap_gib), ("--gpu-mem-gib", args.gpu_mem_gib)):
-        if v is not None and not v > 0:
-            raise ConfigError(f"{flag} must be > 0, got {v}")
-    return modes
-
-
-def cmd_measure(args) -> int:
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)  # config errors first, before any process starts
-    modes = _check_args(args)
-    # like for like: full fine-tuning has no auto; each auto key is measured as false unless named
-    fixed = [f"model.{k}=false" for k in ("gradient_checkpointing", "compile") if getattr(cfg.model, k) == "auto"]
-    # the demo's float32 base: DeepSpeed's full fine-tuning keeps 16-bit weights (and fp32 masters),
-    # so every mode is measured on the same 16-bit base
-    to_bf16 = any(MODES[m] for m in modes) and cfg.model.dtype == "float32"
-    if fixed or to_bf16:
-        args.overrides = list(args.overrides) + fixed + (["model.dtype=bfloat16"] if to_bf16 else [])
-        cfg = load_config(args.config, args.overrides)
-    if fixed:
-        print(f"[bigtrain measure] {', '.join(fixed)} (auto is not measured: name a value to measure it)", flush=True)
-    if to_bf16:
-        print("[bigtrain measure] model.dtype=float32 -> bfloat16 for every mode: full fine-tuning runs "
-              "DeepSpeed's 16-bit mixed precision (fp32 master weights), and LoRA is measured on the "
-              "same base", flush=True)
-    from .dist import detect_world
-
+def measure_job(cfg, args, modes: list[str]) -> int:
+    """Run ``modes`` in turn on this rank (``cfg`` and ``args`` checked by the command,
+    :mod:`bigtrain.commands.measure`); rank 0 writes the report."""
     rank, world, local_rank = detect_world()
     # a launcher's or Slurm's TERM (or Ctrl-C) ends this rank's child too: it runs in its own session,
     # so nothing else would, and an orphaned child would keep its GPU
@@ -166,16 +103,10 @@ def cmd_measure(args) -> int:
 def _parent_store(rank: int, world: int, timeout_s: float):
     """The store the parents share: the launcher's ``env://`` rendezvous (torchrun's agent store, or
     one rank 0 hosts at MASTER_ADDR:MASTER_PORT under the deepspeed launcher and srun)."""
-    import datetime
-
-    import torch.distributed as dist
-
     if world == 1:
         return dist.HashStore()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from .config import ConfigError
-
         raise ConfigError("MASTER_PORT is not set: start multi-process runs with torchrun, the deepspeed "
                           "launcher or the scripts in slurm/")
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
@@ -238,8 +169,6 @@ def _run_mode(store, i: int, mode: str, args, out: Path, rank: int, world: int, 
                 stopped = f"stopped: still running after --mode-timeout-s {args.mode_timeout_s:g}"
                 _kill(proc)
         time.sleep(0.1)
-    from .dist import unlink_deepspeed_shm
-
     # the child's DeepSpeed CPU shared-memory buffer (made under the deepspeed launcher), left by a
     # child that ran out of memory or was stopped
     unlink_deepspeed_shm(rank, world, env["MASTER_ADDR"], port)
@@ -308,10 +237,6 @@ class MemCap:
     is raised. Either way the child leaves through the same clean out-of-memory path."""
 
     def __init__(self, cap: int | None, device, rank: int):
-        import torch
-
-        from . import faults
-
         self.cap = cap if cap and faults.mem_cap_applies(rank) else None
         self.cpu = device.type != "cuda"
         if self.cap and not self.cpu:
@@ -319,8 +244,6 @@ class MemCap:
             torch.cuda.set_per_process_memory_fraction(min(1.0, self.cap / total), device)
 
     def check(self, step: int, state_bytes: int) -> None:
-        import torch
-
         if self.cap and self.cpu and state_bytes > self.cap:
             raise torch.OutOfMemoryError(f"model states {state_bytes:,} bytes exceed the memory cap of "
                                          f"{self.cap:,} bytes (--mem-cap-gib) at step {step}")
@@ -335,8 +258,6 @@ class PhasePeaks:
         self.dev, self.peaks, self.alloc, self.reserved = dev, {}, 0, 0
 
     def end(self, name: str) -> None:
-        import torch
-
         if self.dev.type != "cuda":
             return
         a, r = torch.cuda.max_memory_allocated(self.dev), torch.cuda.max_memory_reserved(self.dev)
@@ -352,11 +273,6 @@ class PhasePeaks:
 
 
 def _child(spec_path: str) -> int:
-    import torch
-
-    from .config import load_config
-    from .preflight import host_peak_rss
-
     spec = json.loads(Path(spec_path).read_text())
     mode, steps = spec["mode"], spec["steps"]
     overrides = list(spec["overrides"]) + [f"train.output_dir={spec['dir']}/run", f"train.max_steps={steps}",
@@ -388,16 +304,12 @@ def _child(spec_path: str) -> int:
     tmp = Path(spec["result"] + ".tmp")
     tmp.write_text(json.dumps(res))
     tmp.replace(spec["result"])
-    from .dist import exit_after_teardown
-
     # after an OOM other ranks may still wait in a collective: leave without tearing the group down
     exit_after_teardown(code)
     return code
 
 
 def _device_info(dev) -> dict:
-    import torch
-
     if dev.type != "cuda":
         return {"device": "cpu"}
     return {"device": torch.cuda.get_device_name(dev),
@@ -408,28 +320,18 @@ def _device_info(dev) -> dict:
 
 def _device(cfg):
     """This rank's device, as the engine will pick it (before it starts: the cap covers the build)."""
-    import torch
-
-    from .dist import detect_world, wants_cuda
-
     if not wants_cuda(cfg.train.device) or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", detect_world()[2] % torch.cuda.device_count())
 
 
 def _sync(dev):
-    import torch
-
     return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
 
 
 def _run_lora(cfg, spec, prog: Progress) -> dict:
     """bigtrain's own loop, as ``bigtrain train`` runs it (run.build_run, trainer.Trainer), timed
     and capped around each step by a step observer."""
-    from .memory import measure_states
-    from .run import build_run
-    from .trainer import Trainer
-
     cap = MemCap(spec["mem_cap_bytes"], _device(cfg), int(os.environ.get("RANK", "0")))
     run = build_run(cfg)
     failed = True
@@ -464,16 +366,6 @@ def _run_lora(cfg, spec, prog: Progress) -> dict:
 
 def _run_full(cfg, stage: int, spec, prog: Progress) -> dict:
     """Full fine-tuning under DeepSpeed ZeRO-``stage``: the same base build, data order and objective."""
-    from . import dist as D
-    from . import faults
-    from .engine import full_ft as Z
-    from .engine.core import DTYPES
-    from .engine.ds_config import check_deepspeed_version
-    from .losses import token_loss_sum_reference
-    from .memory import predict_full_states, shape_from_model
-    from .run import check_inputs, set_seed
-    from .sampler import GlobalSampler, count_tokens, step_batches
-
     t = cfg.train
     inp = check_inputs(cfg)  # the input checks, tokenizer, model config and data of a LoRA run
     check_deepspeed_version()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Deferred imports: the memory model, the config-to-model helpers and matplotlib are imported where
-# used, so that `bigtrain measure --help` (the cli imports bigtrain.measure, which imports this
-# module) loads no torch.
+from .memory import CATEGORY_LABELS, estimate, fmt_binary, setup_for_run, shape_from_model
+from .presets import meta_model
+
+# Deferred imports: the config-to-model helpers (data, inject, run, vocab), the loggers and matplotlib
+# are imported where used: they load torch, and `bigtrain measure --help` reads MODES from here.
 
 # The modes and the ZeRO stage of each full fine-tuning one (LoRA: None). The command's too; here
 # because the report needs them and must not import bigtrain.measure (no import cycles).
@@ -34,8 +36,6 @@ STATE_KINDS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_st
 
 
 def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
-    from .memory import setup_for_run
-
     stage = MODES[mode]  # a full fine-tuning mode's stage; LoRA's from the run's config
     return setup_for_run(cfg, world, gpu_mem_bytes=gpu_mem, include_context=context,
                          **({"zero_stage": stage} if stage else {}))
@@ -43,8 +43,6 @@ def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
 
 def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict:
     """Per mode: the outcome, per GPU (max over ranks) measured and predicted; the ratios."""
-    from .memory import estimate
-
     shape = _shape(cfg)
     device = next((r.get("device") for rs in results.values() for r in rs if r.get("device")), "cpu")
     total = next((r.get("device_total_bytes") for rs in results.values() for r in rs
@@ -108,9 +106,6 @@ def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict
 
 def _shape(cfg):
     """The run's model shape (its vocabulary padded as inside a run), from a meta-device build."""
-    from .memory import shape_from_model
-    from .presets import meta_model
-
     _, build = _configs(cfg)
     name = cfg.model.path if cfg.model.path else cfg.model.preset
     if cfg.model.path is None and cfg.model.num_layers:
@@ -122,7 +117,6 @@ def _configs(cfg):
     """(the model's config, the config a run builds: vocabulary padded to a multiple of 64)."""
     from .data import load_tokenizer, tokenizer_source
     from .inject import find_targets, output_layer_names
-    from .presets import meta_model
     from .run import model_config
     from .vocab import run_config
 
@@ -174,8 +168,6 @@ def format_report(rep: dict) -> str:
             lines.append(f"{mode:<12} {_g(m.get('host_peak_rss_bytes')):>10} "
                          f"{'-' if st is None else f'{st:,}':>10} {p['states_total']:>10,} "
                          f"{_pct(m.get('states_error')):>7} {tps:>13}  {status}")
-    from .memory import CATEGORY_LABELS, fmt_binary
-
     for mode, m in rep["modes"].items():
         if m["status"] != "ok":
             continue

@@ -54,6 +54,7 @@ Everything here is CPU-only and never allocates model storage.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,8 +63,8 @@ from .config import DTYPE_BYTES, QUANTIZE_CHOICES
 from .presets import PRESETS, hf_config_for, meta_model
 
 # Deferred imports: torch, transformers and the modules that load torch (inject, lora, losses,
-# quantize) are imported where used: `bigtrain estimate --help` (bigtrain/estimate.py) loads this
-# module without loading torch.
+# quantize, engine.build) are imported where used: the CLI builds `bigtrain estimate`'s parser from
+# this module's defaults without loading torch, and estimate loads no engine (tests/unit/test_imports.py).
 
 GiB = 2 ** 30
 GB = 10 ** 9
@@ -423,8 +424,6 @@ def _lora_input_bytes(shape: ModelShape, lora: dict, act: int, r: int, compiled:
     reading one normalised input (q, k, v; gate, up) share one bf16 copy of it where it is bf16 before
     they read it (RMSNorm returns the storage dtype; a compiled layer casts once inside its graph), but
     each makes its own autocast copy of a LayerNorm's fp32 output in an eager layer."""
-    import re
-
     shared = shape.rms_norm or compiled
     total, groups = 0, set()
     for name, (d_in, _) in lora.items():

@@ -24,8 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import transformers as tf
 
 from .config import ASSETS
+from .data import load_tokenizer
+from .presets import hf_config_for
 
 
 
@@ -44,11 +47,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
-
-    import transformers as tf
-
-    from .data import load_tokenizer
-    from .presets import hf_config_for
 
     torch.manual_seed(0)
     torch.set_num_threads(1)  # 2 threads on 2 shared cores ran 3x slower (OpenMP spin-waits)

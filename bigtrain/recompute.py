@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -129,8 +130,6 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers that carry transformers' per-layer ``gradient_checkpointing`` flag, in order."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 

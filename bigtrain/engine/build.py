@@ -11,25 +11,30 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 
 import torch
 import torch.distributed as dist
+import transformers as tf
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations import deepspeed as hf_ds
 
 from ..presets import decoder_layer_classes
 from .ds_config import check_param_attrs
 
-# Deferred imports: deepspeed and transformers are imported where used.
+# Deferred imports: deepspeed is imported where used: its import takes seconds (its op builders)
+# and writes to stdout, and stage-0 runs and the CPU-only tools never need it (engine/__init__.py).
 
 
 def build_partitioned(hf_config, torch_dtype: torch.dtype, attn_implementation: str, ds: dict):
     """The causal LM built under ``zero.Init``: each rank holds only its partitions, initialised from
     the full tensors. Returns (model, the HfDeepSpeedConfig, which the caller must keep referenced
     while models are built: transformers holds it only weakly)."""
-    import transformers as tf
-    from transformers.integrations import HfDeepSpeedConfig
-
     hf_ds = HfDeepSpeedConfig(ds)  # before from_config: zero.Init + proper init
     model = tf.AutoModelForCausalLM.from_config(
         hf_config, dtype=torch_dtype, attn_implementation=attn_implementation)
@@ -41,8 +46,6 @@ def build_partitioned(hf_config, torch_dtype: torch.dtype, attn_implementation: 
 def _hf_zero3_off():
     """``transformers`` builds a model under its own ``zero.Init`` while an ``HfDeepSpeedConfig`` is
     alive (an earlier build's, in the same process): off for the meta-device skeleton."""
-    from transformers.integrations import deepspeed as hf_ds
-
     if not hasattr(hf_ds, "_hf_deepspeed_config_weak_ref"):  # another transformers: nothing to turn off
         yield
         return
@@ -64,8 +67,6 @@ def _post_order(module: nn.Module):
 def _init_owners(model: nn.Module) -> dict[int, nn.Module]:
     """id(module) -> the innermost ``PreTrainedModel`` containing it (itself if it is one): whose
     ``_init_weights`` initialises it, as ``smart_apply`` dispatches in a composite model."""
-    from transformers import PreTrainedModel
-
     out: dict[int, nn.Module] = {}
 
     def walk(m: nn.Module, owner: nn.Module) -> None:
@@ -115,9 +116,6 @@ def return_freed_host_memory() -> None:
     about a layer per layer (measured: 0.86 GB at 4 layers, 2.33 GB at 16, tests/e2e/test_build_host_memory.py)."""
     global _libc
     if _libc is None:
-        import ctypes
-        import ctypes.util
-
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim
@@ -152,11 +150,7 @@ def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str
     partitions passed through host memory whole (GPT-3 175B at one rank: 349 GB; the kernel killed
     the rank at 130.5 GB peak RSS on a 125 GiB host)."""
     import deepspeed
-    import transformers as tf
-    from accelerate import init_empty_weights
     from deepspeed.utils import groups
-    from transformers.integrations import HfDeepSpeedConfig
-
     with _hf_zero3_off(), init_empty_weights(include_buffers=False):
         model = tf.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype,
                                                     attn_implementation=attn_implementation)

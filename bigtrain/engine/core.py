@@ -24,6 +24,7 @@ import contextlib
 from typing import Iterable
 
 import torch
+import transformers as tf
 from torch import nn
 
 from .. import dist as D
@@ -89,8 +90,6 @@ class Engine:
         ``quantize`` (model.quantize, stage 3 only): the decoder layers' linear weights are stored
         quantized (int8 or nf4) once the partitions are filled (``gather.LayerGatherer``); ``quantize_summary`` then
         holds the line that reports their error."""
-        import transformers as tf
-
         torch_dtype = DTYPES[dtype]
         if hf_config is None:
             hf_config = tf.AutoConfig.from_pretrained(path)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ConfigError, ZeroConfig
 from ..dist import detect_world, wants_cuda
-from ..presets import decoder_layer_classes
+from ..presets import decoder_layer_classes, meta_model
 
 # Deferred imports: deepspeed is imported where used, so that stage-0 runs and the CPU-only tools
 # never pay DeepSpeed's import time (its op builders).
@@ -157,8 +157,6 @@ def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = N
 
 def largest_layer_numel(hf_config) -> int | None:
     """Elements of the model's largest decoder layer, from its shapes alone (a meta-device build)."""
-    from ..presets import meta_model  # transformers: imported when a base is built
-
     meta = meta_model(hf_config)
     classes = tuple(decoder_layer_classes(meta))
     sizes = [sum(p.numel() for p in m.parameters()) for m in meta.modules() if classes and isinstance(m, classes)]

@@ -8,10 +8,14 @@ uses this module.
 from __future__ import annotations
 
 import torch
+import transformers as tf
 
+from .. import vocab as V
+from ..loader import load_partitions
 from .build import build_partitioned, local_param_bytes, zero_from_row
 
-# Deferred imports: deepspeed and transformers are imported where used.
+# Deferred imports: deepspeed is imported where used: its import takes seconds (its op builders)
+# and writes to stdout, and stage-0 runs and the CPU-only tools never need it (engine/__init__.py).
 
 
 def full_ft_ds_config(stage: int, base_dtype: torch.dtype, micro_batch_size: int, grad_accum: int,
@@ -46,11 +50,6 @@ def build_full_ft(hf_config, torch_dtype: torch.dtype, attn_implementation: str,
     from ``vocab`` on are zeros, as in a LoRA run. Returns (DeepSpeed engine, its ZeRO optimizer,
     the HfDeepSpeedConfig to keep referenced)."""
     import deepspeed
-    import transformers as tf
-
-    from .. import vocab as V
-    from ..loader import load_partitions
-
     stage = ds["zero_optimization"]["stage"]
     padded = int(hf_config.vocab_size)
     hf_ds = None

@@ -25,7 +25,8 @@ from ..presets import decoder_layer_classes
 from ..quantize import QUANT_FORMATS, SCHEMES, quantizable_weights
 from .build import return_freed_host_memory
 
-# Deferred imports: deepspeed is imported where used.
+# Deferred imports: deepspeed is imported where used: its import takes seconds (its op builders)
+# and writes to stdout, and stage-0 runs and the CPU-only tools never need it (engine/__init__.py).
 
 
 def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo, notes: list[str],

@@ -406,12 +406,13 @@ def test_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint(tmp_path):
 SIGNAL_WHILE_IMPORTING = """
 import os, signal, sys
 import bigtrain.cli as cli
-real = cli.load_config
+import bigtrain.commands.train as train_command
+real = train_command.load_config
 def load_config(*a, **k):  # runs after `bigtrain train` set its catcher, before torch is imported
     assert "torch" not in sys.modules
     os.kill(os.getpid(), signal.SIGUSR1)
     return real(*a, **k)
-cli.load_config = load_config
+train_command.load_config = load_config
 sys.exit(cli.main(["train", *sys.argv[1:]]))
 """
 

@@ -1,7 +1,8 @@
-"""bigtrain.estimate, the ``bigtrain estimate`` command: the LoRA paper's figures, what accelerate's and
-DeepSpeed's estimators say, the table (and what each row counts), JSON and plot, the command's
-errors, --quantize's table and the --paper comparison with the PEFT ZeRO-3 + QLoRA anchor. The model
-of memory they print is tested in test_memory.py and test_memory_quantize.py."""
+"""bigtrain.estimate and the ``bigtrain estimate`` command (bigtrain.commands.estimate): the LoRA
+paper's figures, what accelerate's and DeepSpeed's estimators say, the table (and what each row
+counts), JSON and plot, the command's errors, --quantize's table and the --paper comparison with the
+PEFT ZeRO-3 + QLoRA anchor. The model of memory they print is tested in test_memory.py and
+test_memory_quantize.py."""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bigtrain import estimate as E
+from bigtrain.commands import estimate as C
 from bigtrain.memory import CATEGORIES, CATEGORY_LABELS, GB, Setup, estimate, model_shape, predict_states
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +50,13 @@ def test_tool_estimates(big):
 
 def _args(*argv):
     p = argparse.ArgumentParser()
-    E.add_estimate_parser(p.add_subparsers())
+    C.add_parser(p.add_subparsers())
     return p.parse_args(["estimate", *argv])
 
 
-def test_run_estimate_json_and_plot(tmp_path, capsys):
+def test_cmd_estimate_json_and_plot(tmp_path, capsys):
     png = tmp_path / "mem.png"
-    rc = E.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--json",
+    rc = C.cmd_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--json",
                               "--plot", str(png)))
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -65,26 +67,26 @@ def test_run_estimate_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_estimate_table_and_errors(capsys):
-    assert E.run_estimate(_args("gpt3-large", "--gpus-per-node", "1", "--zero-stage", "0")) == 0
+def test_cmd_estimate_table_and_errors(capsys):
+    assert C.cmd_estimate(_args("gpt3-large", "--gpus-per-node", "1", "--zero-stage", "0")) == 0
     text = capsys.readouterr().out
     for label in CATEGORY_LABELS.values():
         assert label in text
     assert "fewest GPUs that fit" in text and "whole job" in text
-    assert E.run_estimate(_args("no-such-model")) == 2
-    assert E.run_estimate(_args("gpt3-large", "--lora-targets", "nope")) == 2
+    assert C.cmd_estimate(_args("no-such-model")) == 2
+    assert C.cmd_estimate(_args("gpt3-large", "--lora-targets", "nope")) == 2
 
 
 def test_paper_output(capsys):
-    assert E.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
     out = capsys.readouterr().out
     assert "18,874,368" in out and "4,718,592" in out and "37.7 MB" in out
     assert "1.2 TB" in out and "350 GB" in out
     assert "accelerate" in out and "DeepSpeed" in out
 
 
-def test_module_entry_point_subprocess():
-    r = subprocess.run([sys.executable, "-m", "bigtrain.estimate", "estimate", "tiny-opt", "--gpus-per-node", "2",
+def test_estimate_through_python_m_bigtrain():
+    r = subprocess.run([sys.executable, "-m", "bigtrain", "estimate", "tiny-opt", "--gpus-per-node", "2",
                         "--seq-len", "128", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -93,34 +95,34 @@ def test_module_entry_point_subprocess():
 
 def test_help_teaches():
     p = argparse.ArgumentParser(prog="bigtrain")
-    sub = E.add_estimate_parser(p.add_subparsers())
+    sub = C.add_parser(p.add_subparsers())
     text = sub.format_help()
     assert "examples:" in text and "--paper" in text and "16 bytes/param" in text
     assert "bigtrain estimate gpt3-175b" in text
 
 
 def test_torch_amp_command():
-    assert E.run_estimate(_args("gpt3-6.7b", "--gpus-per-node", "1", "--zero-stage", "0",
+    assert C.cmd_estimate(_args("gpt3-6.7b", "--gpus-per-node", "1", "--zero-stage", "0",
                                 "--full-recipe", "torch-amp", "--no-checkpointing", "--micro-batch", "2")) == 0
 
 
 def test_estimate_command_hpz(capsys):
     """--hpz N: the setup line says so; sizes DeepSpeed would refuse are refused."""
-    assert E.run_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "8")) == 0
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "8")) == 0
     assert "hpZ over 8 GPUs" in capsys.readouterr().out
-    assert E.run_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "5")) == 2
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "8", "--hpz", "5")) == 2
     assert "--hpz 5 must be >= 1 and divide the GPU count 32" in capsys.readouterr().err
-    assert E.run_estimate(_args("gpt3-175b", "--gpus-per-node", "8", "--hpz", "8", "--zero-stage", "2")) == 2
+    assert C.cmd_estimate(_args("gpt3-175b", "--gpus-per-node", "8", "--hpz", "8", "--zero-stage", "2")) == 2
     assert "needs --zero-stage 3" in capsys.readouterr().err
 
 
 def test_estimate_num_layers(capsys):
-    assert E.run_estimate(_args("gpt3-175b", "--num-layers", "40", "--gpus-per-node", "2", "--json")) == 0
+    assert C.cmd_estimate(_args("gpt3-175b", "--num-layers", "40", "--gpus-per-node", "2", "--json")) == 0
     est = json.loads(capsys.readouterr().out)
     per_layer = 12 * 12288 ** 2 + 13 * 12288
     assert est["total_params"] == 174_604_283_904 - 56 * per_layer
     assert est["model"] == "gpt3-175b (40 layers)"
-    assert E.run_estimate(_args("gpt3-175b", "--num-layers", "0")) == 2
+    assert C.cmd_estimate(_args("gpt3-175b", "--num-layers", "0")) == 2
     assert "--num-layers must be > 0" in capsys.readouterr().err
 
 
@@ -128,7 +130,7 @@ def test_table_says_what_each_row_counts(capsys):
     """Every row of the table is explained under it; the two allowances that are no tensor of the
     model (the CUDA context + fragmentation, LoRA's buffer of gathered layers) say what they hold,
     and the LoRA buffer line follows the world size."""
-    assert E.run_estimate(_args("gpt3-2.7b", "--gpus-per-node", "2")) == 0
+    assert C.cmd_estimate(_args("gpt3-2.7b", "--gpus-per-node", "2")) == 0
     text = capsys.readouterr().out
     legend = text.split("what the rows count (per GPU):\n", 1)[1]
     for label in ("frozen weights", "trainable weights", "gradients", "optimizer state", "activations",
@@ -136,13 +138,13 @@ def test_table_says_what_each_row_counts(capsys):
         assert f"\n  {label}" in "\n" + legend, label
     assert "0.5 GiB CUDA context + 5% of every other row" in legend
     assert "3 decoder layers gathered" in legend and "embeddings and head" in legend
-    assert E.run_estimate(_args("gpt3-2.7b", "--gpus-per-node", "1")) == 0
+    assert C.cmd_estimate(_args("gpt3-2.7b", "--gpus-per-node", "1")) == 0
     one = capsys.readouterr().out
     assert "3 decoder layers gathered" not in one and "nothing is gathered" in one
 
 
 def test_estimate_seq_len_beyond_the_position_table_is_refused(capsys):
-    from bigtrain.estimate import main
+    from bigtrain.cli import main
 
     assert main(["estimate", "gpt3-small", "--seq-len", "100000"]) == 2
     assert ("error: --seq-len 100000 exceeds gpt3-small's 2048 positions (its learned position table; training "
@@ -155,7 +157,7 @@ ANCHOR = ("llama2-70b", "--gpus-per-node", "2", "--micro-batch", "2", "--seq-len
 
 
 def test_cli_quantize_table_json_and_errors(capsys):
-    assert E.run_estimate(_args(*ANCHOR)) == 0
+    assert C.cmd_estimate(_args(*ANCHOR)) == 0
     text = capsys.readouterr().out
     assert "LoRA's base quantized nf4" in text and "LoRA (ZeRO-3, nf4 base)" in text
     rows = {line[:32].strip(): line[32:].split() for line in text.splitlines() if line[:32].strip() in
@@ -163,26 +165,26 @@ def test_cli_quantize_table_json_and_errors(capsys):
     assert rows["frozen weights"] == ["0.00", "18.18"] and rows["ZeRO/comm buffers + casts"][1] == "7.07"
     assert rows["peak per GPU"][1] == "37.57" and rows["fits the GPU"] == ["NO", "yes"]
     assert "3 decoder layers dequantized to bfloat16" in text and "packed nf4 all-gather output" in text
-    assert E.run_estimate(_args(*ANCHOR, "--json")) == 0
+    assert C.cmd_estimate(_args(*ANCHOR, "--json")) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["setup"]["quantize"] == "nf4" and out["lora"]["quantize"] == "nf4" and "quantize" not in out["full"]
     shape = model_shape("llama2-70b")
     assert out["lora"]["per_gpu"]["frozen_weights"] == predict_states(
         shape, ["all-linear"], 8, 2, "bfloat16", quantize="nf4")["frozen_weights"]
-    assert E.run_estimate(_args(*ANCHOR[:-4], "--gpu-mem-gib", "40", "--json")) == 0  # no --quantize
+    assert C.cmd_estimate(_args(*ANCHOR[:-4], "--gpu-mem-gib", "40", "--json")) == 0  # no --quantize
     plain = json.loads(capsys.readouterr().out)
     assert plain["setup"]["quantize"] is None and plain["lora"]["quantize"] is None and plain["full"] == out["full"]
     assert plain["lora"]["per_gpu"]["frozen_weights"] > 3.5 * out["lora"]["per_gpu"]["frozen_weights"]
     for extra, flag in ((("--zero-stage", "0"), "--zero-stage 0"), (("--hpz", "2"), "--hpz 2"),
                         (("--offload-param",), "--offload-param")):
-        assert E.run_estimate(_args(*ANCHOR, *extra)) == 2
+        assert C.cmd_estimate(_args(*ANCHOR, *extra)) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --quantize nf4 needs LoRA's ZeRO-3 base") and flag in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
         _args("gpt3-2.7b", "--quantize", "int4")
     assert "invalid choice: 'int4'" in capsys.readouterr().err
     p = argparse.ArgumentParser(prog="bigtrain")
-    raw_help = E.add_estimate_parser(p.add_subparsers()).format_help()
+    raw_help = C.add_parser(p.add_subparsers()).format_help()
     help_text = " ".join(raw_help.split())
     assert "--quantize {int8,nf4}" in help_text and "Needs ZeRO stage 3" in help_text
     assert "--lora-targets all-linear \\\n      --quantize nf4 --gpu-mem-gib 40" in raw_help  # the example
@@ -190,7 +192,7 @@ def test_cli_quantize_table_json_and_errors(capsys):
 
 
 def test_paper_shows_quantized_bases_and_the_qlora_anchor(capsys):
-    assert E.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper", "--json")) == 0
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper", "--json")) == 0
     raw = capsys.readouterr().out
     out = json.loads(raw)  # only the JSON: DeepSpeed's import-time log line is kept off stdout
     qc = out["paper"]["quantized"]
@@ -211,7 +213,7 @@ def test_paper_shows_quantized_bases_and_the_qlora_anchor(capsys):
     assert a["reported_gb_per_gpu"] == 36.6 and a["quantize"] == "nf4" and a["gpus"] == 2
     assert round(a["per_gpu_total"] / GB, 2) == 37.57 and round(a["per_gpu_allocated"] / GB, 2) == 35.27
     assert round(a["per_gpu_total"] / (36.6 * GB) - 1, 3) == 0.026 and a["fits"]
-    assert E.run_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "8", "--gpus-per-node", "8", "--paper")) == 0
     text = capsys.readouterr().out
     assert "What model.quantize changes for LoRA, gpt3-175b on 64 GPUs" in text
     assert "reported 36.6 GB per GPU" in text and "37.57 GB per GPU (34.99 GiB; +2.6% against 36.6 GB)" in text

@@ -23,8 +23,10 @@ run's log) or named by ``data.format``:
 Sources: ``builtin:e2e`` / ``builtin:e2e-eval`` (the generated data-to-text set, see
 :mod:`bigtrain.datagen`), ``builtin:e2e-chat`` / ``builtin:e2e-chat-eval`` (the same task as
 conversations, some multi-turn), ``builtin:lora-ko`` (a Korean excerpt of the LoRA paper, one text
-example per paragraph), a ``.jsonl`` file, a ``.txt`` file (paragraphs separated by blank lines), or a
-directory written by ``datasets.Dataset.save_to_disk``. Order is kept: shuffling is the sampler's job.
+example per paragraph), a ``.jsonl`` file, a ``.txt`` file (paragraphs separated by blank lines), either
+compressed (``.gz``, ``.bz2``, ``.xz``: read through the decompressor, a line at a time), a ``.parquet``
+file (read in Arrow batches of its needed columns), or a directory written by
+``datasets.Dataset.save_to_disk``. Order is kept: shuffling is the sampler's job.
 
 Tokenise once: the rows of a source are written to an Arrow file under ``data.cache_dir``, keyed by
 the source's content hash, the tokenizer and the data settings. The first process to arrive (under an
@@ -39,11 +41,14 @@ read whole once, not by every rank at every start.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import errno
+import gzip
 import fcntl
 import hashlib
 import json
+import lzma
 import multiprocessing
 import os
 import re
@@ -57,6 +62,7 @@ from typing import Any, Callable, Iterable, Iterator
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from transformers import AutoTokenizer
 
@@ -252,8 +258,26 @@ def _not_utf8(line: str) -> str | None:
             f"convert the file to UTF-8)")
 
 
+# compressed files, read through Python's own decompressors (a line at a time, never whole)
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _inner_suffix(path: Path) -> str:
+    """The suffix that says the format: ``.jsonl`` for ``train.jsonl.gz``, ``.txt`` for ``a.txt``."""
+    suffixes = [x.lower() for x in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _open_text(path: Path):
+    """``path`` as text, decompressed when its name ends in .gz, .bz2 or .xz."""
+    opener = COMPRESSED.get(path.suffix.lower(), open)
+    return opener(path, "rt", encoding="utf-8", errors="surrogateescape")
+
+
 def _read_jsonl(path: Path, r: _Reader) -> Iterator[dict]:
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with _open_text(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue  # blank lines are not records
@@ -285,7 +309,7 @@ def _read_paragraphs(path: Path, r: _Reader) -> Iterator[dict]:
     with a line that is not UTF-8 is a bad line (named by that line; skipped whole)."""
     para: list[str] = []
     bad: tuple[int, str] | None = None  # the paragraph's first non-UTF-8 line
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with _open_text(path) as f:
         i = 0
         for i, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
@@ -322,15 +346,17 @@ def _open_saved(path: Path) -> datasets.Dataset:
     return ds
 
 
-def _read_saved(path: Path, r: _Reader) -> Iterator[dict]:
-    ds = _open_saved(path)
-    cols = set(ds.column_names)
+def _columns(path: Path, cols: set[str]) -> list[str]:
     keys = (["messages"] if "messages" in cols else ["prompt", "completion"] if {"prompt", "completion"} <= cols
             else ["text"] if "text" in cols else None)
     if keys is None:
         raise DataError(f"{path}: columns {sorted(cols)}: need 'prompt' and 'completion', 'text', or 'messages'")
+    return keys
+
+
+def _rows(batches: Iterable[dict], keys: list[str], r: _Reader) -> Iterator[dict]:
     i = 0
-    for batch in ds.select_columns(keys).iter(batch_size=BATCH):  # Arrow batches: never all rows at once
+    for batch in batches:  # Arrow batches: never all rows at once
         for values in zip(*(batch[k] for k in keys)):
             i += 1
             rec = r.check(f"row {i}", dict(zip(keys, values)))
@@ -338,11 +364,27 @@ def _read_saved(path: Path, r: _Reader) -> Iterator[dict]:
                 yield rec
 
 
+def _read_saved(path: Path, r: _Reader) -> Iterator[dict]:
+    ds = _open_saved(path)
+    keys = _columns(path, set(ds.column_names))
+    yield from _rows(ds.select_columns(keys).iter(batch_size=BATCH), keys, r)
+
+
+def _read_parquet(path: Path, r: _Reader) -> Iterator[dict]:
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    keys = _columns(path, set(f.schema_arrow.names))
+    yield from _rows((b.to_pydict() for b in f.iter_batches(batch_size=BATCH, columns=keys)), keys, r)
+
+
+READ_FORMATS = ("bigtrain reads JSON Lines (.jsonl, .json: one object per line), plain text (.txt), either "
+                "of them compressed (.gz, .bz2, .xz), Parquet (.parquet) and directories saved with "
+                "datasets' save_to_disk")
 # data files that are not read, and what to do with them
 UNREAD_SUFFIXES = {
-    ".gz": "decompress it (gunzip) first", ".bz2": "decompress it first", ".xz": "decompress it first",
-    ".zst": "decompress it first", ".zip": "unpack it first",
-    ".parquet": "datasets.load_dataset('parquet', data_files=...).save_to_disk(DIR), then data.train=DIR",
+    ".zst": "decompress it first (or recompress it with gzip, bzip2 or xz)", ".zip": "unpack it first",
     ".arrow": "load it with datasets and save_to_disk(DIR), then data.train=DIR",
     ".csv": "datasets.load_dataset('csv', data_files=...).save_to_disk(DIR), then data.train=DIR",
 }
@@ -372,16 +414,21 @@ def source_path(spec: str) -> Path:
 
 def _check_format(path: Path) -> None:
     """A file bigtrain would misread, refused in one line by its name and first line (cheap: checked
-    at every load, the cached ones too): a compressed or columnar file (it used to be read as text
-    and fail as "not UTF-8"), a JSON array (every line a bad line), JSON Lines named .txt (trained as
-    one raw text example, braces and keys included)."""
-    suffix = path.suffix.lower()
-    if suffix in UNREAD_SUFFIXES:
-        raise DataError(f"{path}: {path.suffix} files are not read; bigtrain reads JSON Lines (.jsonl, .json: one "
-                        f"object per line), plain text (.txt) and directories saved with datasets' "
-                        f"save_to_disk: {UNREAD_SUFFIXES[suffix]}")
-    with open(path, "rb") as f:
-        first = f.readline(1 << 16).decode("utf-8", errors="replace").strip()
+    at every load, the cached ones too): a format that is not read (.zst, .zip, .arrow, .csv: they
+    used to be read as text and fail as "not UTF-8"), a compressed file that does not decompress, a
+    JSON array (every line a bad line), JSON Lines named .txt (trained as one raw text example,
+    braces and keys included)."""
+    if path.suffix.lower() in UNREAD_SUFFIXES:
+        raise DataError(f"{path}: {path.suffix} files are not read; {READ_FORMATS}: "
+                        f"{UNREAD_SUFFIXES[path.suffix.lower()]}")
+    suffix = _inner_suffix(path)
+    if suffix == ".parquet":
+        return  # columnar: its columns are checked when it is opened
+    try:
+        with _open_text(path) as f:
+            first = f.readline(1 << 16).strip()
+    except (OSError, EOFError, lzma.LZMAError) as e:  # a .gz that is not gzip, a truncated .xz
+        raise DataError(f"{path}: cannot be decompressed ({e}); is it really {path.suffix}?") from None
     if suffix == ".txt" and _json_object(first):
         raise DataError(f"{path}:1: a JSON object: this looks like JSON Lines, but a .txt file is read as plain text "
                         f"(each paragraph one example, braces and keys included); rename it .jsonl")
@@ -397,7 +444,9 @@ def iter_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tu
     r = _Reader(str(path), on_bad_line, fmt)
     if path.is_dir():
         return _read_saved(path, r), r
-    if path.suffix == ".txt":
+    if _inner_suffix(path) == ".parquet":
+        return _read_parquet(path, r), r
+    if _inner_suffix(path) == ".txt":
         return _read_paragraphs(path, r), r
     return _read_jsonl(path, r), r
 

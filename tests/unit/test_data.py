@@ -593,10 +593,13 @@ def test_a_fifo_or_a_link_loop_as_data_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name,content,msg", [
-    ("d.jsonl.gz", b"\x1f\x8b\x08\x00", ".gz files are not read; bigtrain reads JSON Lines (.jsonl, .json: one object "
-                                       "per line), plain text (.txt) and directories saved with datasets' "
-                                       "save_to_disk: decompress it (gunzip) first"),
-    ("d.parquet", b"PAR1", ".parquet files are not read;"),
+    ("d.jsonl.gz", b"\x1f\x8b\x08\x00", "d.jsonl.gz: cannot be decompressed (Compressed file ended before the "
+                                       "end-of-stream marker was reached); is it really .gz?"),
+    ("d.jsonl.zst", b"\x28\xb5\x2f\xfd", ".zst files are not read; bigtrain reads JSON Lines (.jsonl, .json: one "
+                                         "object per line), plain text (.txt), either of them compressed (.gz, .bz2, "
+                                         ".xz), Parquet (.parquet) and directories saved with datasets' save_to_disk: "
+                                         "decompress it first"),
+    ("d.parquet", b"PAR1", "d.parquet: not a readable Parquet file:"),
     ("d.json", b'[\n  {"text": "a"},\n  {"text": "b"}\n]\n', "d.json:1: a JSON array; bigtrain reads JSON Lines, one "
                                                             "JSON object per line (convert it: jq -c '.[]' d.json > d.jsonl)"),
     ("d.txt", b'{"prompt": "a", "completion": "b"}\n', "d.txt:1: a JSON object: this looks like JSON Lines, but a "
@@ -607,13 +610,51 @@ def test_files_bigtrain_would_misread_are_one_line(tmp_path, name, content, msg)
     file to UTF-8", a JSON array as a bad line per line, JSON Lines named .txt as one raw text example."""
     from bigtrain.data import DataError, source_path
 
+    from bigtrain.data import iter_records
+
     f = tmp_path / name
     f.write_bytes(content)
     with pytest.raises(DataError) as e:
-        source_path(str(f))
+        list(iter_records(str(source_path(str(f))))[0])
     assert msg in str(e.value)
     (tmp_path / "ok.txt").write_text("{not json} is fine as text\n\nsecond paragraph\n")
     assert source_path(str(tmp_path / "ok.txt")) == tmp_path / "ok.txt"
+
+
+def test_compressed_and_parquet_files_give_the_records_of_their_jsonl(tmp_path):
+    """.jsonl.gz, .jsonl.bz2, .jsonl.xz, .txt.gz and .parquet are read (they were refused, and before
+    that failed as "not valid UTF-8"): the same records, in the same order, as the plain file; a bad
+    line in a compressed file is named by its line, a Parquet file by its row."""
+    import bz2
+    import gzip
+    import lzma
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bigtrain.data import DataError, iter_records
+
+    recs = [{"prompt": f"p{i} é", "completion": f"c{i}"} for i in range(300)]
+    plain = tmp_path / "d.jsonl"
+    plain.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    want = [(r["prompt"], r["completion"]) for r in iter_records(str(plain))[0]]
+    assert len(want) == 300
+    for name, opener in (("d.jsonl.gz", gzip.open), ("d.jsonl.bz2", bz2.open), ("d.jsonl.xz", lzma.open)):
+        with opener(tmp_path / name, "wb") as f:
+            f.write(plain.read_bytes())
+        assert [(r["prompt"], r["completion"]) for r in iter_records(str(tmp_path / name))[0]] == want, name
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "d.parquet", row_group_size=64)
+    assert [(r["prompt"], r["completion"]) for r in iter_records(str(tmp_path / "d.parquet"))[0]] == want
+    with gzip.open(tmp_path / "t.txt.gz", "wt") as f:
+        f.write("one\nparagraph\n\nsecond\n")
+    assert [r["text"] for r in iter_records(str(tmp_path / "t.txt.gz"))[0]] == ["one\nparagraph", "second"]
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wt") as f:
+        f.write('{"text": "a"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz.*2"):
+        list(iter_records(str(tmp_path / "bad.jsonl.gz"))[0])
+    pq.write_table(pa.Table.from_pylist([{"body": "x"}]), tmp_path / "cols.parquet")
+    with pytest.raises(DataError, match=r"cols\.parquet: columns \['body'\]: need 'prompt' and 'completion'"):
+        list(iter_records(str(tmp_path / "cols.parquet"))[0])
 
 
 def test_printed_text_escapes_control_characters():

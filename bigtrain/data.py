@@ -44,8 +44,8 @@ from __future__ import annotations
 import bz2
 import contextlib
 import errno
-import gzip
 import fcntl
+import gzip
 import hashlib
 import json
 import lzma
@@ -444,9 +444,10 @@ def iter_records(spec: str, on_bad_line: str = "error", fmt: str = "auto") -> tu
     r = _Reader(str(path), on_bad_line, fmt)
     if path.is_dir():
         return _read_saved(path, r), r
-    if _inner_suffix(path) == ".parquet":
+    suffix = _inner_suffix(path)
+    if suffix == ".parquet":
         return _read_parquet(path, r), r
-    if _inner_suffix(path) == ".txt":
+    if suffix == ".txt":
         return _read_paragraphs(path, r), r
     return _read_jsonl(path, r), r
 

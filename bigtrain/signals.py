@@ -7,6 +7,7 @@ import os
 import signal
 
 from .checkpoint import CheckpointError
+from .dist import detect_world
 
 
 class PreemptedBeforeStep(Exception):
@@ -32,9 +33,8 @@ class Preemption:
     def __init__(self, pending: list[int] | None = None):
         self.signum = pending[-1] if pending else 0  # caught by the CLI before torch was imported
         self.armed = False
-        # every rank gets the signal; one says so: global rank 0 (RANK from torchrun, the deepspeed
-        # launcher, accelerate; SLURM_PROCID from srun)
-        self.speaks = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+        # every rank gets the signal; one says so: global rank 0
+        self.rank = detect_world()[0]
         for s in STOP_SIGNALS:
             signal.signal(s, self._handler)
 
@@ -49,7 +49,7 @@ class Preemption:
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.armed and self.signum:
             # a second interrupt: out at once (os.write: no buffered I/O inside a signal handler)
-            if self.speaks:
+            if self.rank == 0:
                 os.write(2, b"[bigtrain] second Ctrl-C: stopped at once, nothing more saved; the last "
                             b"checkpoint is intact: rerun the same command to resume from it\n")
             os._exit(128 + signal.SIGINT)
@@ -57,7 +57,7 @@ class Preemption:
         self.signum = signum
         if not self.armed:
             raise PreemptedBeforeStep(signum)
-        if signum == signal.SIGINT and first and self.speaks:
+        if signum == signal.SIGINT and first and self.rank == 0:
             os.write(2, b"[bigtrain] Ctrl-C: saving at the end of this step, then stopping "
                         b"(Ctrl-C again to stop at once)\n")
 
@@ -72,8 +72,7 @@ class Preemption:
 
     def stop_with_peer(self) -> None:
         """Out at once, in one line, as the second Ctrl-C does."""
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        os.write(2, f"[bigtrain] rank {rank}: stopped at once: another rank took a second Ctrl-C while this "
+        os.write(2, f"[bigtrain] rank {self.rank}: stopped at once: another rank took a second Ctrl-C while this "
                     f"one was saving; nothing more saved, the last checkpoint is intact\n".encode())
         os._exit(128 + signal.SIGINT)
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import psutil  # a dependency of DeepSpeed's launcher
+from _stop import send, stopped  # launch/ is sys.path[0] when this file is run
 
 _received: list[int] = []
 
@@ -37,11 +38,7 @@ def _forward(signum, frame):
     _received.append(signum)
     launchers = psutil.Process().children()
     workers = [w for p in launchers for w in p.children()]
-    for p in workers or launchers:
-        try:
-            p.send_signal(signum)
-        except psutil.NoSuchProcess:
-            pass
+    send(workers or launchers, signum)
 
 
 if __name__ == "__main__":
@@ -57,9 +54,5 @@ if __name__ == "__main__":
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     if _received:
-        sig = signal.Signals(_received[0])
-        print(f"deepspeed: stopped by {sig.name}: it passed the signal to its workers and waited for them "
-              f"(bigtrain saves at the next step boundary; rerun the same command to resume)",
-              file=sys.stderr, flush=True)
-        code = 128 + sig
+        stopped("deepspeed", _received[0])
     sys.exit(code)

@@ -16,11 +16,11 @@ the ranks at once, as it does without a launcher. The one substitution is that h
 when it starts the workers); nothing else in torch is changed.
 """
 
-import signal
 import sys
 
 if __name__ == "__main__":
     import psutil
+    from _stop import send, stopped  # launch/ is sys.path[0] when this file is run
     from torch.distributed.elastic.multiprocessing import api
     from torch.distributed.run import main
 
@@ -31,18 +31,11 @@ if __name__ == "__main__":
         if not received:
             received.append(signum)
             torch_handler(signum, frame)  # raises SignalException: torchrun passes it on and waits
-        for w in psutil.Process().children():
-            try:
-                w.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
+        send(psutil.Process().children(), signum)
 
     api._terminate_process_handler = handler
     sys.argv[0] = "torchrun"
     try:
         main()
     except api.SignalException as e:
-        print(f"torchrun: stopped by {e.sigval.name}: it passed the signal to its workers and waited for "
-              f"them (bigtrain saves at the next step boundary; rerun the same command to resume)",
-              file=sys.stderr, flush=True)
-        sys.exit(128 + int(e.sigval))
+        stopped("torchrun", e.sigval)

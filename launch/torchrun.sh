@@ -13,8 +13,9 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 # Stop signals (launch/_torchrun.py): Ctrl-C reaches torchrun alone, which passes it to the workers;
 # they save at the next step boundary (Ctrl-C again: at once). `kill` of torchrun is passed on too,
-# and either ends in one line, not a traceback. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 1800 s; torch's own is 30) is how long
-# torchrun waits for that save before SIGKILL. TORCHRUN=torchrun runs the plain command instead.
+# and either ends in one line, not a traceback. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (default here 1800 s;
+# torch's own is 30) is how long torchrun waits for that save before SIGKILL. TORCHRUN=torchrun runs
+# the plain command instead.
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-1800}
 if [[ -n ${TORCHRUN:-} ]]; then
   exec "$TORCHRUN" --standalone --nnodes=1 --nproc_per_node="$NPROC" -m bigtrain "${BT_ARGS[@]}"

@@ -341,6 +341,14 @@ class ZeroConfig:
     """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
     stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory. A value in
     zero.ds_config's zero_optimization wins (the run says so at start)."""
+    shard_group: Union[int, str] = "auto"
+    """Over which ranks the frozen base is partitioned (it is replicated across such groups). world:
+    all ranks, every layer all-gathered from every rank; node: the ranks of each node, so the base's
+    all-gathers stay inside a node and only the adapters' gradients cross nodes (a GPU holds the base
+    over its node's GPUs, not over the job's); K: groups of K consecutive ranks; auto: node when the
+    job spans nodes and the base fits a node's GPUs with headroom, else world (the run says which it
+    took and why). Checkpoints hold adapters only, so a run resumes under any layout. bigtrain
+    estimate --nodes N predicts each layout's memory and step time."""
     single_rank_plain: bool = True
     """At world size 1 (nothing to partition) alias every ZeRO-3 partition to its parameter and run
     the base without DeepSpeed's fetch hooks: same values, one copy of the weights, no hook overhead
@@ -351,6 +359,9 @@ class ZeroConfig:
         _choice(p + ".stage", self.stage, (0, 3))
         _choice(p + ".backend", self.backend, ("auto", "nccl", "gloo"))
         _choice(p + ".gather", self.gather, ("layers", "deepspeed"))
+        sg = self.shard_group
+        if isinstance(sg, str) and sg not in ("auto", "world", "node") or isinstance(sg, int) and sg < 1:
+            raise ConfigError(f"{p}.shard_group: expected auto, world, node or a number of ranks >= 1, got {sg!r}")
         if self.timeout_s <= 0:
             raise ConfigError(f"{p}.timeout_s must be > 0 (seconds a collective may wait), got {self.timeout_s}")
         if self.ds_config is not None and not Path(self.ds_config).is_file():

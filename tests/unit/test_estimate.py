@@ -318,3 +318,61 @@ def test_compare_layouts_recommends_node_for_70b_and_world_when_a_node_is_too_sm
     # nothing fits: no recommendation, and why
     c3 = T.compare_layouts(big, Setup(), 1, 2)
     assert c3["recommended"] is None and c3["why"].startswith("none fits 80 GiB")
+
+
+L70 = ("llama2-70b", "--nodes", "2", "--gpus-per-node", "8", "--seq-len", "8192", "--lora-r", "16",
+       "--lora-targets", "q_proj,k_proj,v_proj,o_proj")
+
+
+def test_cli_layouts_table_and_recommendation(capsys):
+    """--nodes > 1: the layouts of the base under the memory table, predicted step time, and the
+    recommendation; one node prints no such table (the memory table is unchanged)."""
+    assert C.cmd_estimate(_args(*L70)) == 0
+    text = capsys.readouterr().out
+    tail = text[text.index("Layouts of LoRA's frozen base over 16 GPUs (2 nodes x 8), zero.shard_group; "
+                           "step time PREDICTED, not measured:"):]
+    assert ("micro-batch 1 x 8192 tokens, grad-accum 1, 989 TFLOP/s x 0.6, NVLink 450 GB/s, network 50 GB/s "
+            "per GPU") in tail
+    rows = {ln.split()[0]: ln.split()[1:] for ln in tail.splitlines()[3:6]}
+    assert rows["world"] == ["16", "8.62", "33.03", "yes", "386.0", "network", "7.72", "6.59", "7.73", "1,060"]
+    assert rows["node"] == ["8", "17.25", "42.09", "yes", "360.3", "NVLink", "0.80", "6.59", "6.60", "1,242"]
+    assert rows["1"][:4] == ["1", "137.95", "162.34", "NO"]
+    assert ("recommended: zero.shard_group=node: gathers stay on NVLink; the base at 1/8 per GPU fits with 41 GiB "
+            "to spare; 1,242 tokens/s per GPU; world is 1.17x slower") in tail
+    # a slower network and 4 micro-steps per step: world falls further behind, node does not move
+    assert C.cmd_estimate(_args(*L70, "--inter-node-bw", "25", "--grad-accum", "4", "--json")) == 0
+    lay = json.loads(capsys.readouterr().out)["layouts"]
+    world, node = lay["rows"][0], lay["rows"][1]
+    assert lay["recommended"] == "node" and lay["grad_accum"] == 4 and lay["rates"]["inter_node_gbps"] == 25
+    assert round(world["gather_s"], 2) == 15.44 and world["step_s"] == pytest.approx(4 * world["gather_s"] + world["allreduce_s"])
+    assert round(node["tokens_per_s_per_gpu"]) == 1242
+    # one node: no layouts table
+    assert C.cmd_estimate(_args("gpt3-2.7b", "--gpus-per-node", "8")) == 0
+    assert "Layouts of LoRA's frozen base" not in capsys.readouterr().out
+    # GPT-3 175B on nodes of 2 GPUs: half the base does not fit 80 GiB, the world is recommended
+    assert C.cmd_estimate(_args("gpt3-175b", "--nodes", "4", "--gpus-per-node", "2")) == 0
+    text = capsys.readouterr().out
+    assert "recommended: zero.shard_group=world: gathers cross nodes at 50 GB/s; the base at 1/8 per GPU fits" in text
+    assert "node does not fit (190.0 GiB per GPU)" in text
+
+
+def test_cli_shard_group_column_and_errors(capsys):
+    assert C.cmd_estimate(_args(*L70, "--shard-group", "node", "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["shard_group"] == 8 and out["lora"]["per_gpu"]["frozen_weights"] == 17_246_799_872
+    assert C.cmd_estimate(_args(*L70, "--shard-group", "node")) == 0
+    assert "LoRA's base partitioned over groups of 8 GPUs (zero.shard_group)" in capsys.readouterr().out
+    for extra, msg in ((("--shard-group", "3"), "error: shard_group=3 must be a positive divisor of the world size 16"),
+                       (("--shard-group", "node", "--hpz", "8"), "error: shard_group=8 cannot be combined with hpZ"),
+                       (("--shard-group", "rack"), "error: shard_group='rack' is not world, node or an integer"),
+                       (("--mfu", "1.5"), "error: --mfu is the fraction of --gpu-tflops achieved, at most 1"),
+                       (("--inter-node-bw", "0"), "error: --inter-node-bw must be > 0, got 0.0"),
+                       (("--grad-accum", "0"), "error: --grad-accum must be > 0, got 0")):
+        assert C.cmd_estimate(_args(*L70, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(msg) and err.count("\n") == 1, err
+    p = argparse.ArgumentParser(prog="bigtrain")
+    text = " ".join(C.add_parser(p.add_subparsers()).format_help().split())
+    for flag in ("--shard-group", "--grad-accum", "--gpu-tflops", "--mfu", "--intra-node-bw", "--inter-node-bw"):
+        assert flag in text, flag
+    assert "--inter-node-bw 25 # which zero.shard_group" in text

@@ -339,6 +339,9 @@ def test_cli_layouts_table_and_recommendation(capsys):
     assert rows["1"][:4] == ["1", "137.95", "162.34", "NO"]
     assert ("recommended: zero.shard_group=node: gathers stay on NVLink; the base at 1/8 per GPU fits with 41 GiB "
             "to spare; 1,242 tokens/s per GPU; world is 1.17x slower") in tail
+    # docs/cluster.md pastes this output (Choosing a layout)
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    assert "\n".join(tail.splitlines()[:6]) in doc and tail.splitlines()[-1] in doc
     # a slower network and 4 micro-steps per step: world falls further behind, node does not move
     assert C.cmd_estimate(_args(*L70, "--inter-node-bw", "25", "--grad-accum", "4", "--json")) == 0
     lay = json.loads(capsys.readouterr().out)["layouts"]

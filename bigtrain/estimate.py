@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from .config import QUANTIZE_CHOICES
 from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, FRAGMENTATION, GB, GiB, ModelShape, Setup,
                      meta_cached, model_shape, named_config, peak_bytes, per_gpu, quantized_gather_bytes)
 from .presets import meta_model
+from .steptime import Rates, compare_layouts
 
 # Deferred imports: accelerate and deepspeed (--paper's comparisons with other tools; either may be
 # missing) and matplotlib (--plot) are imported where used. This module and bigtrain.memory load no
@@ -206,6 +208,8 @@ def _header(est: dict) -> list[str]:
         f"GPU memory {st['gpu_mem_bytes'] / GiB:g} GiB"
         + (", parameters offloaded to CPU" if st["offload_param"] else "")
         + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else "")
+        + (f", LoRA's base partitioned over groups of {st['shard_group']} GPUs (zero.shard_group)"
+           if st.get("shard_group", 0) not in (0, N) else "")
         + (f", LoRA's base quantized {q} (model.quantize={q}: the decoder layers' linear weights)" if q else ""),
         "",
         f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
@@ -322,10 +326,51 @@ def _tools_lines(est: dict, tools: dict) -> list[str]:
     return lines
 
 
+def layouts(shape: ModelShape, st: Setup, nodes: int, gpus_per_node: int, grad_accum: int = 1,
+            rates: Rates = Rates()) -> dict | None:
+    """The layouts of LoRA's frozen base (zero.shard_group: world, node, 1) side by side, memory and
+    predicted step time, and the one to choose (:func:`bigtrain.steptime.compare_layouts`), with the
+    inputs; None where the layout is not a choice (a whole base per GPU at --zero-stage 0, hpZ, or
+    parameters offloaded to the host, whose gathers this model does not describe)."""
+    if st.lora_stage != 3 or st.hpz > 1 or st.offload_param:
+        return None
+    out = compare_layouts(shape, st, nodes, gpus_per_node, grad_accum, rates)
+    return {"nodes": nodes, "gpus_per_node": gpus_per_node, "grad_accum": grad_accum,
+            "rates": asdict(rates), **out}
+
+
+def _layout_lines(est: dict) -> list[str]:
+    """The layouts table (:func:`layouts`) and the recommendation."""
+    lay, st = est["layouts"], est["setup"]
+    r = lay["rates"]
+    link = {"intra-node": "NVLink", "inter-node": "network", "none": "-"}
+    lines = ["", f"Layouts of LoRA's frozen base over {st['world_size']} GPUs ({lay['nodes']} nodes x "
+                 f"{lay['gpus_per_node']}), zero.shard_group; step time PREDICTED, not measured:",
+             f"  micro-batch {st['micro_batch']} x {st['seq_len']} tokens, grad-accum {lay['grad_accum']}, "
+             f"{r['gpu_tflops']:g} TFLOP/s x {r['mfu']:g}, NVLink {r['intra_node_gbps']:g} GB/s, network "
+             f"{r['inter_node_gbps']:g} GB/s per GPU; GB = 1e9 bytes",
+             f"  {'layout':<8}{'ranks/group':>12}{'base/GPU GB':>13}{'LoRA peak GB':>14}{'fits':>6}"
+             f"{'gathers GB':>12}{'over':>9}{'gathers s':>11}{'compute s':>11}{'step s':>9}{'tokens/s/GPU':>14}"]
+    for row in lay["rows"]:
+        lines.append(f"  {row['layout']:<8}{row['shard_group']:>12}{_gb(row['frozen_weights']):>13}"
+                     f"{_gb(row['per_gpu_total']):>14}{'yes' if row['fits'] else 'NO':>6}"
+                     f"{row['gather_bytes'] / GB:>12,.1f}{link[row['gather_link']]:>9}{row['gather_s']:>11.2f}"
+                     f"{row['compute_s']:>11.2f}{row['step_s']:>9.2f}{row['tokens_per_s_per_gpu']:>14,.0f}")
+    lines.append("  (gathers: received per GPU per micro-step, every decoder layer gathered for forward, backward "
+                 "and each recomputation; a step: grad-accum x max(gathers, compute) + the adapters' all-reduce)")
+    rec = lay["recommended"]
+    lines.append(f"recommended: zero.shard_group={rec}: " + lay["why"].split(": ", 1)[1] if rec else
+                 f"recommended: none: {lay['why']}")
+    return lines
+
+
 def format_table(est: dict, paper: dict | None = None, tools: dict | None = None) -> str:
-    """The table, what its rows count and, with ``paper`` and ``tools`` (``--paper``), the paper's
-    figures, the quantized bases, the PEFT anchor and the other estimators."""
+    """The table, what its rows count, the layouts of the base when the job spans nodes and, with
+    ``paper`` and ``tools`` (``--paper``), the paper's figures, the quantized bases, the PEFT anchor
+    and the other estimators."""
     lines = [*_header(est), *_rows(est), "", *_legend(est)]
+    if est.get("layouts") and est["layouts"]["nodes"] > 1:
+        lines += _layout_lines(est)
     if paper:
         lines += _paper_lines(paper)
     if paper and paper.get("quantized"):
@@ -350,20 +395,22 @@ def _legend(est: dict) -> list[str]:
     else:
         full_buf = ("autocast's 16-bit copy of every weight" if st["full_recipe"] == "torch-amp" else "none")
     q = st.get("quantize")
+    K = st.get("shard_group") or N  # the ranks LoRA's base is partitioned over, and gathered within
     if lora_st == 3 and q:
         lora_buf = (f"3 decoder layers dequantized to {w} (the one computing, the next prefetched, one more in "
                     f"flight)" + (f" + the packed {q} all-gather output of one layer + embeddings and head, "
-                                  f"gathered for the whole step" if N > 1 else
+                                  f"gathered for the whole step" if K > 1 else
                                   " (at 1 GPU too: the gatherer dequantizes layer by layer; embeddings and head "
                                   "are not copied)")
                     + "; the dequantization temporaries of the largest weight"
                     + ("; and the fp32 all-reduce of the adapter gradients" if N > 1 else ""))
-    elif lora_st == 3 and N > 1:
+    elif lora_st == 3 and K > 1:
         lora_buf = (f"3 decoder layers gathered in {w} (the one computing, the next prefetched, its "
                     f"all-gather output) + embeddings and head, gathered for the whole step; and the fp32 "
                     f"all-reduce of the adapter gradients")
     elif N > 1:
-        lora_buf = "the fp32 all-reduce of the adapter gradients"
+        lora_buf = "the fp32 all-reduce of the adapter gradients" + (
+            " (groups of 1 GPU: the whole base on every GPU, nothing gathered)" if lora_st == 3 else "")
     else:
         lora_buf = "none at 1 GPU (each partition is the whole tensor: nothing is gathered)"
     ctx = (f"{CUDA_CONTEXT_BYTES / GiB:g} GiB CUDA context + {FRAGMENTATION:.0%} of every other row for "
@@ -412,8 +459,9 @@ def write_plot(est: dict, path: str, shape: ModelShape | None = None, st: Setup 
     ax1.set_title(f"{est['model']} on {est['setup']['world_size']} GPU(s)")
     ax1.legend(fontsize=7)
     if shape is not None and st is not None:
-        ns = [n for n in (2 ** i for i in range(0, 11)) if n % st.hpz == 0] or \
-            [st.hpz * 2 ** i for i in range(0, 8)]
+        unit = math.lcm(st.hpz, st.shard_group or 1)  # the world sizes DeepSpeed / the shard group accept
+        ns = [n for n in (2 ** i for i in range(0, 11)) if n % unit == 0] or \
+            [unit * 2 ** i for i in range(0, 8)]
         for which, lab in (("full", "full FT"), ("lora", "LoRA")):
             ys = [sum(per_gpu(shape, replace(st, world_size=n), which).values()) / GB for n in ns]
             ax2.plot(ns, ys, marker="o", label=lab)

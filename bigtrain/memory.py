@@ -47,6 +47,9 @@ Assumptions (every one of them is a choice stated here, not a law):
   quantized partitions (``quantize.quantized_bytes``) and the gather buffers those of the layer gatherer
   dequantizing layer by layer, at world size 1 too (:func:`quantized_gather_bytes`). Full fine-tuning
   is never quantized.
+* LoRA's base partitioned over groups of ``Setup.shard_group`` ranks (zero.shard_group; 0: the
+  world), replicated across groups: the frozen weights, the layer-gather buffers and a checkpoint's
+  reads follow the group's size (``Setup.base_shards``), the adapters' all-reduce the world's.
 
 Everything here is CPU-only and never allocates model storage.
 """
@@ -54,6 +57,7 @@ Everything here is CPU-only and never allocates model storage.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -391,10 +395,34 @@ class Setup:
     gpu_mem_bytes: int = 80 * GiB
     include_context: bool = True  # CUDA context + fragmentation allowance
     quantize: str | None = None  # LoRA's base: model.quantize (None, "int8", "nf4"); full FT is unaffected
+    # ranks over which LoRA's frozen base is partitioned (zero.shard_group); 0: the world size. The
+    # base is partitioned within each group of this many consecutive ranks and replicated across
+    # groups, so a rank holds 1/shard_group of it and gathers its layers within its group; full
+    # fine-tuning is unaffected
+    shard_group: int = 0
 
     @property
     def lora_stage(self) -> int:
         return 0 if self.zero_stage == 0 else 3
+
+    @property
+    def base_shards(self) -> int:
+        """The ranks LoRA's frozen base is partitioned over: ``shard_group``, or the world size when it
+        is 0 (checked: :meth:`check_shard_group`)."""
+        self.check_shard_group()
+        return self.shard_group or self.world_size
+
+    def check_shard_group(self) -> None:
+        """``shard_group`` must divide the world size (groups of consecutive ranks that tile it), and hpZ
+        (a secondary partition over ``hpz`` ranks of a base partitioned over the world) is refused with
+        a smaller group: the two are alternative ways of keeping the gathers within a node."""
+        K, N = self.shard_group, self.world_size
+        if K < 0 or (K and N % K):
+            raise ValueError(f"shard_group={K} must be 0 (the world size) or a positive divisor of the world "
+                             f"size {N}")
+        if self.hpz > 1 and K not in (0, N):
+            raise ValueError(f"shard_group={K} cannot be combined with hpZ (hpz={self.hpz}): both keep the base's "
+                             f"gathers within a group of ranks; use one (shard_group=0 or {N} with hpZ)")
 
     def check_quantize(self) -> None:
         """A quantized base needs what training needs (config.Config.validate, engine.ds_config.check_world): the
@@ -552,10 +580,13 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
     * ``root``: the embeddings, final norm and head, gathered for the whole step at world size > 1 (as
       unquantized); at world size 1 aliased to their partitions: none.
 
+    ``N`` throughout is the ranks the base is partitioned over, ``st.base_shards`` (the world size,
+    or zero.shard_group): the gather runs within that group.
+
     ``total = units + all_gather + dequant_temp + root``."""
     from .quantize import NF4_SCALE_BLOCK, QUANT_BLOCK, quantized_bytes
 
-    N, w, q = st.world_size, DTYPE_BYTES[st.dtype], st.quantize
+    N, w, q = st.base_shards, DTYPE_BYTES[st.dtype], st.quantize
     layer = shape.layer_numels or ((shape.layer_params or shape.largest_module_params, False),)
     gathered = [(n, quant) for n, quant in layer if quant or n > st.persistence_threshold]
     unit = w * sum(N * -(-n // N) for n, _ in gathered)
@@ -578,9 +609,9 @@ def quantized_gather_bytes(shape: ModelShape, st: Setup) -> dict:
 
 
 def _components_lora(shape: ModelShape, st: Setup) -> dict:
-    N = st.world_size
+    N, K = st.world_size, st.base_shards  # K: the ranks the frozen base is partitioned over
     st.check_quantize()
-    pred = predict_states(shape, list(st.lora_targets), st.lora_r, N, st.dtype, st.persistence_threshold,
+    pred = predict_states(shape, list(st.lora_targets), st.lora_r, K, st.dtype, st.persistence_threshold,
                           stage=st.lora_stage, hpz=st.hpz if st.lora_stage == 3 else 1, quantize=st.quantize)
     c = dict.fromkeys(CATEGORIES, 0)
     c.update(pred)
@@ -591,15 +622,16 @@ def _components_lora(shape: ModelShape, st: Setup) -> dict:
         if st.quantize is not None:
             # bigtrain's layer gatherer dequantizing a quantized base (quantized_gather_bytes)
             buffers += quantized_gather_bytes(shape, st)["total"]
-        elif N > 1:
+        elif K > 1:
             # bigtrain's per-layer gather (zero.gather=layers): the layer computing, the next one
             # gathered ahead, and that one's all-gather output while it is copied out; plus
-            # everything outside the layers (embeddings, head), gathered for the whole step. At
-            # world size 1 every partition is the whole tensor and nothing is gathered.
+            # everything outside the layers (embeddings, head), gathered for the whole step. Over
+            # one rank (world size 1, or shard_group 1) every partition is the whole tensor and
+            # nothing is gathered.
             unit = shape.layer_params or shape.largest_module_params
             root = max(0, shape.total_params - shape.layers * shape.layer_params)
             buffers += DTYPE_BYTES[st.dtype] * (3 * unit + root)
-    if N > 1:
+    if N > 1:  # over the whole world, whatever the shard group
         buffers += pred["trainable_weights"]  # the flat fp32 all-reduce of the adapter gradients
     c["zero_buffers"] = buffers
     return c
@@ -664,9 +696,12 @@ def peak_bytes(c: dict, st: Setup, which: str) -> int:
 def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) -> int | None:
     """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
     ``limit``; stage 0 never improves with more GPUs). With hpZ only multiples of ``st.hpz`` are
-    world sizes DeepSpeed accepts, so the search runs over those."""
-
+    world sizes DeepSpeed accepts, so the search runs over those; likewise, for LoRA, multiples of
+    ``st.shard_group`` (a LoRA rank's base is then 1/shard_group whatever the world size: the answer
+    is the group itself when it fits)."""
     unit = max(1, st.hpz)
+    if which == "lora" and st.shard_group:
+        unit = math.lcm(unit, st.shard_group)
 
     def fits(m: int) -> bool:
         n = m * unit
@@ -731,7 +766,7 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
         out["build"] = 2 * act * unit + (HOST_QUANT_TEMP_BYTES if st.quantize else 0)
         out["run"] = sum(per_gpu(shape, replace(st, include_context=False), "lora").values())
     elif from_checkpoint:
-        n = max(1, st.world_size)
+        n = max(1, st.base_shards)  # a rank reads its partitions: 1/shard_group of each tensor
         out["build"] = act * (-(-unit // n) + 2 * -(-shape.largest_module_params // n))
     out["total"] = sum(out.values())
     return out

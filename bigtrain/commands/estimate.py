@@ -10,10 +10,12 @@ import json
 import sys
 
 from ..config import QUANTIZE_CHOICES
-from ..estimate import (format_table, paper_figures, peft_qlora_anchor, quantize_comparison, tool_estimates,
-                        write_plot)
+from ..estimate import (format_table, layouts, paper_figures, peft_qlora_anchor, quantize_comparison,
+                        tool_estimates, write_plot)
 from ..memory import DEFAULT_PERSISTENCE, GiB, Setup, estimate, named_config, preset_shape
 from ..presets import position_limit
+from ..steptime import (DEFAULT_GPU_TFLOPS, DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, DEFAULT_MFU, Rates,
+                        shard_group_size)
 
 EPILOG = """\
 what it counts (per GPU, bytes; GB = 1e9):
@@ -29,6 +31,15 @@ what it counts (per GPU, bytes; GB = 1e9):
             linear weights quantized in each partition; the gather buffers become 3 layers
             dequantized to bf16 + the packed all-gather output + the dequantization temporaries
             (at 1 GPU too); full FT's column is unchanged
+  --shard-group world|node|K  the LoRA column with the frozen base partitioned over groups of K GPUs
+            (zero.shard_group), replicated across groups: base/K per GPU (default world)
+  layouts   with --nodes > 1, a table of the base's layouts (world, node, 1) under the memory table:
+            base and LoRA peak per GPU, whether each fits, the gathers' bytes per micro-step and their
+            link, and the PREDICTED step time and tokens/s per GPU: per micro-step
+            max(compute, gathers), compute = tokens x FLOPs/token (recomputation included) /
+            (--gpu-tflops x --mfu), gathers at --intra-node-bw within a node, --inter-node-bw across
+            nodes (GB/s per GPU); per step x --grad-accum + the adapters' all-reduce. The last line
+            recommends the fastest layout that fits. --json: under "layouts", at any node count
   Parameter counts come from the real model built on the meta device.
 
 examples:
@@ -37,6 +48,8 @@ examples:
   bigtrain estimate gpt3-6.7b --gpus-per-node 1 --zero-stage 0 --no-checkpointing --micro-batch 2
   bigtrain estimate gpt3-13b --gpus-per-node 8 --zero-stage 2 --gpu-mem-gib 141 --json
   bigtrain estimate gpt3-175b --nodes 4 --gpus-per-node 8 --hpz 8   # ds_configs/zero3_hpz.json
+  bigtrain estimate llama2-70b --nodes 2 --gpus-per-node 8 --seq-len 8192 --lora-r 16 \
+      --lora-targets q_proj,k_proj,v_proj,o_proj --inter-node-bw 25   # which zero.shard_group
   bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
       --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
@@ -94,6 +107,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "layer, at 1 GPU too. Needs ZeRO stage 3 (not --zero-stage 0, --hpz or "
                         "--offload-param); full fine-tuning's column is unchanged (default: unquantized)")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--shard-group", default="world", metavar="world|node|K",
+                   help="LoRA's frozen base partitioned over groups of K GPUs (zero.shard_group), replicated "
+                        "across groups: world (default), node (--gpus-per-node) or an integer dividing the GPU count")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-steps per optimizer step, for the layouts' step time (default 1)")
+    p.add_argument("--gpu-tflops", type=float, default=DEFAULT_GPU_TFLOPS,
+                   help=f"a GPU's dense bf16 peak, TFLOP/s, for the layouts' step time (default "
+                        f"{DEFAULT_GPU_TFLOPS:g}: H100/H200)")
+    p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                   help=f"the fraction of --gpu-tflops achieved (default {DEFAULT_MFU:g}; measured: 0.58 for "
+                        f"Llama-2-13B on one H200, 0.55 for Llama-2-70B on two, recomputation counted)")
+    p.add_argument("--intra-node-bw", type=float, default=DEFAULT_INTRA_NODE_GBPS, metavar="GB/S",
+                   help=f"per-GPU bandwidth within a node, GB/s one way (default {DEFAULT_INTRA_NODE_GBPS:g}: NVLink 4)")
+    p.add_argument("--inter-node-bw", type=float, default=DEFAULT_INTER_NODE_GBPS, metavar="GB/S",
+                   help=f"per-GPU bandwidth across nodes, GB/s one way (default {DEFAULT_INTER_NODE_GBPS:g}: "
+                        f"400 Gb/s per GPU)")
     p.add_argument("--paper", action="store_true",
                    help="also print the LoRA paper's GPT-3 175B figures and what accelerate/DeepSpeed estimate")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -110,7 +139,15 @@ def setup_from_args(args) -> Setup:
                  persistence_threshold=args.persistence_threshold, hpz=args.hpz,
                  full_recipe=args.full_recipe,
                  gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
-                 checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False))
+                 checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False),
+                 shard_group=_shard_group(getattr(args, "shard_group", "world"), args.nodes, args.gpus_per_node))
+
+
+def _shard_group(value: str, nodes: int, gpus_per_node: int) -> int:
+    """--shard-group as Setup.shard_group: 0 for the world (the default layout, whatever the GPU count:
+    --plot and the fewest GPUs vary it), else the group's size."""
+    k = shard_group_size(value, nodes, gpus_per_node)
+    return 0 if value == "world" or k == nodes * gpus_per_node else k
 
 
 def cmd_estimate(args) -> int:
@@ -119,10 +156,15 @@ def cmd_estimate(args) -> int:
         return 2
     for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
                     ("--num-layers", 1 if args.num_layers is None else args.num_layers),
-                    ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib)):
-        if v <= 0:
+                    ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib),
+                    ("--grad-accum", args.grad_accum), ("--gpu-tflops", args.gpu_tflops), ("--mfu", args.mfu),
+                    ("--intra-node-bw", args.intra_node_bw), ("--inter-node-bw", args.inter_node_bw)):
+        if not v > 0:
             print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
             return 2
+    if args.mfu > 1:
+        print(f"error: --mfu is the fraction of --gpu-tflops achieved, at most 1, got {args.mfu}", file=sys.stderr)
+        return 2
     world = args.nodes * args.gpus_per_node
     if args.hpz < 1 or world % args.hpz:
         print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "
@@ -147,6 +189,8 @@ def cmd_estimate(args) -> int:
                   f"table; training refuses data.max_length above it too)", file=sys.stderr)
             return 2
         est = estimate(shape, st)
+        est["layouts"] = layouts(shape, st, args.nodes, args.gpus_per_node, args.grad_accum,
+                                 Rates(args.gpu_tflops, args.mfu, args.intra_node_bw, args.inter_node_bw))
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

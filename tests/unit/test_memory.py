@@ -294,3 +294,69 @@ def test_host_peak_per_rank(big):
     assert cpu["build"] == 2 * 2 * 1_812_099_072 + HOST_QUANT_TEMP_BYTES
     assert cpu["run"] == sum(per_gpu(big, replace(st, include_context=False), "lora").values())
     assert estimate(big, st)["lora"]["host_per_rank"] == gpu["total"]
+
+
+def test_shard_group_partitions_lora_base_over_the_group():
+    """zero.shard_group=K: LoRA's frozen base is partitioned over groups of K ranks and replicated
+    across them, so at any world size a rank holds what a K-rank job holds: tiny-opt (891,904 fp32
+    parameters, none persistent) on 4 ranks in groups of 2 is the 2-rank job's 1,783,808 bytes, and
+    the gather buffers are the 2-rank ones too; the adapters' all-reduce stays (world size > 1)."""
+    from bigtrain.memory import host_peak, quantized_gather_bytes
+
+    shape = model_shape("tiny-opt")
+    kw = dict(dtype="float32", persistence_threshold=0, include_context=False)
+    four_by_two = per_gpu(shape, Setup(world_size=4, shard_group=2, **kw), "lora")
+    two = per_gpu(shape, Setup(world_size=2, **kw), "lora")
+    four = per_gpu(shape, Setup(world_size=4, **kw), "lora")
+    assert shape.total_params == 891_904
+    assert four_by_two["frozen_weights"] == two["frozen_weights"] == 4 * 891_904 // 2 == 1_783_808
+    assert four["frozen_weights"] == 4 * 891_904 // 4 == 891_904
+    assert four_by_two == two
+    # shard_group == world size is the default's layout, byte for byte
+    assert per_gpu(shape, Setup(world_size=4, shard_group=4, **kw), "lora") == four
+    # groups of 1: the whole base on every rank, nothing gathered; only the fp32 adapter all-reduce
+    one = per_gpu(shape, Setup(world_size=4, shard_group=1, **kw), "lora")
+    assert one["frozen_weights"] == 4 * 891_904 == 3_567_616
+    assert one["zero_buffers"] == one["trainable_weights"] == 4 * 8192
+    # full fine-tuning ignores the key
+    assert per_gpu(shape, Setup(world_size=4, shard_group=2, **kw), "full") == per_gpu(shape, Setup(world_size=4, **kw), "full")
+    # a quantized base's gather buffers and a checkpoint's reads are the group's too
+    q = dict(quantize="nf4", seq_len=64)
+    assert quantized_gather_bytes(shape, Setup(world_size=8, shard_group=2, **q)) == \
+        quantized_gather_bytes(shape, Setup(world_size=2, **q))
+    big = model_shape("gpt3-175b")
+    assert host_peak(big, Setup(world_size=64, shard_group=8), from_checkpoint=True) == \
+        host_peak(big, Setup(world_size=8), from_checkpoint=True)
+    assert host_peak(big, Setup(world_size=64, shard_group=8), from_checkpoint=True)["build"] == \
+        2 * (-(-1_812_099_072 // 8) + 2 * -(-50257 * 12288 // 8))
+
+
+def test_shard_group_llama2_70b_per_gpu_and_fewest_gpus():
+    """Llama-2-70B (68,976,648,192 parameters) on 2 nodes of 8 in groups of 8: 1/8 of the bf16 base
+    per GPU (17.25 GB, with the norms kept whole) against 1/16 (8.62 GB) over the world; LoRA's fewest
+    GPUs with groups of 8 is one group."""
+    shape = model_shape("llama2-70b")
+    st = Setup(world_size=16, seq_len=8192, lora_r=16, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    node, world = estimate(shape, replace(st, shard_group=8)), estimate(shape, st)
+    P = shape.total_params
+    assert P == 68_976_648_192
+    small = sum(n * c for n, c in shape.numels.items() if n <= 100000)
+    assert node["lora"]["per_gpu"]["frozen_weights"] == 2 * (sum(c * -(-n // 8) for n, c in shape.numels.items()) + small)
+    assert node["lora"]["per_gpu"]["frozen_weights"] == 17_246_799_872
+    assert world["lora"]["per_gpu"]["frozen_weights"] == 8_624_718_848
+    assert node["lora"]["fewest_gpus"] == 8 and node["full"] == world["full"]
+    assert node["setup"]["shard_group"] == 8
+
+
+def test_shard_group_refusals():
+    shape = model_shape("tiny-opt")
+    with pytest.raises(ValueError, match=r"shard_group=3 must be 0 \(the world size\) or a positive divisor of "
+                                         r"the world size 4"):
+        per_gpu(shape, Setup(world_size=4, shard_group=3), "lora")
+    with pytest.raises(ValueError, match="shard_group=-2"):
+        Setup(world_size=4, shard_group=-2).base_shards
+    with pytest.raises(ValueError, match=r"shard_group=2 cannot be combined with hpZ \(hpz=2\)"):
+        per_gpu(shape, Setup(world_size=8, shard_group=2, hpz=2), "lora")
+    # hpZ with the world as the group is the plain hpZ layout
+    assert per_gpu(shape, Setup(world_size=8, shard_group=8, hpz=2), "lora") == \
+        per_gpu(shape, Setup(world_size=8, hpz=2), "lora")

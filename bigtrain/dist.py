@@ -76,6 +76,27 @@ def detect_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def node_key() -> tuple[str, str]:
+    """What tells this process's node from the others: the host name, and the launcher's node index
+    (Slurm's node name, torchrun's GROUP_RANK, the deepspeed launcher's CROSS_RANK), which also tells
+    apart nodes emulated on one host."""
+    index = next((os.environ[n] for n in ("SLURMD_NODENAME", "GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
+                  if os.environ.get(n, "") != ""), "")
+    return socket.gethostname(), index
+
+
+def new_groups(groups: Iterable[Iterable[int]], rank: int, timeout_s: int):
+    """Make a process group for each of ``groups`` (every rank makes every group, in the same order,
+    as torch.distributed requires) and return the one holding ``rank``."""
+    mine = None
+    for g in groups:
+        g = list(g)
+        pg = dist.new_group(ranks=g, timeout=datetime.timedelta(seconds=timeout_s))
+        if rank in g:
+            mine = pg
+    return mine
+
+
 def wants_cuda(device: str) -> bool:
     """train.device: 'cuda', or 'auto' with a GPU visible (the engine then fails clearly if
     'cuda' was asked for and none is)."""

@@ -17,6 +17,9 @@ import transformers
 
 from .config import Config, ConfigError
 from .data import DataError
+from .dist import node_key
+from .engine.ds_config import read_user_ds_config
+from .layout import Layout, choose
 from .memory import GiB, estimate, host_peak, model_shape, setup_for_run
 from .presets import position_limit
 
@@ -158,18 +161,56 @@ def mem_available() -> int | None:
     return None
 
 
+def local_ranks() -> int:
+    """Ranks on this host, as the launcher says (torchrun, the deepspeed launcher, srun); 1 if none does."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, int(os.environ[name]))
+    return 1
+
+
+def choose_layout(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> Layout:
+    """zero.shard_group: which ranks partition the base (:mod:`bigtrain.layout`). Every rank's node
+    is gathered (one small collective); ``auto`` asks the estimator whether the base over one node's
+    ranks fits each GPU (or, on CPU, the host shared by its ranks) within
+    ``1 - train.memory_headroom`` of its memory."""
+    keys = engine.all_gather_objects(node_key())
+    if read_user_ds_config(cfg.zero).get("zero_optimization", {}).get("zero_hpz_partition_size", 1) > 1:
+        return choose("world", keys)  # hpZ keeps its own within-node copy (engine.ds_config.check_world)
+    dev = engine.info.device
+
+    def fits(k: int) -> tuple[bool, str]:
+        st = setup_for_run(cfg, engine.info.world_size, shard_group=k,
+                           persistence_threshold=engine.zero.persistence_threshold)
+        shape, share = model_shape(meta), 1 - cfg.train.memory_headroom
+        if dev.type == "cuda":
+            need, have = estimate(shape, st)["lora"]["per_gpu_total"], torch.cuda.mem_get_info(dev)[1]
+            what = f"estimated {need / GiB:.1f} GiB per GPU of {have / GiB:.1f} GiB"
+        else:
+            ranks, avail = local_ranks(), mem_available()
+            need = ranks * host_peak(shape, st, "cpu", from_checkpoint)["total"]
+            have = avail if avail is not None else need
+            what = f"estimated {need / GiB:.2f} GiB of host memory for this host's {ranks} rank(s), " \
+                   f"{have / GiB:.1f} GiB available"
+        ok = engine.all_reduce_scalars([float(need > share * have)], "max")[0] == 0
+        return ok, what
+
+    return choose(cfg.zero.shard_group, [tuple(k) for k in keys], fits)
+
+
 def check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> str:
     """train.check_memory, before the base is built: the estimator's per-GPU peak against this GPU's
     free memory, and its host peak per rank against MemAvailable shared by this host's ranks. Every
     rank checks its own GPU and host; if any does not fit, every rank stops with the same line (one
     rank going on alone would wait for the others forever). Returns the line that says what fits."""
     info, dev = engine.info, engine.info.device
-    st = setup_for_run(cfg, info.world_size, persistence_threshold=engine.zero.persistence_threshold)
+    st = setup_for_run(cfg, info.world_size, persistence_threshold=engine.zero.persistence_threshold,
+                       shard_group=engine.base_shards)
     shape = model_shape(meta)
     est = estimate(shape, st)
     gpu_need = est["lora"]["per_gpu_total"]
     host_need = host_peak(shape, st, dev.type, from_checkpoint)["total"]
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    local = local_ranks()
     avail = mem_available()
     host_have = avail // local if avail is not None else None
     gpu_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None

@@ -51,7 +51,7 @@ from .presets import count_parameters, hf_config_for, meta_model
 from .progress import use_bar
 from .runlock import RunLock, RunLocked
 from .sampler import GlobalSampler
-from .signals import PreemptedBeforeStep
+from .signals import PreemptedBeforeStep, interactive_srun_note
 from .vocab import run_config as pad_vocab
 from .engine.ds_config import check_world
 
@@ -200,7 +200,8 @@ class Run:
     def estimate_at(self, n: int) -> dict:
         """The estimator's LoRA column for this run with the first ``n`` layers recomputed."""
         st = setup_for_run(self.cfg, self.info.world_size, persistence_threshold=self.engine.zero.persistence_threshold,
-                           hpz=self.engine.hpz_size, checkpoint_layers=n, checkpointing=n > 0, compiled=self.compiled)
+                           hpz=self.engine.hpz_size, shard_group=self.engine.base_shards, checkpoint_layers=n,
+                           checkpointing=n > 0, compiled=self.compiled)
         return estimate(model_shape(self.inputs.meta), st)["lora"]
 
     def apply_recompute(self, plan: recompute.Plan) -> None:
@@ -363,6 +364,8 @@ def _build_base(run: Run) -> None:
     run.host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     print(f"[bigtrain] rank {info.rank}/{info.world_size} on host {run.host} device {dev}", flush=True)
     _lock_output_dir(run)
+    if (note := interactive_srun_note()) is not None:
+        say(f"[bigtrain] {note}")
     if info.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         say(f"[bigtrain] output directory {run.out_dir}")
@@ -374,6 +377,9 @@ def _build_base(run: Run) -> None:
     if t.warmup_steps > t.max_steps:
         say(f"[bigtrain] train.warmup_steps={t.warmup_steps} is more than train.max_steps={t.max_steps}: the "
             f"learning rate reaches only {t.max_steps}/{t.warmup_steps} of train.lr")
+    if cfg.zero.stage == 3:
+        engine.use_layout(preflight.choose_layout(cfg, inp.meta, engine, inp.model_path is not None))
+        say(f"[bigtrain] {engine.layout.line}")
     if t.check_memory:
         say(f"[bigtrain] {preflight.check_memory(cfg, inp.meta, engine, inp.model_path is not None)}")
     set_seed(t.seed)
@@ -473,7 +479,7 @@ def _build_adapters(run: Run) -> None:
         f"({report['trainable_pct']:.4f}% trainable); base bytes on this rank: "
         f"{engine.local_param_bytes(run.model):,}")
     run.predicted = predicted = predict_states(
-        run.inputs.meta, cfg.lora.targets, cfg.lora.r, info.world_size, cfg.model.dtype,
+        run.inputs.meta, cfg.lora.targets, cfg.lora.r, engine.base_shards, cfg.model.dtype,
         engine.persistence_threshold, cfg.zero.stage, cfg.lora.dtype, engine.hpz_size, cfg.model.quantize)
     say("[bigtrain] predicted model states per rank: "
         + ", ".join(f"{k} {v / 2**20:,.2f} MiB" for k, v in predicted.items()))

@@ -387,7 +387,7 @@ def report_savings(cfg: Config, meta, world: int, ranks: list[dict], measured: d
     peaks = [r["gpu_peak_allocated_bytes"] for r in ranks if r.get("gpu_peak_allocated_bytes")]
     # without the CUDA context: allocated bytes, as torch.cuda.max_memory_allocated counts them
     st = setup_for_run(cfg, world, persistence_threshold=engine.persistence_threshold, hpz=engine.hpz_size,
-                       include_context=False, **run_setup)
+                       shard_group=engine.base_shards, include_context=False, **run_setup)
     try:
         sv = run_savings(meta, st, max(peaks) if peaks else None, measured)
     except (KeyError, ValueError) as e:  # a model the estimator does not know

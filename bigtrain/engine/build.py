@@ -129,7 +129,7 @@ _libc = None
 
 
 def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str, ds: dict,
-                   device: torch.device, loader=None, after_layer=None):
+                   device: torch.device, loader=None, after_layer=None, group=None):
     """The causal LM with ZeRO-3-partitioned parameters, built one decoder layer at a time, so that
     neither the host nor the device ever holds more than one whole layer beyond the partitions
     already made, whatever the model's depth. Returns (model, the ``HfDeepSpeedConfig``, which the
@@ -144,6 +144,10 @@ def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str
        with ``loader`` (called with the skeleton, it opens a :class:`bigtrain.loader.PartitionLoader`)
        the layer's slices of the checkpoint are read into its partitions; then ``after_layer(layer)``
        (``model.quantize`` quantizes the layer's partitions there and frees them).
+
+    ``group`` (zero.shard_group, :mod:`bigtrain.layout`): the process group the base is partitioned
+    over (``zero.Init``'s ``data_parallel_group``: the group's first rank's values broadcast within
+    it, and every parameter's ``ds_process_group``); None: all ranks.
 
     Building the whole model inside ``zero.Init`` (``HfDeepSpeedConfig`` + ``from_config``) made
     every partition before any was loaded or quantized: with ``model.quantize`` the unquantized
@@ -172,7 +176,7 @@ def build_streamed(hf_config, torch_dtype: torch.dtype, attn_implementation: str
                 _init_modules(mods, owners)
             # partitions what is not a ZeRO-3 parameter yet; hpZ's group is made by the first call only
             hpz = groups._get_zero_param_intra_parallel_group()
-            deepspeed.zero.Init(module=unit, config_dict_or_path=ds,
+            deepspeed.zero.Init(module=unit, config_dict_or_path=ds, data_parallel_group=group,
                                 **({"zero_param_parallel_group": hpz} if hpz is not None else {}))
             if reader is not None and made:
                 reader.fill([n for n, p in model.named_parameters() if id(p) in made])

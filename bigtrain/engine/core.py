@@ -56,6 +56,8 @@ class Engine:
         self.quantize_summary: str | None = None
         self.ds_config: dict | None = None
         self.ds_config_notes: list[str] = []
+        self.layout = None  # layout.Layout: which ranks partition the base (zero.shard_group); None: all
+        self._base_group = None  # this rank's partition group; None: the world
         if self.stage == 3:
             C.check_deepspeed_version()
         self.info = D.init_distributed(device, zero.backend, zero.timeout_s, self.stage)
@@ -70,6 +72,21 @@ class Engine:
         ended = D.destroy_process_group()
         if ended is not None:
             D.unlink_deepspeed_shm(*ended)
+
+    # -- which ranks partition the base -----------------------------------------------------------
+    def use_layout(self, layout) -> None:
+        """Partition the base over ``layout``'s groups (a :class:`bigtrain.layout.Layout`), before
+        :meth:`build_base`: one process group per partition group, this rank's kept for ``zero.Init``."""
+        self.layout = layout
+        if not layout.is_world:
+            self._base_group = D.new_groups(layout.groups, self.info.rank, self.zero.timeout_s)
+
+    @property
+    def base_shards(self) -> int:
+        """Ranks the base is partitioned over (the world size unless zero.shard_group says less)."""
+        if self.stage != 3:
+            return 1
+        return self.layout.size if self.layout is not None else self.info.world_size
 
     # -- DeepSpeed config ------------------------------------------------------------------------
     def build_ds_config(self, base_dtype: torch.dtype, layer_numel: int | None = None) -> dict:
@@ -120,7 +137,7 @@ class Engine:
 
             model, self._ds_hf_config = B.build_streamed(
                 hf_config, torch_dtype, attn_implementation, ds, self.info.device,
-                loader=open_loader if path is not None else None, after_layer=after)
+                loader=open_loader if path is not None else None, after_layer=after, group=self._base_group)
             if path is None and padded != vocab:
                 for p in V.vocab_parameters(model, padded).values():
                     B.zero_from_row(p, vocab)

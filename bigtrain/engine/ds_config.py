@@ -149,6 +149,11 @@ def check_world(zero: ZeroConfig, device: str = "auto", quantize: str | None = N
                           f"(train.device={device}{', no CUDA device visible' if device == 'auto' else ''}): "
                           f"use zero.backend=auto (gloo on CPU) or gloo")
     hpz = zo.get("zero_hpz_partition_size", 1)
+    if zero.stage == 3 and hpz > 1 and zero.shard_group not in ("auto", "world", world):
+        raise ConfigError(f"zero.shard_group={zero.shard_group} cannot be combined with hpZ "
+                          f"(zero_hpz_partition_size={hpz} in {zero.ds_config}): both keep the base's "
+                          f"all-gathers within a group of ranks; use one (zero.shard_group=node holds base / "
+                          f"GPUs per node, hpZ base / world + base / {hpz})")
     if zero.stage == 3 and hpz > 1 and world % hpz:
         raise ConfigError(f"zero.ds_config: zero_hpz_partition_size={hpz} (in {zero.ds_config}) does not "
                           f"divide the world size {world}; set it to the GPUs per node")

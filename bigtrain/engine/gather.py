@@ -51,13 +51,17 @@ def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo
                               f"in zero.ds_config, a model with decoder layers)")
         group = next(p.ds_process_group for p in model.parameters() if hasattr(p, "ds_tensor"))
         return LayerGatherer(model, group, info.device, zc.param_persistence_threshold, quantize), False
-    if zero.single_rank_plain and info.world_size == 1 and zc.zero_hpz_partition_size <= 1:
-        # One rank: every partition is a whole tensor, there is nothing to gather. Alias them and
-        # run the module with no ZeRO-3 hooks at all (same values, same memory: one copy).
+    group = next((p.ds_process_group for p in model.parameters() if hasattr(p, "ds_tensor")), None)
+    alone = (dist.get_world_size(group=group) if dist.is_initialized() else 1) == 1
+    if zero.single_rank_plain and alone and zc.zero_hpz_partition_size <= 1:
+        # One rank per partition group (world size 1, or zero.shard_group=1): every partition is a
+        # whole tensor, there is nothing to gather. Alias them and run the module with no ZeRO-3
+        # hooks at all (same values, same memory: one copy).
         params = {id(p): p for p in model.parameters()}
         if alias_unsharded(model, persistent_only=False, device_type=info.device.type) == len(params):
-            notes.append("world size 1: ZeRO-3 partitions are whole tensors; "
-                         "running the base without ZeRO-3 hooks (zero.single_rank_plain)")
+            notes.append(f"{'world size 1' if info.world_size == 1 else 'zero.shard_group=1'}: ZeRO-3 "
+                         f"partitions are whole tensors; running the base without ZeRO-3 hooks "
+                         f"(zero.single_rank_plain)")
             return None, True
     own = (zero.gather == "layers" and zero.leaf_blocks and zc.zero_hpz_partition_size <= 1
            and zc.offload_param is None and not zc.zero_quantized_weights

@@ -77,3 +77,21 @@ def test_ds_configs_a_quantized_base_cannot_use(tmp_path, zo, key):
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}))
     ds_config.check_world(ZeroConfig(ds_config=str(ok)), "cpu", "int8")
+
+
+def test_shard_group_and_hpz_are_refused_together(tmp_path, monkeypatch):
+    """zero.shard_group=node with hpZ in zero.ds_config: both keep the base's all-gathers within a
+    group; one line before any process group. auto and world stay allowed (auto then takes world)."""
+    import json
+
+    from bigtrain.config import ZeroConfig
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    f = tmp_path / "hpz.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}))
+    with pytest.raises(ConfigError, match=r"^zero.shard_group=node cannot be combined with hpZ "
+                                          rf"\(zero_hpz_partition_size=2 in {f}\)"):
+        ds_config.check_world(ZeroConfig(ds_config=str(f), shard_group="node"), "cpu")
+    for ok in ("auto", "world", 4):
+        ds_config.check_world(ZeroConfig(ds_config=str(f), shard_group=ok), "cpu")

@@ -264,7 +264,8 @@ class TrainConfig:
     memory_headroom: float = 0.1
     """The share of each GPU's memory that model.gradient_checkpointing=auto leaves free (for the
     allocator's fragmentation, NCCL's buffers and the estimate's error): it checkpoints the fewest
-    layers whose estimated peak is within (1 - memory_headroom) of the GPU's memory."""
+    layers whose estimated peak is within (1 - memory_headroom) of the GPU's memory. zero.shard_group=auto
+    takes node only when the base over a node fits within the same share."""
     check_memory: bool = True
     """Before the base is built, compare the estimator's per-GPU peak with each GPU's free memory and
     its host peak per rank with the host's MemAvailable, and stop in one line naming both figures when

@@ -359,7 +359,8 @@ def _run_lora(cfg, spec, prog: Progress) -> dict:
     if trainer.measured is None:  # the loop ended before step K: a preemption signal
         raise RuntimeError(f"the LoRA run stopped at step {run.state.step} of {spec['steps']}")
     world = run.info.world_size
-    return {"world_size": world, "states": trainer.measured, "predicted_states": run.predicted,
+    return {"world_size": world, "base_shards": run.engine.base_shards,  # zero.shard_group as taken
+            "states": trainer.measured, "predicted_states": run.predicted,
             "tokens_per_s_per_gpu": prog.tokens / prog.seconds / world if prog.seconds else None,
             **_device_info(run.dev)}
 

@@ -35,9 +35,10 @@ def mode_status(results: list) -> str:
 STATE_KINDS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state")
 
 
-def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool):
+def _setup_for(cfg, mode: str, world: int, gpu_mem: int, context: bool, shard_group: int = 0):
+    """``shard_group``: the ranks LoRA's base was partitioned over (zero.shard_group as the run took it)."""
     stage = MODES[mode]  # a full fine-tuning mode's stage; LoRA's from the run's config
-    return setup_for_run(cfg, world, gpu_mem_bytes=gpu_mem, include_context=context,
+    return setup_for_run(cfg, world, gpu_mem_bytes=gpu_mem, include_context=context, shard_group=shard_group,
                          **({"zero_stage": stage} if stage else {}))
 
 
@@ -58,9 +59,10 @@ def build_report(cfg, args, modes: list[str], results: dict, world: int) -> dict
     for mode in modes:
         rs = results[mode]
         which = "lora" if MODES[mode] is None else "full"
-        est = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, False))[which]
+        shards = max((r.get("base_shards") or 0 for r in rs), default=0) if which == "lora" else 0
+        est = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, False, shards))[which]
         # the fewest GPUs that fit: with the CUDA context and fragmentation a GPU really has to hold
-        fit = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, device != "cpu"))[which]
+        fit = estimate(shape, _setup_for(cfg, mode, world, gpu_mem, device != "cpu", shards))[which]
         pred_states = {k: est["per_gpu"][k] for k in STATE_KINDS}
         pred = {"peak_bytes": est["per_gpu_total"], "states": pred_states,
                 "states_total": sum(pred_states.values()),

@@ -163,9 +163,10 @@ def mem_available() -> int | None:
 
 def local_ranks() -> int:
     """Ranks on this host, as the launcher says (torchrun, the deepspeed launcher, srun); 1 if none does."""
-    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
-        if os.environ.get(name, "").isdigit():
-            return max(1, int(os.environ[name]))
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE"):
+        first = os.environ.get(name, "").split("(")[0].split(",")[0]  # Slurm's "2(x2)" or "3,1"
+        if first.isdigit():
+            return max(1, int(first))
     return 1
 
 
@@ -187,7 +188,7 @@ def choose_layout(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> L
             need, have = estimate(shape, st)["lora"]["per_gpu_total"], torch.cuda.mem_get_info(dev)[1]
             what = f"estimated {need / GiB:.1f} GiB per GPU of {have / GiB:.1f} GiB"
         else:
-            ranks, avail = local_ranks(), mem_available()
+            ranks, avail = k, mem_available()  # a node's k ranks share its host
             need = ranks * host_peak(shape, st, "cpu", from_checkpoint)["total"]
             have = avail if avail is not None else need
             what = f"estimated {need / GiB:.2f} GiB of host memory for this host's {ranks} rank(s), " \

@@ -22,6 +22,20 @@ class PreemptedBeforeStep(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+def interactive_srun_note() -> str | None:
+    """The line a run started straight by an interactive ``srun`` (inside ``salloc``, not a batch
+    job, not through slurm/'s scripts, which export BIGTRAIN_SLURM_SCRIPT) says at its start: srun
+    answers a double Ctrl-C with SIGINT and at once SIGKILL to every task, which no process can save
+    through (srun's first Ctrl-C only prints the tasks' state)."""
+    if not os.environ.get("SLURM_STEP_ID") or os.environ.get("ENVIRONMENT") == "BATCH" \
+            or os.environ.get("BIGTRAIN_SLURM_SCRIPT"):
+        return None
+    step = f"{os.environ.get('SLURM_JOB_ID', 'JOBID')}.{os.environ['SLURM_STEP_ID']}"
+    return (f"started by an interactive srun: srun answers Ctrl-C twice with SIGKILL, which saves nothing; "
+            f"to save and stop, run scancel --signal=USR1 {step} (or start through slurm/train_srun.sbatch "
+            f"under salloc, where Ctrl-C saves)")
+
+
 class Preemption:
     """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C). Once the loop runs (``arm``), the signal is remembered
     and the loop saves and stops at the next step boundary. Before that (start-up, the step-0 eval)

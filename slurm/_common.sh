@@ -79,14 +79,36 @@ BT_MARKER_BEFORE=$(bt_marker)
 # ranks save at the next step boundary and exit 0 (the launchers in between ignore USR1), and
 # bt_requeue_or_exit requeues. USR1, never the signal itself: srun would kill the step on TERM, and
 # bigtrain takes a second INT as "stop at once". (The traps are reset in the launched processes.)
+#
+# Run interactively (`salloc ... bash slurm/train_srun.sbatch ...`: not a batch job, so Ctrl-C is a
+# person's), the first Ctrl-C is forwarded the same way (the ranks save and stop; the job is not
+# requeued: rerun the command to resume) and a second one stops the step at once: srun's own double
+# Ctrl-C, whose SIGINT bigtrain takes as "stop at once". A Ctrl-C straight to an interactive srun
+# cannot save: srun answers a double Ctrl-C with SIGINT and at once SIGKILL (docs/cluster.md).
 BT_STEP_PID=''     # the srun of bt_run_step while it runs
 BT_PENDING=''      # a signal that came while no step ran (before it started)
 BT_SIGNALLED=0
+BT_STOP_SIG=''     # the first stop signal forwarded to the step
+BT_INTERACTIVE=0
+[[ ${ENVIRONMENT:-} == BATCH ]] || BT_INTERACTIVE=1
+export BIGTRAIN_SLURM_SCRIPT=1   # the ranks know a script forwards their stop signals
 bt_on_signal() {
   BT_SIGNALLED=1
-  if [[ -n $BT_STEP_PID ]] && kill -0 "$BT_STEP_PID" 2>/dev/null; then
-    echo "bigtrain: the batch shell got SIG$1: forwarded to the training step as SIGUSR1 (the ranks" \
-         "save at the next step boundary, then the job is requeued)" >&2
+  if [[ -n $BT_STEP_PID ]] && kill -0 "$BT_STEP_PID" 2>/dev/null && (( BT_INTERACTIVE )) \
+      && [[ $1 == INT && -n $BT_STOP_SIG ]]; then
+    echo "bigtrain: second Ctrl-C: stopping the training step at once (the last checkpoint stays)" >&2
+    kill -s INT "$BT_STEP_PID" 2>/dev/null || true   # srun: a double Ctrl-C within a second
+    sleep 0.2
+    kill -s INT "$BT_STEP_PID" 2>/dev/null || true
+  elif [[ -n $BT_STEP_PID ]] && kill -0 "$BT_STEP_PID" 2>/dev/null; then
+    BT_STOP_SIG=${BT_STOP_SIG:-$1}
+    if (( BT_INTERACTIVE )); then
+      echo "bigtrain: SIG$1: forwarded to the training step as SIGUSR1 (the ranks save at the next step" \
+           "boundary and stop; Ctrl-C again to stop at once)" >&2
+    else
+      echo "bigtrain: the batch shell got SIG$1: forwarded to the training step as SIGUSR1 (the ranks" \
+           "save at the next step boundary, then the job is requeued)" >&2
+    fi
     kill -s USR1 "$BT_STEP_PID" 2>/dev/null || true
   else
     echo "bigtrain: the batch shell got SIG$1 while no training step runs" >&2
@@ -156,6 +178,19 @@ bt_requeue_or_exit() {
   # error) while an old `preempted` marker was still there must not requeue itself forever. A marker
   # this run wrote is a clean preemption even when the launcher's own exit code is not 0: torchrun
   # and the deepspeed launcher end with an error on SIGTERM, after their ranks have saved.
+  if (( BT_INTERACTIVE )); then
+    # not a batch job (salloc, plain bash): nothing to requeue; a stop is a person's, or the
+    # allocation's end
+    local how=${BT_STOP_SIG:+ by SIG$BT_STOP_SIG}
+    if (( fresh )); then
+      echo "bigtrain: stopped$how at step $(cat "$OUTPUT_DIR/preempted"), saved; run the same command" \
+           "again to resume from $OUTPUT_DIR/checkpoints/latest" >&2
+    elif [[ -n $BT_STOP_SIG ]]; then
+      echo "bigtrain: stopped$how; nothing new saved ($OUTPUT_DIR/checkpoints/latest, if any, is intact)" >&2
+    fi
+    [[ -n $BT_STOP_SIG ]] && exit $((128 + $(kill -l "$BT_STOP_SIG")))
+    exit "$rc"
+  fi
   if [[ -f $OUTPUT_DIR/preempted && ( $rc -eq 0 || $fresh -eq 1 ) ]]; then
     (( rc == 0 )) || echo "the launcher exited $rc after the ranks saved and marked the run preempted"
     echo "preempted at step $(cat "$OUTPUT_DIR/preempted"); requeueing job $SLURM_JOB_ID"

@@ -59,8 +59,8 @@ def install_offload(model: nn.Module, ds: dict, zero: ZeroConfig, info: DistInfo
         # hooks at all (same values, same memory: one copy).
         params = {id(p): p for p in model.parameters()}
         if alias_unsharded(model, persistent_only=False, device_type=info.device.type) == len(params):
-            notes.append(f"{'world size 1' if info.world_size == 1 else 'zero.shard_group=1'}: ZeRO-3 "
-                         f"partitions are whole tensors; running the base without ZeRO-3 hooks "
+            notes.append(f"{'world size 1' if info.world_size == 1 else 'one rank per partition group'}: "
+                         f"ZeRO-3 partitions are whole tensors; running the base without ZeRO-3 hooks "
                          f"(zero.single_rank_plain)")
             return None, True
     own = (zero.gather == "layers" and zero.leaf_blocks and zc.zero_hpz_partition_size <= 1

@@ -68,9 +68,10 @@ def _env() -> dict:
     return env
 
 
-def submit(script: str, tmp: Path, out: Path, steps: int, extra: tuple = (), env: dict | None = None) -> str:
+def submit(script: str, tmp: Path, out: Path, steps: int, extra: tuple = (), env: dict | None = None,
+           tasks_per_node: int = 1) -> str:
     (tmp / "logs").mkdir(exist_ok=True)
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--chdir={tmp}",
+    cmd = ["sbatch", "--parsable", "--nodes=2", f"--ntasks-per-node={tasks_per_node}", f"--chdir={tmp}",
            f"--job-name=bt-{Path(script).stem}", "--time=00:10:00",
            str(ROOT / "slurm" / script), *TRAIN_ARGS, f"train.max_steps={steps}",
            f"train.output_dir={out}", *extra]
@@ -142,6 +143,104 @@ def test_two_node_job_completes(cluster, script, tmp_path):
     assert step == steps and (ckpt / "adapter_model.safetensors").is_file()
     assert logged_steps(out)[-1] == steps
     assert not (out / "preempted").exists()
+
+
+def test_two_nodes_of_two_tasks_partition_the_base_within_each_node(cluster, tmp_path):
+    """zero.shard_group on 2 nodes x 2 tasks (train_srun.sbatch, one rank per task): the default
+    (auto) takes node, each rank holds its node's half of the base (measured = predicted), and the
+    adapters are bit-identical to zero.shard_group=world on the same 4 ranks."""
+    jobs = {layout: submit("train_srun.sbatch", tmp_path, tmp_path / layout, 6, tasks_per_node=2,
+                           extra=("zero.persistence_threshold=0",  # every parameter partitioned
+                                  *(() if layout == "auto" else (f"zero.shard_group={layout}",))))
+            for layout in ("auto", "world")}
+    logs, held = {}, {}
+    for layout, jid in jobs.items():
+        info = wait_done(jid, tmp_path)
+        logs[layout] = log = job_log(tmp_path, jid)
+        assert info["JobState"] == "COMPLETED", f"{layout}: {info['JobState']} {info['ExitCode']}\n{log[-6000:]}"
+        hosts = dict((int(r), h) for r, h in re.findall(r"rank (\d+)/4 on host (\S+)", log))
+        assert hosts == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, f"{hosts}\n{log[-3000:]}"
+        held[layout] = [r["base_param_bytes"] for r in json.loads((tmp_path / layout / "ranks.json").read_text())]
+    assert "zero.shard_group=auto: node: the job spans 2 node(s) x 2 rank(s) and the base over one node's " \
+           "2 rank(s) fits" in logs["auto"], logs["auto"][-4000:]
+    assert "zero.shard_group=world: the base is partitioned over all 4 rank(s) (2 node(s) x 2 rank(s))" in logs["world"]
+    half, quarter = held["auto"][0], held["world"][0]
+    assert held["auto"] == [half] * 4 and held["world"] == [quarter] * 4 and 1.9 * quarter < half <= 2 * quarter
+    assert f"frozen_weights {half:,}/{half:,}" in logs["auto"]  # measured = predicted over 2 ranks
+    assert f"frozen_weights {quarter:,}/{quarter:,}" in logs["world"]
+    adapters = [(tmp_path / layout / "checkpoints" / "step-00000006" / "adapter_model.safetensors").read_bytes()
+                for layout in ("auto", "world")]
+    assert adapters[0] == adapters[1]
+
+
+def _salloc(tmp: Path, out: Path, extra: tuple = ()) -> tuple[subprocess.Popen, int]:
+    """`salloc -N2 ... bash slurm/train_srun.sbatch ...` as a person types it: on a terminal (a
+    pseudo-terminal whose slave is salloc's stdin and controlling terminal), where salloc makes the
+    command the foreground process group. Returns (the process, the terminal's master: writing
+    Ctrl-C, 0x03, there is a Ctrl-C at the keyboard)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+
+    def own_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    cmd = ["salloc", "-N2", "--ntasks-per-node=1", "--time=00:10:00", "bash", str(ROOT / "slurm" / "train_srun.sbatch"),
+           *TRAIN_ARGS, "train.max_steps=100000", f"train.output_dir={out}", *extra]
+    p = subprocess.Popen(cmd, cwd=tmp, env=_env(), stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, preexec_fn=own_terminal)
+    os.close(slave)
+    return p, master
+
+
+def _steps_logged(p: subprocess.Popen, out: Path, n: int) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(logged_steps(out)) < n:
+        if p.poll() is not None or time.monotonic() > deadline:
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"salloc ended or timed out before step {n}:\n{p.communicate()[0][-4000:]}")
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["ctrl-c", "ctrl-c-twice"])
+def test_ctrl_c_under_salloc_saves_or_stops_at_once(cluster, tmp_path, twice):
+    """Interactive Slurm: the script under salloc, Ctrl-C. Once: the ranks save at the next step
+    boundary, the script says so in one line and how to resume, exit 130, not requeued (a person's
+    stop). Twice, while a long step is still running: the step stops at once, nothing new saved, the
+    last checkpoint intact, exit 130."""
+    out = tmp_path / "out"
+    extra = ("train.grad_accum=400", "checkpoint.every=2") if twice else ()
+    p, tty = _salloc(tmp_path, out, extra)
+    try:
+        _steps_logged(p, out, 3)
+        os.write(tty, b"\x03")  # Ctrl-C
+        if twice:
+            time.sleep(1.0)
+            os.write(tty, b"\x03")
+        log, _ = p.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        os.close(tty)
+    assert p.returncode == 130, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+    ckpt, step = latest_state(out)
+    if twice:
+        assert "bigtrain: second Ctrl-C: stopping the training step at once" in log, log[-4000:]
+        assert "stopped by SIGINT; nothing new saved" in log, log[-4000:]
+        assert step % 2 == 0 and step < logged_steps(out)[-1] + 1 and not (out / "preempted").exists()
+    else:
+        done = logged_steps(out)[-1]
+        assert step == done and (out / "preempted").read_text().strip() == str(done), log[-4000:]
+        assert (f"stopped by SIGINT at step {done}, saved; run the same command again to resume from "
+                f"{out}/checkpoints/latest") in log, log[-4000:]
+    assert "requeue" not in log
+    from safetensors.torch import load_file
+
+    assert load_file(str(ckpt / "adapter_model.safetensors"))  # the last good checkpoint loads
 
 
 PREEMPT_STEPS = 80
@@ -342,7 +441,7 @@ sys.exit(5)
 """
 
 
-def _batch_shell(tmp: Path, before_step: str = "") -> subprocess.Popen:
+def _batch_shell(tmp: Path, before_step: str = "", interactive: bool = False) -> subprocess.Popen:
     """slurm/_common.sh sourced as a batch script would (set -euo pipefail, the allocation's env,
     stub scontrol), then `bt_run_step` with FAKE_SRUN; in its own session, as slurmstepd starts the
     batch shell, so that killpg reaches it the way `scancel --full` does."""
@@ -357,7 +456,9 @@ def _batch_shell(tmp: Path, before_step: str = "") -> subprocess.Popen:
               f'bt_run_step {sys.executable} {tmp}/fake_srun.py {tmp}/signals.log {tmp}/ready\n'
               'echo "rc=$rc"\n')
     env = dict(os.environ, PATH=f"{stub}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1",
-               OUTPUT_DIR=str(tmp / "out"))
+               OUTPUT_DIR=str(tmp / "out"), ENVIRONMENT="BATCH")  # sbatch's mark of a batch job
+    if interactive:
+        del env["ENVIRONMENT"]  # salloc, or plain bash
     return subprocess.Popen(["bash", "-c", script], cwd=tmp, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -384,6 +485,28 @@ def test_batch_shell_forwards_stop_signals_to_the_step(sig, full, tmp_path):
     assert p.returncode == 0, (p.returncode, out)
     assert (tmp_path / "signals.log").read_text().split() == ["SIGUSR1"], out
     assert f"bigtrain: the batch shell got SIG{sig}: forwarded to the training step as SIGUSR1" in out
+    assert out.rstrip().endswith("rc=0"), out
+
+
+def test_interactive_ctrl_c_is_forwarded_as_usr1(tmp_path):
+    """The script run by hand (`salloc ... bash slurm/train_srun.sbatch`: no ENVIRONMENT=BATCH):
+    Ctrl-C, the terminal's SIGINT to the whole foreground process group, reaches the shell, which
+    passes it on as USR1 once (srun itself, in its own session, never sees it: its double Ctrl-C
+    would SIGKILL the step); the step's status becomes rc."""
+    p = _batch_shell(tmp_path, interactive=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert (tmp_path / "signals.log").read_text().split() == ["SIGUSR1"], out
+    assert ("bigtrain: SIGINT: forwarded to the training step as SIGUSR1 (the ranks save at the next step "
+            "boundary and stop; Ctrl-C again to stop at once)") in out
     assert out.rstrip().endswith("rc=0"), out
 
 

@@ -27,6 +27,9 @@ import yaml
 # The dtypes a base or adapter may be stored in, and their bytes per element: one definition, read by
 # the config's checks, the estimator (memory.py), the engine (torch dtypes by these names) and
 # export's --dtype (which also takes the short names).
+# DeepSpeed's stage3_param_persistence_threshold as bigtrain sets it (zero.persistence_threshold); the
+# estimator's default too
+DEFAULT_PERSISTENCE = 100000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -338,7 +341,7 @@ class ZeroConfig:
     """Process-group backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
     timeout_s: int = 600
     """Collective timeout: a dead rank makes the others fail after this, never hang."""
-    persistence_threshold: int = 100000
+    persistence_threshold: int = DEFAULT_PERSISTENCE
     """Base parameters of at most this many elements stay gathered on every rank (DeepSpeed's
     stage3_param_persistence_threshold): fewer tiny all-gathers, a little more memory. A value in
     zero.ds_config's zero_optimization wins (the run says so at start)."""

@@ -63,7 +63,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import DTYPE_BYTES, QUANTIZE_CHOICES
+from .config import DEFAULT_PERSISTENCE, DTYPE_BYTES, QUANTIZE_CHOICES
 from .presets import PRESETS, hf_config_for, meta_model
 
 # Deferred imports: torch, transformers and the modules that load torch (inject, lora, losses,
@@ -98,7 +98,6 @@ HOST_QUANT_TEMP_BYTES = GiB
 PREFETCH_BUCKET = int(5e7)  # DeepSpeed stage3_prefetch_bucket_size (elements)
 REDUCE_BUCKET = int(5e8)  # DeepSpeed reduce_bucket_size (elements)
 SUB_GROUP_SIZE = int(1e9)  # DeepSpeed zero_optimization.sub_group_size (elements)
-DEFAULT_PERSISTENCE = 100000  # DeepSpeed stage3_param_persistence_threshold
 
 
 # ---------------------------------------------------------------------------------------------

@@ -173,8 +173,9 @@ def test_end_of_run_savings_line_uses_the_quantized_estimate():
                              "model.quantize=int8", "train.micro_batch_size=2", "data.max_length=64",
                              "lora.r=4"])
     meta = meta_model(hf_config_for("tiny-llama", vocab_size=512))
-    # the two numbers _report_savings reads off the engine, and loggers that keep what they are given
-    engine = SimpleNamespace(persistence_threshold=cfg.zero.persistence_threshold, hpz_size=1)
+    # the three numbers _report_savings reads off the engine (base_shards: the base over both ranks,
+    # zero.shard_group=world), and loggers that keep what they are given
+    engine = SimpleNamespace(persistence_threshold=cfg.zero.persistence_threshold, hpz_size=1, base_shards=2)
     kept = {}
     loggers = SimpleNamespace(summary=kept.update, table=lambda *a: None)
     said = []

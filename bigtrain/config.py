@@ -27,11 +27,11 @@ import yaml
 # The dtypes a base or adapter may be stored in, and their bytes per element: one definition, read by
 # the config's checks, the estimator (memory.py), the engine (torch dtypes by these names) and
 # export's --dtype (which also takes the short names).
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # DeepSpeed's stage3_param_persistence_threshold as bigtrain sets it (zero.persistence_threshold); the
 # estimator's default too
 DEFAULT_PERSISTENCE = 100000
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_SHORT_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ConfigError(ValueError):

@@ -22,6 +22,7 @@ from .engine.ds_config import read_user_ds_config
 from .layout import Layout, choose
 from .memory import GiB, estimate, host_peak, model_shape, setup_for_run
 from .presets import position_limit
+from .steptime import lora_peak_per_gpu
 
 if TYPE_CHECKING:
     from .engine.core import Engine
@@ -185,7 +186,7 @@ def choose_layout(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> L
                            persistence_threshold=engine.zero.persistence_threshold)
         shape, share = model_shape(meta), 1 - cfg.train.memory_headroom
         if dev.type == "cuda":
-            need, have = estimate(shape, st)["lora"]["per_gpu_total"], torch.cuda.mem_get_info(dev)[1]
+            need, have = lora_peak_per_gpu(shape, st, k), torch.cuda.mem_get_info(dev)[1]
             what = f"estimated {need / GiB:.1f} GiB per GPU of {have / GiB:.1f} GiB"
         else:
             ranks, avail = k, mem_available()  # a node's k ranks share its host

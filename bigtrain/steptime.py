@@ -39,6 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .config import DTYPE_BYTES
+from .layout import choose
 from .memory import GiB, ModelShape, Setup, peak_bytes, per_gpu, quantized_gather_bytes
 from .metrics import lora_flops_per_token
 
@@ -223,10 +224,10 @@ def _why(best: dict, rows: list, st: Setup, nodes: int) -> str:
 
 
 def auto_layout(shape: ModelShape, st: Setup, nodes: int, gpus_per_node: int, headroom: float = 0.9) -> str:
-    """zero.shard_group=auto as documented (docs/cluster.md): ``node`` when the job spans nodes and
-    LoRA's predicted peak with the base partitioned within a node is at most ``headroom`` of the GPU's
-    memory, else ``world``."""
-    if nodes <= 1:
-        return "world"
-    peak = lora_peak_per_gpu(shape, replace(st, world_size=nodes * gpus_per_node), gpus_per_node)
-    return "node" if peak <= headroom * st.gpu_mem_bytes else "world"
+    """zero.shard_group=auto as a run takes it (:func:`bigtrain.layout.choose`, the one rule), for
+    ``nodes`` x ``gpus_per_node`` ranks: ``node`` when the job spans nodes and LoRA's predicted peak
+    with the base partitioned within a node is at most ``headroom`` of the GPU's memory, else ``world``."""
+    job = replace(st, world_size=nodes * gpus_per_node)
+    keys = [rank // gpus_per_node for rank in range(job.world_size)]
+    return choose("auto", keys,
+                  lambda k: (lora_peak_per_gpu(shape, job, k) <= headroom * st.gpu_mem_bytes, "")).name

@@ -148,3 +148,45 @@ def make_ckpt(root, base_dir, targets, seed, r=4, alpha=8.0, rslora=False, base_
     path = save_checkpoint(Path(root), 10, engine, lora, opt, {"step": 10}, cfg, base_json or {}, "", keep=2)
     lora.remove_hooks()
     return path, lora.adapter_state_dict()
+
+
+# -- a tiny frozen base with adapters, in this process (the unit tests of the layer-level mechanisms) --
+def tiny_lora_model(arch="tiny-llama", layers=4, hidden=None, ffn=None, dtype=None, targets=("q_proj", "v_proj"),
+                    r=4, dropout=0.0):
+    """A tiny frozen base (bigtrain.presets) with frozen_linear installed and LoRA adapters (B random,
+    so they change the output), in eval mode as the engine leaves it."""
+    import torch
+    from torch import nn
+    import transformers as tf
+
+    from bigtrain import frozen_linear
+    from bigtrain.inject import inject_lora
+    from bigtrain.presets import hf_config_for
+
+    cfg = hf_config_for(arch, vocab_size=512)
+    cfg.num_hidden_layers = layers
+    for key in ("dropout", "attention_dropout"):
+        setattr(cfg, key, dropout)
+    if hidden:
+        cfg.hidden_size, cfg.intermediate_size = hidden, ffn
+        cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
+        cfg.head_dim = 64
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype or torch.float32)
+    model.requires_grad_(False)
+    frozen_linear.install(model)  # as the engine does: frozen maps keep no input
+    lora = inject_lora(model, list(targets), r, 2 * r, 0.0, False, torch.float32, "cpu")
+    for _, ad in lora.named_adapters():
+        nn.init.normal_(ad.lora_B, std=0.05)  # B != 0: the adapters change the output
+    model.eval()  # as the engine leaves the frozen base: no dropout
+    return model, lora
+
+
+def lora_loss_and_grads(model, lora, ids):
+    import torch
+    from bigtrain.losses import token_loss_sum
+
+    lora.zero_grad(set_to_none=True)
+    ls, n = token_loss_sum(model, ids, torch.ones_like(ids), ids.clone())
+    (ls / n).backward()
+    return ls.detach(), {k: p.grad.clone() for k, p in lora.named_parameters()}

@@ -15,44 +15,10 @@ from torch import nn
 
 from bigtrain import recompute
 from bigtrain.memory import GiB, Setup, checkpointed_activation_bytes, estimate, model_shape
+from helpers import lora_loss_and_grads as _loss_and_grads
+from helpers import tiny_lora_model as _model
 
 BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
-
-
-def _model(arch="tiny-llama", layers=4, hidden=None, ffn=None, dtype=torch.float32, targets=("q_proj", "v_proj"),
-           r=4, dropout=0.0):
-    import transformers as tf
-
-    from bigtrain import frozen_linear
-    from bigtrain.inject import inject_lora
-    from bigtrain.presets import hf_config_for
-
-    cfg = hf_config_for(arch, vocab_size=512)
-    cfg.num_hidden_layers = layers
-    for key in ("dropout", "attention_dropout"):
-        setattr(cfg, key, dropout)
-    if hidden:
-        cfg.hidden_size, cfg.intermediate_size = hidden, ffn
-        cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
-        cfg.head_dim = 64
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
-    model.requires_grad_(False)
-    frozen_linear.install(model)  # as the engine does: frozen maps keep no input
-    lora = inject_lora(model, list(targets), r, 2 * r, 0.0, False, torch.float32, "cpu")
-    for _, ad in lora.named_adapters():
-        nn.init.normal_(ad.lora_B, std=0.05)  # B != 0: the adapters change the output
-    model.eval()  # as the engine leaves the frozen base: no dropout
-    return model, lora
-
-
-def _loss_and_grads(model, lora, ids):
-    from bigtrain.losses import token_loss_sum
-
-    lora.zero_grad(set_to_none=True)
-    ls, n = token_loss_sum(model, ids, torch.ones_like(ids), ids.clone())
-    (ls / n).backward()
-    return ls.detach(), {k: p.grad.clone() for k, p in lora.named_parameters()}
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-opt"])

@@ -1,0 +1,95 @@
+"""Memory along the sequence (bigtrain.longctx): the MLP in tiles and checkpointed layer inputs in
+host memory change no result.
+
+* Tiled MLP: the loss is the untiled loss and every adapter gradient equals the untiled one within
+  fp32 rounding (the tiles' partial sums are added in another order); the layer's MLP keeps only
+  its input for backward.
+* Offloaded checkpoint inputs: the loss and the adapter gradients are equal *bit for bit* (a copy),
+  exactly the first N checkpointed layers' inputs leave (their count and bytes), and every one comes
+  back before backward ends.
+"""
+import pytest
+import torch
+
+from bigtrain import longctx, recompute
+from helpers import lora_loss_and_grads as _loss_and_grads
+from helpers import tiny_lora_model as _model
+
+TARGETS = ("q_proj", "v_proj", "gate_proj", "down_proj")
+
+
+def _ids(b=2, t=64):
+    return torch.randint(0, 512, (b, t), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("tile,b,t", [(16, 2, 64), (7, 1, 50), (64, 2, 64)])
+def test_tiled_mlp_equals_untiled(tile, b, t):
+    model, lora = _model("tiny-llama", targets=TARGETS)
+    recompute.apply(model, 2)  # two layers checkpointed: the tiled MLP is recomputed there too
+    ids = _ids(b, t)
+    ref_loss, ref = _loss_and_grads(model, lora, ids)
+    assert longctx.install_tiled_mlp(model, tile) == 4
+    loss, grads = _loss_and_grads(model, lora, ids)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (loss, ref_loss)
+    for k, g in grads.items():  # fp32 sums over tiles in another order: rounding, not more
+        assert torch.allclose(g, ref[k], rtol=1e-5, atol=1e-7), (k, (g - ref[k]).abs().max())
+    with torch.no_grad():  # eval: tiles one after the other
+        out = model(input_ids=ids).logits
+        for mlp in longctx.layer_mlps(model):
+            del mlp.forward
+        assert torch.allclose(model(input_ids=ids).logits, out, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_mlp_keeps_only_its_input():
+    """What autograd keeps inside one MLP of 256 tokens at ffn = 2.7 h: untiled, the ffn-wide gate,
+    up and product; tiled, the input (h wide) alone."""
+    model, lora = _model("tiny-llama", targets=("q_proj",))
+    mlp = longctx.layer_mlps(model)[0]
+    x = torch.randn(1, 256, model.config.hidden_size, requires_grad=True)
+
+    def kept(fn):
+        sizes = {}
+
+        def pack(t):
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x)
+        return sum(sizes.values())
+
+    untiled = kept(mlp)
+    longctx.install_tiled_mlp(model, 64)
+    tiled = kept(mlp)
+    h, f = model.config.hidden_size, model.config.intermediate_size
+    assert tiled == 256 * h * 4  # the input, fp32
+    assert untiled >= 3 * 256 * f * 4  # gate, up, product (and the input)
+
+
+def test_layer_mlps_skip_experts_and_mlp_less_layers():
+    model, _ = _model("tiny-opt")  # OPT's fc1/fc2 sit in the decoder layer: no MLP module
+    assert longctx.layer_mlps(model) == []
+
+
+@pytest.mark.parametrize("offloaded", [1, 3])
+def test_offloaded_checkpoint_inputs_are_bit_identical(offloaded):
+    model, lora = _model("tiny-llama", targets=TARGETS)
+    recompute.apply(model, 3)
+    ids = _ids()
+    ref_loss, ref = _loss_and_grads(model, lora, ids)
+    off = longctx.CheckpointOffload(offloaded, torch.device("cpu"))
+    for _ in range(2):  # the buffer pool is reused by the next micro-batch
+        with off:
+            loss, grads = _loss_and_grads(model, lora, ids)
+        s = off.stats
+        assert torch.equal(loss, ref_loss)
+        assert all(torch.equal(g, ref[k]) for k, g in grads.items())
+        h = model.config.hidden_size
+        assert (s.offloaded_tensors, s.restored_tensors) == (offloaded, offloaded)
+        assert s.offloaded_bytes == offloaded * ids.numel() * h * 4  # the layer inputs, fp32 here
+
+
+def test_no_offload_is_a_no_op():
+    off = longctx.CheckpointOffload(0, torch.device("cpu"))
+    with off:
+        pass
+    assert off.stats is None

@@ -399,6 +399,12 @@ class Setup:
     # groups, so a rank holds 1/shard_group of it and gathers its layers within its group; full
     # fine-tuning is unaffected
     shard_group: int = 0
+    # LoRA at long context (bigtrain.longctx): the MLP of each decoder layer computed this many tokens
+    # at a time (model.tiled_mlp; 0: untiled), and the inputs of the first ``offload_layers``
+    # checkpointed layers held in pinned host memory between forward and backward
+    # (model.offload_activations)
+    tiled_mlp: int = 0
+    offload_layers: int = 0
 
     @property
     def lora_stage(self) -> int:
@@ -443,18 +449,24 @@ class Setup:
 _ATTN_OUT = frozenset({"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "attn_out"})
 
 
-def _lora_input_bytes(shape: ModelShape, lora: dict, act: int, r: int, compiled: bool) -> int:
+_MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|ffn)$")
+
+
+def _lora_input_bytes(shape: ModelShape, lora: dict, act: int, r: int, compiled: bool, tiled: bool = False) -> int:
     """Per token, over all layers: what the adapters add to the stored activations. Each adapter keeps
     its r-wide intermediate (for B's gradient) and its input (for A's); an input already stored is
     not stored twice: an MLP's down projection reads the ffn-wide product, kept for the adapter alone;
     the attention's output projection reads sdpa's output, which sdpa keeps anyway; the projections
     reading one normalised input (q, k, v; gate, up) share one bf16 copy of it where it is bf16 before
     they read it (RMSNorm returns the storage dtype; a compiled layer casts once inside its graph), but
-    each makes its own autocast copy of a LayerNorm's fp32 output in an eager layer."""
+    each makes its own autocast copy of a LayerNorm's fp32 output in an eager layer. With ``tiled``
+    (model.tiled_mlp) the adapters inside the MLP keep nothing beyond one tile (counted apart)."""
     shared = shape.rms_norm or compiled
     total, groups = 0, set()
     for name, (d_in, _) in lora.items():
         parent, _, leaf = name.rpartition(".")
+        if tiled and _MLP_PARENT.search(parent):
+            continue
         total += act * r
         if shape.ffn != shape.hidden and d_in == shape.ffn:
             total += act * d_in
@@ -470,7 +482,7 @@ def _lora_input_bytes(shape: ModelShape, lora: dict, act: int, r: int, compiled:
 
 
 def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict | None, r: int,
-                         compiled: bool = False) -> int:
+                         compiled: bool = False, tiled: bool = False) -> int:
     """One decoder layer's stored activations without recomputation.
 
     Full fine-tuning: 34·s·b·h (bf16, sdpa; scaled by act/2 for other widths; Korthikanti et al.
@@ -490,7 +502,10 @@ def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict
       (4 × act·h), and the ffn-wide outputs of the MLP's input projections (ffn_maps × act·ffn: the
       activation is recomputed);
 
-    plus, either way, what the adapters keep (:func:`_lora_input_bytes`). Against saved-tensor counts
+    plus, either way, what the adapters keep (:func:`_lora_input_bytes`). With ``tiled``
+    (model.tiled_mlp, eager only: bigtrain.longctx) the MLP keeps its input alone (act·h) in place of
+    its ffn-wide tensors and its adapters' inputs; one tile's working set is counted once for the
+    model (:func:`tile_bytes`). Against saved-tensor counts
     of one Llama-2-7B layer (q, k, v, o at r=16): eager 34.2 vs 35.2·s·b·h, compiled 24.8 vs 25.8
     (the counts include the adapters' autocast weight copies, ~1·s·b·h at s·b = 256); on an H200
     (micro-batch 2, sequence 4096) the measured peaks imply 35.1 and 25.8."""
@@ -500,20 +515,31 @@ def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict
     if compiled:
         per_token = act * (6 * h + shape.ffn * min(shape.ffn_maps, 2))
     else:
-        per_token = 8 * h + act * (4 * h + shape.ffn * (3 if shape.ffn_maps >= 2 else 1))
-    extra = _lora_input_bytes(shape, lora, act, r, compiled) // max(shape.layers, 1)
+        mlp = h if tiled else shape.ffn * (3 if shape.ffn_maps >= 2 else 1)
+        per_token = 8 * h + act * (4 * h + mlp)
+    extra = _lora_input_bytes(shape, lora, act, r, compiled, tiled and not compiled) // max(shape.layers, 1)
     return s * b * (per_token + extra)
 
 
-def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int) -> int:
+def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int, offloaded: int = 0) -> int:
     """Stored activations of ``layers`` decoder layers of which the first ``k`` are recomputed in
     backward (each keeps only its input, ``inp`` bytes) and the rest keep everything (``layer``
     bytes). The peak is at the end of forward (k inputs and L-k whole layers), or, when every layer
     is recomputed, while the last is recomputed (L inputs and one whole layer): the first layers'
     recomputation comes after every later layer's activations are freed, which is why bigtrain
-    recomputes the first layers rather than the last."""
+    recomputes the first layers rather than the last. The inputs of the first ``offloaded`` of the k
+    are in host memory (model.offload_activations); each comes back when its layer is recomputed,
+    after every later layer's are freed, so the peak holds k - offloaded inputs."""
     k = max(0, min(k, layers))
-    return k * inp + max(layers - k, 1 if k else 0) * layer
+    o = max(0, min(offloaded, k))
+    return (k - o) * inp + max(layers - k, 1 if k else 0) * layer
+
+
+def tile_bytes(shape: ModelShape, tile: int, act: int) -> int:
+    """One MLP tile's working set in backward (model.tiled_mlp: ``tile`` tokens): the ffn-wide tensors
+    of the tile's recomputed forward (gate, up, their product; one for a plain MLP) and as many
+    gradients."""
+    return 2 * tile * act * shape.ffn * (3 if shape.ffn_maps >= 2 else 1) if tile else 0
 
 
 def _components_full(shape: ModelShape, st: Setup) -> dict:
@@ -640,10 +666,14 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     s, b = st.seq_len, st.micro_batch
     act = DTYPE_BYTES[st.dtype]
     shapes = shape.lora_shapes(list(st.lora_targets)) if lora else None
-    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, st.compiled and lora)
+    tiled = lora and st.tiled_mlp > 0 and not st.compiled and st.tiled_mlp < s * b
+    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, st.compiled and lora, tiled)
     k = st.checkpoint_layers if (lora and st.checkpoint_layers is not None) else (
         shape.layers if st.checkpointing else 0)
-    acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer)
+    acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer,
+                                         st.offload_layers if lora else 0)
+    if tiled:
+        acts += tile_bytes(shape, st.tiled_mlp, act)
     if lora:
         # bigtrain's loss projects the target positions through the head in chunks of at most
         # CHUNK_LOGITS logits (bigtrain/losses.py): one chunk's logits (act), their fp32 copy and its
@@ -756,11 +786,14 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
       share of the layer), and one tensor's slice and its conversion (twice the largest tensor's
       partition in the base dtype); on a CPU run the whole layer and its partition (and with
       ``model.quantize`` the quantization's temporaries);
-    * ``run``: on a CPU run everything the GPU would hold (partitions, adapters, activations).
+    * ``run``: on a CPU run everything the GPU would hold (partitions, adapters, activations);
+    * ``offload``: the checkpointed layer inputs held in host memory (model.offload_activations:
+      ``offload_layers`` of ``act·s·b·h`` bytes each, pinned on a GPU run).
     """
     act = DTYPE_BYTES[st.dtype]
     unit = shape.layer_params or shape.largest_module_params
-    out = {"runtime": HOST_RUNTIME_BYTES.get(device, HOST_RUNTIME_BYTES["cuda"]), "build": 0, "run": 0}
+    out = {"runtime": HOST_RUNTIME_BYTES.get(device, HOST_RUNTIME_BYTES["cuda"]), "build": 0, "run": 0,
+           "offload": offload_bytes(shape, st)}
     if device == "cpu":
         out["build"] = 2 * act * unit + (HOST_QUANT_TEMP_BYTES if st.quantize else 0)
         out["run"] = sum(per_gpu(shape, replace(st, include_context=False), "lora").values())
@@ -769,6 +802,12 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
         out["build"] = act * (-(-unit // n) + 2 * -(-shape.largest_module_params // n))
     out["total"] = sum(out.values())
     return out
+
+
+def offload_bytes(shape: ModelShape, st: Setup) -> int:
+    """Host bytes of the offloaded checkpointed layer inputs (model.offload_activations)."""
+    k = st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
+    return min(st.offload_layers, k) * DTYPE_BYTES[st.dtype] * st.seq_len * st.micro_batch * shape.hidden
 
 
 def setup_for_run(cfg, world: int, **overrides) -> Setup:

@@ -190,3 +190,27 @@ def lora_loss_and_grads(model, lora, ids):
     ls, n = token_loss_sum(model, ids, torch.ones_like(ids), ids.clone())
     (ls / n).backward()
     return ls.detach(), {k: p.grad.clone() for k, p in lora.named_parameters()}
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward from one module's forward: every tensor packed by
+    saved_tensors_hooks while it runs, once per storage, parameters (and their views) left out."""
+
+    def __init__(self, model, module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self.inside, self.storages = False, {}
+        module.register_forward_pre_hook(lambda *a: setattr(self, "inside", True))
+        module.register_forward_hook(lambda *a: setattr(self, "inside", False))
+
+    def pack(self, t):
+        import torch
+
+        if self.inside and isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            if st.data_ptr() not in self.params:
+                self.storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    def total(self):
+        return sum(self.storages.values())

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bigtrain import longctx, recompute
+from helpers import SavedBytes
 from helpers import lora_loss_and_grads as _loss_and_grads
 from helpers import tiny_lora_model as _model
 
@@ -93,3 +94,49 @@ def test_no_offload_is_a_no_op():
     with off:
         pass
     assert off.stats is None
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj"),
+                                     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")],
+                         ids=["qkvo", "all-linear"])
+def test_tiled_layer_activation_bytes_match_autograd(targets):
+    """The estimator's bytes per layer with the MLP tiled (LLaMA's layer shape, bf16 under autocast,
+    r=16) within 5% of what autograd saves (untiled: tests/unit/test_recompute.py)."""
+    from bigtrain.memory import _act_bytes_per_layer, model_shape
+
+    h, ffn, s, b, r = 512, 1376, 256, 2, 16
+    model, lora = _model("tiny-llama", layers=2, hidden=h, ffn=ffn, dtype=torch.bfloat16, targets=targets, r=r)
+    longctx.install_tiled_mlp(model, 128)
+    layer = recompute.checkpointable_layers(model)[1]
+    saved = SavedBytes(model, layer)
+    ids = torch.randint(0, 512, (b, s), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids).logits
+    out.float().sum().backward()
+    shape = model_shape(model)
+    lo = shape.lora_shapes(list(targets))
+    predicted = _act_bytes_per_layer(shape, s, b, 2, lo, r, False, tiled=True)
+    assert predicted == pytest.approx(saved.total(), rel=0.05)
+
+
+def test_estimate_at_half_a_million_tokens():
+    """Llama-2-7B at 512k tokens, every layer but the last recomputed: tiling removes the MLP's
+    ffn-wide tensors from the one layer held whole; offloading N inputs moves exactly N·s·h·2 bytes
+    from the GPU to the host."""
+    from dataclasses import replace
+
+    from bigtrain.memory import Setup, estimate, model_shape
+
+    shape = model_shape("llama2-7b")
+    s, h = 524288, 4096
+    st = Setup(world_size=1, micro_batch=1, seq_len=s, checkpoint_layers=31, lora_r=16,
+               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), gpu_mem_bytes=139 * 2**30)
+    plain = estimate(shape, st)["lora"]
+    tiled = estimate(shape, replace(st, tiled_mlp=4096))["lora"]
+    off = estimate(shape, replace(st, tiled_mlp=4096, offload_layers=20))["lora"]
+    inp = 2 * s * h
+    assert plain["per_gpu"]["activations"] - tiled["per_gpu"]["activations"] == (
+        s * 2 * (3 * 11008 - h) - 2 * 4096 * 2 * 3 * 11008)  # one whole layer's MLP tensors, less a tile's
+    assert tiled["per_gpu"]["activations"] - off["per_gpu"]["activations"] == 20 * inp
+    assert off["host_per_rank"] - tiled["host_per_rank"] == 20 * inp

@@ -283,7 +283,8 @@ def test_host_peak_per_rank(big):
 
     st = Setup(world_size=1, quantize="nf4")
     gpu = host_peak(big, st)
-    assert gpu == {"runtime": HOST_RUNTIME_BYTES["cuda"], "build": 0, "run": 0, "total": HOST_RUNTIME_BYTES["cuda"]}
+    assert gpu == {"runtime": HOST_RUNTIME_BYTES["cuda"], "build": 0, "run": 0, "offload": 0,
+                   "total": HOST_RUNTIME_BYTES["cuda"]}
     assert host_peak(preset_shape("gpt3-small"), st)["total"] == gpu["total"]  # not the model's size
     # GPT-3 175B (OPT's layout) from a checkpoint at 8 ranks: a layer is 12·12288² weights + 13·12288
     # biases and norms = 1,812,099,072 parameters; the largest tensor is the embedding, 50,257 x 12,288

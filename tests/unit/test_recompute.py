@@ -16,6 +16,7 @@ from torch import nn
 from bigtrain import recompute
 from bigtrain.memory import GiB, Setup, checkpointed_activation_bytes, estimate, model_shape
 from helpers import lora_loss_and_grads as _loss_and_grads
+from helpers import SavedBytes as _Saved
 from helpers import tiny_lora_model as _model
 
 BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
@@ -129,28 +130,6 @@ def test_partial_checkpointing_bytes():
     assert lora(checkpointing=True) == lora(checkpoint_layers=32)
     assert lora(checkpointing=False) == lora(checkpoint_layers=0, checkpointing=False)
     assert lora(checkpointing=False) > lora(checkpoint_layers=16) > lora(checkpointing=True)
-
-
-class _Saved:
-    """Bytes autograd keeps for backward from one module's forward: every tensor packed by
-    saved_tensors_hooks while it runs, once per storage, parameters (and their views) left out."""
-
-    def __init__(self, model, module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-        self.inside, self.storages = False, {}
-        module.register_forward_pre_hook(lambda *a: setattr(self, "inside", True))
-        module.register_forward_hook(lambda *a: setattr(self, "inside", False))
-
-    def pack(self, t):
-        if self.inside and isinstance(t, torch.Tensor):
-            st = t.untyped_storage()
-            if st.data_ptr() not in self.params:
-                self.storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    def total(self):
-        return sum(self.storages.values())
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

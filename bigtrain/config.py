@@ -88,6 +88,23 @@ class ModelConfig:
     estimate and corrected once from the first step's measured peak (none on CPU, where nothing is
     sized); true: every layer; false: none; N: the first N layers (their recomputation comes after
     the other layers' activations are freed). The run says how many it checkpoints and why."""
+    tiled_mlp: Union[bool, int, str] = "auto"
+    """Long context: compute each decoder layer's MLP this many tokens at a time (DeepSpeed's
+    TiledMLP, from Arctic Long Sequence Training), keeping only its input for backward and
+    recomputing each tile there: the MLP's ffn-wide tensors (~60% of a Llama layer's activations)
+    then exist for one tile, not the whole sequence, for one more MLP forward per step. auto: on
+    when the estimate says the run does not fit the GPU (train.memory_headroom) with every layer but
+    the last recomputed and no tiling, with tiles of hidden-size tokens; off on CPU. true: tiles of
+    hidden-size tokens; N: tiles of N tokens; false: never. Not with model.compile=true (auto then
+    turns compiling off, and says so). Dense MLPs only (an MoE block or an MLP-less layer like OPT's
+    stays as it is)."""
+    offload_activations: Union[bool, int, str] = "auto"
+    """Long context: hold the inputs of the first N checkpointed decoder layers in pinned host memory
+    from forward to backward (DeepSpeed's checkpoint-input offload: copied out on a side stream as
+    the forward passes, back when backward recomputes the layer), so the GPU keeps only the rest.
+    auto: the fewest that make the estimate fit the GPU (after model.tiled_mlp), within the host's
+    MemAvailable shared by its ranks; none when the run fits without (always on CPU). true: every
+    checkpointed layer's input; N: the first N; false: none. Bit-identical results either way."""
     tokenizer: Optional[str] = None
     """Tokenizer directory, or builtin (bigtrain's byte-level BPE, 1,024 tokens). null: the one in
     ``path`` (a model folder without one is refused: name its tokenizer, or builtin), or builtin
@@ -472,6 +489,14 @@ class Config:
         if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
             raise ConfigError(f"model.gradient_checkpointing: expected auto, true, false or a number of "
                               f"layers >= 0, got {gc!r}")
+        for key in ("tiled_mlp", "offload_activations"):
+            v = getattr(self.model, key)
+            if isinstance(v, str) and v != "auto" or (type(v) is int and v < 1) or isinstance(v, float):
+                raise ConfigError(f"model.{key}: expected auto, true, false or a number >= 1"
+                                  f"{' of tokens per tile' if key == 'tiled_mlp' else ' of layers'}, got {v!r}")
+        if self.model.compile is True and self.model.tiled_mlp not in ("auto", False):
+            raise ConfigError(f"model.tiled_mlp={str(self.model.tiled_mlp).lower()} cannot run inside a compiled "
+                              f"decoder layer (model.compile=true): set one of them to false (or auto)")
         if isinstance(self.model.compile, str) and self.model.compile != "auto":
             raise ConfigError(f"model.compile: expected auto, true or false, got {self.model.compile!r}")
         if self.model.compile is True and self.zero.stage == 3 and not self.zero.leaf_blocks:

@@ -804,10 +804,15 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
     return out
 
 
+def layer_input_bytes(shape: ModelShape, st: Setup) -> int:
+    """One decoder layer's input (act·s·b·h): what a checkpointed layer keeps, and offloads."""
+    return DTYPE_BYTES[st.dtype] * st.seq_len * st.micro_batch * shape.hidden
+
+
 def offload_bytes(shape: ModelShape, st: Setup) -> int:
     """Host bytes of the offloaded checkpointed layer inputs (model.offload_activations)."""
     k = st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
-    return min(st.offload_layers, k) * DTYPE_BYTES[st.dtype] * st.seq_len * st.micro_batch * shape.hidden
+    return min(st.offload_layers, k) * layer_input_bytes(shape, st)
 
 
 def setup_for_run(cfg, world: int, **overrides) -> Setup:

@@ -18,6 +18,12 @@ the end of forward, never N inputs, L-N layers and a recomputed one (see
 a recomputed forward is the same arithmetic (tests/unit/test_recompute.py checks the adapters are
 equal bit for bit against checkpointing every layer).
 
+At long context (bigtrain.longctx) two more choices join this one, made by :func:`choose_memory`
+in this order, each only when the previous ones leave the estimate above the budget: the MLP in
+tiles (``model.tiled_mlp``), then the inputs of the first checkpointed layers in host memory
+(``model.offload_activations``: the fewest that fit, within the host's budget). A run that fits
+without them runs as before.
+
 transformers marks each decoder layer with a ``gradient_checkpointing`` flag
 (``GradientCheckpointingLayer``); ``gradient_checkpointing_enable`` sets every one, and bigtrain then
 clears the flags of the layers past the first N.
@@ -40,6 +46,9 @@ class Plan:
     checkpointed: int  # the first ``checkpointed`` of them are recomputed in backward
     auto: bool  # chosen by model.gradient_checkpointing=auto (and so corrected after step 1)
     why: str
+    tiled: int = 0  # the MLP computed this many tokens at a time (model.tiled_mlp); 0: untiled
+    offloaded: int = 0  # the first this many checkpointed layers' inputs in host memory
+    long_why: str = ""  # why tiled / offloaded, when either is on
 
 
 def fixed_layers(setting, layers: int) -> int | None:
@@ -102,14 +111,90 @@ def smallest_fit(layers: int, peak: Callable[[int], int], budget: int) -> int | 
     return hi
 
 
+def fixed_tile(setting, hidden: int) -> int | None:
+    """Tokens per MLP tile that ``model.tiled_mlp`` names (0: untiled), or None for ``auto``."""
+    if setting is True:
+        return hidden
+    if setting is False:
+        return 0
+    if setting == "auto":
+        return None
+    return int(setting)
+
+
+def fixed_offload(setting, checkpointed: int) -> int | None:
+    """Checkpointed layers whose inputs ``model.offload_activations`` sends to the host, or None for
+    ``auto``; at most the checkpointed layers."""
+    if setting is True:
+        return checkpointed
+    if setting is False:
+        return 0
+    if setting == "auto":
+        return None
+    return min(int(setting), checkpointed)
+
+
+def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: int,
+                  peak: Callable[[int, int, int], int] | None, budget: int | None,
+                  host: Callable[[int], int] | None = None, host_budget: int | None = None) -> Plan:
+    """The plan for ``model.gradient_checkpointing`` (``setting``), ``model.tiled_mlp`` and
+    ``model.offload_activations``. ``peak(n, tile, offloaded)``: the estimated per-GPU peak with the
+    first n layers recomputed, the MLP in tiles of ``tile`` tokens (0: untiled) and the inputs of
+    the first ``offloaded`` in host memory; ``host(offloaded)``: the host bytes per rank they take,
+    against ``host_budget`` (None: unbounded). ``peak``/``budget`` None where nothing is sized (CPU):
+    the fixed settings are taken, auto is off. Tiling is tried only when the untiled run does not
+    fit, offloading only when the tiled one does not."""
+    tile = fixed_tile(tile_setting, hidden)
+    if peak is None or budget is None:
+        plan = choose(setting, layers, None, None)
+        off = fixed_offload(offload_setting, plan.checkpointed) or 0
+        plan = replace(plan, tiled=tile or 0, offloaded=off, long_why=_long_why(tile or 0, off, "as set"))
+        if offload_setting not in ("auto", False) and not plan.checkpointed:
+            plan = replace(plan, why=plan.why + f"; model.offload_activations={str(offload_setting).lower()} "
+                                                "offloads checkpointed layers' inputs: none are checkpointed")
+        return plan
+    for t in ([tile] if tile is not None else [0, hidden]):
+        def at(n, t=t):
+            o = fixed_offload(offload_setting, n)
+            return peak(n, t, o or 0)
+        plan = choose(setting, layers, at, budget)
+        n = plan.checkpointed
+        off = fixed_offload(offload_setting, n)
+        if at(n) <= budget or off is not None and t == (tile if tile is not None else hidden):
+            why = "as set" if off or tile else (
+                f"auto: the untiled estimate {peak(n, 0, 0) / 2**30:.1f} GiB is above the {budget / 2**30:.1f} GiB "
+                f"budget, tiled {at(n) / 2**30:.1f} GiB" if t else "")
+            return replace(plan, tiled=t, offloaded=off or 0, long_why=why)
+    # tiled, as many layers recomputed as allowed, still above the budget: the fewest inputs offloaded
+    fits_host = (lambda o: True) if host is None or host_budget is None else (lambda o: host(o) <= host_budget)
+    o = smallest_fit(n, lambda k: peak(n, t, k), budget)  # the peak falls with k, the host's use grows
+    if o is None or not fits_host(o):
+        most = max((k for k in range(n + 1) if fits_host(k)), default=0)
+        why = (f"auto: the most the host holds ({most}), and the estimate ({peak(n, t, most) / 2**30:.1f} GiB) is "
+               f"still above the {budget / 2**30:.1f} GiB budget")
+        o = most
+    else:
+        why = (f"auto: the fewest that fit (estimate {peak(n, t, o) / 2**30:.1f} GiB within the "
+               f"{budget / 2**30:.1f} GiB budget"
+               + (f", {host(o) / 2**30:.1f} GiB of host memory within {host_budget / 2**30:.1f}" if host and
+                  host_budget is not None else "") + ")")
+    if plan.auto and n == auto_limit(layers):
+        plan = replace(plan, why="auto: all but the last, the least memory")
+    return replace(plan, tiled=t, offloaded=o, long_why=why)
+
+
+def _long_why(tile: int, off: int, why: str) -> str:
+    return why if tile or off else ""
+
+
 def corrected(plan: Plan, measured: int, estimated: int, activations: int,
               act_at: Callable[[int], int], budget: int) -> Plan | None:
     """After the first step: ``measured`` peak against ``estimated`` (of which ``activations`` are the
     activation and loss bytes) for ``plan``. The activation part is scaled by the ratio the
     measurement implies and the smallest fitting n chosen again; a new Plan if n changes, else None.
     ``act_at(n)`` is the estimated activation part with n layers checkpointed."""
-    if not plan.auto or activations <= 0:
-        return None
+    if not plan.auto or activations <= 0 or plan.offloaded:
+        return None  # offloaded inputs were chosen with n: not re-chosen alone
     scale = max(0.0, (measured - (estimated - activations)) / activations)
     fixed_part = estimated - activations
 
@@ -156,5 +241,10 @@ def apply(model: nn.Module, n: int) -> int:
 
 
 def describe(plan: Plan) -> str:
-    return (f"activation checkpointing: {plan.checkpointed} of {plan.layers} decoder layers recomputed in "
+    line = (f"activation checkpointing: {plan.checkpointed} of {plan.layers} decoder layers recomputed in "
             f"backward ({plan.why})")
+    if plan.tiled or plan.offloaded:
+        parts = ([f"MLP in tiles of {plan.tiled:,} tokens"] if plan.tiled else []) + (
+            [f"the inputs of the first {plan.offloaded} in host memory"] if plan.offloaded else [])
+        line += f"; {' and '.join(parts)}" + (f" ({plan.long_why})" if plan.long_why else "")
+    return line

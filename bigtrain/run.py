@@ -34,7 +34,7 @@ import transformers
 import yaml
 
 from . import checkpoint as ckpt
-from . import preflight, recompute
+from . import longctx, preflight, recompute
 from .compile import compile_layers, pad_multiple, use_shared_cache
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
@@ -45,7 +45,7 @@ from .evaluate import sample_prompts
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .loader import checkpoint_files
 from .lora import AdapterSpec
-from .memory import GiB, estimate, measure_states, model_shape, predict_states, setup_for_run
+from .memory import GiB, estimate, layer_input_bytes, measure_states, model_shape, predict_states, setup_for_run
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import count_parameters, hf_config_for, meta_model
 from .progress import use_bar
@@ -171,6 +171,9 @@ class Run:
     pad_multiple: int = 1  # batches padded to a multiple of this (compiled, unpacked data)
     recompute_plan: recompute.Plan | None = None
     recompute_budget: int | None = None  # the smallest GPU's memory less the headroom; None on CPU
+    # the checkpointed layer inputs held in host memory from forward to backward (model.offload_activations):
+    # a context around each micro-batch's forward and backward
+    offload: Any = contextlib.nullcontext()
     autocast: Callable = contextlib.nullcontext
     peak_tflops: float | None = None  # the GPU's bf16 dense peak, for MFU
     flops_per_token: float = 0.0
@@ -197,11 +200,17 @@ class Run:
         return self.engine.info.device
 
     # -- model.gradient_checkpointing ------------------------------------------------------------
-    def estimate_at(self, n: int) -> dict:
-        """The estimator's LoRA column for this run with the first ``n`` layers recomputed."""
+    def estimate_at(self, n: int, tile: int | None = None, offloaded: int | None = None) -> dict:
+        """The estimator's LoRA column for this run with the first ``n`` layers recomputed, the MLP
+        in tiles of ``tile`` tokens and the first ``offloaded`` inputs in host memory (None: as the
+        current plan has them)."""
+        plan = self.recompute_plan
+        tile = (plan.tiled if plan else 0) if tile is None else tile
+        offloaded = (plan.offloaded if plan else 0) if offloaded is None else offloaded
         st = setup_for_run(self.cfg, self.info.world_size, persistence_threshold=self.engine.zero.persistence_threshold,
                            hpz=self.engine.hpz_size, shard_group=self.engine.base_shards, checkpoint_layers=n,
-                           checkpointing=n > 0, compiled=self.compiled)
+                           checkpointing=n > 0, compiled=self.compiled and not tile, tiled_mlp=tile,
+                           offload_layers=offloaded)
         return estimate(model_shape(self.inputs.meta), st)["lora"]
 
     def apply_recompute(self, plan: recompute.Plan) -> None:
@@ -209,6 +218,13 @@ class Run:
         if plan.checkpointed and not have and plan.checkpointed < plan.layers:
             plan = dataclasses.replace(plan, checkpointed=plan.layers, why=plan.why + "; this architecture "
                                        "has no per-layer flag, so every layer is recomputed")
+        if plan.tiled and not longctx.install_tiled_mlp(self.model, plan.tiled):
+            plan = dataclasses.replace(plan, tiled=0, long_why=plan.long_why + "; no dense MLP module in the "
+                                       "decoder layers to tile")
+        if plan.offloaded and not have:
+            plan = dataclasses.replace(plan, offloaded=0, long_why=plan.long_why + "; offloading needs "
+                                       "transformers' per-layer checkpointing, which this architecture lacks")
+        self.offload = longctx.CheckpointOffload(plan.offloaded, self.dev)
         self.recompute_plan = plan
         self.say(f"[bigtrain] {recompute.describe(plan)}")
 
@@ -454,9 +470,20 @@ def _plan_recompute(run: Run) -> None:
     if dev.type == "cuda":
         total = torch.cuda.get_device_properties(dev).total_memory
         run.recompute_budget = int(min(engine.all_gather_objects(total)) * (1 - cfg.train.memory_headroom))
-    peak = (lambda n: run.estimate_at(n)["per_gpu_total"]) if run.recompute_budget is not None else None
-    plan = recompute.choose(cfg.model.gradient_checkpointing, model_shape(run.inputs.meta).layers, peak,
-                            run.recompute_budget)
+    peak = ((lambda n, t, o: run.estimate_at(n, t, o)["per_gpu_total"]) if run.recompute_budget is not None
+            else None)
+    shape = model_shape(run.inputs.meta)
+    host_budget = preflight.mem_available() if dev.type == "cuda" else None
+    if host_budget is not None:  # pinned by every rank of this host, beside what each already holds
+        host_budget = int(host_budget * (1 - cfg.train.memory_headroom)) // max(1, preflight.local_ranks())
+    tile_setting = 0 if cfg.model.compile is True else cfg.model.tiled_mlp  # never inside a compiled layer
+    plan = recompute.choose_memory(
+        cfg.model.gradient_checkpointing, tile_setting, cfg.model.offload_activations, shape.layers, shape.hidden,
+        peak, run.recompute_budget, lambda o: o * layer_input_bytes(shape, setup_for_run(cfg, run.info.world_size)),
+        host_budget)
+    if plan.tiled and run.compiled:
+        run.compiled = False
+        run.say("[bigtrain] model.compile auto: off, the MLP is tiled (model.tiled_mlp) for this sequence length")
     run.apply_recompute(plan)
 
 

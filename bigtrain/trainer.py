@@ -201,11 +201,13 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         for b in batches:
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-            with run.autocast():
-                ls, _ = token_loss_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"], run.inputs.vocab)
-            if faults.nan_due(next_step, run.info.rank):
-                ls = ls * float("nan")
-            (ls / max(global_targets, 1)).backward()
+            with run.offload:  # checkpointed layer inputs in host memory from forward to backward, if any
+                with run.autocast():
+                    ls, _ = token_loss_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
+                                           run.inputs.vocab)
+                if faults.nan_due(next_step, run.info.rank):
+                    ls = ls * float("nan")
+                (ls / max(global_targets, 1)).backward()
             engine.after_backward()
             loss_sum += ls.detach().float()
 
@@ -332,7 +334,8 @@ class Trainer:
         size = (last_save / ckpt.ADAPTER_FILE).stat().st_size if last_save else 0
         result = {"step": run.state.step, "eval_loss": self.last_eval, "checkpoint": str(last_save),
                   "adapter_bytes": size, "trainable_params": run.report["trainable"],
-                  "bad_steps": run.state.bad_steps, "checkpointed_layers": run.recompute_plan.checkpointed}
+                  "bad_steps": run.state.bad_steps, "checkpointed_layers": run.recompute_plan.checkpointed,
+                  "tiled_mlp": run.recompute_plan.tiled, "offloaded_layers": run.recompute_plan.offloaded}
         if run.compiled:
             # deferred: importing torch._dynamo costs start-up time, and only compiled runs need it
             from torch._dynamo.utils import counters
@@ -361,7 +364,7 @@ class Trainer:
         plan = run.recompute_plan
         report_savings(run.cfg, run.inputs.meta, run.info.world_size, ranks, measured, run.engine, run.loggers,
                        run.say, checkpoint_layers=plan.checkpointed, checkpointing=plan.checkpointed > 0,
-                       compiled=run.compiled)
+                       compiled=run.compiled, tiled_mlp=plan.tiled, offload_layers=plan.offloaded)
 
 
 def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dict]:

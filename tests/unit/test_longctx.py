@@ -140,3 +140,29 @@ def test_estimate_at_half_a_million_tokens():
         s * 2 * (3 * 11008 - h) - 2 * 4096 * 2 * 3 * 11008)  # one whole layer's MLP tensors, less a tile's
     assert tiled["per_gpu"]["activations"] - off["per_gpu"]["activations"] == 20 * inp
     assert off["host_per_rank"] - tiled["host_per_rank"] == 20 * inp
+
+
+def test_choose_memory_tiles_then_offloads_the_fewest_only_when_needed():
+    """auto's order on a toy model of 10 layers (GiB): the peak is 10 + 5 per whole layer + 1 per input
+    held on the GPU, 3 less with the MLP tiled; the host holds 6 inputs. Each budget gets the least
+    intervention that fits."""
+    G = 2**30
+
+    def peak(n, t, o):
+        return (10 + max(10 - n, 1 if n else 0) * 5 + (n - o) - (3 if t else 0)) * G
+
+    def plan(budget, tile="auto", off="auto"):
+        p = recompute.choose_memory("auto", tile, off, 10, 64, peak, budget * G, lambda o: o * G, 6 * G)
+        return p.checkpointed, p.tiled, p.offloaded
+
+    assert plan(60) == (0, 0, 0)  # fits as it is: nothing recomputed
+    assert plan(40) == (5, 0, 0)  # recomputing 5 layers is enough
+    assert plan(21) == (9, 64, 0)  # 24 GiB untiled with all but the last recomputed; 21 tiled
+    assert plan(17) == (9, 64, 4)  # and 4 inputs to the host
+    assert plan(12) == (9, 64, 6)  # the host's 6 are not enough: the most it holds, said
+    assert "still above the 12.0 GiB budget" in recompute.describe(
+        recompute.choose_memory("auto", "auto", "auto", 10, 64, peak, 12 * G, lambda o: o * G, 6 * G))
+    assert plan(19, tile=False) == (9, 0, 5)  # no tiling allowed: more inputs offloaded (19 GiB tiled: none)
+    assert plan(60, tile=True, off=2) == (0, 64, 0)  # set values are taken, offload only of recomputed layers
+    p = recompute.choose_memory(True, 32, True, 10, 64, None, None)  # CPU: as set
+    assert (p.checkpointed, p.tiled, p.offloaded) == (10, 32, 10)

@@ -17,7 +17,8 @@ from dataclasses import asdict, replace
 
 from .config import QUANTIZE_CHOICES
 from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, FRAGMENTATION, GB, GiB, ModelShape, Setup,
-                     meta_cached, model_shape, named_config, peak_bytes, per_gpu, quantized_gather_bytes)
+                     estimate, layer_input_bytes, meta_cached, model_shape, named_config, peak_bytes, per_gpu,
+                     quantized_gather_bytes)
 from .presets import meta_model
 from .steptime import Rates, compare_layouts
 
@@ -339,6 +340,45 @@ def layouts(shape: ModelShape, st: Setup, nodes: int, gpus_per_node: int, grad_a
             "rates": asdict(rates), **out}
 
 
+def training_plan(shape: ModelShape, st: Setup, host_mem_bytes: int | None, headroom: float = 0.1) -> dict:
+    """What a training run of this job takes with its memory settings at ``auto``
+    (model.gradient_checkpointing, model.tiled_mlp, model.offload_activations: bigtrain.recompute's
+    choose_memory, the same rule a run applies on a GPU): the LoRA peak per GPU within the GPU's memory
+    less ``headroom``, the offloaded inputs within ``host_mem_bytes`` less it (None: unbounded) shared
+    by the node's GPUs that hold a part of the job."""
+    from .recompute import choose_memory, describe  # loads transformers: the CLI's parsers read this module
+
+    budget = int(st.gpu_mem_bytes * (1 - headroom))
+    ranks_per_host = min(st.world_size, 8) if host_mem_bytes else 1
+    host_budget = int(host_mem_bytes * (1 - headroom)) // ranks_per_host if host_mem_bytes else None
+    inp = layer_input_bytes(shape, st)
+
+    def at(n, t, o):
+        return replace(st, checkpoint_layers=n, checkpointing=n > 0, tiled_mlp=t, offload_layers=o,
+                       compiled=st.compiled and not t)
+
+    plan = choose_memory("auto", "auto", "auto", shape.layers, shape.hidden,
+                         lambda n, t, o: estimate(shape, at(n, t, o))["lora"]["per_gpu_total"], budget,
+                         lambda o: o * inp, host_budget)
+    chosen = at(plan.checkpointed, plan.tiled, plan.offloaded)
+    lora = estimate(shape, chosen)["lora"]
+    return {"checkpointed": plan.checkpointed, "layers": plan.layers, "tiled_mlp": plan.tiled,
+            "offloaded": plan.offloaded, "line": describe(plan), "per_gpu_total": lora["per_gpu_total"],
+            "budget": budget, "fits": lora["per_gpu_total"] <= budget, "offload_bytes": plan.offloaded * inp,
+            "host_per_rank": lora["host_per_rank"], "host_budget": host_budget}
+
+
+def _plan_lines(est: dict) -> list[str]:
+    p, st = est["plan"], est["setup"]
+    host = (f"{p['host_per_rank'] / GiB:.1f} GiB of host memory per GPU ({p['offload_bytes'] / GiB:.1f} of it "
+            f"offloaded inputs" + (f"; budget {p['host_budget'] / GiB:.1f})" if p["host_budget"] else ")"))
+    return ["", f"training at seq {st['seq_len']:,}, micro-batch {st['micro_batch']} (model.gradient_checkpointing, "
+                f"model.tiled_mlp, model.offload_activations at auto; 10% headroom):",
+            f"  {p['line']}",
+            f"  LoRA peak per GPU {p['per_gpu_total'] / GiB:.1f} GiB of {st['gpu_mem_bytes'] / GiB:.0f} "
+            f"({'fits' if p['fits'] else 'DOES NOT FIT'} the {p['budget'] / GiB:.1f} GiB budget); {host}"]
+
+
 def _layout_lines(est: dict) -> list[str]:
     """The layouts table (:func:`layouts`) and the recommendation."""
     lay, st = est["layouts"], est["setup"]
@@ -369,6 +409,8 @@ def format_table(est: dict, paper: dict | None = None, tools: dict | None = None
     ``paper`` and ``tools`` (``--paper``), the paper's figures, the quantized bases, the PEFT anchor
     and the other estimators."""
     lines = [*_header(est), *_rows(est), "", *_legend(est)]
+    if est.get("plan"):
+        lines += _plan_lines(est)
     if est.get("layouts") and est["layouts"]["nodes"] > 1:
         lines += _layout_lines(est)
     if paper:

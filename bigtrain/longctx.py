@@ -33,6 +33,9 @@ estimate, whether a run needs them (``model.tiled_mlp``, ``model.offload_activat
   memory, not the GPU, is then the limit), and it also runs on CPU, where DeepSpeed's class does
   nothing, so the CPU tests exercise the same marking, packing and restoring (a plain copy there).
   A copy changes no value: the adapters are equal bit for bit with and without it.
+
+DeepSpeed is imported where used: its import takes seconds and writes to stdout, and a run that
+needs neither mechanism never pays it here.
 """
 
 from __future__ import annotations

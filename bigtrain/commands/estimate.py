@@ -11,11 +11,14 @@ import sys
 
 from ..config import QUANTIZE_CHOICES
 from ..estimate import (format_table, layouts, paper_figures, peft_qlora_anchor, quantize_comparison,
-                        tool_estimates, write_plot)
+                        tool_estimates, training_plan, write_plot)
 from ..memory import DEFAULT_PERSISTENCE, GiB, Setup, estimate, named_config, preset_shape
 from ..presets import position_limit
 from ..steptime import (DEFAULT_GPU_TFLOPS, DEFAULT_INTER_NODE_GBPS, DEFAULT_INTRA_NODE_GBPS, DEFAULT_MFU, Rates,
                         shard_group_size)
+
+# from this sequence length on, the table is followed by the training plan (always in --json)
+LONG_CONTEXT = 32768
 
 EPILOG = """\
 what it counts (per GPU, bytes; GB = 1e9):
@@ -40,6 +43,10 @@ what it counts (per GPU, bytes; GB = 1e9):
             (--gpu-tflops x --mfu), gathers at --intra-node-bw within a node, --inter-node-bw across
             nodes (GB/s per GPU); per step x --grad-accum + the adapters' all-reduce. The last line
             recommends the fastest layout that fits. --json: under "layouts", at any node count
+  plan      at --seq-len >= 32768 or with --host-mem-gib (always under "plan" in --json): what a
+            training run takes with model.gradient_checkpointing, model.tiled_mlp and
+            model.offload_activations at auto (the rule a run applies): layers recomputed, MLP tiles,
+            inputs in host memory, and the LoRA peak per GPU and host memory per GPU that follow
   Parameter counts come from the real model built on the meta device.
 
 examples:
@@ -52,6 +59,8 @@ examples:
       --lora-targets q_proj,k_proj,v_proj,o_proj --inter-node-bw 25   # which zero.shard_group
   bigtrain estimate llama2-70b --gpus-per-node 2 --micro-batch 2 --lora-r 8 --lora-targets all-linear \\
       --quantize nf4 --gpu-mem-gib 40        # QLoRA-style: PEFT's ZeRO-3 + QLoRA example (--paper)
+  bigtrain estimate llama2-7b --gpus-per-node 1 --gpu-mem-gib 139 --host-mem-gib 125 --seq-len 524288 \\
+      --lora-r 16 --lora-targets q_proj,k_proj,v_proj,o_proj   # long context: what fits where
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
 """
 
@@ -84,6 +93,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compiled", action="store_true",
                    help="LoRA: decoder layers torch.compile'd (model.compile, on by default on GPUs): they "
                         "store less (inductor recomputes the pointwise work)")
+    p.add_argument("--tiled-mlp", type=int, default=0, metavar="TOKENS",
+                   help="LoRA: each MLP computed TOKENS tokens at a time (model.tiled_mlp=N; default 0: untiled)")
+    p.add_argument("--offload-activations", type=int, default=0, metavar="N",
+                   help="LoRA: the inputs of the first N checkpointed layers in host memory "
+                        "(model.offload_activations=N; default 0)")
+    p.add_argument("--host-mem-gib", type=float, default=None, metavar="GIB",
+                   help="host memory of one node in GiB, shared by its GPUs: bounds the offloaded inputs of "
+                        "the training plan (default: unbounded)")
     p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default 4, the paper's for 175B)")
     p.add_argument("--lora-targets", default="q_proj,v_proj",
                    help="comma-separated module-name suffixes, or all-linear (default q_proj,v_proj)")
@@ -140,7 +157,8 @@ def setup_from_args(args) -> Setup:
                  full_recipe=args.full_recipe,
                  gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
                  checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False),
-                 shard_group=_shard_group(getattr(args, "shard_group", "world"), args.nodes, args.gpus_per_node))
+                 shard_group=_shard_group(getattr(args, "shard_group", "world"), args.nodes, args.gpus_per_node),
+                 tiled_mlp=getattr(args, "tiled_mlp", 0), offload_layers=getattr(args, "offload_activations", 0))
 
 
 def _shard_group(value: str, nodes: int, gpus_per_node: int) -> int:
@@ -154,7 +172,8 @@ def cmd_estimate(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
         return 2
-    for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
+    for flag, v in (("--tiled-mlp", args.tiled_mlp + 1), ("--offload-activations", args.offload_activations + 1),
+                    ("--host-mem-gib", args.host_mem_gib or 1), ("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
                     ("--num-layers", 1 if args.num_layers is None else args.num_layers),
                     ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib),
                     ("--grad-accum", args.grad_accum), ("--gpu-tflops", args.gpu_tflops), ("--mfu", args.mfu),
@@ -189,6 +208,10 @@ def cmd_estimate(args) -> int:
                   f"table; training refuses data.max_length above it too)", file=sys.stderr)
             return 2
         est = estimate(shape, st)
+        if args.zero_stage == 3 and args.hpz == 1 and not args.offload_param:
+            plan = training_plan(shape, st, int(args.host_mem_gib * GiB) if args.host_mem_gib else None)
+            if args.json or args.seq_len >= LONG_CONTEXT or args.host_mem_gib:
+                est["plan"] = plan
         est["layouts"] = layouts(shape, st, args.nodes, args.gpus_per_node, args.grad_accum,
                                  Rates(args.gpu_tflops, args.mfu, args.intra_node_bw, args.inter_node_bw))
     except (ValueError, KeyError, OSError) as e:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Long context on one H200 (issue 30): bigtrain (model.tiled_mlp / model.offload_activations at
+# auto unless a job sets them) and FSDP2 + PEFT with plain activation checkpointing, Llama-2-7B shape
+# (vocabulary 32,000), LoRA r=16 on q,k,v,o, micro-batch 1, random preset; bench/long_context.py runs
+# the jobs. One device call per phase, each under ~9.5 minutes:
+#   exact  offload on and off at 16k (4 layers, every layer recomputed): the adapters' SHA-256 must
+#          be equal (a copy changes no value); then bigtrain at 32k and 128k (auto), and 512k on
+#          8 of the 32 layers with the MLP tiled and 4 inputs offloaded (the estimate checked there)
+#   long   bigtrain at 384k on all 32 layers (auto), then FSDP2 + PEFT at 32k and 128k
+#   OUT=DIR bash bench/long_context_h200.sh exact|long
+set -uo pipefail
+OUT=${OUT:?set OUT}
+. bench/_device_env.sh
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; grep -E "MemTotal|MemAvailable" /proc/meminfo; nproc
+  python3 -c "import torch, transformers, deepspeed, peft; print(torch.__version__, transformers.__version__, deepspeed.__version__, peft.__version__)"; } > "$OUT/env.txt" 2>&1
+case "${1:-exact}" in
+  exact) python3 bench/long_context.py --out "$OUT/exact" --budget-s 550 \
+           off16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
+           on16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \
+           bt32k=bigtrain,32768,0,3,70 \
+           bt128k=bigtrain,131072,0,2,150 \
+           bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=4 ;;
+  long)  python3 bench/long_context.py --out "$OUT/long" --budget-s 555 \
+           bt384k=bigtrain,393216,0,1,420 \
+           fs32k=fsdp2,32768,0,2,45 \
+           fs128k=fsdp2,131072,0,1,60 ;;
+esac
+cat "$OUT"/*/results.jsonl 2>/dev/null | cut -c1-900

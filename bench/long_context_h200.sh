@@ -11,13 +11,12 @@
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; grep -E "MemTotal|MemAvailable" /proc/meminfo; nproc
   python3 -c "import torch, transformers, deepspeed, peft; print(torch.__version__, transformers.__version__, deepspeed.__version__, peft.__version__)"; } > "$OUT/env.txt" 2>&1
 case "${1:-exact}" in
   exact) python3 bench/long_context.py --out "$OUT/exact" --budget-s 550 \
-           off16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
-           on16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \
+           offload16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
+           plain16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \
            bt32k=bigtrain,32768,0,3,70 \
            bt128k=bigtrain,131072,0,2,150 \
            bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=4 ;;

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .config import Config, ConfigError
 from .losses import IGNORE_INDEX, token_loss_sum
@@ -146,7 +147,6 @@ class SequenceParallel:
     def __init__(self, layout: Layout, group, hf_config, micro_batch_size: int):
         # deferred: DeepSpeed takes seconds to import (engine/__init__.py), and only SP runs need this
         from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         self.layout, self.group = layout, group
         c = hf_config.get_text_config()

@@ -721,8 +721,9 @@ def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) 
     """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
     ``limit``; stage 0 never improves with more GPUs). With hpZ only multiples of ``st.hpz`` are
     world sizes DeepSpeed accepts, so the search runs over those; likewise, for LoRA, multiples of
-    ``st.sequence_parallel`` (sequence groups tile the world) and of ``st.shard_group`` (a LoRA rank's base is then 1/shard_group whatever the world size: the answer
-    is the group itself when it fits)."""
+    ``st.sequence_parallel`` (sequence groups tile the world) and of ``st.shard_group`` (a LoRA
+    rank's base is then 1/shard_group whatever the world size: the answer is the group itself when
+    it fits)."""
     unit = max(1, st.hpz)
     if which == "lora" and st.shard_group:
         unit = math.lcm(unit, st.shard_group)

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .config import Config, ConfigError
+from .config import ConfigError
 from .losses import IGNORE_INDEX, token_loss_sum
 
 

@@ -298,6 +298,15 @@ class TrainConfig:
     unchanged. Compiled layers generate eager (each new length would compile them again)."""
     sample_max_new_tokens: int = 48
     """Tokens generated per sample at most (fewer when eos comes first)."""
+    sequence_parallel: int = 1
+    """Ulysses sequence parallelism (bigtrain/seqpar.py): each sequence is split over this many
+    consecutive ranks, which exchange attention heads by all-to-all so that each computes the whole
+    sequence's attention for 1/N of the heads; activations per GPU are ~1/N. 1: off. Must divide the
+    world size (data-parallel ranks = world / N; global batch = micro_batch_size * grad_accum * world
+    / N); the model's attention heads must be divisible by it, and its KV heads divisible by it or it
+    by them; data.max_length must be a multiple of it (batches are right-padded to a multiple of N);
+    needs zero.stage=3 and sdpa attention; model.compile is off under it. Tested on CPU gloo ranks
+    (losses and adapters equal the single-process run's); GPU speed not yet measured."""
 
     def validate(self, p: str) -> None:
         for k in ("max_steps", "micro_batch_size", "grad_accum", "log_every"):
@@ -329,6 +338,8 @@ class TrainConfig:
         if not 0.0 <= self.memory_headroom < 1.0:
             raise ConfigError(f"{p}.memory_headroom must be in [0, 1) (the share of GPU memory left free), "
                               f"got {self.memory_headroom}")
+        if isinstance(self.sequence_parallel, bool) or self.sequence_parallel < 1:
+            raise ConfigError(f"{p}.sequence_parallel must be an integer >= 1 (1: off), got {self.sequence_parallel!r}")
         if self.max_bad_steps < 0:
             raise ConfigError(f"{p}.max_bad_steps must be >= 0 (0: stop at the first non-finite step), "
                               f"got {self.max_bad_steps}")
@@ -485,6 +496,21 @@ class Config:
                                   f"(its live weights are quantized); set it to false and merge offline with "
                                   f"bigtrain merge CKPT OUT, which reads the unquantized base from disk "
                                   f"(--into-quantized: into the quantized base the adapters were trained over)")
+        sp = self.train.sequence_parallel
+        if sp > 1:  # what needs the model or the world size: seqpar.check, before the process group
+            if self.zero.stage != 3:
+                raise ConfigError(f"train.sequence_parallel={sp} runs under the ZeRO-3 base (DeepSpeed's comm layer "
+                                  f"carries its all-to-all): set zero.stage=3 (got zero.stage={self.zero.stage})")
+            if self.data.max_length % sp:
+                raise ConfigError(f"train.sequence_parallel={sp} splits each sequence into {sp} equal shards: "
+                                  f"data.max_length={self.data.max_length} must be a multiple of {sp} "
+                                  f"(e.g. {-(-self.data.max_length // sp) * sp})")
+            if self.model.compile is True:
+                raise ConfigError(f"model.compile=true is not verified with train.sequence_parallel={sp}: set "
+                                  f"model.compile=false or auto (auto turns it off under sequence parallelism)")
+            if self.model.attn_implementation == "eager":
+                raise ConfigError(f"train.sequence_parallel={sp} needs model.attn_implementation=sdpa (or null): "
+                                  f"eager attention needs the whole sequence's 4-D mask, which the shards do not have")
         gc = self.model.gradient_checkpointing
         if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
             raise ConfigError(f"model.gradient_checkpointing: expected auto, true, false or a number of "

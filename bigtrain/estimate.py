@@ -211,7 +211,9 @@ def _header(est: dict) -> list[str]:
         + (f", hpZ over {st['hpz']} GPUs" if st.get("hpz", 1) > 1 else "")
         + (f", LoRA's base partitioned over groups of {st['shard_group']} GPUs (zero.shard_group)"
            if st.get("shard_group", 0) not in (0, N) else "")
-        + (f", LoRA's base quantized {q} (model.quantize={q}: the decoder layers' linear weights)" if q else ""),
+        + (f", LoRA's base quantized {q} (model.quantize={q}: the decoder layers' linear weights)" if q else "")
+        + (f", LoRA's sequences split over {st['sequence_parallel']} GPUs (train.sequence_parallel)"
+           if st.get("sequence_parallel", 1) > 1 else ""),
         "",
         f"{'per GPU, GB (1e9 bytes)':<32}{'full FT (ZeRO-' + str(est['full']['stage']) + ')':>20}"
         f"{'LoRA (ZeRO-' + str(est['lora']['stage']) + (f', {q}' if q else '') + ' base)':>{W}}",

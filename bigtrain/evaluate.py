@@ -12,7 +12,8 @@ import torch
 
 from .config import Config
 from .data import collate, iter_records
-from .losses import IGNORE_INDEX, token_loss_sum
+from .losses import IGNORE_INDEX
+from .seqpar import SequenceParallel, attending, loss_sum
 
 if TYPE_CHECKING:
     from .engine.core import Engine
@@ -20,25 +21,28 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate(model, eval_ds, engine: Engine, cfg: Config, autocast, pad_id: int, vocab: int | None = None,
-             multiple: int = 1) -> float:
+             multiple: int = 1, sp: SequenceParallel | None = None) -> float:
     """Mean token loss over the first ``train.eval_examples`` examples of the eval set, each scored
     once, split over the ranks. Every rank runs the same number of forwards (ZeRO-3's gathers are
     collective): the last batches are filled with example 0 with its loss masked out, so the figure
-    does not depend on the micro-batch size or the world size."""
+    does not depend on the micro-batch size or the world size. ``sp`` (train.sequence_parallel): the
+    examples are split over the sequence groups, and each rank scores its shard of them."""
     info, m = engine.info, cfg.train.micro_batch_size
+    rank, world = (sp.layout.dp_rank, sp.layout.dp_world) if sp else (info.rank, info.world_size)
     n = len(eval_ds) if cfg.train.eval_examples == 0 else min(cfg.train.eval_examples, len(eval_ds))
     total, count = 0.0, 0
-    for bi in range(math.ceil(n / (m * info.world_size))):
-        base = (bi * info.world_size + info.rank) * m
+    for bi in range(math.ceil(n / (m * world))):
+        base = (bi * world + rank) * m
         rows = []
         for i in range(base, base + m):
             ex = dict(eval_ds[i if i < n else 0])
             if i >= n:  # filler: keeps the forward count equal on every rank, scores nothing
                 ex["labels"] = [IGNORE_INDEX] * len(ex["labels"])
             rows.append(ex)
-        b = {k: v.to(info.device) for k, v in collate(rows, pad_id, multiple, cfg.data.max_length).items()}
-        with autocast():
-            ls, c = token_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"], vocab)
+        b = collate(rows, pad_id, multiple, cfg.data.max_length)
+        b = {k: v.to(info.device) for k, v in (sp.shard(b) if sp else b).items()}
+        with attending(sp, b), autocast():
+            ls, c = loss_sum(model, b, vocab)
         total += float(ls)
         count += c
     engine.after_backward()

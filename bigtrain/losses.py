@@ -3,7 +3,8 @@
 Summing (not averaging) per micro-batch lets the loop divide by the *global* number of target
 tokens of the optimizer step, so N ranks × micro-batch m and one process × micro-batch N·m give the
 same gradient (and gradient accumulation is exact), whatever the padding.
-Labels are already aligned with ``input_ids``; position t predicts token t+1 (shift inside).
+Labels are already aligned with ``input_ids``; position t predicts token t+1 (shift inside), unless
+the caller passes ``shift_labels``, shifted before the sequence was split (:mod:`bigtrain.seqpar`).
 
 Memory: the plain recipe materialises the (B, T, V) logits, then an fp32 copy for the softmax, and
 autograd keeps both (at GPT-3's vocabulary, B=4, T=2048: ~2.5 GB, more than a whole checkpointed
@@ -27,21 +28,34 @@ IGNORE_INDEX = -100
 CHUNK_LOGITS = 1 << 27
 
 
-def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, vocab: int | None = None) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   labels: torch.Tensor | None, vocab: int | None = None, *,
+                   shift_labels: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(sum of -log p(label) over target tokens, number of target tokens).
 
     input_ids, attention_mask, labels: (B, T); labels == -100 where there is no loss (prompt, pad).
     vocab: the real vocabulary when the model's is padded (:mod:`bigtrain.vocab`): only the first
     ``vocab`` logits enter the softmax, so the padded rows change neither the loss nor a gradient.
+
+    shift_labels: labels already shifted, (B, T): position t's own target (the label of token t+1),
+    instead of ``labels`` (then None). A sequence shard (:mod:`bigtrain.seqpar`) needs them: its last
+    position's target is the first token of the next shard, which the shard does not hold.
+    position_ids: (B, T), passed to the model when given (a shard's positions do not start at 0).
     """
-    hidden = _final_hidden(model, input_ids, attention_mask)
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("token_loss_sum: give labels or shift_labels, not both")
+    hidden = _final_hidden(model, input_ids, attention_mask, position_ids)
     if hidden is None:  # a model this path does not know: the plain recipe
-        return token_loss_sum_reference(model, input_ids, attention_mask, labels, vocab)
+        return token_loss_sum_reference(model, input_ids, attention_mask, labels, vocab,
+                                        shift_labels=shift_labels, position_ids=position_ids)
     B, T, d = hidden.shape
-    # Position t predicts label t+1: shift the labels left, the last position has no target.
-    shift = torch.full_like(labels, IGNORE_INDEX)
-    shift[:, :-1] = labels[:, 1:]
+    if shift_labels is None:
+        # Position t predicts label t+1: shift the labels left, the last position has no target.
+        shift = torch.full_like(labels, IGNORE_INDEX)
+        shift[:, :-1] = labels[:, 1:]
+    else:
+        shift = shift_labels
     shift = shift.reshape(-1)
     rows = (shift != IGNORE_INDEX).nonzero().squeeze(1)
     n = int(rows.numel())
@@ -109,7 +123,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
 
 
-def _final_hidden(model, input_ids, attention_mask):
+def _final_hidden(model, input_ids, attention_mask, position_ids=None):
     """Run ``model`` as a whole (its top-level hooks, ZeRO-3's included, see one ordinary call) but
     with no logits, and return the decoder's final hidden states (B, T, d) or None."""
     get_dec = getattr(model, "get_decoder", None)
@@ -135,8 +149,9 @@ def _final_hidden(model, input_ids, attention_mask):
     handle = decoder.register_forward_hook(grab)
     try:
         empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=empty,
-              use_cache=False)
+              use_cache=False, **extra)
     except TypeError:
         return None  # no logits_to_keep in this model's forward
     finally:
@@ -150,13 +165,20 @@ def _final_hidden(model, input_ids, attention_mask):
     return h
 
 
-def token_loss_sum_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             labels: torch.Tensor, vocab: int | None = None) -> tuple[torch.Tensor, int]:
+def token_loss_sum_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                             labels: torch.Tensor | None, vocab: int | None = None, *,
+                             shift_labels: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """The plain recipe (full (B, T, V) logits, fp32 cross-entropy): what :func:`token_loss_sum`
-    must equal, and its fallback for models it does not know."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :vocab].float()  # fp32 for the softmax; the real vocabulary
-    shift_labels = labels[:, 1:]
+    must equal, and its fallback for models it does not know. ``shift_labels``, ``position_ids``:
+    as :func:`token_loss_sum` takes them."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits  # (B, T, V)
+    if shift_labels is None:
+        shift_logits = logits[:, :-1, :vocab].float()  # fp32 for the softmax; the real vocabulary
+        shift_labels = labels[:, 1:]
+    else:
+        shift_logits = logits[:, :, :vocab].float()
     loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, int((shift_labels != IGNORE_INDEX).sum())

@@ -405,6 +405,9 @@ class Setup:
     # (model.offload_activations)
     tiled_mlp: int = 0
     offload_layers: int = 0
+    # LoRA only: train.sequence_parallel, each sequence split over this many ranks (Ulysses); full
+    # fine-tuning is estimated without it (bigtrain's full fine-tuning does not run it)
+    sequence_parallel: int = 1
 
     @property
     def lora_stage(self) -> int:
@@ -700,8 +703,30 @@ def _finish(c: dict, st: Setup) -> dict:
 def per_gpu(shape: ModelShape, st: Setup, which: str) -> dict:
     """Per-GPU bytes by category (``CATEGORIES``) for ``which`` in {"full", "lora"}."""
     c = _components_full(shape, st) if which == "full" else _components_lora(shape, st)
-    c["activations"], c["logits_loss"] = _activations(shape, st, which == "lora")
+    c["activations"], c["logits_loss"] = _activations(shape, sequence_shard(st, which), which == "lora")
+    c["zero_buffers"] += ulysses_buffer_bytes(shape, st, which)
     return _finish(c, st)
+
+
+# -- sequence parallelism (train.sequence_parallel, bigtrain/seqpar.py) ------------------------------
+def sequence_shard(st: Setup, which: str) -> Setup:
+    """The setup whose activations one GPU holds: under sequence parallelism (LoRA) a GPU holds
+    ``ceil(seq_len / N)`` positions of each sequence, so every sequence-proportional activation (the
+    layers' stored tensors, sdpa's q, k, v and output: all T positions of H/N heads is as many bytes
+    as T/N positions of all heads; the hidden states and logit chunks of the loss) is that of the
+    shorter sequence. Nothing else changes (the model states and gather buffers are per rank)."""
+    n = st.sequence_parallel if which == "lora" else 1
+    return st if n <= 1 else replace(st, seq_len=-(-st.seq_len // n))
+
+
+def ulysses_buffer_bytes(shape: ModelShape, st: Setup, which: str) -> int:
+    """Under sequence parallelism (LoRA), the all-to-all's transient buffers of one attention: the
+    contiguous send copies of q, k, v and of the output, and the output's received copy, each a
+    shard's worth (``s/N·b·h`` elements; GQA's k, v counted as q's, an upper bound)."""
+    n = st.sequence_parallel if which == "lora" else 1
+    if n <= 1:
+        return 0
+    return 5 * DTYPE_BYTES[st.dtype] * -(-st.seq_len // n) * st.micro_batch * shape.hidden
 
 
 def peak_bytes(c: dict, st: Setup, which: str) -> int:
@@ -726,11 +751,14 @@ def fewest_gpus(shape: ModelShape, st: Setup, which: str, limit: int = 1 << 16) 
     """The smallest world size whose per-GPU total fits ``st.gpu_mem_bytes`` (None if none up to
     ``limit``; stage 0 never improves with more GPUs). With hpZ only multiples of ``st.hpz`` are
     world sizes DeepSpeed accepts, so the search runs over those; likewise, for LoRA, multiples of
-    ``st.shard_group`` (a LoRA rank's base is then 1/shard_group whatever the world size: the answer
-    is the group itself when it fits)."""
+    ``st.sequence_parallel`` (sequence groups tile the world) and of ``st.shard_group`` (a LoRA
+    rank's base is then 1/shard_group whatever the world size: the answer is the group itself when
+    it fits)."""
     unit = max(1, st.hpz)
     if which == "lora" and st.shard_group:
         unit = math.lcm(unit, st.shard_group)
+    if which == "lora":  # sequence groups tile the world
+        unit = math.lcm(unit, max(1, st.sequence_parallel))
 
     def fits(m: int) -> bool:
         n = m * unit
@@ -805,8 +833,9 @@ def host_peak(shape: ModelShape, st: Setup, device: str = "cuda", from_checkpoin
 
 
 def layer_input_bytes(shape: ModelShape, st: Setup) -> int:
-    """One decoder layer's input (act·s·b·h): what a checkpointed layer keeps, and offloads."""
-    return DTYPE_BYTES[st.dtype] * st.seq_len * st.micro_batch * shape.hidden
+    """One decoder layer's input (act·s·b·h, s this rank's shard of the sequence): what a checkpointed
+    layer keeps, and offloads."""
+    return DTYPE_BYTES[st.dtype] * sequence_shard(st, "lora").seq_len * st.micro_batch * shape.hidden
 
 
 def offload_bytes(shape: ModelShape, st: Setup) -> int:
@@ -830,7 +859,8 @@ def setup_for_run(cfg, world: int, **overrides) -> Setup:
                checkpoint_layers=gc if type(gc) is int else None, compiled=cfg.model.compile is True,
                lora_r=cfg.lora.r,
                lora_targets=tuple(cfg.lora.targets), dtype=cfg.model.dtype,
-               persistence_threshold=cfg.zero.persistence_threshold, quantize=cfg.model.quantize)
+               persistence_threshold=cfg.zero.persistence_threshold, quantize=cfg.model.quantize,
+               sequence_parallel=cfg.train.sequence_parallel)
     return replace(st, **overrides)
 
 

@@ -34,12 +34,13 @@ import transformers
 import yaml
 
 from . import checkpoint as ckpt
-from . import longctx, preflight, recompute
+from . import longctx, preflight, recompute, seqpar
 from .compile import compile_layers, pad_multiple, use_shared_cache
 from .compile import resolve as compile_setting
 from .config import Config, ConfigError
 from .data import (DataError, load_examples, load_tokenizer, skipped_summary, source_path, tokenizer_fingerprint,
                    tokenizer_source)
+from .dist import detect_world, new_groups
 from .engine.core import DTYPES, Engine
 from .evaluate import sample_prompts
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
@@ -175,6 +176,7 @@ class Run:
     # a context around each micro-batch's forward and backward
     offload: Any = contextlib.nullcontext()
     autocast: Callable = contextlib.nullcontext
+    seqpar: Any = None  # seqpar.SequenceParallel under train.sequence_parallel > 1, else None
     peak_tflops: float | None = None  # the GPU's bf16 dense peak, for MFU
     flops_per_token: float = 0.0
     lora: Any = None  # the adapters (lora.LoraModules)
@@ -265,6 +267,8 @@ class Run:
             # engine's tear-down starts with a barrier that could then wait forever. The process
             # group is left to the process's exit (torchrun ends the other ranks).
             return
+        if self.seqpar is not None:
+            self.seqpar.close()
         if farewell:
             self.say(farewell)  # after the loggers' own closing output (W&B's sync note)
         if self.engine is not None:
@@ -327,6 +331,7 @@ def check_inputs(cfg: Config) -> Inputs:
     # config.yaml (written at start-up, and in every checkpoint) records the kernel used
     cfg.model.attn_implementation, attn_note = preflight.attention(cfg.model.attn_implementation, meta)
     check_world(cfg.zero, t.device, cfg.model.quantize)
+    seqpar.check(t.sequence_parallel, detect_world()[1], hf_config, cfg.model.attn_implementation)
     preflight.check_positions(cfg, hf_config)
     try:  # a number of layers to checkpoint above the model's depth
         recompute.fixed_layers(cfg.model.gradient_checkpointing, model_shape(meta).layers)
@@ -413,18 +418,36 @@ def _build_base(run: Run) -> None:
             f"(zero rows, masked out of the loss; checkpoints and merges keep {inp.vocab:,})")
     for note in engine.ds_config_notes:
         say(f"[bigtrain] DeepSpeed config: {note}")
-    run.compiled, why = compile_setting(cfg.model.compile, dev.type, cfg.zero.stage, cfg.zero.leaf_blocks)
+    if t.sequence_parallel > 1 and cfg.model.compile == "auto":  # true is refused with it (Config.validate)
+        run.compiled, why = False, "model.compile=auto: off under train.sequence_parallel (not yet verified compiled)"
+    else:
+        run.compiled, why = compile_setting(cfg.model.compile, dev.type, cfg.zero.stage, cfg.zero.leaf_blocks)
     say(f"[bigtrain] {why}")
     run.pad_multiple = pad_multiple(run.compiled, cfg.data.pack, cfg.data.max_length)
     if run.pad_multiple > 1:
         say(f"[bigtrain] unpacked data under model.compile: batches padded to a multiple of "
             f"{run.pad_multiple} tokens, so that a few sequence lengths compile (data.pack=true: one)")
+    _start_seqpar(run)
     _plan_recompute(run)
     run.autocast = autocast_for(t.precision, dev)
     run.peak_tflops = peak_tflops(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None
     run.flops_per_token = lora_flops_per_token(
         inp.base_params, getattr(inp.hf_config, "num_hidden_layers", 0),
         getattr(inp.hf_config, "hidden_size", 0), cfg.data.max_length)
+
+
+def _start_seqpar(run: Run) -> None:
+    """train.sequence_parallel > 1: this rank's sequence group, the attention wrapper, and batches
+    padded to a multiple of the group's size (bigtrain/seqpar.py)."""
+    cfg, info, sp = run.cfg, run.info, run.cfg.train.sequence_parallel
+    if sp <= 1:
+        return
+    lay = seqpar.Layout.of(info.rank, info.world_size, sp)
+    group = new_groups(seqpar.Layout.groups(info.world_size, sp), info.rank, cfg.zero.timeout_s)
+    run.seqpar = seqpar.SequenceParallel(lay, group, run.inputs.build_config, cfg.train.micro_batch_size)
+    run.pad_multiple = math.lcm(run.pad_multiple, sp)
+    run.say(f"[bigtrain] sequence parallelism (Ulysses): each sequence split over {sp} consecutive ranks, "
+            f"attention heads exchanged by all-to-all; {lay.dp_world} data-parallel group(s) of {sp}")
 
 
 def _lock_output_dir(run: Run) -> None:
@@ -524,7 +547,7 @@ def _build_adapters(run: Run) -> None:
 def _load_state(run: Run) -> None:
     cfg, t, ck, info, say = run.cfg, run.cfg.train, run.cfg.checkpoint, run.info, run.say
     run.sampler = GlobalSampler(len(run.inputs.train_ds), t.seed)
-    run.global_batch = t.micro_batch_size * t.grad_accum * info.world_size
+    run.global_batch = t.micro_batch_size * t.grad_accum * info.world_size // t.sequence_parallel
     run.checkpoints = ckpt.CheckpointManager(
         run.out_dir / "checkpoints", run.engine, run.lora, run.optimizer,
         adapter_config=adapter_config(cfg, run.lora.names()),

@@ -67,6 +67,8 @@ def step_batches(ds, sampler: GlobalSampler, position: int, micro: int, accum: i
 
 def count_tokens(batches: list[dict]) -> tuple[int, int]:
     """(target tokens, attended tokens) of this rank's micro-batches: a step's loss is divided by
-    the target tokens summed over all ranks."""
-    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    the target tokens summed over all ranks. A sequence shard (``seqpar.shard``) counts its own
+    pre-shifted targets, so the shards of a sequence add up to the sequence's count."""
+    targets = sum(int((b["shift_labels"] != IGNORE_INDEX).sum()) if "shift_labels" in b
+                  else int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     return targets, sum(int(b["attention_mask"].sum()) for b in batches)

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 
 from . import checkpoint as ckpt
-from . import faults
+from . import faults, seqpar
 from .compile import cache_use, graphs_compiled
 from .config import Config
 from .data import has_tokenizer
@@ -34,7 +34,6 @@ from .engine.core import Engine
 from .evaluate import evaluate
 from .export import merge_live
 from .generate import show_samples
-from .losses import token_loss_sum
 from .memory import GiB, format_savings, measure_states, run_savings, setup_for_run
 from .preflight import host_peak_rss
 from .progress import Window, line_break, progress, use_bar
@@ -184,10 +183,13 @@ class Trainer:
 
     def step_batches(self) -> list[dict]:
         """This rank's micro-batches of the next optimizer step, cut from the global sample order."""
-        run, t = self.run, self.run.cfg.train
-        return step_batches(run.inputs.train_ds, run.sampler, run.state.position, t.micro_batch_size, t.grad_accum,
-                            run.info.rank, run.info.world_size, run.inputs.tokenizer.pad_token_id,
-                            run.pad_multiple, run.cfg.data.max_length)
+        run, t, sp = self.run, self.run.cfg.train, self.run.seqpar
+        # train.sequence_parallel: a sequence group takes its data-parallel rank's samples, each rank its shard
+        rank, world = (sp.layout.dp_rank, sp.layout.dp_world) if sp else (run.info.rank, run.info.world_size)
+        batches = step_batches(run.inputs.train_ds, run.sampler, run.state.position, t.micro_batch_size,
+                               t.grad_accum, rank, world, run.inputs.tokenizer.pad_token_id,
+                               run.pad_multiple, run.cfg.data.max_length)
+        return [sp.shard(b) for b in batches] if sp else batches
 
     def train_step(self, batches: list[dict]) -> StepResult:
         """One optimizer step over this rank's micro-batches: forward/backward, the one all-reduce,
@@ -201,10 +203,10 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float32, device=dev)
         for b in batches:
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-            with run.offload:  # checkpointed layer inputs in host memory from forward to backward, if any
+            with run.offload, seqpar.attending(run.seqpar, b):  # forward and backward: checkpointed inputs
+                # in host memory if any; a sequence shard's attention (and its recomputation) over its group
                 with run.autocast():
-                    ls, _ = token_loss_sum(run.model, b["input_ids"], b["attention_mask"], b["labels"],
-                                           run.inputs.vocab)
+                    ls, _ = seqpar.loss_sum(run.model, b, run.inputs.vocab)
                 if faults.nan_due(next_step, run.info.rank):
                     ls = ls * float("nan")
                 (ls / max(global_targets, 1)).backward()
@@ -299,7 +301,7 @@ class Trainer:
         run.lora.eval()
         try:
             return evaluate(run.model, run.inputs.eval_ds, run.engine, run.cfg, run.autocast,
-                            run.inputs.tokenizer.pad_token_id, run.inputs.vocab, run.pad_multiple)
+                            run.inputs.tokenizer.pad_token_id, run.inputs.vocab, run.pad_multiple, run.seqpar)
         finally:
             run.lora.train()
 

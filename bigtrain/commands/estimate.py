@@ -36,6 +36,10 @@ what it counts (per GPU, bytes; GB = 1e9):
             (at 1 GPU too); full FT's column is unchanged
   --shard-group world|node|K  the LoRA column with the frozen base partitioned over groups of K GPUs
             (zero.shard_group), replicated across groups: base/K per GPU (default world)
+  --sequence-parallel N  the LoRA column with each sequence split over N GPUs (train.sequence_parallel,
+            Ulysses): its sequence-proportional activations and loss buffers are those of seq-len/N,
+            plus the all-to-all's transient buffers; full FT's column is unchanged (not yet measured
+            on GPUs)
   layouts   with --nodes > 1, a table of the base's layouts (world, node, 1) under the memory table:
             base and LoRA peak per GPU, whether each fits, the gathers' bytes per micro-step and their
             link, and the PREDICTED step time and tokens/s per GPU: per micro-step
@@ -62,6 +66,7 @@ examples:
   bigtrain estimate llama2-7b --gpus-per-node 1 --gpu-mem-gib 139 --host-mem-gib 125 --seq-len 524288 \\
       --lora-r 16 --lora-targets q_proj,k_proj,v_proj,o_proj   # long context: what fits where
   bigtrain estimate ./my-model-dir --lora-targets all-linear --lora-r 16 --plot mem.png
+  bigtrain estimate llama3-8b --gpus-per-node 8 --seq-len 65536 --sequence-parallel 8   # long context
 """
 
 
@@ -127,6 +132,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shard-group", default="world", metavar="world|node|K",
                    help="LoRA's frozen base partitioned over groups of K GPUs (zero.shard_group), replicated "
                         "across groups: world (default), node (--gpus-per-node) or an integer dividing the GPU count")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="LoRA: each sequence split over N GPUs (train.sequence_parallel; Ulysses): activations "
+                        "of seq-len/N per GPU; N must divide the GPU count (default 1: off)")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-steps per optimizer step, for the layouts' step time (default 1)")
     p.add_argument("--gpu-tflops", type=float, default=DEFAULT_GPU_TFLOPS,
@@ -158,7 +166,8 @@ def setup_from_args(args) -> Setup:
                  gpu_mem_bytes=int(args.gpu_mem_gib * GiB), quantize=getattr(args, "quantize", None),
                  checkpoint_layers=getattr(args, "checkpoint_layers", None), compiled=getattr(args, "compiled", False),
                  shard_group=_shard_group(getattr(args, "shard_group", "world"), args.nodes, args.gpus_per_node),
-                 tiled_mlp=getattr(args, "tiled_mlp", 0), offload_layers=getattr(args, "offload_activations", 0))
+                 tiled_mlp=getattr(args, "tiled_mlp", 0), offload_layers=getattr(args, "offload_activations", 0),
+                 sequence_parallel=getattr(args, "sequence_parallel", 1))
 
 
 def _shard_group(value: str, nodes: int, gpus_per_node: int) -> int:
@@ -188,6 +197,10 @@ def cmd_estimate(args) -> int:
     if args.hpz < 1 or world % args.hpz:
         print(f"error: --hpz {args.hpz} must be >= 1 and divide the GPU count {world} "
               f"(--nodes x --gpus-per-node)", file=sys.stderr)
+        return 2
+    if args.sequence_parallel < 1 or world % args.sequence_parallel:
+        print(f"error: --sequence-parallel {args.sequence_parallel} must be >= 1 and divide the GPU count {world} "
+              f"(--nodes x --gpus-per-node), as train.sequence_parallel must divide the world size", file=sys.stderr)
         return 2
     if args.hpz > 1 and args.zero_stage != 3:
         print(f"error: --hpz {args.hpz} needs --zero-stage 3 (hierarchical partitioning is ZeRO-3's)",

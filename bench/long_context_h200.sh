@@ -7,7 +7,8 @@
 #          be equal (a copy changes no value); then bigtrain at 32k and 128k (auto), and 512k on
 #          8 of the 32 layers with the MLP tiled and 4 inputs offloaded (the estimate checked there)
 #   long   bigtrain at 384k on all 32 layers (auto), then FSDP2 + PEFT at 32k and 128k
-#   OUT=DIR bash bench/long_context_h200.sh exact|long
+#   exact80  exact for an 80 GB card (H100): 6 of the 8 inputs offloaded at 512k
+#   OUT=DIR bash bench/long_context_h200.sh exact|exact80|long
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -20,6 +21,12 @@ case "${1:-exact}" in
            bt32k=bigtrain,32768,0,3,70 \
            bt128k=bigtrain,131072,0,2,150 \
            bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=4 ;;
+  exact80) python3 bench/long_context.py --out "$OUT/exact" --budget-s 550 \
+           offload16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
+           plain16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \
+           bt32k=bigtrain,32768,0,3,70 \
+           bt128k=bigtrain,131072,0,2,150 \
+           bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=6 ;;
   long)  python3 bench/long_context.py --out "$OUT/long" --budget-s 555 \
            bt384k=bigtrain,393216,0,1,420 \
            fs32k=fsdp2,32768,0,2,45 \

@@ -49,6 +49,7 @@ class Plan:
     tiled: int = 0  # the MLP computed this many tokens at a time (model.tiled_mlp); 0: untiled
     offloaded: int = 0  # the first this many checkpointed layers' inputs in host memory
     long_why: str = ""  # why tiled / offloaded, when either is on
+    offload_auto: bool = False  # offloaded chosen by model.offload_activations=auto (corrected after step 1)
 
 
 def fixed_layers(setting, layers: int) -> int | None:
@@ -164,7 +165,7 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
             why = "as set" if off or tile else (
                 f"auto: the untiled estimate {peak(n, 0, 0) / 2**30:.1f} GiB is above the {budget / 2**30:.1f} GiB "
                 f"budget, tiled {at(n) / 2**30:.1f} GiB" if t else "")
-            return replace(plan, tiled=t, offloaded=off or 0, long_why=why)
+            return replace(plan, tiled=t, offloaded=off or 0, long_why=why, offload_auto=off is None)
     # tiled, as many layers recomputed as allowed, still above the budget: the fewest inputs offloaded
     fits_host = (lambda o: True) if host is None or host_budget is None else (lambda o: host(o) <= host_budget)
     o = smallest_fit(n, lambda k: peak(n, t, k), budget)  # the peak falls with k, the host's use grows
@@ -180,7 +181,7 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
                   host_budget is not None else "") + ")")
     if plan.auto and n == auto_limit(layers):
         plan = replace(plan, why="auto: all but the last, the least memory")
-    return replace(plan, tiled=t, offloaded=o, long_why=why)
+    return replace(plan, tiled=t, offloaded=o, long_why=why, offload_auto=True)
 
 
 def _long_why(tile: int, off: int, why: str) -> str:
@@ -188,15 +189,35 @@ def _long_why(tile: int, off: int, why: str) -> str:
 
 
 def corrected(plan: Plan, measured: int, estimated: int, activations: int,
-              act_at: Callable[[int], int], budget: int) -> Plan | None:
+              act_at: Callable[[int], int], budget: int, act_off: Callable[[int], int] | None = None,
+              host_ok: Callable[[int], bool] | None = None) -> Plan | None:
     """After the first step: ``measured`` peak against ``estimated`` (of which ``activations`` are the
     activation and loss bytes) for ``plan``. The activation part is scaled by the ratio the
     measurement implies and the smallest fitting n chosen again; a new Plan if n changes, else None.
-    ``act_at(n)`` is the estimated activation part with n layers checkpointed."""
-    if not plan.auto or activations <= 0 or plan.offloaded:
-        return None  # offloaded inputs were chosen with n: not re-chosen alone
+    ``act_at(n)`` is the estimated activation part with n layers checkpointed. A plan that offloads
+    by auto (every layer but the last recomputed) re-chooses instead the fewest offloaded inputs,
+    ``act_off(o)`` being the activation part with o of them in host memory and ``host_ok(o)`` whether
+    the host holds them."""
+    if activations <= 0:
+        return None
     scale = max(0.0, (measured - (estimated - activations)) / activations)
     fixed_part = estimated - activations
+    if plan.offloaded or plan.tiled:
+        if not (plan.offload_auto and act_off is not None):
+            return None  # tiling and fixed offload are kept as they are
+        n = plan.checkpointed
+        ok = host_ok or (lambda o: True)
+        o = smallest_fit(n, lambda k: int(fixed_part + scale * act_off(k)), budget)
+        if o is None or not ok(o):
+            o = max((k for k in range(n + 1) if ok(k)), default=0)
+        if o == plan.offloaded:
+            return None
+        return replace(plan, offloaded=o, long_why=(
+            f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
+            f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {int(fixed_part + scale * act_off(o)) / 2**30:.1f} "
+            f"GiB within the {budget / 2**30:.1f} GiB budget"))
+    if not plan.auto:
+        return None
 
     def scaled(n: int) -> int:
         return int(fixed_part + scale * act_at(n))

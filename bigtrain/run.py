@@ -175,6 +175,7 @@ class Run:
     # the checkpointed layer inputs held in host memory from forward to backward (model.offload_activations):
     # a context around each micro-batch's forward and backward
     offload: Any = contextlib.nullcontext()
+    host_fits: Callable[[int], bool] | None = None  # whether the host holds that many offloaded inputs
     autocast: Callable = contextlib.nullcontext
     seqpar: Any = None  # seqpar.SequenceParallel under train.sequence_parallel > 1, else None
     peak_tflops: float | None = None  # the GPU's bf16 dense peak, for MFU
@@ -234,7 +235,7 @@ class Run:
         """After the first step, once: model.gradient_checkpointing=auto chosen again from the measured
         peak (the largest over ranks). True if the plan changed."""
         plan = self.recompute_plan
-        if not plan.auto or self.recompute_budget is None:
+        if not (plan.auto or plan.offload_auto) or self.recompute_budget is None:
             return False
         measured = max(self.engine.all_gather_objects(torch.cuda.max_memory_allocated(self.dev)))
         est = self.estimate_at(plan.checkpointed)
@@ -244,12 +245,17 @@ class Run:
             c = self.estimate_at(n)["per_gpu"]
             return c["activations"] + c["logits_loss"]
 
+        def act_off(o: int) -> int:
+            c = self.estimate_at(plan.checkpointed, plan.tiled, o)["per_gpu"]
+            return c["activations"] + c["logits_loss"]
+
         new = recompute.corrected(plan, measured + ctx, est["per_gpu_total"], act_at(plan.checkpointed),
-                                  act_at, self.recompute_budget)
+                                  act_at, self.recompute_budget, act_off, self.host_fits)
         if new is None:
             self.say(f"[bigtrain] step 1 measured peak {measured / GiB:.1f} GiB, estimate "
                      f"{(est['per_gpu_total'] - ctx) / GiB:.1f} (without the CUDA context): "
-                     f"{plan.checkpointed} of {plan.layers} layers recomputed still the fewest that fit")
+                     + (f"{plan.offloaded} layer inputs in host memory still the fewest that fit" if plan.offload_auto
+                        else f"{plan.checkpointed} of {plan.layers} layers recomputed still the fewest that fit"))
             return False
         self.apply_recompute(new)
         return True
@@ -500,10 +506,12 @@ def _plan_recompute(run: Run) -> None:
     if host_budget is not None:  # pinned by every rank of this host, beside what each already holds
         host_budget = int(host_budget * (1 - cfg.train.memory_headroom)) // max(1, preflight.local_ranks())
     tile_setting = 0 if cfg.model.compile is True else cfg.model.tiled_mlp  # never inside a compiled layer
+    inp = layer_input_bytes(shape, setup_for_run(cfg, run.info.world_size))
+    if host_budget is not None:
+        run.host_fits = lambda o: o * inp <= host_budget
     plan = recompute.choose_memory(
         cfg.model.gradient_checkpointing, tile_setting, cfg.model.offload_activations, shape.layers, shape.hidden,
-        peak, run.recompute_budget, lambda o: o * layer_input_bytes(shape, setup_for_run(cfg, run.info.world_size)),
-        host_budget)
+        peak, run.recompute_budget, lambda o: o * inp, host_budget)
     if plan.tiled and run.compiled:
         run.compiled = False
         run.say("[bigtrain] model.compile auto: off, the MLP is tiled (model.tiled_mlp) for this sequence length")

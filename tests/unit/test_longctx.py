@@ -166,3 +166,32 @@ def test_choose_memory_tiles_then_offloads_the_fewest_only_when_needed():
     assert plan(60, tile=True, off=2) == (0, 64, 0)  # set values are taken, offload only of recomputed layers
     p = recompute.choose_memory(True, 32, True, 10, 64, None, None)  # CPU: as set
     assert (p.checkpointed, p.tiled, p.offloaded) == (10, 32, 10)
+
+
+def test_correction_after_step_one_re_chooses_the_offloaded_inputs():
+    """The toy model above, 17 GiB budget: 4 inputs offloaded by the estimate. Step 1 measures the
+    activations 1.25x the estimate: 6 are needed (and the host holds 6); measured 0.8x: 3 do."""
+    G = 2**30
+
+    def peak(n, t, o):
+        return (10 + max(10 - n, 1 if n else 0) * 5 + (n - o) - (3 if t else 0)) * G
+
+    plan = recompute.choose_memory("auto", "auto", "auto", 10, 64, peak, 17 * G, lambda o: o * G, 6 * G)
+    assert (plan.offloaded, plan.offload_auto) == (4, True)
+    est = peak(9, 64, 4)
+    fixed = 10 * G  # everything but the activations (here: the 5 + inputs + tile saving are activations)
+
+    def act_off(o):
+        return peak(9, 64, o) - fixed
+
+    def after(ratio):
+        measured = int(fixed + ratio * (est - fixed))
+        new = recompute.corrected(plan, measured, est, est - fixed, None, 17 * G, act_off, lambda o: o <= 6)
+        return None if new is None else new.offloaded
+
+    assert after(1.0) is None
+    assert after(1.25) == 6
+    assert after(0.8) == 3
+    fixed_plan = recompute.choose_memory("auto", "auto", 4, 10, 64, peak, 17 * G, lambda o: o * G, 6 * G)
+    assert fixed_plan.offload_auto is False  # as set: kept
+    assert recompute.corrected(fixed_plan, 2 * est, est, est - fixed, None, 17 * G, act_off) is None

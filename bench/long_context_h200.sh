@@ -8,13 +8,25 @@
 #          8 of the 32 layers with the MLP tiled and 4 inputs offloaded (the estimate checked there)
 #   long   bigtrain at 384k on all 32 layers (auto), then FSDP2 + PEFT at 32k and 128k
 #   exact80  exact for an 80 GB card (H100): 6 of the 8 inputs offloaded at 512k
-#   OUT=DIR bash bench/long_context_h200.sh exact|exact80|long
+#   one    the most of both in one call, by priority: offload on/off at 8k (4 layers), 512k on 8
+#          layers, bigtrain and FSDP2 + PEFT at 128k, then at 32k
+#   OUT=DIR bash bench/long_context_h200.sh one|exact|exact80|long
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; grep -E "MemTotal|MemAvailable" /proc/meminfo; nproc
   python3 -c "import torch, transformers, deepspeed, peft; print(torch.__version__, transformers.__version__, deepspeed.__version__, peft.__version__)"; } > "$OUT/env.txt" 2>&1
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+OFF8=4; [ "${MEM:-0}" -lt 100000 ] && OFF8=6  # an 80 GB card: 6 of the 8 inputs offloaded at 512k
 case "${1:-exact}" in
+  one)   python3 bench/long_context.py --out "$OUT/one" --budget-s 565 \
+           offload8k=bigtrain,8192,4,2,35,model.gradient_checkpointing=true,model.offload_activations=true \
+           plain8k=bigtrain,8192,4,2,35,model.gradient_checkpointing=true,model.offload_activations=false \
+           bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=$OFF8 \
+           bt128k=bigtrain,131072,0,2,140 \
+           fs128k=fsdp2,131072,0,1,70 \
+           bt32k=bigtrain,32768,0,3,55 \
+           fs32k=fsdp2,32768,0,2,40 ;;
   exact) python3 bench/long_context.py --out "$OUT/exact" --budget-s 550 \
            offload16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
            plain16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \

@@ -200,6 +200,28 @@ def choose_layout(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> L
     return choose(cfg.zero.shard_group, [tuple(k) for k in keys], fits)
 
 
+def least_gpu_memory(cfg: Config, shape, st, device_type: str, host_have: int | None):
+    """``st`` (every layer recomputed where model.gradient_checkpointing is auto) with the long-context
+    settings that hold the least on the GPU, as the run may choose them: the MLP tiled where
+    model.tiled_mlp is auto on a GPU (or set), and under model.offload_activations=auto as many
+    checkpointed inputs in host memory as the host's share per rank holds (less the headroom)."""
+    from dataclasses import replace
+
+    from .memory import layer_input_bytes
+    from .recompute import fixed_offload, fixed_tile
+
+    gpu = device_type == "cuda"
+    tile = fixed_tile(cfg.model.tiled_mlp, shape.hidden)
+    if tile is None:
+        tile = shape.hidden if gpu and cfg.model.compile is not True else 0
+    k = st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
+    off = fixed_offload(cfg.model.offload_activations, k)
+    if off is None:
+        room = int((host_have or 0) * (1 - cfg.train.memory_headroom))
+        off = min(k, room // max(1, layer_input_bytes(shape, st))) if gpu else 0
+    return replace(st, tiled_mlp=tile, offload_layers=off, compiled=st.compiled and not tile)
+
+
 def check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> str:
     """train.check_memory, before the base is built: the estimator's per-GPU peak against this GPU's
     free memory, and its host peak per rank against MemAvailable shared by this host's ranks. Every
@@ -209,12 +231,13 @@ def check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> st
     st = setup_for_run(cfg, info.world_size, persistence_threshold=engine.zero.persistence_threshold,
                        shard_group=engine.base_shards)
     shape = model_shape(meta)
-    est = estimate(shape, st)
-    gpu_need = est["lora"]["per_gpu_total"]
-    host_need = host_peak(shape, st, dev.type, from_checkpoint)["total"]
     local = local_ranks()
     avail = mem_available()
     host_have = avail // local if avail is not None else None
+    st = least_gpu_memory(cfg, shape, st, dev.type, host_have)
+    est = estimate(shape, st)
+    gpu_need = est["lora"]["per_gpu_total"]
+    host_need = host_peak(shape, st, dev.type, from_checkpoint)["total"]
     gpu_free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else None
     short = []
     if gpu_free is not None and gpu_need > gpu_free:

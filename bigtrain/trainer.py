@@ -252,6 +252,8 @@ class Trainer:
                     f"counts from step {step + 1}")
         if run.dev.type == "cuda" and run.correct_recompute():
             self.recompile_expected = True  # the layers whose flag changed compile again at the next step
+            # the run's peak (ranks.json, the end-of-run line beside the estimate) is the corrected plan's
+            torch.cuda.reset_peak_memory_stats(run.dev)
 
     def _count_bad_step(self) -> None:
         run, t, state = self.run, self.run.cfg.train, self.run.state

@@ -195,3 +195,25 @@ def test_correction_after_step_one_re_chooses_the_offloaded_inputs():
     fixed_plan = recompute.choose_memory("auto", "auto", 4, 10, 64, peak, 17 * G, lambda o: o * G, 6 * G)
     assert fixed_plan.offload_auto is False  # as set: kept
     assert recompute.corrected(fixed_plan, 2 * est, est, est - fixed, None, 17 * G, act_off) is None
+
+
+def test_memory_check_counts_the_least_the_run_may_hold():
+    """train.check_memory at 512k tokens on a GPU compares the GPU's free memory with the plan that
+    holds least (tiled, every input the host's share holds offloaded), not the untiled one; set
+    values are taken as set; on CPU nothing is offloaded."""
+    from bigtrain.config import Config
+    from bigtrain.memory import estimate, model_shape, setup_for_run
+    from bigtrain.preflight import least_gpu_memory
+
+    cfg = Config()
+    cfg.data.max_length, cfg.train.micro_batch_size, cfg.model.dtype = 524288, 1, "bfloat16"
+    shape = model_shape("llama2-7b")
+    st = setup_for_run(cfg, 1)
+    least = least_gpu_memory(cfg, shape, st, "cuda", 125 * 2**30)
+    assert (least.tiled_mlp, least.offload_layers) == (4096, 28)  # 0.9 x 125 GiB holds 28 inputs of 4 GiB
+    assert estimate(shape, least)["lora"]["per_gpu_total"] < estimate(shape, st)["lora"]["per_gpu_total"] - 100 * 2**30
+    cfg.model.tiled_mlp, cfg.model.offload_activations = False, 3
+    assert (least_gpu_memory(cfg, shape, st, "cuda", 125 * 2**30).tiled_mlp,
+            least_gpu_memory(cfg, shape, st, "cuda", 125 * 2**30).offload_layers) == (0, 3)
+    cfg.model.tiled_mlp, cfg.model.offload_activations = "auto", "auto"
+    assert least_gpu_memory(cfg, shape, st, "cpu", 125 * 2**30).offload_layers == 0

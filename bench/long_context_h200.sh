@@ -10,7 +10,10 @@
 #   exact80  exact for an 80 GB card (H100): 6 of the 8 inputs offloaded at 512k
 #   one    the most of both in one call, by priority: offload on/off at 8k (4 layers), 512k on 8
 #          layers, bigtrain and FSDP2 + PEFT at 128k, then at 32k
-#   OUT=DIR bash bench/long_context_h200.sh one|exact|exact80|long
+#   two    eager attention at 4k, plain twice and offloaded (the GPU's own determinism, then the
+#          adapters' SHA-256 with offload), 512k on 8 layers, bigtrain 128k (auto), FSDP2 + PEFT at
+#          96k and 64k, and at 64k every layer recomputed without and with tiling + offload of all
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|exact80|long
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -27,6 +30,16 @@ case "${1:-exact}" in
            fs128k=fsdp2,131072,0,1,70 \
            bt32k=bigtrain,32768,0,3,55 \
            fs32k=fsdp2,32768,0,2,40 ;;
+  two)   python3 bench/long_context.py --out "$OUT/two" --budget-s 570 \
+           plain4k_a=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
+           plain4k_b=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
+           offload4k=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager,model.offload_activations=true \
+           bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=$OFF8 \
+           bt128k=bigtrain,131072,0,2,130 \
+           fs96k=fsdp2,98304,0,1,55 \
+           fs64k=fsdp2,65536,0,2,45 \
+           ck64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=false,model.offload_activations=false \
+           lc64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true ;;
   exact) python3 bench/long_context.py --out "$OUT/exact" --budget-s 550 \
            offload16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=true \
            plain16k=bigtrain,16384,4,2,45,model.gradient_checkpointing=true,model.offload_activations=false \

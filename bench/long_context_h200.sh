@@ -30,7 +30,7 @@ case "${1:-exact}" in
            fs128k=fsdp2,131072,0,1,70 \
            bt32k=bigtrain,32768,0,3,55 \
            fs32k=fsdp2,32768,0,2,40 ;;
-  two)   python3 bench/long_context.py --out "$OUT/two" --budget-s 570 \
+  two)   python3 bench/long_context.py --out "$OUT/two" --budget-s ${BUDGET_S:-570} \
            plain4k_a=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
            plain4k_b=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
            offload4k=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager,model.offload_activations=true \

@@ -31,10 +31,10 @@ case "${1:-exact}" in
            bt32k=bigtrain,32768,0,3,55 \
            fs32k=fsdp2,32768,0,2,40 ;;
   two)   python3 bench/long_context.py --out "$OUT/two" --budget-s ${BUDGET_S:-570} \
+           bt512k_l8=bigtrain,524288,8,1,170,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true \
            plain4k_a=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
            plain4k_b=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager \
            offload4k=bigtrain,4096,4,2,20,model.gradient_checkpointing=true,model.attn_implementation=eager,model.offload_activations=true \
-           bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=$OFF8 \
            bt128k=bigtrain,131072,0,2,130 \
            fs96k=fsdp2,98304,0,1,55 \
            fs64k=fsdp2,65536,0,2,45 \

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import final_adapters, losses, run, tiny_overrides, train_cmd
+from helpers import final_adapters, losses, run, run_all, tiny_overrides, train_cmd
 
 BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
 
@@ -123,10 +123,12 @@ def test_train_compiled_unpacked_equals_eager(tmp_path, tiny_models):
     common = {"data.eval": "builtin:e2e-eval", "train.eval_examples": 4, "train.sample_prompts": 1,
               "train.sample_max_new_tokens": 4, "train.eval_every": 3}
     ref = tmp_path / "eager"
-    run(train_cmd(1, tiny_overrides(ref, model, steps, 2, **common, **{"model.compile": "auto"})))
     out = tmp_path / "compiled"
     cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # empty: this run compiles
-    p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"})), env=cache)
+    # the eager reference and the compiled run are independent: side by side
+    _, p = run_all([train_cmd(1, tiny_overrides(ref, model, steps, 2, **common, **{"model.compile": "auto"})),
+                    train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"}))],
+                   env=[None, cache])
     assert f"(inductor's cache: {tmp_path / 'inductor'})" in p.stdout
     miss = int(re.search(r"inductor compiled (\d+) forward/backward graph", p.stdout).group(1))
     assert miss > 0

@@ -130,11 +130,16 @@ def rank_hosts(log: str) -> dict[int, str]:
 
 @pytest.mark.parametrize("script", ["train_srun.sbatch", "train_torchrun.sbatch",
                                     "train_deepspeed.sbatch"])
-def test_two_node_job_completes(cluster, script, tmp_path):
-    out, steps = tmp_path / "out", 30
-    jid = submit(script, tmp_path, out, steps)
-    info = wait_done(jid, tmp_path)
-    log = job_log(tmp_path, jid)
+def test_two_node_job_completes(cluster, script, tmp_path, request):
+    if script == "train_srun.sbatch":
+        # the uninterrupted train_srun.sbatch job the preemption tests compare with: the same
+        # submission (PREEMPT_STEPS steps instead of 30), read here rather than run a second time
+        tmp, out, steps, jid, info = request.getfixturevalue("uninterrupted_srun")
+    else:
+        tmp, out, steps = tmp_path, tmp_path / "out", 30
+        jid = submit(script, tmp, out, steps)
+        info = wait_done(jid, tmp)
+    log = job_log(tmp, jid)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
         f"{info['JobState']} {info['ExitCode']}\n{log[-6000:]}"
     hosts = rank_hosts(log)
@@ -250,13 +255,21 @@ PREEMPT_STEPS = 80
 
 
 @pytest.fixture(scope="module")
-def reference_adapter(cluster, tmp_path_factory) -> bytes:
-    """The final adapter file of one uninterrupted run (train_srun.sbatch, PREEMPT_STEPS steps): every
-    preempted, requeued and resumed run below must end with the same bytes, whatever its script."""
+def uninterrupted_srun(cluster, tmp_path_factory) -> tuple:
+    """One uninterrupted train_srun.sbatch job of PREEMPT_STEPS steps, waited for: (its directory, its
+    train.output_dir, its steps, its job id, its final job info). test_two_node_job_completes reads
+    it for train_srun.sbatch; reference_adapter takes its adapter."""
     tmp = tmp_path_factory.mktemp("reference")
     out = tmp / "out"
     jid = submit("train_srun.sbatch", tmp, out, PREEMPT_STEPS)
-    info = wait_done(jid, tmp)
+    return tmp, out, PREEMPT_STEPS, jid, wait_done(jid, tmp)
+
+
+@pytest.fixture(scope="module")
+def reference_adapter(uninterrupted_srun) -> bytes:
+    """The final adapter file of one uninterrupted run (train_srun.sbatch, PREEMPT_STEPS steps): every
+    preempted, requeued and resumed run below must end with the same bytes, whatever its script."""
+    tmp, out, _, jid, info = uninterrupted_srun
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", \
         f"{info}\n{job_log(tmp, jid)[-6000:]}"
     ckpt, step = latest_state(out)

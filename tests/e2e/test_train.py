@@ -140,12 +140,16 @@ def test_a_model_folder_without_a_tokenizer_is_refused_unless_builtin_is_named(t
     bare = tmp_path / "no-tok"
     tf.AutoModelForCausalLM.from_config(hf_config_for("tiny-opt", vocab_size=1024)).save_pretrained(bare)
     out = tmp_path / "x"
-    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2)), check=False)
+    # the refusal and the run with model.tokenizer=builtin (into its own folder, so that the refusal's
+    # "nothing created" still holds) are independent: side by side
+    p, named = run_all([train_cmd(1, tiny_overrides(out, bare, 1, 2)),
+                        train_cmd(1, tiny_overrides(tmp_path / "named", bare, 1, 2, **{"model.tokenizer": "builtin"}))],
+                       check=[False, True])
     assert p.returncode == 2, p.stderr[-2000:]
     assert (f"config error: model.path={bare} holds no tokenizer (no tokenizer.json or tokenizer_config.json): "
             f"set model.tokenizer=DIR to the model's own tokenizer, or model.tokenizer=builtin") in p.stderr
     assert "on host" not in p.stdout and not out.exists()
-    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2, **{"model.tokenizer": "builtin"})))
+    p = named
     assert "done: 1 steps" in p.stdout
 
 
@@ -562,21 +566,26 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
 
     from helpers import ROOT, _env
 
+    from concurrent.futures import ThreadPoolExecutor
+
     def train(out, steps, **extra):
         p = subprocess.run(train_cmd(1, tiny_overrides(out, BUILTIN, steps, 2, **extra)), cwd=ROOT, env=_env(),
                            capture_output=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout.decode(), p.stderr.decode()
 
-    out, err = train(tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
-                                           "data.eval": "builtin:e2e", "train.eval_every": 4})
+    with ThreadPoolExecutor(2) as pool:  # the two runs are independent: side by side
+        piped = pool.submit(train, tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
+                                                          "data.eval": "builtin:e2e", "train.eval_every": 4})
+        forced = pool.submit(train, tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+        (out, err), (out_b, err_b) = piped.result(), forced.result()
     assert "\r" not in out + err
     lines = re.findall(r"^\[bigtrain\] step (\d+)/5: loss \d+\.\d{4}, [\d,]+ tokens/s, elapsed \d+:\d\d:\d\d, "
                        r"ETA \d+:\d\d:\d\d$", out, re.M)
     assert lines == ["2", "4", "5"], out          # log steps 2, 4 and the last
     assert re.search(r"^\[bigtrain\] step 4: eval loss \d", out, re.M)
     assert "\n\n[bigtrain] step" not in out       # no blank line left for a bar that is not there
-    out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+    out, err = out_b, err_b
     assert "\r" in err and "train: 100%" in err
     assert "[bigtrain] step 3/3:" not in out
 

@@ -95,13 +95,14 @@ def test_zero3_two_ranks_compiled_equals_eager(tmp_path, tiny_models):
     model, steps = tiny_models["tiny-opt"], 3
     common = {"data.max_length": 32, "data.pack": "true"}  # fixed shapes: one graph per layer
     ref = tmp_path / "eager"
-    run(train_cmd(2, tiny_overrides(ref, model, steps, 2, **common)))
+    # the reference and the two compiled runs are independent: side by side
+    _, *compiled = run_all([train_cmd(2, tiny_overrides(ref, model, steps, 2, **common))] + [
+        train_cmd(2, tiny_overrides(tmp_path / f"compiled_ckpt_{ckpt}", model, steps, 2, **common, **{
+            "model.compile": "true", "model.gradient_checkpointing": ckpt})) for ckpt in ("false", "true")])
     la, A = losses(ref), final_adapters(ref)
     moved = max(A[k].abs().max().item() for k in A if k.endswith("lora_B"))
-    for ckpt in ("false", "true"):
+    for ckpt, p in zip(("false", "true"), compiled, strict=True):
         out = tmp_path / f"compiled_ckpt_{ckpt}"
-        p = run(train_cmd(2, tiny_overrides(out, model, steps, 2, **common, **{
-            "model.compile": "true", "model.gradient_checkpointing": ckpt})))
         assert "model.compile: 4 decoder layers torch.compile'd" in p.stdout
         assert "0 graph breaks" in p.stdout, p.stdout[-2000:]
         lb, B = losses(out), final_adapters(out)

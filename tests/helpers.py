@@ -109,8 +109,8 @@ def run_all(cmds, timeout=600, env=None, check=True):
     ``check`` and ``env`` (extra variables): one for all, or a list of one per command. Each bigtrain
     process runs with OMP_NUM_THREADS=1 (:func:`_env`) and spends its first seconds importing torch,
     transformers and DeepSpeed on one core, so on the 2-core CI machine two of them take about the
-    time of one; at most ``max(2, cpu count)`` run at once. Only for commands that do not depend on each other's
-    outputs (and not for two runs into one output directory, which its run lock refuses)."""
+    time of one; at most ``max(2, cpu count)`` run at once. Only for commands that do not depend on
+    each other's outputs (and not for two runs into one output directory, which its run lock refuses)."""
     from concurrent.futures import ThreadPoolExecutor
 
     checks = list(check) if isinstance(check, (list, tuple)) else [check] * len(cmds)

@@ -30,8 +30,9 @@ def runs(tmp_path_factory):
     out = {}
     specs = (("a", 0, 2e-3, 0.0), ("b", 1, 4e-3, 0.1))
     ps = run_all([train_cmd(1, [f"train.output_dir={root / name}", "train.max_steps=30", "train.eval_every=15",
-                                f"train.seed={seed}", f"train.lr={lr}", "train.eval_examples=24", f"lora.dropout={dropout}",
-                                "logging.progress_bar=false", "train.log_every=10", "checkpoint.every=0"])
+                                f"train.seed={seed}", f"train.lr={lr}", "train.eval_examples=24",
+                                f"lora.dropout={dropout}", "logging.progress_bar=false", "train.log_every=10",
+                                "checkpoint.every=0"])
                   for name, seed, lr, dropout in specs])  # independent: side by side
     for (name, *_), p in zip(specs, ps, strict=True):
         log = [json.loads(line) for line in (root / name / "train_log.jsonl").read_text().splitlines()]

@@ -421,7 +421,8 @@ def main(argv=None) -> int:
                os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     start = time.perf_counter()
-    for job in plan(args):
+
+    def run_job(job: dict) -> dict:
         skip = fits(job, gpu_gib)
         t0 = time.perf_counter()
         budget = args.budget_s
@@ -442,19 +443,37 @@ def main(argv=None) -> int:
                     tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
                     res = dict(job, error=f"exit {p.returncode}: {' / '.join(tail)[-200:]}")
                 if res.get("error"):
-                    (out / "errors.log").open("a").write(
-                        f"== {job}\n{p.stderr[-4000:]}\n")
+                    with (out / "errors.log").open("a") as f:
+                        f.write(f"== {job}\n{p.stderr[-4000:]}\n")
             except subprocess.TimeoutExpired:
                 res = dict(job, error=f"over its {budget:.0f} s budget")
         res["wall_s"] = time.perf_counter() - t0
         if job.get("memory") and not res.get("error") and job["contender"].startswith("bigtrain"):
             cfg = hf_config(job["model"], job["smoke"])
             res["floor"] = memory_floor_gib(cfg, res["params"], res["trainable"], job["mb"], job["seq"])
+        return res
+
+    jobs = plan(args)
+    if args.smoke:
+        # the CPU smoke makes no timing claims: its workers run one thread each, as many at a time
+        # as there are cores (each is mostly its imports); the rows keep the plan's order
+        from concurrent.futures import ThreadPoolExecutor
+
+        env["OMP_NUM_THREADS"] = "1"
+        pool = ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1)))
+        futures = [pool.submit(run_job, j) for j in jobs]
+        pending = (f.result() for f in futures)
+    else:  # one at a time: each job's timing and peak memory are its own
+        pool = None
+        pending = (run_job(j) for j in jobs)
+    for res in pending:
         results.append(res)
         line = fmt_row(res)
         print(line + f" ({res['wall_s']:.0f} s)", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(render(results, args))
+    if pool is not None:
+        pool.shutdown()
     print()
     print(render(results, args), flush=True)
     return 0

@@ -287,6 +287,8 @@ def plan(args, n_avail: int) -> list[dict]:
                 for c in group:
                     if c not in args.contenders or (c == "bigtrain-dshooks" and g == 1):
                         continue  # (at 1 GPU bigtrain installs no fetch hooks at all)
+                    if args.cpu and ckpt is False and c in BIGTRAIN and "auto" in args.ckpt:
+                        continue  # on a CPU auto checkpoints no layer (no GPU memory to size): the auto row is this run
                     j = dict(model=m, contender=c, gpus=g, ckpt=ckpt, mb=args.mb or MICRO.get(m, 2),
                              seq=args.seq, steps=args.steps, cpu=args.cpu,
                              warmup=1 if args.cpu else WARMUP,  # baselines' warm-up steps
@@ -746,7 +748,8 @@ def main(argv=None) -> int:
     ap.add_argument("--job-timeout", type=float, default=240.0, help="seconds per job (process group killed)")
     ap.add_argument("--no-parallel-single", dest="parallel_single", action="store_false",
                     help="do not run two 1-GPU jobs at once on different GPUs")
-    ap.add_argument("--cpu", action="store_true", help="smoke: gloo, CPU, seq 64, micro-batch 2, 3 steps")
+    ap.add_argument("--cpu", action="store_true", help="smoke: gloo, CPU, seq 64, micro-batch 2, 3 steps "
+                    "(bigtrain's --ckpt off rows are left out when auto is asked too: on a CPU they are the same run)")
     ap.add_argument("--render", nargs="+", metavar="FILE.jsonl", help="re-render from saved rows")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results/scaling")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

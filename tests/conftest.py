@@ -94,3 +94,30 @@ def moe_models(tmp_path_factory):
         tok.save_pretrained(fused)
         out[name], out[f"{name}-fused"] = d, fused
     return out
+
+
+@pytest.fixture(scope="session")
+def quantized_demos(tmp_path_factory):
+    """The demo (builtin tiny-opt and data, 300 steps, 1 process, no progress bar, no sample prompts)
+    over its unquantized base ("plain") and with model.quantize=int8 and nf4, the three side by side
+    (one core each): {name: (its train.output_dir, its stdout)}. Read by test_quantize_dist (the
+    eval losses and load lines in stdout) and test_export (the int8 and nf4 runs' checkpoints and
+    train_log.jsonl, which it merges and exports into its own tmp_path), so the demo is trained once
+    per scheme; neither test writes into these folders."""
+    import subprocess
+
+    from helpers import ROOT, _env, train_cmd
+
+    root = tmp_path_factory.mktemp("quantized-demos")
+    common = ["logging.progress_bar=false", "train.sample_prompts=0"]
+    procs = {}
+    for name, extra in (("plain", []), ("int8", ["model.quantize=int8"]), ("nf4", ["model.quantize=nf4"])):
+        cmd = train_cmd(1, [f"train.output_dir={root / name}", *common, *extra])
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, p in procs.items():
+        so, se = p.communicate(timeout=400)
+        assert p.returncode == 0, f"{name}:\n{so[-3000:]}\n{se[-3000:]}"
+        out[name] = (root / name, so)
+    return out

@@ -1,6 +1,7 @@
 """Running bigtrain the way users do (real launchers, real CLI) and reading what it wrote."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,22 +42,40 @@ def torchrun_workers(worker, worlds, tmp_path_factory, args=(), timeout=400, pre
 def torchrun_jobs(worker, jobs, tmp_path_factory, timeout=400, prefix="w"):
     """:func:`torchrun_workers` for any set of launches: ``jobs`` maps a key to (ranks, args); all
     start at once; returns {key: [each rank's JSON]}."""
+    return torchrun_wait(torchrun_start(worker, jobs, tmp_path_factory, prefix), timeout)
+
+
+def torchrun_start(worker, jobs, tmp_path_factory, prefix="w") -> dict:
+    """The start of :func:`torchrun_jobs`: launches every job and returns at once, for
+    :func:`torchrun_wait` (other work can run in between)."""
     import shutil
 
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = {}
     for key, (n, args) in jobs.items():
-        out = tmp_path_factory.mktemp(f"{prefix}{key}")
+        out = tmp_path_factory.mktemp(re.sub(r"[^\w.-]+", "_", f"{prefix}{key}"))  # a key may be a tuple
         cmd = [torchrun, "--nproc_per_node", str(n), "--master_port", str(free_port()), str(worker), str(out),
                *map(str, args)]
         procs[key] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
                       out, n)
+    return procs
+
+
+def torchrun_wait(procs: dict, timeout=400) -> dict:
+    """The end of :func:`torchrun_jobs`: wait for :func:`torchrun_start`'s launches; {key: [each
+    rank's JSON]}. A failed launch is an assertion naming it, with the log's tail."""
     results = {}
-    for key, (p, out, n) in procs.items():
-        log, _ = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"torchrun {key} (N={n}) failed:\n{log[-3000:]}"
-        results[key] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    try:
+        for key, (p, out, n) in procs.items():
+            log, _ = p.communicate(timeout=timeout)
+            assert p.returncode == 0, f"torchrun {key} (N={n}) failed:\n{log[-3000:]}"
+            results[key] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    finally:
+        for p, _, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return results
 
 
@@ -83,6 +102,23 @@ def run(cmd, timeout=600, env=None, check=True, preexec_fn=None):
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
                              f"\n--- stderr\n{p.stderr[-6000:]}")
     return p
+
+
+def run_all(cmds, timeout=600, env=None, check=True):
+    """:func:`run` for independent commands, run side by side; returns their results in order.
+    ``check`` and ``env`` (extra variables): one for all, or a list of one per command. Each bigtrain
+    process runs with OMP_NUM_THREADS=1 (:func:`_env`) and spends its first seconds importing torch,
+    transformers and DeepSpeed on one core, so on the 2-core CI machine two of them take about the
+    time of one; at most ``max(2, cpu count)`` run at once. Only for commands that do not depend on
+    each other's outputs (and not for two runs into one output directory, which its run lock refuses)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    checks = list(check) if isinstance(check, (list, tuple)) else [check] * len(cmds)
+    envs = list(env) if isinstance(env, (list, tuple)) else [env] * len(cmds)
+    assert len(checks) == len(envs) == len(cmds)
+    with ThreadPoolExecutor(max(1, min(len(cmds), max(2, os.cpu_count() or 1)))) as pool:
+        futures = [pool.submit(run, cmd, timeout, e, c) for cmd, e, c in zip(cmds, envs, checks)]
+        return [f.result() for f in futures]
 
 
 def train_cmd(nproc, overrides):

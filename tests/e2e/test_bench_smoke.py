@@ -45,9 +45,12 @@ def test_scaling_smoke(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(ln) for ln in (out / "scaling.jsonl").read_text().splitlines() if ln.strip()]
+    # the baselines run without activation checkpointing (--ckpt off); bigtrain at auto only: on a
+    # CPU auto checkpoints no layer (asserted below), so its off row would be the same run again
+    # (scaling.py --cpu leaves it out)
     assert {(r["contender"], r["gpus"], r["ckpt"]) for r in rows} == {
         (c, n, ac) for c in ("bigtrain", "fsdp2-peft-compile", "ds-peft") for n in (1, 2)
-        for ac in (("auto", False) if c == "bigtrain" else (False,))}
+        for ac in (("auto",) if c == "bigtrain" else (False,))}
     for r in rows:
         assert r["status"] == "ok", (r["name"], r["status"])
         assert r["tokens_per_s_per_gpu"] > 0 and r["step_ms"] > 0

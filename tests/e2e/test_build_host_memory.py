@@ -12,7 +12,7 @@ memory; the kernel killed the run)."""
 
 import pytest
 
-from helpers import ROOT, torchrun_jobs
+from helpers import ROOT, torchrun_start, torchrun_wait
 
 WORKER = ROOT / "tests" / "dist" / "build_host_worker.py"
 D, FFN = 3072, 8192
@@ -22,36 +22,13 @@ SMALL, LARGE = 2, 8
 pytestmark = pytest.mark.slow
 
 
-def build(tmp_path_factory, quantize: str, paths: dict | None = None) -> dict:
-    """{layers: the worker's report} for SMALL and LARGE, the two builds run at once (one process each,
-    so each one's peak is its own)."""
-    jobs = {n: (1, (n, quantize, (paths or {}).get(n, "none"))) for n in (SMALL, LARGE)}
-    return {n: ranks[0] for n, ranks in torchrun_jobs(WORKER, jobs, tmp_path_factory, timeout=600,
-                                                      prefix=f"b{quantize}").items()}
+def write_checkpoints(tmp_path_factory) -> dict:
+    """{layers: a bf16 Llama checkpoint of SMALL and of LARGE decoder layers (SHAPE), random weights}."""
+    import sys
 
-
-@pytest.mark.parametrize("quantize", ["nf4", "none"])
-def test_random_base_build_transient_does_not_grow_with_depth(tmp_path_factory, quantize):
-    both = build(tmp_path_factory, quantize)
-    small, large = both[SMALL], both[LARGE]
-    assert LAYER_BYTES == 226_504_704
-    grown = large["transient"] - small["transient"]
-    print(f"{quantize}: transient at {SMALL} layers {small['transient'] / 1e6:.1f} MB, at {LARGE} layers "
-          f"{large['transient'] / 1e6:.1f} MB (one layer {LAYER_BYTES / 1e6:.1f} MB; partitions that stay "
-          f"{small['stays'] / 1e6:.1f} / {large['stays'] / 1e6:.1f} MB)")
-    assert abs(grown) < LAYER_BYTES, (small, large)
-    # and the partitions that stay are what the scheme stores, per layer
-    per_layer = (large["stays"] - small["stays"]) / (LARGE - SMALL)
-    assert per_layer == pytest.approx(LAYER_BYTES * (0.2579 if quantize == "nf4" else 1.0), rel=0.01)
-
-
-def test_checkpoint_build_transient_does_not_grow_with_depth(tmp_path_factory):
-    """A checkpoint is read a layer at a time too (its slices into the partitions, then nf4), its files
-    mapped only while a layer is read."""
     import torch
     import transformers as tf
 
-    import sys
     sys.path.insert(0, str(ROOT / "tests" / "dist"))
     from build_host_worker import SHAPE
 
@@ -66,7 +43,49 @@ def test_checkpoint_build_transient_does_not_grow_with_depth(tmp_path_factory):
             torch.nn.init.normal_(p, 0, 0.02)
         m.save_pretrained(d)
         del m
-    out = build(tmp_path_factory, "nf4", paths)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict:
+    """{(source, layers): the worker's report} for every build the tests below read: a random base
+    (source "nf4" or "none", its model.quantize) and a checkpoint with nf4 ("ckpt-nf4"), each at SMALL
+    and at LARGE layers. Each build is its own process (so each one's peak is its own), one core
+    each (OMP_NUM_THREADS=1), and they all run at once: a process's VmHWM and RssAnon count only its
+    own pages, so the others running beside it do not enter its figures. The random-base builds start
+    first and run while this process writes the two checkpoints; then the checkpoint builds start."""
+    random = torchrun_start(WORKER, {(q, n): (1, (n, q, "none")) for q in ("nf4", "none") for n in (LARGE, SMALL)},
+                            tmp_path_factory, prefix="b")
+    try:
+        paths = write_checkpoints(tmp_path_factory)
+    except BaseException:
+        torchrun_wait(random, timeout=600)
+        raise
+    ckpt = torchrun_start(WORKER, {("ckpt-nf4", n): (1, (n, "nf4", paths[n])) for n in (LARGE, SMALL)},
+                          tmp_path_factory, prefix="c")
+    done = torchrun_wait(random, timeout=600)
+    done.update(torchrun_wait(ckpt, timeout=600))
+    return {key: ranks[0] for key, ranks in done.items()}
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "none"])
+def test_random_base_build_transient_does_not_grow_with_depth(builds, quantize):
+    small, large = builds[quantize, SMALL], builds[quantize, LARGE]
+    assert LAYER_BYTES == 226_504_704
+    grown = large["transient"] - small["transient"]
+    print(f"{quantize}: transient at {SMALL} layers {small['transient'] / 1e6:.1f} MB, at {LARGE} layers "
+          f"{large['transient'] / 1e6:.1f} MB (one layer {LAYER_BYTES / 1e6:.1f} MB; partitions that stay "
+          f"{small['stays'] / 1e6:.1f} / {large['stays'] / 1e6:.1f} MB)")
+    assert abs(grown) < LAYER_BYTES, (small, large)
+    # and the partitions that stay are what the scheme stores, per layer
+    per_layer = (large["stays"] - small["stays"]) / (LARGE - SMALL)
+    assert per_layer == pytest.approx(LAYER_BYTES * (0.2579 if quantize == "nf4" else 1.0), rel=0.01)
+
+
+def test_checkpoint_build_transient_does_not_grow_with_depth(builds):
+    """A checkpoint is read a layer at a time too (its slices into the partitions, then nf4), its files
+    mapped only while a layer is read."""
+    out = {n: builds["ckpt-nf4", n] for n in (SMALL, LARGE)}
     grown = out[LARGE]["transient_anon"] - out[SMALL]["transient_anon"]
     print(f"checkpoint, nf4: anonymous transient at {SMALL} layers {out[SMALL]['transient_anon'] / 1e6:.1f} MB, "
           f"at {LARGE} {out[LARGE]['transient_anon'] / 1e6:.1f} MB; peak RSS transient (file pages included) "

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import final_adapters, losses, ranks, run, tiny_overrides, train_cmd
+from helpers import final_adapters, losses, ranks, run, run_all, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 STEPS = 6
@@ -47,17 +47,19 @@ def _compare(a_dir, b_dir, floor):
 def test_zero3_ranks_match_single_process(tmp_path, tiny_models, world, micro, accum):
     model = tiny_models["tiny-opt"]
     dist_dir, single_dir, alt_dir = tmp_path / "dist", tmp_path / "single", tmp_path / "alt"
-    p = run(train_cmd(world, tiny_overrides(dist_dir, model, STEPS, micro, **{"train.grad_accum": accum})),
-            env={"BIGTRAIN_DATA_CACHE": str(tmp_path / "cache")})
+    # the ZeRO-3 run and the two one-process references are independent: side by side
+    p, _, _ = run_all([
+        train_cmd(world, tiny_overrides(dist_dir, model, STEPS, micro, **{"train.grad_accum": accum})),
+        train_cmd(1, tiny_overrides(single_dir, model, STEPS, micro * world,
+                                    **{"train.grad_accum": accum, "zero.stage": 0})),
+        # the same global batch in one process, cut into smaller micro-batches: only the order differs
+        train_cmd(1, tiny_overrides(alt_dir, model, STEPS, micro,
+                                    **{"train.grad_accum": accum * world, "zero.stage": 0}))],
+        env=[{"BIGTRAIN_DATA_CACHE": str(tmp_path / "cache")}, None, None])
     # tokenised once: one rank built the rows, the others waited and memory-mapped them
     assert re.search(rf"tokenised by rank \d in [\d.]+ s; {world - 1} of {world} rank\(s\) memory-mapped it",
                      p.stdout), p.stdout[-3000:]
     assert len(list((tmp_path / "cache").glob("*/rows.arrow"))) == 1
-    run(train_cmd(1, tiny_overrides(single_dir, model, STEPS, micro * world,
-                                    **{"train.grad_accum": accum, "zero.stage": 0})))
-    # the same global batch in one process, cut into smaller micro-batches: only the order differs
-    run(train_cmd(1, tiny_overrides(alt_dir, model, STEPS, micro,
-                                    **{"train.grad_accum": accum * world, "zero.stage": 0})))
     floor = _max_diff(single_dir, alt_dir)
     worst = _compare(dist_dir, single_dir, floor)
     print(f"world {world}: max |adapter difference| = {worst:.3g}, single-process floor {floor:.3g}")

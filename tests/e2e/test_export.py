@@ -364,8 +364,9 @@ def _base_loss(p) -> float:
 
 
 @pytest.mark.slow
-def test_merge_and_export_of_quantized_runs(tmp_path, capsys):
-    """The demo trained over an nf4 and an int8 base (in parallel, 1 process each). `bigtrain merge`
+def test_merge_and_export_of_quantized_runs(tmp_path, capsys, quantized_demos):
+    """The demo trained over an nf4 and an int8 base (in parallel, 1 process each: tests/conftest.py's
+    quantized_demos, the runs test_quantize_dist reads too). `bigtrain merge`
     writes W0 + s·B·A with W0 the unquantized weight on disk, bit for bit (every other tensor is the
     disk's, quantized or not); `--into-quantized` writes the run's dequantized base + s·B·A instead.
     PEFT loads `bigtrain export` on the unquantized base with the merged model's logits. Eval losses
@@ -380,22 +381,14 @@ def test_merge_and_export_of_quantized_runs(tmp_path, capsys):
     from bigtrain.config import resolve_model_path
     from bigtrain.quantize import quantizable_weights, reference_dequantized
 
-    procs = {}
-    for q in ("nf4", "int8"):
-        cmd = train_cmd(1, [f"train.output_dir={tmp_path / q}", "logging.progress_bar=false",
-                            "train.sample_prompts=0", f"model.quantize={q}"])
-        procs[q] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-    for q, p in procs.items():
-        so, se = p.communicate(timeout=400)
-        assert p.returncode == 0, f"{q}:\n{so[-3000:]}\n{se[-3000:]}"
+    runs = {q: quantized_demos[q][0] for q in ("nf4", "int8")}  # the demo's train.output_dir over each base
     base = Path(resolve_model_path("builtin:tiny-opt"))
     w0 = load_file(str(base / "model.safetensors"))
     quantized = set(quantizable_weights(_load(base)).values())
     assert len(quantized) == 24
     evals = {}
     for q in ("nf4", "int8"):
-        run = tmp_path / q
+        run = runs[q]
         capsys.readouterr()
         assert main(["merge", str(run), str(tmp_path / f"{q}-merged")]) == 0
         assert main(["merge", str(run), str(tmp_path / f"{q}-merged-q"), "--into-quantized"]) == 0
@@ -423,7 +416,7 @@ def test_merge_and_export_of_quantized_runs(tmp_path, capsys):
 
     # (c) PEFT on the unquantized base: the merge into it
     out = tmp_path / "peft"
-    assert main(["export", str(tmp_path / "nf4"), str(out)]) == 0
+    assert main(["export", str(runs["nf4"]), str(out)]) == 0
     ids = _ids(1000, seed=4)
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(_load(base), str(out)).eval()(ids).logits
@@ -436,7 +429,7 @@ def test_merge_and_export_of_quantized_runs(tmp_path, capsys):
 
     figures = {}
     for q in ("nf4", "int8"):
-        log = [json.loads(l) for l in (tmp_path / q / "train_log.jsonl").read_text().splitlines()]
+        log = [json.loads(l) for l in (runs[q] / "train_log.jsonl").read_text().splitlines()]
         own = [r["eval_loss"] for r in log if "eval_loss" in r][-1]  # (a) over the quantized base
         merged_loss, into_q_loss = (_base_loss(p) for p in evals[q])  # (b), (d)
         figures[q] = (own, merged_loss)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, run, train_cmd
+from helpers import free_port, run, run_all, train_cmd
 
 pytestmark = pytest.mark.slow
 E2E_EVAL = Path(__file__).resolve().parents[2] / "bigtrain" / "assets" / "e2e_eval.jsonl"
@@ -28,10 +28,13 @@ def runs(tmp_path_factory):
     LoRA dropout (its eval must score without it, as bigtrain eval does)."""
     root = tmp_path_factory.mktemp("gen")
     out = {}
-    for name, seed, lr, dropout in (("a", 0, 2e-3, 0.0), ("b", 1, 4e-3, 0.1)):
-        p = run(train_cmd(1, [f"train.output_dir={root / name}", "train.max_steps=30", "train.eval_every=15",
-                              f"train.seed={seed}", f"train.lr={lr}", "train.eval_examples=24", f"lora.dropout={dropout}",
-                              "logging.progress_bar=false", "train.log_every=10", "checkpoint.every=0"]))
+    specs = (("a", 0, 2e-3, 0.0), ("b", 1, 4e-3, 0.1))
+    ps = run_all([train_cmd(1, [f"train.output_dir={root / name}", "train.max_steps=30", "train.eval_every=15",
+                                f"train.seed={seed}", f"train.lr={lr}", "train.eval_examples=24",
+                                f"lora.dropout={dropout}", "logging.progress_bar=false", "train.log_every=10",
+                                "checkpoint.every=0"])
+                  for name, seed, lr, dropout in specs])  # independent: side by side
+    for (name, *_), p in zip(specs, ps, strict=True):
         log = [json.loads(line) for line in (root / name / "train_log.jsonl").read_text().splitlines()]
         out[name] = {"dir": root / name, "stdout": p.stdout,
                      "evals": {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}}
@@ -46,7 +49,15 @@ def test_eval_equals_the_runs_own_eval(runs, tmp_path):
     import datasets
 
     a, b = runs["a"], runs["b"]
-    p = run(bigtrain(1, "eval", str(a["dir"]), "--adapter", f"b={b['dir']}", "--data", "builtin:e2e-eval", "--json"))
+    rows = [json.loads(line) for line in E2E_EVAL.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    # the four evals below only read the runs: side by side
+    p, p_saved, p_two, p_table = run_all([
+        bigtrain(1, "eval", str(a["dir"]), "--adapter", f"b={b['dir']}", "--data", "builtin:e2e-eval", "--json"),
+        bigtrain(1, "eval", str(a["dir"]), "--data", str(tmp_path / "saved"), "--json"),
+        bigtrain(2, "eval", str(a["dir"]), "--data", "builtin:e2e-eval", "--json"),
+        bigtrain(1, "eval", str(a["dir"]), "--data", "builtin:e2e-eval")],
+        env=[None, None, {"OMP_NUM_THREADS": "1"}, None])
     res = {r["adapter"]: r for r in json.loads(p.stdout.strip().splitlines()[-1])["results"]}
     print({k: v["loss"] for k, v in res.items()}, a["evals"], b["evals"])
     assert res["base"]["loss"] == a["evals"][0] == b["evals"][0]  # step 0: adapters zero, the base
@@ -55,18 +66,16 @@ def test_eval_equals_the_runs_own_eval(runs, tmp_path):
     assert res["a"]["perplexity"] == pytest.approx(2.718281828459045 ** res["a"]["loss"], rel=1e-12)
     assert res["a"]["examples"] == 24 and res["a"]["loss"] < res["base"]["loss"] - 0.3
     # another format training accepts (a saved datasets directory): the same examples, the same figures
-    rows = [json.loads(line) for line in E2E_EVAL.read_text().splitlines()]
-    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    p = run(bigtrain(1, "eval", str(a["dir"]), "--data", str(tmp_path / "saved"), "--json"))
+    p = p_saved
     saved = {r["adapter"]: r["loss"] for r in json.loads(p.stdout.strip().splitlines()[-1])["results"]}
     assert saved == {"base": res["base"]["loss"], "a": res["a"]["loss"]}
     # 2 ZeRO-3 ranks split the examples: the same figure up to the order of the final sum
-    p = run(bigtrain(2, "eval", str(a["dir"]), "--data", "builtin:e2e-eval", "--json"), env={"OMP_NUM_THREADS": "1"})
+    p = p_two
     two = {r["adapter"]: r["loss"] for r in json.loads(p.stdout.strip().splitlines()[-1])["results"]}
     assert two["base"] == pytest.approx(res["base"]["loss"], rel=1e-6)
     assert two["a"] == pytest.approx(res["a"]["loss"], rel=1e-6)
     # the table
-    p = run(bigtrain(1, "eval", str(a["dir"]), "--data", "builtin:e2e-eval"))
+    p = p_table
     assert re.search(rf"^a\s+{res['a']['loss']:.4f}\s+{res['a']['perplexity']:.4f}$", p.stdout, re.M), p.stdout
 
 
@@ -80,13 +89,18 @@ def test_switching_gives_each_adapter_its_own_output_at_one_and_two_ranks(runs, 
     mixed.write_text("".join(json.dumps({"prompt": prompts[i], "adapter": n}) + "\n" for i, n in order))
     gen = ("--max-new-tokens", "48", "--format", "jsonl")
     # each adapter alone (and the bare base), one process each
+    # (the four generate commands below only read the runs: side by side)
+    p_a, p_b, p, p2 = run_all([
+        bigtrain(1, "generate", str(a["dir"]), "--prompts", str(plain), "--use", "base", "--use", "a", *gen),
+        bigtrain(1, "generate", str(b["dir"]), "--prompts", str(plain), *gen),
+        bigtrain(1, "generate", str(a["dir"]), "--adapter", f"b={b['dir']}", "--prompts", str(mixed), *gen),
+        bigtrain(2, "generate", str(a["dir"]), "--adapter", f"b={b['dir']}", "--prompts", str(mixed), *gen)],
+        env=[None, None, None, {"OMP_NUM_THREADS": "1"}])
     own = {}
-    for r in _jsonl(run(bigtrain(1, "generate", str(a["dir"]), "--prompts", str(plain), "--use", "base",
-                                 "--use", "a", *gen)).stdout):
+    for r in _jsonl(p_a.stdout):
         own[(r["prompt"], r["adapter"])] = r["token_ids"]
-    for r in _jsonl(run(bigtrain(1, "generate", str(b["dir"]), "--prompts", str(plain), *gen)).stdout):
+    for r in _jsonl(p_b.stdout):
         own[(r["prompt"], r["adapter"])] = r["token_ids"]
-    p = run(bigtrain(1, "generate", str(a["dir"]), "--adapter", f"b={b['dir']}", "--prompts", str(mixed), *gen))
     one = _jsonl(p.stdout)
     assert [(r["prompt"], r["adapter"]) for r in one] == [(prompts[i], n) for i, n in order]
     for r in one:
@@ -99,8 +113,6 @@ def test_switching_gives_each_adapter_its_own_output_at_one_and_two_ranks(runs, 
     assert re.search(r"generated [\d,]+ tokens for 6 prompt\(s\) in [\d.]+ s: [\d,.]+ tokens/s", p.stderr)
     assert re.search(r"2 adapter switch\(es\), 65,536 bytes copied each, [\d.]+ ms median", p.stderr), p.stderr
     # 2 ranks, the base partitioned by ZeRO-3: the same tokens (greedy)
-    p2 = run(bigtrain(2, "generate", str(a["dir"]), "--adapter", f"b={b['dir']}", "--prompts", str(mixed), *gen),
-             env={"OMP_NUM_THREADS": "1"})
     assert "partitioned over 2 ranks" in p2.stderr
     assert [r["token_ids"] for r in _jsonl(p2.stdout)] == [r["token_ids"] for r in one]
     assert _jsonl(p2.stdout) == one

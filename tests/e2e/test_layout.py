@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers as tf
 
-from helpers import ROOT, _env, final_adapters, free_port, losses, ranks, run, tiny_overrides, train_cmd
+from helpers import ROOT, _env, final_adapters, free_port, losses, ranks, run_all, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 STEPS = 4
@@ -61,9 +61,10 @@ def runs(tmp_path_factory, tiny_models):
     # saved under node at step 2, resumed under world to the end
     two_nodes(root / "switch", o("switch", **{"train.stop_at_step": 2, "zero.shard_group": "node"}))
     out["switch_log"] = two_nodes(root / "switch", o("switch", **{"zero.shard_group": "world"}))
-    # one process with the same global batch of 4, and the same cut into micro-batches of 1 (the floor)
-    run(train_cmd(1, tiny_overrides(root / "one", model, STEPS, 4, **{"zero.stage": 0})))
-    run(train_cmd(1, tiny_overrides(root / "alt", model, STEPS, 1, **{"zero.stage": 0, "train.grad_accum": 4})))
+    # one process with the same global batch of 4, and the same cut into micro-batches of 1 (the floor);
+    # the two are independent single-core runs: side by side
+    run_all([train_cmd(1, tiny_overrides(root / "one", model, STEPS, 4, **{"zero.stage": 0})),
+             train_cmd(1, tiny_overrides(root / "alt", model, STEPS, 1, **{"zero.stage": 0, "train.grad_accum": 4}))])
     out.update({k: root / k for k in ("node", "world", "switch")})
     out.update({k: root / k for k in ("one", "alt")})
     return out

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from helpers import free_port, losses, run, tiny_overrides, train_cmd
+from helpers import free_port, losses, run, run_all, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 MOE = ["tiny-mixtral", "tiny-qwen2-moe"]
@@ -71,8 +71,8 @@ def test_moe_train_export_merge(tmp_path, moe_models, name):
 
     base = moe_models[name]
     dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
-    p = run(train_cmd(2, tiny_overrides(dist_dir, base, 4, 2, **{"checkpoint.merge_at_end": "true"})))
-    run(train_cmd(1, tiny_overrides(single_dir, base, 4, 4, **{"zero.stage": 0})))
+    p, _ = run_all([train_cmd(2, tiny_overrides(dist_dir, base, 4, 2, **{"checkpoint.merge_at_end": "true"})),
+                    train_cmd(1, tiny_overrides(single_dir, base, 4, 4, **{"zero.stage": 0}))])  # independent
     ld, ls = losses(dist_dir), losses(single_dir)
     assert sorted(ld) == [1, 2, 3, 4]
     for s in ld:

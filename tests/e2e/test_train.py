@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import final_adapters, losses, ranks, run, tiny_overrides, train_cmd
+from helpers import final_adapters, losses, ranks, run, run_all, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 BUILTIN = Path(__file__).resolve().parents[2] / "bigtrain" / "assets" / "tiny-opt"
@@ -48,8 +48,8 @@ def test_resume_is_exact(tmp_path, tiny_models):
     k = 4
     common = dict(**{"lora.dropout": 0.1, "data.eval": "builtin:e2e-eval", "train.eval_every": 3})
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(train_cmd(1, tiny_overrides(straight, model, 2 * k, 2, **common)))
-    p1 = run(train_cmd(1, tiny_overrides(resumed, model, 2 * k, 2, **common, **{"train.stop_at_step": k})))
+    _, p1 = run_all([train_cmd(1, tiny_overrides(straight, model, 2 * k, 2, **common)),
+                     train_cmd(1, tiny_overrides(resumed, model, 2 * k, 2, **common, **{"train.stop_at_step": k}))])
     assert "stopped early" in p1.stdout and (resumed / "preempted").read_text().strip() == str(k)
     p2 = run(train_cmd(1, tiny_overrides(resumed, model, 2 * k, 2, **common)))
     assert f"resumed from {resumed / 'checkpoints' / f'step-{k:08d}'} at step {k}" in p2.stdout
@@ -65,8 +65,8 @@ def test_resume_across_world_sizes(tmp_path):
     the loss curve continues as the straight 2-rank run's, to float rounding."""
     k = 3
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(train_cmd(2, tiny_overrides(straight, BUILTIN, 2 * k, 2)))
-    run(train_cmd(2, tiny_overrides(resumed, BUILTIN, 2 * k, 2, **{"train.stop_at_step": k})))
+    run_all([train_cmd(2, tiny_overrides(straight, BUILTIN, 2 * k, 2)),
+             train_cmd(2, tiny_overrides(resumed, BUILTIN, 2 * k, 2, **{"train.stop_at_step": k}))])
     p = run(train_cmd(1, tiny_overrides(resumed, BUILTIN, 2 * k, 4)))
     assert "saved with 2 ranks, now 1" in p.stdout
     a, b = losses(straight), losses(resumed)
@@ -79,31 +79,36 @@ def test_resume_across_world_sizes(tmp_path):
 
 
 def test_config_error_before_any_work(tmp_path):
-    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.r=0"]), check=False)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "café:", "completion": " crème"}\n'.encode("latin-1"))
+    missing = ("data.train", "data.eval", "model.tokenizer")
+    # the refusals are independent of each other (none may create x): run side by side
+    r0, nope, head, wide, latin, *absent = run_all(
+        [train_cmd(1, [f"train.output_dir={tmp_path}/x", arg]) for arg in (
+            "lora.r=0", "lora.targets=[nope]", "lora.targets=[q_proj,lm_head]", "lora.r=100000", f"data.train={bad}",
+            *(f"{key}={tmp_path}/missing" for key in missing))], check=False)
+    p = r0
     assert p.returncode == 2
     assert "config error: lora.r must be a positive integer, got 0" in p.stderr
     assert not (tmp_path / "x").exists()
-    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[nope]"]), check=False)
+    p = nope
     assert p.returncode != 0 and "'nope' matched no linear layer" in p.stderr
     # the LM head: refused in one line before any process group (it used to fail at step 1)
-    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.targets=[q_proj,lm_head]"]), check=False)
+    p = head
     assert p.returncode == 2 and "config error: lora.targets: 'lm_head' is the output head" in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
     # lora.r above the adapted layers' width (128): it trained, slowly, without a word
-    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", "lora.r=100000"]), check=False)
+    p = wide
     assert p.returncode == 2 and ("config error: lora.r=100000 is more than the width of the adapted layer "
                                   "model.decoder.layers.0.self_attn.v_proj (128 -> 128)") in p.stderr, p.stderr[-1000:]
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
     # data that is not UTF-8: named file:line before any process group (it used to train on U+FFFD)
-    bad = tmp_path / "latin1.jsonl"
-    bad.write_bytes('{"prompt": "café:", "completion": " crème"}\n'.encode("latin-1"))
-    p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"data.train={bad}"]), check=False)
+    p = latin
     assert p.returncode == 1 and f"error: {bad}:1: not valid UTF-8 (byte 0xe9" in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "x").exists()
     # a file or folder a key names that does not exist: a config error like the others (exit 2, the
     # key named); it was exit 1 without the key for data.train, data.eval and model.tokenizer
-    for key in ("data.train", "data.eval", "model.tokenizer"):
-        p = run(train_cmd(1, [f"train.output_dir={tmp_path}/x", f"{key}={tmp_path}/missing"]), check=False)
+    for key, p in zip(missing, absent, strict=True):
         assert p.returncode == 2 and f"bigtrain: config error: {key}: " in p.stderr, (key, p.stderr[-1000:])
         assert str(tmp_path / "missing") in p.stderr and not (tmp_path / "x").exists()
 
@@ -135,12 +140,16 @@ def test_a_model_folder_without_a_tokenizer_is_refused_unless_builtin_is_named(t
     bare = tmp_path / "no-tok"
     tf.AutoModelForCausalLM.from_config(hf_config_for("tiny-opt", vocab_size=1024)).save_pretrained(bare)
     out = tmp_path / "x"
-    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2)), check=False)
+    # the refusal and the run with model.tokenizer=builtin (into its own folder, so that the refusal's
+    # "nothing created" still holds) are independent: side by side
+    p, named = run_all([train_cmd(1, tiny_overrides(out, bare, 1, 2)),
+                        train_cmd(1, tiny_overrides(tmp_path / "named", bare, 1, 2, **{"model.tokenizer": "builtin"}))],
+                       check=[False, True])
     assert p.returncode == 2, p.stderr[-2000:]
     assert (f"config error: model.path={bare} holds no tokenizer (no tokenizer.json or tokenizer_config.json): "
             f"set model.tokenizer=DIR to the model's own tokenizer, or model.tokenizer=builtin") in p.stderr
     assert "on host" not in p.stdout and not out.exists()
-    p = run(train_cmd(1, tiny_overrides(out, bare, 1, 2, **{"model.tokenizer": "builtin"})))
+    p = named
     assert "done: 1 steps" in p.stdout
 
 
@@ -174,10 +183,6 @@ def test_a_resume_must_continue_the_same_job_or_say_what_changed(tmp_path, tiny_
     tok = load_tokenizer(None)
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # another tokenizer, same vocab
     tok.save_pretrained(tmp_path / "tok2")
-    p = again(**{"model.tokenizer": tmp_path / "tok2"})
-    assert p.returncode == 1 and "was trained on a different tokenizer (model.tokenizer) (tokenizer_sha256 differ" in p.stderr
-    assert "on host" not in p.stdout
-
     other = tmp_path / "other-weights"
     shutil.copytree(model, other)
     w = load_file(str(other / "model.safetensors"))
@@ -185,11 +190,20 @@ def test_a_resume_must_continue_the_same_job_or_say_what_changed(tmp_path, tiny_
     w[name] = w[name] * 1.01  # one weight changed: the same names, shapes and file size
     save_file(w, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert (other / "model.safetensors").stat().st_size == (model / "model.safetensors").stat().st_size
-    p = again(model=other)
+    # the three refusals come before any work (no lock, nothing written): run side by side
+    tok_p, weights_p, data_p = run_all([
+        train_cmd(1, tiny_overrides(out, model, 8, 2, **{"model.tokenizer": tmp_path / "tok2"})),
+        train_cmd(1, tiny_overrides(out, other, 8, 2)),
+        train_cmd(1, tiny_overrides(out, model, 8, 2, **{"data.train": "builtin:e2e-chat"}))], check=False)
+    p = tok_p
+    assert p.returncode == 1 and "was trained on a different tokenizer (model.tokenizer) (tokenizer_sha256 differ" in p.stderr
+    assert "on host" not in p.stdout
+
+    p = weights_p
     assert p.returncode == 1 and "was trained on a different base model (weights_sampled_sha256 differ" in p.stderr
     assert "checkpoint.force_base_mismatch=true" in p.stderr
 
-    p = again(**{"data.train": "builtin:e2e-chat"})
+    p = data_p
     assert p.returncode == 2 and ("the training rows differ from the ones this run was trained on" in p.stderr
                                   and "would continue at sample 8 of other data" in p.stderr)
     p = again(**{"data.train": "builtin:e2e-chat", "checkpoint.new_data": "true"})
@@ -203,14 +217,14 @@ def test_time_based_checkpoints_agree_across_ranks(tmp_path):
     all-reduce, so both ranks save together (a save is collective: a lone rank would hang)."""
     out = tmp_path / "t"
     # 0.0001 min = 6 ms: due at every step; step-based saves off; keep them all
-    p = run(train_cmd(2, tiny_overrides(out, BUILTIN, 4, 2, **{
-        "checkpoint.every": 0, "checkpoint.every_minutes": 0.0001, "checkpoint.keep": 10})), timeout=300)
+    out2 = tmp_path / "t2"  # and one run with the default (off), beside it
+    p, _ = run_all([train_cmd(2, tiny_overrides(out, BUILTIN, 4, 2, **{
+        "checkpoint.every": 0, "checkpoint.every_minutes": 0.0001, "checkpoint.keep": 10})),
+        train_cmd(1, tiny_overrides(out2, BUILTIN, 3, 2, **{"checkpoint.keep": 10}))], timeout=300)
     saved = sorted(d.name for d in (out / "checkpoints").glob("step-*"))
     assert saved == [f"step-{s:08d}" for s in (1, 2, 3, 4)], saved
     assert p.stdout.count("[bigtrain] checkpoint ") == 4
     # off by default: only the final save
-    out2 = tmp_path / "t2"
-    run(train_cmd(1, tiny_overrides(out2, BUILTIN, 3, 2, **{"checkpoint.keep": 10})))
     assert sorted(d.name for d in (out2 / "checkpoints").glob("step-*")) == ["step-00000003"]
 
 
@@ -221,15 +235,20 @@ def test_resume_choices_checked_before_any_work(tmp_path):
     before any process group (no 'rank 0/1 on host' line)."""
     a = tmp_path / "a"
     run(train_cmd(1, tiny_overrides(a, BUILTIN, 4, 2, **{"checkpoint.every": 2})))
-    p = run(train_cmd(1, tiny_overrides(a, BUILTIN, 4, 2, **{"checkpoint.resume": "never"})), check=False)
+    # the three runs below only read a (the two refusals write nothing): side by side
+    never, nope, into_c = run_all([
+        train_cmd(1, tiny_overrides(a, BUILTIN, 4, 2, **{"checkpoint.resume": "never"})),
+        train_cmd(1, tiny_overrides(tmp_path / "b", BUILTIN, 4, 2, **{"checkpoint.resume": tmp_path / "nope"})),
+        train_cmd(1, tiny_overrides(tmp_path / "c", BUILTIN, 6, 2, **{"checkpoint.resume": a}))],
+        check=[False, False, True])
+    p = never
     assert p.returncode == 2 and "checkpoint.resume=never, but" in p.stderr and "step-00000004" in p.stderr
     assert "on host" not in p.stdout
     assert sorted(d.name for d in (a / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000004"]
-    p = run(train_cmd(1, tiny_overrides(tmp_path / "b", BUILTIN, 4, 2, **{"checkpoint.resume": tmp_path / "nope"})),
-            check=False)
+    p = nope
     assert p.returncode == 2 and f"checkpoint.resume={tmp_path / 'nope'}: " in p.stderr and "on host" not in p.stdout
     # a run directory resumes from its latest checkpoint, into another output_dir
-    p = run(train_cmd(1, tiny_overrides(tmp_path / "c", BUILTIN, 6, 2, **{"checkpoint.resume": a})))
+    p = into_c
     assert f"resumed from {a / 'checkpoints' / 'step-00000004'} at step 4" in p.stdout
     assert sorted(losses(tmp_path / "c")) == [5, 6]
 
@@ -263,19 +282,25 @@ def test_changed_adapter_hparams_on_resume(tmp_path):
     it used to come after the load), for an automatic and an explicit checkpoint.resume."""
     out = tmp_path / "r"
     run(train_cmd(1, tiny_overrides(out, BUILTIN, 4, 2)))
-    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})), check=False)
+    # four refusals, each before any work (nothing written): side by side
+    alpha, rslora, rank, targets = run_all([
+        train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.alpha": 32})),
+        train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})),
+        train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.r": 4})),
+        train_cmd(1, tiny_overrides(tmp_path / "other", BUILTIN, 6, 2, **{
+            "lora.targets": "[q_proj]", "checkpoint.resume": out}))], check=False)
+    p = alpha
     assert p.returncode == 2, p.stderr[-2000:]
     assert (f"config error: {out / 'checkpoints' / 'step-00000004'}: lora.alpha changed on resume: "
             f"checkpoint 16.0, now 32.0") in p.stderr
     assert "on host" not in p.stdout and "output directory" not in p.stdout, p.stdout[-2000:]
-    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.rslora": "true"})), check=False)
+    p = rslora
     assert p.returncode == 2 and "lora.rslora changed on resume: checkpoint false, now true" in p.stderr
     assert "on host" not in p.stdout
-    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 6, 2, **{"lora.r": 4})), check=False)
+    p = rank
     assert p.returncode == 2 and "lora.r changed on resume: checkpoint 8, now 4; resume with lora.r=8" in p.stderr
     assert "on host" not in p.stdout
-    p = run(train_cmd(1, tiny_overrides(tmp_path / "other", BUILTIN, 6, 2, **{
-        "lora.targets": "[q_proj]", "checkpoint.resume": out})), check=False)
+    p = targets
     assert p.returncode == 2 and ("lora.targets changed on resume: the checkpoint adapts 8 modules "
                                   "(['q_proj', 'v_proj']), now 4 (['q_proj'])") in p.stderr
     assert "on host" not in p.stdout and not (tmp_path / "other").exists()
@@ -291,10 +316,12 @@ def test_eval_loss_does_not_depend_on_micro_batch_or_ranks(tmp_path):
     masked fillers: the same figure at micro-batch 8, 3 and on 2 ranks (float rounding apart).
     eval_every=0: eval only at step 0 and at the end."""
     ev = {}
-    for name, world, micro in (("m8", 1, 8), ("m3", 1, 3), ("r2m3", 2, 3)):
+    runs = (("m8", 1, 8), ("m3", 1, 3), ("r2m3", 2, 3))
+    run_all([train_cmd(world, tiny_overrides(tmp_path / name, BUILTIN, 2, micro, **{
+        "data.eval": "builtin:e2e-eval", "train.eval_every": 0, "train.eval_examples": 20}))
+        for name, world, micro in runs])  # independent: side by side
+    for name, world, micro in runs:
         out = tmp_path / name
-        run(train_cmd(world, tiny_overrides(out, BUILTIN, 2, micro, **{
-            "data.eval": "builtin:e2e-eval", "train.eval_every": 0, "train.eval_examples": 20})))
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         ev[name] = {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
     assert sorted(ev["m8"]) == [0, 2]
@@ -304,13 +331,14 @@ def test_eval_loss_does_not_depend_on_micro_batch_or_ranks(tmp_path):
 
 def test_input_the_model_cannot_take_and_stop_at_last_step(tmp_path):
     # data.max_length beyond the position table: refused before any work, naming both numbers
-    p = run(train_cmd(1, tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"data.max_length": 1024})),
-            check=False)
+    out = tmp_path / "s"
+    p, done = run_all([train_cmd(1, tiny_overrides(tmp_path / "x", BUILTIN, 2, 2, **{"data.max_length": 1024})),
+                       train_cmd(1, tiny_overrides(out, BUILTIN, 3, 2, **{"train.stop_at_step": 3}))],
+                      check=[False, True])  # independent: side by side
     assert p.returncode == 2 and "data.max_length=1024 exceeds the model's 256 positions" in p.stderr
     assert not (tmp_path / "x").exists()
     # train.stop_at_step == max_steps: the run simply ends; no `preempted` marker (no requeue)
-    out = tmp_path / "s"
-    p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 3, 2, **{"train.stop_at_step": 3})))
+    p = done
     assert "stopped early" not in p.stdout and "done: 3 steps" in p.stdout
     assert not (out / "preempted").exists()
 
@@ -448,21 +476,28 @@ def test_bad_output_dir_and_unreadable_weights_are_one_line_before_any_work(tmp_
     process group (no 'on host' line), nothing created or touched."""
     afile = tmp_path / "afile"
     afile.write_text("mine")
-    for out, said in ((afile, "is a file, not a directory"), (afile / "sub", f"{afile} is a file")):
-        p = run(train_cmd(1, tiny_overrides(out, BUILTIN, 2, 2)), check=False)
+    whole = (BUILTIN / "model.safetensors").read_bytes()
+    models = []
+    for i, broken in enumerate((whole[:len(whole) - 100], b"\x00" * 64)):  # truncated; garbage
+        model = tmp_path / f"model{i}"
+        model.mkdir()
+        for f in BUILTIN.iterdir():
+            (model / f.name).write_bytes(f.read_bytes())
+        (model / "model.safetensors").write_bytes(broken)
+        models.append(model)
+    bad_outs = ((afile, "is a file, not a directory"), (afile / "sub", f"{afile} is a file"))
+    # four refusals, each with its own inputs (a model folder per broken file), none writing
+    # anything: side by side
+    ps = run_all([train_cmd(1, tiny_overrides(out, BUILTIN, 2, 2)) for out, _ in bad_outs]
+                 + [train_cmd(1, tiny_overrides(tmp_path / "o", m, 2, 2)) for m in models], check=False)
+    out_ps, weight_ps = ps[:len(bad_outs)], ps[len(bad_outs):]
+    for (out, said), p in zip(bad_outs, out_ps, strict=True):
         assert p.returncode == 2, p.stderr[-3000:]
         assert p.stderr.strip().splitlines()[-1].startswith("bigtrain: config error: train.output_dir: ")
         assert said in p.stderr and "Traceback" not in p.stderr and "on host" not in p.stdout
     assert afile.read_text() == "mine"
-    model = tmp_path / "model"
-    model.mkdir()
-    for f in BUILTIN.iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
-    weights = model / "model.safetensors"
-    whole = weights.read_bytes()
-    for broken in (whole[:len(whole) - 100], b"\x00" * 64):  # truncated; garbage
-        weights.write_bytes(broken)
-        p = run(train_cmd(1, tiny_overrides(tmp_path / "o", model, 2, 2)), check=False)
+    for model, p in zip(models, weight_ps, strict=True):
+        weights = model / "model.safetensors"
         assert p.returncode == 2, p.stderr[-3000:]
         last = p.stderr.strip().splitlines()[-1]
         assert last.startswith(f"bigtrain: config error: model.path: {weights}: cannot be read as safetensors")
@@ -531,21 +566,26 @@ def test_progress_is_plain_lines_when_output_is_not_a_terminal(tmp_path):
 
     from helpers import ROOT, _env
 
+    from concurrent.futures import ThreadPoolExecutor
+
     def train(out, steps, **extra):
         p = subprocess.run(train_cmd(1, tiny_overrides(out, BUILTIN, steps, 2, **extra)), cwd=ROOT, env=_env(),
                            capture_output=True, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         return p.stdout.decode(), p.stderr.decode()
 
-    out, err = train(tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
-                                           "data.eval": "builtin:e2e", "train.eval_every": 4})
+    with ThreadPoolExecutor(2) as pool:  # the two runs are independent: side by side
+        piped = pool.submit(train, tmp_path / "a", 5, **{"train.log_every": 2, "logging.progress_bar": "null",
+                                                          "data.eval": "builtin:e2e", "train.eval_every": 4})
+        forced = pool.submit(train, tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+        (out, err), (out_b, err_b) = piped.result(), forced.result()
     assert "\r" not in out + err
     lines = re.findall(r"^\[bigtrain\] step (\d+)/5: loss \d+\.\d{4}, [\d,]+ tokens/s, elapsed \d+:\d\d:\d\d, "
                        r"ETA \d+:\d\d:\d\d$", out, re.M)
     assert lines == ["2", "4", "5"], out          # log steps 2, 4 and the last
     assert re.search(r"^\[bigtrain\] step 4: eval loss \d", out, re.M)
     assert "\n\n[bigtrain] step" not in out       # no blank line left for a bar that is not there
-    out, err = train(tmp_path / "b", 3, **{"logging.progress_bar": "true"})
+    out, err = out_b, err_b
     assert "\r" in err and "train: 100%" in err
     assert "[bigtrain] step 3/3:" not in out
 
@@ -582,20 +622,23 @@ def test_architecture_without_sdpa_trains_with_eager(tmp_path, no_sdpa_models, n
     as model.attn_implementation=eager. An explicit sdpa is refused in one line naming the key,
     before any process group or output directory exists."""
     model = no_sdpa_models[name]
-    auto, eager = tmp_path / "auto", tmp_path / "eager"
-    p = run(train_cmd(1, tiny_overrides(auto, model, 2, 2, **{"lora.targets": targets})))
+    auto, eager, bad = tmp_path / "auto", tmp_path / "eager", tmp_path / "sdpa"
+    # the three runs are independent: side by side
+    p, _, refused = run_all([
+        train_cmd(1, tiny_overrides(auto, model, 2, 2, **{"lora.targets": targets})),
+        train_cmd(1, tiny_overrides(eager, model, 2, 2, **{"lora.targets": targets,
+                                                           "model.attn_implementation": "eager"})),
+        train_cmd(1, tiny_overrides(bad, model, 2, 2, **{"lora.targets": targets,
+                                                         "model.attn_implementation": "sdpa"}))],
+        check=[True, True, False])
     cls = {"bloom": "BloomForCausalLM", "gemma2": "Gemma2ForCausalLM"}[name]
     assert (f"[bigtrain] attention: eager ({cls} does not support sdpa in transformers "
             f"{__import__('transformers').__version__}; model.attn_implementation=null picked eager)") in p.stdout
     assert "attn_implementation: eager" in (auto / "config.yaml").read_text()
-    run(train_cmd(1, tiny_overrides(eager, model, 2, 2, **{"lora.targets": targets,
-                                                            "model.attn_implementation": "eager"})))
     assert sorted(losses(auto)) == [1, 2] and losses(auto) == losses(eager)
     A, B = final_adapters(auto), final_adapters(eager)
     assert all(torch.equal(A[k], B[k]) for k in A)
-    bad = tmp_path / "sdpa"
-    p = run(train_cmd(1, tiny_overrides(bad, model, 2, 2, **{"lora.targets": targets,
-                                                          "model.attn_implementation": "sdpa"})), check=False)
+    p = refused
     assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr[-2000:]
     assert p.stderr.startswith(f"bigtrain: config error: model.attn_implementation=sdpa: transformers ")
     assert f"{cls} does not support an attention implementation through" in p.stderr
@@ -608,17 +651,21 @@ def test_checkpointing_some_layers_trains_exactly_as_every_layer(tmp_path, tiny_
     every layer and one with none, losses and adapters bit for bit; each run says what it recomputes."""
     model, steps = tiny_models["tiny-opt"], 3
     outs = {}
-    for setting, said in (("true", "4 of 4"), ("2", "2 of 4"), ("false", "0 of 4"), ("auto", "0 of 4")):
+    settings = (("true", "4 of 4"), ("2", "2 of 4"), ("false", "0 of 4"), ("auto", "0 of 4"))
+    # the four runs and the refused one below are independent: side by side
+    *ps, deep = run_all([train_cmd(1, tiny_overrides(tmp_path / setting, model, steps, 2, **{
+        "model.gradient_checkpointing": setting})) for setting, _ in settings]
+        + [train_cmd(1, tiny_overrides(tmp_path / "deep", model, steps, 2, **{"model.gradient_checkpointing": 5}))],
+        check=[True] * len(settings) + [False])
+    for (setting, said), p in zip(settings, ps, strict=True):
         out = tmp_path / setting
-        p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **{"model.gradient_checkpointing": setting})))
         assert f"activation checkpointing: {said} decoder layers recomputed in backward" in p.stdout, p.stdout
         outs[setting] = losses(out), final_adapters(out)
     ref_l, ref_a = outs["true"]
     for setting, (l, a) in outs.items():
         assert l == ref_l, setting
         assert all(torch.equal(a[k], ref_a[k]) for k in ref_a), setting
-    p = run(train_cmd(1, tiny_overrides(tmp_path / "deep", model, steps, 2, **{"model.gradient_checkpointing": 5})),
-            check=False)
+    p = deep
     assert p.returncode != 0
     assert "model.gradient_checkpointing=5: the model has 4 decoder layers; use at most 4" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "deep").exists()  # refused before any work

@@ -269,15 +269,34 @@ _save({dir!r}, 2, lora, opt)
 """
 
 
-@pytest.mark.parametrize("point", ["save:start", "save:after_weights", "save:before_manifest", "save:before_latest"])
-def test_kill_during_save_keeps_last_good(tmp_path, point):
-    lora, opt = _setup()
-    _save(tmp_path, 1, lora, opt)
+CRASH_POINTS = ["save:start", "save:after_weights", "save:before_manifest", "save:before_latest"]
+
+
+@pytest.fixture(scope="module")
+def crashed_saves(tmp_path_factory) -> dict:
+    """{crash point: (a checkpoints folder that held step 1 when a process died at that point of
+    step 2's save, that process's exit code, its stderr)}. The four processes (each ~4 s of imports
+    on one core) run at once, each on its own folder."""
     root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, BIGTRAIN_CRASH_AT=point)
-    p = subprocess.run([sys.executable, "-c", CRASH.format(root=root, dir=str(tmp_path))], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 137, p.stderr[-2000:]
+    procs = {}
+    for point in CRASH_POINTS:
+        d = tmp_path_factory.mktemp("crash-" + point.replace(":", "-"))
+        lora, opt = _setup()
+        _save(d, 1, lora, opt)
+        env = dict(os.environ, BIGTRAIN_CRASH_AT=point)
+        procs[point] = d, subprocess.Popen([sys.executable, "-c", CRASH.format(root=root, dir=str(d))], env=env,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = {}
+    for point, (d, p) in procs.items():
+        _, err = p.communicate(timeout=120)
+        out[point] = d, p.returncode, err
+    return out
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_during_save_keeps_last_good(crashed_saves, point):
+    tmp_path, returncode, stderr = crashed_saves[point]
+    assert returncode == 137, stderr[-2000:]
     good = ckpt.find_resumable(tmp_path, lambda m: None)
     if point == "save:before_latest":
         # renamed into place and complete, only the pointer is stale: the newer one is good

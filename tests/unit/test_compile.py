@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import final_adapters, losses, run, tiny_overrides, train_cmd
+from helpers import final_adapters, losses, run, run_all, tiny_overrides, train_cmd
 
 BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
 
@@ -95,13 +95,14 @@ def test_zero3_two_ranks_compiled_equals_eager(tmp_path, tiny_models):
     model, steps = tiny_models["tiny-opt"], 3
     common = {"data.max_length": 32, "data.pack": "true"}  # fixed shapes: one graph per layer
     ref = tmp_path / "eager"
-    run(train_cmd(2, tiny_overrides(ref, model, steps, 2, **common)))
+    # the reference and the two compiled runs are independent: side by side
+    _, *compiled = run_all([train_cmd(2, tiny_overrides(ref, model, steps, 2, **common))] + [
+        train_cmd(2, tiny_overrides(tmp_path / f"compiled_ckpt_{ckpt}", model, steps, 2, **common, **{
+            "model.compile": "true", "model.gradient_checkpointing": ckpt})) for ckpt in ("false", "true")])
     la, A = losses(ref), final_adapters(ref)
     moved = max(A[k].abs().max().item() for k in A if k.endswith("lora_B"))
-    for ckpt in ("false", "true"):
+    for ckpt, p in zip(("false", "true"), compiled, strict=True):
         out = tmp_path / f"compiled_ckpt_{ckpt}"
-        p = run(train_cmd(2, tiny_overrides(out, model, steps, 2, **common, **{
-            "model.compile": "true", "model.gradient_checkpointing": ckpt})))
         assert "model.compile: 4 decoder layers torch.compile'd" in p.stdout
         assert "0 graph breaks" in p.stdout, p.stdout[-2000:]
         lb, B = losses(out), final_adapters(out)
@@ -123,10 +124,12 @@ def test_train_compiled_unpacked_equals_eager(tmp_path, tiny_models):
     common = {"data.eval": "builtin:e2e-eval", "train.eval_examples": 4, "train.sample_prompts": 1,
               "train.sample_max_new_tokens": 4, "train.eval_every": 3}
     ref = tmp_path / "eager"
-    run(train_cmd(1, tiny_overrides(ref, model, steps, 2, **common, **{"model.compile": "auto"})))
     out = tmp_path / "compiled"
     cache = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # empty: this run compiles
-    p = run(train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"})), env=cache)
+    # the eager reference and the compiled run are independent: side by side
+    _, p = run_all([train_cmd(1, tiny_overrides(ref, model, steps, 2, **common, **{"model.compile": "auto"})),
+                    train_cmd(1, tiny_overrides(out, model, steps, 2, **common, **{"model.compile": "true"}))],
+                   env=[None, cache])
     assert f"(inductor's cache: {tmp_path / 'inductor'})" in p.stdout
     miss = int(re.search(r"inductor compiled (\d+) forward/backward graph", p.stdout).group(1))
     assert miss > 0

@@ -538,6 +538,17 @@ def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int, off
     return (k - o) * inp + max(layers - k, 1 if k else 0) * layer
 
 
+# Bytes per token per unit of hidden size that a tiled layer's backward holds beyond its saved tensors:
+# the final norm's fp32 input (4), the gradient arriving at the layer (2) and the norms' fp32
+# backward temporaries (8). Untiled, the MLP's ffn-wide saved tensors (~16 per token per h) are freed
+# before these appear, so the saved tensors are the peak (measured within 3% up to 128k tokens).
+# Tiled, the MLP keeps 2, and these become the peak: on an H100, 512k tokens on 8 Llama-2-7B layers
+# (every input offloaded) ran out of memory in backward at 76.0 GiB allocated asking for 8 GiB more,
+# where the saved-tensor estimate said 49.4 GiB: at least 17.3 per token per h more (a lower bound:
+# the step did not finish; bench/results/long_context/h100_lease2).
+TILED_BACKWARD_EXTRA = 18
+
+
 def tile_bytes(shape: ModelShape, tile: int, act: int) -> int:
     """One MLP tile's working set in backward (model.tiled_mlp: ``tile`` tokens): the ffn-wide tensors
     of the tile's recomputed forward (gate, up, their product; one for a plain MLP) and as many
@@ -676,7 +687,7 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer,
                                          st.offload_layers if lora else 0)
     if tiled:
-        acts += tile_bytes(shape, st.tiled_mlp, act)
+        acts += tile_bytes(shape, st.tiled_mlp, act) + TILED_BACKWARD_EXTRA * s * b * shape.hidden
     if lora:
         # bigtrain's loss projects the target positions through the head in chunks of at most
         # CHUNK_LOGITS logits (bigtrain/losses.py): one chunk's logits (act), their fp32 copy and its

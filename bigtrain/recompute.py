@@ -212,10 +212,8 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
             o = max((k for k in range(n + 1) if ok(k)), default=0)
         if o == plan.offloaded:
             return None
-        return replace(plan, offloaded=o, long_why=(
-            f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
-            f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {int(fixed_part + scale * act_off(o)) / 2**30:.1f} "
-            f"GiB within the {budget / 2**30:.1f} GiB budget"))
+        return replace(plan, offloaded=o, long_why=_corrected_why(
+            measured, estimated, scale, int(fixed_part + scale * act_off(o)), budget))
     if not plan.auto:
         return None
 
@@ -228,10 +226,13 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
         n = most
     if n == plan.checkpointed:
         return None
-    return replace(plan, checkpointed=n, why=(
-        f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
-        f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {scaled(n) / 2**30:.1f} GiB within the "
-        f"{budget / 2**30:.1f} GiB budget"))
+    return replace(plan, checkpointed=n, why=_corrected_why(measured, estimated, scale, scaled(n), budget))
+
+
+def _corrected_why(measured: int, estimated: int, scale: float, now: int, budget: int) -> str:
+    return (f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
+            f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {now / 2**30:.1f} GiB within the "
+            f"{budget / 2**30:.1f} GiB budget")
 
 
 def checkpointable_layers(model: nn.Module) -> list[nn.Module]:

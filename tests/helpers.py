@@ -250,3 +250,20 @@ class SavedBytes:
 
     def total(self):
         return sum(self.storages.values())
+
+
+def layer_saved_bytes(model, s: int, b: int) -> int:
+    """Bytes autograd keeps for backward from the second decoder layer of ``model`` (a
+    :func:`tiny_lora_model` in bf16) on a batch of b x s random tokens under bf16 autocast."""
+    import torch
+
+    from bigtrain import recompute
+
+    layer = recompute.checkpointable_layers(model)[1]
+    saved = SavedBytes(model, layer)
+    ids = torch.randint(0, 512, (b, s), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids).logits
+    out.float().sum().backward()
+    return saved.total()

@@ -16,7 +16,7 @@ from torch import nn
 from bigtrain import recompute
 from bigtrain.memory import GiB, Setup, checkpointed_activation_bytes, estimate, model_shape
 from helpers import lora_loss_and_grads as _loss_and_grads
-from helpers import SavedBytes as _Saved
+from helpers import layer_saved_bytes
 from helpers import tiny_lora_model as _model
 
 BACKEND = "inductor" if shutil.which("g++") or shutil.which("c++") else "aot_eager"
@@ -148,16 +148,9 @@ def test_layer_activation_bytes_match_autograd(compiled, targets):
     if compiled:
         torch._dynamo.reset()
         compile_layers(model, backend=BACKEND)
-    layer = recompute.checkpointable_layers(model)[1]
-    saved = _Saved(model, layer)
-    ids = torch.randint(0, 512, (b, s), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(input_ids=ids).logits
-    out.float().sum().backward()
+    counted = layer_saved_bytes(model, s, b)
     shape = model_shape(model)
     predicted = _act_bytes_per_layer(shape, s, b, 2, shape.lora_shapes(list(targets)), r, compiled)
-    counted = saved.total()
     print(f"{'compiled' if compiled else 'eager'} {len(targets)} adapters: counted {counted / (s * b * h):.2f}, "
           f"predicted {predicted / (s * b * h):.2f} bytes per token per h")
     assert predicted == pytest.approx(counted, rel=0.05)

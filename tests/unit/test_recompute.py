@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
 
 from bigtrain import recompute
 from bigtrain.memory import GiB, Setup, checkpointed_activation_bytes, estimate, model_shape

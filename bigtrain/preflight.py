@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,9 @@ from .data import DataError
 from .dist import node_key
 from .engine.ds_config import read_user_ds_config
 from .layout import Layout, choose
-from .memory import GiB, estimate, host_peak, model_shape, setup_for_run
+from .memory import GiB, estimate, host_peak, layer_input_bytes, model_shape, setup_for_run
 from .presets import position_limit
+from .recompute import fixed_offload, fixed_tile
 from .steptime import lora_peak_per_gpu
 
 if TYPE_CHECKING:
@@ -205,11 +207,6 @@ def least_gpu_memory(cfg: Config, shape, st, device_type: str, host_have: int | 
     settings that hold the least on the GPU, as the run may choose them: the MLP tiled where
     model.tiled_mlp is auto on a GPU (or set), and under model.offload_activations=auto as many
     checkpointed inputs in host memory as the host's share per rank holds (less the headroom)."""
-    from dataclasses import replace
-
-    from .memory import layer_input_bytes
-    from .recompute import fixed_offload, fixed_tile
-
     gpu = device_type == "cuda"
     tile = fixed_tile(cfg.model.tiled_mlp, shape.hidden)
     if tile is None:

@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 
 from .config import QUANTIZE_CHOICES
 from .memory import (CATEGORIES, CATEGORY_LABELS, CUDA_CONTEXT_BYTES, FRAGMENTATION, GB, GiB, ModelShape, Setup,
-                     estimate, layer_input_bytes, meta_cached, model_shape, named_config, peak_bytes, per_gpu,
+                     estimate, host_offload_budget, layer_input_bytes, meta_cached, model_shape, named_config, peak_bytes, per_gpu,
                      quantized_gather_bytes)
 from .presets import meta_model
 from .steptime import Rates, compare_layouts
@@ -342,22 +342,22 @@ def layouts(shape: ModelShape, st: Setup, nodes: int, gpus_per_node: int, grad_a
             "rates": asdict(rates), **out}
 
 
-def training_plan(shape: ModelShape, st: Setup, host_mem_bytes: int | None, headroom: float = 0.1) -> dict:
+def training_plan(shape: ModelShape, st: Setup, host_mem_bytes: int | None, gpus_per_node: int = 1,
+                  headroom: float = 0.1) -> dict:
     """What a training run of this job takes with its memory settings at ``auto``
     (model.gradient_checkpointing, model.tiled_mlp, model.offload_activations: bigtrain.recompute's
     choose_memory, the same rule a run applies on a GPU): the LoRA peak per GPU within the GPU's memory
     less ``headroom``, the offloaded inputs within ``host_mem_bytes`` less it (None: unbounded) shared
-    by the node's GPUs that hold a part of the job."""
+    by the node's ``gpus_per_node`` GPUs."""
     from .recompute import choose_memory, describe  # loads transformers: the CLI's parsers read this module
 
     budget = int(st.gpu_mem_bytes * (1 - headroom))
-    ranks_per_host = min(st.world_size, 8) if host_mem_bytes else 1
-    host_budget = int(host_mem_bytes * (1 - headroom)) // ranks_per_host if host_mem_bytes else None
+    host_budget = (host_offload_budget(host_mem_bytes, gpus_per_node, headroom) if host_mem_bytes
+                   else None)
     inp = layer_input_bytes(shape, st)
 
     def at(n, t, o):
-        return replace(st, checkpoint_layers=n, checkpointing=n > 0, tiled_mlp=t, offload_layers=o,
-                       compiled=st.compiled and not t)
+        return replace(st, checkpoint_layers=n, checkpointing=n > 0, tiled_mlp=t, offload_layers=o)
 
     plan = choose_memory("auto", "auto", "auto", shape.layers, shape.hidden,
                          lambda n, t, o: estimate(shape, at(n, t, o))["lora"]["per_gpu_total"], budget,

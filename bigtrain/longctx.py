@@ -94,12 +94,6 @@ def install_tiled_mlp(model: nn.Module, tile: int) -> int:
     return n
 
 
-def _offload_base():
-    from deepspeed.runtime.activation_checkpointing.offload_activations import CheckpointHiddenStatesOffload
-
-    return CheckpointHiddenStatesOffload
-
-
 class CheckpointOffload:
     """A context for one micro-batch's forward *and* backward: the inputs of the first ``layers``
     checkpointed decoder layers live in host memory between the two (pinned, on a side stream, on a
@@ -126,9 +120,9 @@ class CheckpointOffload:
 
 
 def _make_offload(layers: int, device: torch.device):
-    base = _offload_base()
+    from deepspeed.runtime.activation_checkpointing.offload_activations import CheckpointHiddenStatesOffload
 
-    class _FirstLayers(base):
+    class _FirstLayers(CheckpointHiddenStatesOffload):
         """DeepSpeed's offload of marked checkpoint inputs, marking only the first ``layers`` of a
         forward, and allowed on a CPU device (DeepSpeed skips every tensor there)."""
 

@@ -680,10 +680,11 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     s, b = st.seq_len, st.micro_batch
     act = DTYPE_BYTES[st.dtype]
     shapes = shape.lora_shapes(list(st.lora_targets)) if lora else None
-    tiled = lora and st.tiled_mlp > 0 and not st.compiled and st.tiled_mlp < s * b
-    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, st.compiled and lora, tiled)
-    k = st.checkpoint_layers if (lora and st.checkpoint_layers is not None) else (
-        shape.layers if st.checkpointing else 0)
+    # a tiled run's layers run eager (bigtrain.longctx: the run turns compiling off when it tiles)
+    tiled = lora and 0 < st.tiled_mlp < s * b
+    compiled = lora and st.compiled and not st.tiled_mlp
+    layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, compiled, tiled)
+    k = checkpointed_layers(shape, st) if lora else (shape.layers if st.checkpointing else 0)
     acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer,
                                          st.offload_layers if lora else 0)
     if tiled:
@@ -849,10 +850,21 @@ def layer_input_bytes(shape: ModelShape, st: Setup) -> int:
     return DTYPE_BYTES[st.dtype] * sequence_shard(st, "lora").seq_len * st.micro_batch * shape.hidden
 
 
+def checkpointed_layers(shape: ModelShape, st: Setup) -> int:
+    """LoRA's recomputed decoder layers: ``checkpoint_layers``, or every layer (none) where it is None
+    and ``checkpointing`` is on (off)."""
+    return st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
+
+
 def offload_bytes(shape: ModelShape, st: Setup) -> int:
     """Host bytes of the offloaded checkpointed layer inputs (model.offload_activations)."""
-    k = st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
-    return min(st.offload_layers, k) * layer_input_bytes(shape, st)
+    return min(st.offload_layers, checkpointed_layers(shape, st)) * layer_input_bytes(shape, st)
+
+
+def host_offload_budget(host_bytes: int, ranks: int, headroom: float) -> int:
+    """The host bytes one rank may pin for offloaded layer inputs: the host's ``host_bytes`` (its
+    MemAvailable, or its size for an estimate) less ``headroom``, shared by its ``ranks``."""
+    return int(host_bytes * (1 - headroom)) // max(1, ranks)
 
 
 def setup_for_run(cfg, world: int, **overrides) -> Setup:

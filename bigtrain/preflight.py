@@ -21,7 +21,8 @@ from .data import DataError
 from .dist import node_key
 from .engine.ds_config import read_user_ds_config
 from .layout import Layout, choose
-from .memory import GiB, estimate, host_peak, layer_input_bytes, model_shape, setup_for_run
+from .memory import (GiB, checkpointed_layers, estimate, host_offload_budget, host_peak, layer_input_bytes,
+                     model_shape, setup_for_run)
 from .presets import position_limit
 from .recompute import fixed_offload, fixed_tile
 from .steptime import lora_peak_per_gpu
@@ -202,21 +203,22 @@ def choose_layout(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> L
     return choose(cfg.zero.shard_group, [tuple(k) for k in keys], fits)
 
 
-def least_gpu_memory(cfg: Config, shape, st, device_type: str, host_have: int | None):
+def least_gpu_memory(cfg: Config, shape, st, device_type: str, host_bytes: int | None, ranks: int = 1):
     """``st`` (every layer recomputed where model.gradient_checkpointing is auto) with the long-context
     settings that hold the least on the GPU, as the run may choose them: the MLP tiled where
     model.tiled_mlp is auto on a GPU (or set), and under model.offload_activations=auto as many
-    checkpointed inputs in host memory as the host's share per rank holds (less the headroom)."""
+    checkpointed inputs in host memory as one of the host's ``ranks`` may pin of ``host_bytes``
+    (:func:`bigtrain.memory.host_offload_budget`)."""
     gpu = device_type == "cuda"
     tile = fixed_tile(cfg.model.tiled_mlp, shape.hidden)
     if tile is None:
         tile = shape.hidden if gpu and cfg.model.compile is not True else 0
-    k = st.checkpoint_layers if st.checkpoint_layers is not None else (shape.layers if st.checkpointing else 0)
+    k = checkpointed_layers(shape, st)
     off = fixed_offload(cfg.model.offload_activations, k)
     if off is None:
-        room = int((host_have or 0) * (1 - cfg.train.memory_headroom))
+        room = host_offload_budget(host_bytes or 0, ranks, cfg.train.memory_headroom)
         off = min(k, room // max(1, layer_input_bytes(shape, st))) if gpu else 0
-    return replace(st, tiled_mlp=tile, offload_layers=off, compiled=st.compiled and not tile)
+    return replace(st, tiled_mlp=tile, offload_layers=off)
 
 
 def check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> str:
@@ -231,7 +233,7 @@ def check_memory(cfg: Config, meta, engine: Engine, from_checkpoint: bool) -> st
     local = local_ranks()
     avail = mem_available()
     host_have = avail // local if avail is not None else None
-    st = least_gpu_memory(cfg, shape, st, dev.type, host_have)
+    st = least_gpu_memory(cfg, shape, st, dev.type, avail, local)
     est = estimate(shape, st)
     gpu_need = est["lora"]["per_gpu_total"]
     host_need = host_peak(shape, st, dev.type, from_checkpoint)["total"]

@@ -149,19 +149,19 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
     if peak is None or budget is None:
         plan = choose(setting, layers, None, None)
         off = fixed_offload(offload_setting, plan.checkpointed) or 0
-        plan = replace(plan, tiled=tile or 0, offloaded=off, long_why=_long_why(tile or 0, off, "as set"))
+        plan = replace(plan, tiled=tile or 0, offloaded=off, long_why="as set" if tile or off else "")
         if offload_setting not in ("auto", False) and not plan.checkpointed:
             plan = replace(plan, why=plan.why + f"; model.offload_activations={str(offload_setting).lower()} "
                                                 "offloads checkpointed layers' inputs: none are checkpointed")
         return plan
-    for t in ([tile] if tile is not None else [0, hidden]):
+    tiles = [tile] if tile is not None else [0, hidden]
+    for t in tiles:
         def at(n, t=t):
-            o = fixed_offload(offload_setting, n)
-            return peak(n, t, o or 0)
+            return peak(n, t, fixed_offload(offload_setting, n) or 0)
         plan = choose(setting, layers, at, budget)
         n = plan.checkpointed
         off = fixed_offload(offload_setting, n)
-        if at(n) <= budget or off is not None and t == (tile if tile is not None else hidden):
+        if at(n) <= budget or off is not None and t == tiles[-1]:  # fits, or set values are kept
             why = "as set" if off or tile else (
                 f"auto: the untiled estimate {peak(n, 0, 0) / 2**30:.1f} GiB is above the {budget / 2**30:.1f} GiB "
                 f"budget, tiled {at(n) / 2**30:.1f} GiB" if t else "")
@@ -170,7 +170,7 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
     fits_host = (lambda o: True) if host is None or host_budget is None else (lambda o: host(o) <= host_budget)
     o = smallest_fit(n, lambda k: peak(n, t, k), budget)  # the peak falls with k, the host's use grows
     if o is None or not fits_host(o):
-        most = max((k for k in range(n + 1) if fits_host(k)), default=0)
+        most = _most_the_host_holds(n, fits_host)
         why = (f"auto: the most the host holds ({most}), and the estimate ({peak(n, t, most) / 2**30:.1f} GiB) is "
                f"still above the {budget / 2**30:.1f} GiB budget")
         o = most
@@ -184,8 +184,9 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
     return replace(plan, tiled=t, offloaded=o, long_why=why, offload_auto=True)
 
 
-def _long_why(tile: int, off: int, why: str) -> str:
-    return why if tile or off else ""
+def _most_the_host_holds(n: int, fits_host: Callable[[int], bool]) -> int:
+    """The most of ``n`` offloaded inputs the host holds (``fits_host`` grows false with the count)."""
+    return max((k for k in range(n + 1) if fits_host(k)), default=0)
 
 
 def corrected(plan: Plan, measured: int, estimated: int, activations: int,
@@ -209,7 +210,7 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
         ok = host_ok or (lambda o: True)
         o = smallest_fit(n, lambda k: int(fixed_part + scale * act_off(k)), budget)
         if o is None or not ok(o):
-            o = max((k for k in range(n + 1) if ok(k)), default=0)
+            o = _most_the_host_holds(n, ok)
         if o == plan.offloaded:
             return None
         return replace(plan, offloaded=o, long_why=_corrected_why(

@@ -46,7 +46,8 @@ from .evaluate import sample_prompts
 from .inject import find_targets, inject_lora, output_layer_names, parameter_report
 from .loader import checkpoint_files
 from .lora import AdapterSpec
-from .memory import GiB, estimate, layer_input_bytes, measure_states, model_shape, predict_states, setup_for_run
+from .memory import (GiB, estimate, host_offload_budget, layer_input_bytes, measure_states, model_shape,
+                     predict_states, setup_for_run)
 from .metrics import Loggers, lora_flops_per_token, peak_tflops
 from .presets import count_parameters, hf_config_for, meta_model
 from .progress import use_bar
@@ -212,7 +213,7 @@ class Run:
         offloaded = (plan.offloaded if plan else 0) if offloaded is None else offloaded
         st = setup_for_run(self.cfg, self.info.world_size, persistence_threshold=self.engine.zero.persistence_threshold,
                            hpz=self.engine.hpz_size, shard_group=self.engine.base_shards, checkpoint_layers=n,
-                           checkpointing=n > 0, compiled=self.compiled and not tile, tiled_mlp=tile,
+                           checkpointing=n > 0, compiled=self.compiled, tiled_mlp=tile,
                            offload_layers=offloaded)
         return estimate(model_shape(self.inputs.meta), st)["lora"]
 
@@ -502,9 +503,10 @@ def _plan_recompute(run: Run) -> None:
     peak = ((lambda n, t, o: run.estimate_at(n, t, o)["per_gpu_total"]) if run.recompute_budget is not None
             else None)
     shape = model_shape(run.inputs.meta)
-    host_budget = preflight.mem_available() if dev.type == "cuda" else None
-    if host_budget is not None:  # pinned by every rank of this host, beside what each already holds
-        host_budget = int(host_budget * (1 - cfg.train.memory_headroom)) // max(1, preflight.local_ranks())
+    avail = preflight.mem_available() if dev.type == "cuda" else None
+    # pinned by every rank of this host, beside what each already holds
+    host_budget = (host_offload_budget(avail, preflight.local_ranks(), cfg.train.memory_headroom)
+                   if avail is not None else None)
     tile_setting = 0 if cfg.model.compile is True else cfg.model.tiled_mlp  # never inside a compiled layer
     inp = layer_input_bytes(shape, setup_for_run(cfg, run.info.world_size))
     if host_budget is not None:

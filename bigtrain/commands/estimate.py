@@ -181,12 +181,16 @@ def cmd_estimate(args) -> int:
     if args.nodes < 1 or args.gpus_per_node < 1:
         print("error: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
         return 2
-    for flag, v in (("--tiled-mlp", args.tiled_mlp + 1), ("--offload-activations", args.offload_activations + 1),
-                    ("--host-mem-gib", args.host_mem_gib or 1), ("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
+    for flag, v in (("--tiled-mlp", args.tiled_mlp), ("--offload-activations", args.offload_activations)):
+        if v < 0:
+            print(f"error: {flag} must be >= 0 (0: off), got {v}", file=sys.stderr)
+            return 2
+    for flag, v in (("--lora-r", args.lora_r), ("--micro-batch", args.micro_batch),
                     ("--num-layers", 1 if args.num_layers is None else args.num_layers),
                     ("--seq-len", args.seq_len), ("--gpu-mem-gib", args.gpu_mem_gib),
                     ("--grad-accum", args.grad_accum), ("--gpu-tflops", args.gpu_tflops), ("--mfu", args.mfu),
-                    ("--intra-node-bw", args.intra_node_bw), ("--inter-node-bw", args.inter_node_bw)):
+                    ("--intra-node-bw", args.intra_node_bw), ("--inter-node-bw", args.inter_node_bw),
+                    ("--host-mem-gib", 1 if args.host_mem_gib is None else args.host_mem_gib)):
         if not v > 0:
             print(f"error: {flag} must be > 0, got {v}", file=sys.stderr)
             return 2
@@ -222,7 +226,8 @@ def cmd_estimate(args) -> int:
             return 2
         est = estimate(shape, st)
         if args.zero_stage == 3 and args.hpz == 1 and not args.offload_param:
-            plan = training_plan(shape, st, int(args.host_mem_gib * GiB) if args.host_mem_gib else None)
+            plan = training_plan(shape, st, int(args.host_mem_gib * GiB) if args.host_mem_gib else None,
+                                 args.gpus_per_node)
             if args.json or args.seq_len >= LONG_CONTEXT or args.host_mem_gib:
                 est["plan"] = plan
         est["layouts"] = layouts(shape, st, args.nodes, args.gpus_per_node, args.grad_accum,

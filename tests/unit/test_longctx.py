@@ -228,3 +228,23 @@ def test_the_h100_out_of_memory_at_512k_is_predicted():
     shape = model_shape(__import__("bigtrain.presets", fromlist=["hf_config_for"]).hf_config_for("llama2-7b", num_layers=8))
     total = estimate(shape, st)["lora"]["per_gpu_total"]
     assert total > 76.0 * 2**30 + 8 * 2**30 > total - TILED_BACKWARD_EXTRA * 524288 * 4096
+
+
+def test_estimate_plan_shares_the_host_among_a_nodes_gpus():
+    """bigtrain estimate's training plan: the offloaded inputs' host budget is the node's memory less
+    the headroom over its --gpus-per-node (not over the whole job), and negative settings are one
+    line naming the flag."""
+    import bigtrain.commands.estimate as C
+    from bigtrain.estimate import training_plan
+    from bigtrain.memory import Setup, model_shape
+
+    shape = model_shape("llama2-7b")
+    st = Setup(world_size=8, micro_batch=1, seq_len=524288, lora_r=16, gpu_mem_bytes=139 * 2**30,
+               lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    plan = training_plan(shape, st, 500 * 2**30, gpus_per_node=4)
+    assert plan["host_budget"] == int(500 * 2**30 * 0.9) // 4
+    import argparse
+    parser = argparse.ArgumentParser()
+    C.add_parser(parser.add_subparsers())
+    for flag in ("--tiled-mlp", "--offload-activations"):
+        assert C.cmd_estimate(parser.parse_args(["estimate", "llama2-7b", flag, "-1"])) == 2

@@ -149,6 +149,13 @@ def final_adapters(out_dir):
     return load_file(str(Path(out_dir) / "checkpoints" / latest / "adapter_model.safetensors"))
 
 
+def max_adapter_diff(a_dir, b_dir):
+    """The largest absolute difference between two runs' final adapters (the same tensors in both)."""
+    A, B = final_adapters(a_dir), final_adapters(b_dir)
+    assert A.keys() == B.keys()
+    return max((A[k] - B[k]).abs().max().item() for k in A)
+
+
 def ranks(out_dir):
     return json.loads((Path(out_dir) / "ranks.json").read_text())
 

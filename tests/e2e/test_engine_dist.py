@@ -11,21 +11,14 @@ twice the floor measured in the same test.
 """
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import final_adapters, losses, ranks, run, run_all, tiny_overrides, train_cmd
+from helpers import final_adapters, losses, max_adapter_diff, ranks, run, run_all, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow
 STEPS = 6
-
-
-def _max_diff(a_dir, b_dir):
-    A, B = final_adapters(a_dir), final_adapters(b_dir)
-    assert A.keys() == B.keys()
-    return max((A[k] - B[k]).abs().max().item() for k in A)
 
 
 def _compare(a_dir, b_dir, floor):
@@ -35,7 +28,7 @@ def _compare(a_dir, b_dir, floor):
         assert la[s] == pytest.approx(lb[s], rel=1e-5), f"step {s}: {la[s]} vs {lb[s]}"
     assert la[STEPS] < la[1] - 0.05, f"loss did not fall: {la}"
     A = final_adapters(a_dir)
-    worst = _max_diff(a_dir, b_dir)
+    worst = max_adapter_diff(a_dir, b_dir)
     moved = max(A[k].abs().max().item() for k in A if k.endswith("lora_B"))
     assert worst <= max(2 * floor, 1e-6), f"adapters differ by {worst}, floor {floor} (lora_B moved {moved})"
     assert moved > 100 * worst
@@ -60,7 +53,7 @@ def test_zero3_ranks_match_single_process(tmp_path, tiny_models, world, micro, a
     assert re.search(rf"tokenised by rank \d in [\d.]+ s; {world - 1} of {world} rank\(s\) memory-mapped it",
                      p.stdout), p.stdout[-3000:]
     assert len(list((tmp_path / "cache").glob("*/rows.arrow"))) == 1
-    floor = _max_diff(single_dir, alt_dir)
+    floor = max_adapter_diff(single_dir, alt_dir)
     worst = _compare(dist_dir, single_dir, floor)
     print(f"world {world}: max |adapter difference| = {worst:.3g}, single-process floor {floor:.3g}")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import final_adapters, losses, run, tiny_overrides, torchrun_workers, train_cmd
+from helpers import final_adapters, losses, max_adapter_diff, run, tiny_overrides, torchrun_workers, train_cmd
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,12 +57,6 @@ def _eval_losses(d):
     return {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r and "step" in r}
 
 
-def _max_diff(a, b):
-    A, B = final_adapters(a), final_adapters(b)
-    assert A.keys() == B.keys()
-    return max((A[k] - B[k]).abs().max().item() for k in A)
-
-
 def _compare(sp_dir, ref_dir, floor):
     la, lb = losses(sp_dir), losses(ref_dir)
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
@@ -72,7 +66,7 @@ def _compare(sp_dir, ref_dir, floor):
     assert sorted(ea) == sorted(eb) == [0, STEPS]
     for s in ea:
         assert ea[s] == pytest.approx(eb[s], rel=1e-6), f"eval at step {s}: {ea[s]} vs {eb[s]}"
-    worst = _max_diff(sp_dir, ref_dir)
+    worst = max_adapter_diff(sp_dir, ref_dir)
     A = final_adapters(sp_dir)
     moved = max(A[k].abs().max().item() for k in A if k.endswith("lora_B"))
     assert worst <= max(4 * floor, 2e-6), f"adapters differ by {worst}, floor {floor} (lora_B moved {moved})"
@@ -88,7 +82,7 @@ def single(tiny_models, tmp_path_factory):
     model = tiny_models["tiny-llama"]
     run(train_cmd(1, tiny_overrides(d / "one", model, STEPS, 4, **{"zero.stage": 0}, **EVAL)))
     run(train_cmd(1, tiny_overrides(d / "alt", model, STEPS, 2, **{"zero.stage": 0, "train.grad_accum": 2}, **EVAL)))
-    return d / "one", _max_diff(d / "one", d / "alt")
+    return d / "one", max_adapter_diff(d / "one", d / "alt")
 
 
 @pytest.mark.parametrize("world,micro", [(2, 4), (4, 2)])

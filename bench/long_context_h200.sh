@@ -13,7 +13,11 @@
 #   two    eager attention at 4k, plain twice and offloaded (the GPU's own determinism, then the
 #          adapters' SHA-256 with offload), 512k on 8 layers, bigtrain 128k (auto), FSDP2 + PEFT at
 #          96k and 64k, and at 64k every layer recomputed without and with tiling + offload of all
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long
+#   h200   (a 139 GiB card) 512k on 8 of the 32 layers holding on the GPU what the whole model's
+#          512k plan holds (7 recomputed, MLP tiled, 1 input offloaded: 6 inputs kept, as 31
+#          recomputed with 25 offloaded keep), bigtrain 128k (auto), FSDP2 + PEFT at 96k and 64k,
+#          and at 64k every layer recomputed without and with tiling + offload of all
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -46,6 +50,13 @@ case "${1:-exact}" in
            bt32k=bigtrain,32768,0,3,70 \
            bt128k=bigtrain,131072,0,2,150 \
            bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=$OFF8 ;;
+  h200)  python3 bench/long_context.py --out "$OUT/h200" --budget-s ${BUDGET_S:-570} \
+           bt512k_l8=bigtrain,524288,8,1,200,model.gradient_checkpointing=7,model.tiled_mlp=true,model.offload_activations=1 \
+           bt128k=bigtrain,131072,0,2,130 \
+           fs96k=fsdp2,98304,0,1,55 \
+           fs64k=fsdp2,65536,0,2,45 \
+           ck64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=false,model.offload_activations=false \
+           lc64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true ;;
   long)  python3 bench/long_context.py --out "$OUT/long" --budget-s 555 \
            bt384k=bigtrain,393216,0,1,420 \
            fs32k=fsdp2,32768,0,2,45 \

@@ -11,10 +11,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tokenised data is cached per content hash; the tests' cache is their own (not ~/.cache), shared by
 # the session (a test that counts tokenisations gives its run a fresh one)
+_OWN_CACHE = None
 if "BIGTRAIN_DATA_CACHE" not in os.environ:
     import tempfile
 
-    os.environ["BIGTRAIN_DATA_CACHE"] = tempfile.mkdtemp(prefix="bigtrain-test-data-")
+    os.environ["BIGTRAIN_DATA_CACHE"] = _OWN_CACHE = tempfile.mkdtemp(prefix="bigtrain-test-data-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's own data cache goes with it (one was left in /tmp per run before)."""
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,10 @@
 #          512k plan holds (7 recomputed, MLP tiled, 1 input offloaded: 6 inputs kept, as 31
 #          recomputed with 25 offloaded keep), bigtrain 128k (auto), FSDP2 + PEFT at 96k and 64k,
 #          and at 64k every layer recomputed without and with tiling + offload of all
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200
+#   h100   (an 80 GB card) bigtrain at 256k on all 32 layers (auto: the estimate says MLP tiled, 25
+#          inputs offloaded) and at 128k (auto), FSDP2 + PEFT at 96k and 64k, and at 64k every layer
+#          recomputed without and with tiling + offload of all
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -52,6 +55,13 @@ case "${1:-exact}" in
            bt512k_l8=bigtrain,524288,8,1,190,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=$OFF8 ;;
   h200)  python3 bench/long_context.py --out "$OUT/h200" --budget-s ${BUDGET_S:-570} \
            bt512k_l8=bigtrain,524288,8,1,200,model.gradient_checkpointing=7,model.tiled_mlp=true,model.offload_activations=1 \
+           bt128k=bigtrain,131072,0,2,130 \
+           fs96k=fsdp2,98304,0,1,55 \
+           fs64k=fsdp2,65536,0,2,45 \
+           ck64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=false,model.offload_activations=false \
+           lc64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true ;;
+  h100)  python3 bench/long_context.py --out "$OUT/h100" --budget-s ${BUDGET_S:-570} \
+           bt256k=bigtrain,262144,0,1,250 \
            bt128k=bigtrain,131072,0,2,130 \
            fs96k=fsdp2,98304,0,1,55 \
            fs64k=fsdp2,65536,0,2,45 \

@@ -20,7 +20,10 @@
 #   h100   (an 80 GB card) bigtrain at 256k on all 32 layers (auto: the estimate says MLP tiled, 25
 #          inputs offloaded) and at 128k (auto), FSDP2 + PEFT at 96k and 64k, and at 64k every layer
 #          recomputed without and with tiling + offload of all
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100
+#   peaks  bench/activation_peaks.py (4 layers at 16k and 32k, each memory setting: the activation
+#          peak against the estimate), then at 64k every layer recomputed with tiling + offload of
+#          all, and 256k on all 32 layers (auto)
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -67,6 +70,11 @@ case "${1:-exact}" in
            fs64k=fsdp2,65536,0,2,45 \
            ck64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=false,model.offload_activations=false \
            lc64k=bigtrain,65536,0,2,45,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true ;;
+  peaks) python3 bench/activation_peaks.py --model llama2-7b --layers 4 --seq 16384,32768 --out "$OUT/peaks.jsonl" \
+           k=4 k=3 k=2 k=4,tile k=3,tile k=4,tile,off=4 k=3,tile,off=3 k=4,off=4 k=3,off=3
+         python3 bench/long_context.py --out "$OUT/long" --budget-s ${BUDGET_S:-450} \
+           lc64k=bigtrain,65536,0,2,50,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true \
+           bt256k=bigtrain,262144,0,1,240 ;;
   long)  python3 bench/long_context.py --out "$OUT/long" --budget-s 555 \
            bt384k=bigtrain,393216,0,1,420 \
            fs32k=fsdp2,32768,0,2,45 \

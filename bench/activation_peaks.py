@@ -51,10 +51,13 @@ def parse_setting(spec: str, layers: int) -> dict:
     return out
 
 
-def build(model_name: str, layers: int, dev: torch.device, hidden: int | None = None, ffn: int | None = None):
+def build(model_name: str, layers: int, dev: torch.device, hidden: int | None = None, ffn: int | None = None,
+          vocab: int | None = None):
     import transformers as tf
 
     cfg = hf_config_for(model_name, vocab_size=512, num_layers=layers)
+    if vocab:
+        cfg.vocab_size = vocab
     if hidden:
         cfg.hidden_size, cfg.intermediate_size = hidden, ffn
         cfg.num_attention_heads = cfg.num_key_value_heads = hidden // 64
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", default="16384,32768", help="comma-separated sequence lengths")
     ap.add_argument("--hidden", type=int, default=None, help="CPU: a narrower layer (with --ffn)")
     ap.add_argument("--ffn", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None, help="CPU: a smaller vocabulary (the loss's chunk small beside a layer)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--out", default=None, help="append each row as JSON to this file")
     args = ap.parse_args(argv)
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     seqs = [int(x) for x in args.seq.split(",")]
     for spec in args.settings:
         st = parse_setting(spec, args.layers)
-        model, lora = build(args.model, args.layers, dev, args.hidden, args.ffn)
+        model, lora = build(args.model, args.layers, dev, args.hidden, args.ffn, args.vocab)
         n = recompute.apply(model, st["k"])
         if st["tile"]:
             longctx.install_tiled_mlp(model, model.config.hidden_size)

@@ -23,7 +23,9 @@
 #   peaks  bench/activation_peaks.py (4 layers at 16k and 32k, each memory setting: the activation
 #          peak against the estimate), then at 64k every layer recomputed with tiling + offload of
 #          all, and 256k on all 32 layers (auto)
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks
+#   verify (after the estimator's moments) the whole-layer moment on 4 layers at 128k, then 256k on
+#          all 32 layers (auto) and 128k (auto)
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -75,6 +77,11 @@ case "${1:-exact}" in
          python3 bench/long_context.py --out "$OUT/long" --budget-s ${BUDGET_S:-450} \
            lc64k=bigtrain,65536,0,2,50,model.gradient_checkpointing=true,model.tiled_mlp=true,model.offload_activations=true \
            bt256k=bigtrain,262144,0,1,240 ;;
+  verify) python3 bench/activation_peaks.py --model llama2-7b --layers 4 --seq 131072 --out "$OUT/peaks.jsonl" \
+           k=3 k=3,tile
+         python3 bench/long_context.py --out "$OUT/long" --budget-s ${BUDGET_S:-420} \
+           bt256k=bigtrain,262144,0,1,240 \
+           bt128k=bigtrain,131072,0,2,150 ;;
   long)  python3 bench/long_context.py --out "$OUT/long" --budget-s 555 \
            bt384k=bigtrain,393216,0,1,420 \
            fs32k=fsdp2,32768,0,2,45 \

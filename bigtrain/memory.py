@@ -538,22 +538,41 @@ def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int, off
     return (k - o) * inp + max(layers - k, 1 if k else 0) * layer
 
 
-# Bytes per token per unit of hidden size that a tiled layer's backward holds beyond its saved tensors:
-# the final norm's fp32 input (4), the gradient arriving at the layer (2) and the norms' fp32
-# backward temporaries (8). Untiled, the MLP's ffn-wide saved tensors (~16 per token per h) are freed
-# before these appear, so the saved tensors are the peak (measured within 3% up to 128k tokens).
-# Tiled, the MLP keeps 2, and these become the peak: on an H100, 512k tokens on 8 Llama-2-7B layers
-# (every input offloaded) ran out of memory in backward at 76.0 GiB allocated asking for 8 GiB more,
-# where the saved-tensor estimate said 49.4 GiB: at least 17.3 per token per h more (a lower bound:
-# the step did not finish; bench/results/long_context/h100_lease2).
-TILED_BACKWARD_EXTRA = 18
+# What a LoRA step holds beyond its saved tensors, at the two moments that can set its peak. Measured
+# with bench/activation_peaks.py on an H100 (4 Llama-2-7B layers at 16k and 32k tokens, every memory
+# setting; bench/results/long_context/h100_lease3/run2/peaks.jsonl): the estimate is within 2% (under
+# 1 byte per token per unit of hidden size) of each of the 18 peaks, and of whole-model runs at 64k
+# and 128k tokens (tests/unit/test_longctx.py).
+#
+# * A layer's backward (the last whole layer's, or the last recomputed one's): the gradient arriving
+#   (act·h) and the larger of the norm's fp32 backward temporaries (16·h: RMSNorm upcasts) and the
+#   MLP's ffn-wide gradients (act·ffn for each of gate, up and their product; two for a plain MLP).
+#   Tiled, the MLP's are one tile's (tile_bytes). Measured: 18.3 h untiled, 17.75 h tiled.
+# * The final norm's backward, right after the loss's: its fp32 input, the fp32 gradient arriving and
+#   the norm's temporaries (4 + 4 + 16 bytes per token per h), with every whole layer still held; it
+#   sets the peak when a layer is kept whole. Measured: an H100 at 128k tokens, 31 of 32 Llama-2-7B
+#   layers recomputed, 6 bytes per token per h above the layer's backward; on a CPU, 25 h in all.
+# * The loss's backward, at the end of forward (every kept input and whole layer still held): the
+#   final norm's fp32 input (4·h), the head's input rows, the norm's output and their gradient
+#   (3 × act·h), and one chunk of logits as fp32 (losses.CHUNK_LOGITS): the fp32 logits, the
+#   log-softmax, and the gradients of each (16 bytes a logit). Measured: 10.2 h + 16.2 bytes a logit.
+NORM_BACKWARD = 16
+LOSS_HELD_FP32 = 4
+LOSS_HELD_ACT = 3
+LOGIT_BYTES = 16
+
+
+def backward_transient_bytes(shape: ModelShape, act: int, tiled: bool) -> int:
+    """Per token: what a decoder layer's backward holds beyond its saved tensors (see above)."""
+    mlp = 0 if tiled else (3 if shape.ffn_maps >= 2 else 2) * act * shape.ffn
+    return act * shape.hidden + max(NORM_BACKWARD * shape.hidden, mlp)
 
 
 def tile_bytes(shape: ModelShape, tile: int, act: int) -> int:
     """One MLP tile's working set in backward (model.tiled_mlp: ``tile`` tokens): the ffn-wide tensors
-    of the tile's recomputed forward (gate, up, their product; one for a plain MLP) and as many
-    gradients."""
-    return 2 * tile * act * shape.ffn * (3 if shape.ffn_maps >= 2 else 1) if tile else 0
+    of the tile's recomputed forward and their gradients, four at a time for a gated MLP (two for a
+    plain one); measured: 3.6 (bench/activation_peaks.py, Llama-2-7B, tiles of 4,096 tokens)."""
+    return tile * act * shape.ffn * (4 if shape.ffn_maps >= 2 else 2) if tile else 0
 
 
 def _components_full(shape: ModelShape, st: Setup) -> dict:
@@ -685,21 +704,29 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     compiled = lora and st.compiled and not st.tiled_mlp
     layer = _act_bytes_per_layer(shape, s, b, act, shapes, st.lora_r, compiled, tiled)
     k = checkpointed_layers(shape, st) if lora else (shape.layers if st.checkpointing else 0)
-    acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer,
-                                         st.offload_layers if lora else 0)
-    if tiled:
-        acts += tile_bytes(shape, st.tiled_mlp, act) + TILED_BACKWARD_EXTRA * s * b * shape.hidden
-    if lora:
-        # bigtrain's loss projects the target positions through the head in chunks of at most
-        # CHUNK_LOGITS logits (bigtrain/losses.py): one chunk's logits (act), their fp32 copy and its
-        # gradient (4 + 4) exist at a time, plus the gradient w.r.t. the hidden states
-        from .losses import CHUNK_LOGITS
+    if not lora:
+        acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer)
+        return acts, s * b * shape.vocab * (act + 4 + 4)
+    # LoRA: the larger of two moments (NORM_BACKWARD's comment above). bigtrain's loss projects the
+    # target positions through the head in chunks of at most CHUNK_LOGITS logits (bigtrain/losses.py).
+    from .losses import CHUNK_LOGITS
 
-        rows = min(s * b, max(1, CHUNK_LOGITS // max(1, shape.vocab)))
-        logits = rows * shape.vocab * (act + 4 + 4) + act * s * b * shape.hidden
-    else:
-        logits = s * b * shape.vocab * (act + 4 + 4)
-    return acts, logits
+    L, h, inp = shape.layers, shape.hidden, act * s * b * shape.hidden
+    o = max(0, min(st.offload_layers, k))
+    rows = min(s * b, max(1, CHUNK_LOGITS // max(1, shape.vocab)))
+    # at the end of forward: the inputs kept on the GPU and the whole layers, and with offload one more
+    # input (measured: the last one sent to the host is not yet released when the loss runs)
+    held = (k - o + (1 if o else 0)) * inp + (L - k) * layer
+    loss = s * b * h * (LOSS_HELD_FP32 + LOSS_HELD_ACT * act) + rows * shape.vocab * LOGIT_BYTES
+    # a layer's backward: the last whole layer's (or, every layer recomputed, the last one's, its input
+    # back from the host if every input went there)
+    in_backward = (checkpointed_activation_bytes(L, k, inp, layer, o) + (inp if o == k == L > 0 else 0)
+                   + s * b * backward_transient_bytes(shape, act, tiled)
+                   + (tile_bytes(shape, st.tiled_mlp, act) if tiled else 0))
+    # the final norm's backward, right after the loss's: its fp32 input, the fp32 gradient and the
+    # norm's temporaries, with every whole layer still held
+    norm = s * b * h * (4 + 4 + NORM_BACKWARD)
+    return max((held, loss), (held + norm, 0), (in_backward, 0), key=sum)
 
 
 def _finish(c: dict, st: Setup) -> dict:

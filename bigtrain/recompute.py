@@ -76,10 +76,10 @@ def choose(setting, layers: int, peak: Callable[[int], int] | None, budget: int 
         return Plan(layers, fixed, False, f"model.gradient_checkpointing={str(setting).lower()}")
     if peak is None or budget is None:
         return Plan(layers, 0, True, "auto: none on CPU, where no GPU memory is sized")
-    most = auto_limit(layers)
+    most = auto_limit(layers, peak)
     n = smallest_fit(most, peak, budget)
     if n is None:
-        return Plan(layers, most, True, f"auto: all but the last, the least memory, and the estimate "
+        return Plan(layers, most, True, f"{_least_why(most, layers)}, and the estimate "
                                         f"({peak(most) / 2**30:.1f} GiB) is still above the "
                                         f"{budget / 2**30:.1f} GiB budget")
     if n == 0:
@@ -90,12 +90,21 @@ def choose(setting, layers: int, peak: Callable[[int], int] | None, budget: int 
     return Plan(layers, n, True, why)
 
 
-def auto_limit(layers: int) -> int:
-    """The most layers auto recomputes: all but the last. Recomputing the last layer too costs one
-    more layer input of memory, not less: its recomputation starts backward while every layer's input
-    is still held (the peak is L inputs + one whole layer), where keeping its activations holds L-1
-    inputs + that same layer. ``true`` still recomputes every layer, as it always did."""
-    return max(layers - 1, 0) if layers > 1 else layers
+def auto_limit(layers: int, peak: Callable[[int], int] | None = None) -> int:
+    """The most layers auto recomputes: the count of L-1 and L that the estimate ``peak`` says holds
+    less (L-1 without one). Recomputing the last layer too holds one more layer input while it is
+    recomputed; keeping it whole holds it through the final norm's backward, whose fp32 temporaries
+    (24 bytes per token per unit of hidden size) exceed a layer's backward transient (memory.py), so
+    for Llama-2-7B every layer recomputed holds least. ``true`` recomputes every layer regardless."""
+    if layers <= 1:
+        return layers
+    if peak is not None and peak(layers) <= peak(layers - 1):
+        return layers
+    return layers - 1
+
+
+def _least_why(n: int, layers: int) -> str:
+    return "auto: every layer, the least memory" if n == layers else "auto: all but the last, the least memory"
 
 
 def smallest_fit(layers: int, peak: Callable[[int], int], budget: int) -> int | None:
@@ -179,8 +188,8 @@ def choose_memory(setting, tile_setting, offload_setting, layers: int, hidden: i
                f"{budget / 2**30:.1f} GiB budget"
                + (f", {host(o) / 2**30:.1f} GiB of host memory within {host_budget / 2**30:.1f}" if host and
                   host_budget is not None else "") + ")")
-    if plan.auto and n == auto_limit(layers):
-        plan = replace(plan, why="auto: all but the last, the least memory")
+    if plan.auto and n == auto_limit(layers, lambda k: peak(k, t, 0)):
+        plan = replace(plan, why=_least_why(n, layers))
     return replace(plan, tiled=t, offloaded=o, long_why=why, offload_auto=True)
 
 
@@ -221,7 +230,7 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
     def scaled(n: int) -> int:
         return int(fixed_part + scale * act_at(n))
 
-    most = auto_limit(plan.layers)
+    most = auto_limit(plan.layers, scaled)
     n = smallest_fit(most, scaled, budget)
     if n is None:
         n = most

@@ -121,6 +121,10 @@ class Trainer:
         self.window = Window()  # sums since the last log line
         self.last_eval: float | None = None
         self.measured: dict | None = None  # model states at the last step, when all exist
+        # (peak, plan, step) of the first step when the correction after it changed the plan (and
+        # restarted the peak), else None
+        self.first_step_peak: tuple | None = None
+        self.first_peak_unlogged = False
         self.farewell: str | None = None  # the run's last line, printed after the loggers close
         self.recompiles = 0  # layer graphs compiled after the first step (model.compile)
         self.recompiles_said = 0
@@ -233,6 +237,9 @@ class Trainer:
         if not skipped:
             run.optimizer.step()
             run.scheduler.step()
+        if self.measured is not None and next_step == t.max_steps:
+            # Adam's moments appear at the optimizer's first step: a run of one step has them only now
+            self.measured["optimizer_state"] = measure_states(run.model, run.lora, run.optimizer)["optimizer_state"]
         run.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=grad_norm, tokens=int(global_tokens),
                           stop_requested=extras[PREEMPTED].item() > 0 or next_step == t.stop_at_step,
@@ -250,10 +257,16 @@ class Trainer:
                     f"{graphs_compiled() - graphs} layer graph(s): inductor compiled {miss} forward/backward "
                     f"graph(s) and took {hit} from its cache (identical layers, earlier runs); tokens/s "
                     f"counts from step {step + 1}")
-        if run.dev.type == "cuda" and run.correct_recompute():
-            self.recompile_expected = True  # the layers whose flag changed compile again at the next step
-            # the run's peak (ranks.json, the end-of-run line beside the estimate) is the corrected plan's
-            torch.cuda.reset_peak_memory_stats(run.dev)
+        if run.dev.type == "cuda":
+            peak, before = torch.cuda.max_memory_allocated(run.dev), run.recompute_plan
+            if run.correct_recompute():
+                self.recompile_expected = True  # the layers whose flag changed compile again at the next step
+                # the run's peak (ranks.json, the end-of-run line beside the estimate) is the corrected
+                # plan's, from the next step on; step 1's is kept for its log line and for a run that
+                # ends at step 1 (its plan's estimate is then the one compared)
+                self.first_step_peak = (peak, before, step)
+                self.first_peak_unlogged = True
+                torch.cuda.reset_peak_memory_stats(run.dev)
 
     def _count_bad_step(self) -> None:
         run, t, state = self.run, self.run.cfg.train, self.run.state
@@ -284,7 +297,10 @@ class Trainer:
                 run.say(f"{line_break(self.bar)}[bigtrain] step {step}: {self.recompiles} layer graph(s) compiled "
                         f"after the first step (a new sequence length or batch shape; data.pack=true gives one)")
         if dev.type == "cuda":
-            m["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            peak = torch.cuda.max_memory_allocated(dev)
+            if self.first_peak_unlogged:  # the window holds the first step, whose peak was restarted
+                peak, self.first_peak_unlogged = max(peak, self.first_step_peak[0]), False
+            m["gpu_max_allocated_gib"] = peak / 2**30
             m["gpu_max_reserved_gib"] = torch.cuda.max_memory_reserved(dev) / 2**30
             # cudaMalloc retries (the caching allocator freed its cache and synchronised the device
             # to find room): each costs a stall; a climbing count means memory is too tight to be fast
@@ -362,21 +378,27 @@ class Trainer:
                 f"{k} {run.predicted[k]:,}/{measured[k]:,}" for k in measured))
             run.loggers.summary({f"memory/{k}_{w}": d[k] for k in measured
                                  for w, d in (("predicted", run.predicted), ("measured", measured))})
-        ranks = rank_report(run.engine, run.model, run.params, run.optimizer, run.host)
+        plan, peak = run.recompute_plan, None
+        if self.first_step_peak is not None and self.first_step_peak[2] == run.state.step:
+            # the run ended at the step after which its plan was corrected: that step's peak and plan
+            peak, plan = self.first_step_peak[0], self.first_step_peak[1]
+        ranks = rank_report(run.engine, run.model, run.params, run.optimizer, run.host, peak)
         if run.info.is_main:
             (run.out_dir / "ranks.json").write_text(json.dumps(ranks, indent=1))
-        plan = run.recompute_plan
         report_savings(run.cfg, run.inputs.meta, run.info.world_size, ranks, measured, run.engine, run.loggers,
                        run.say, checkpoint_layers=plan.checkpointed, checkpointing=plan.checkpointed > 0,
                        compiled=run.compiled, tiled_mlp=plan.tiled, offload_layers=plan.offloaded)
 
 
-def rank_report(engine: Engine, model, params, optimizer, host: str) -> list[dict]:
-    """Per rank: where it ran, base bytes it holds, and digests of its adapter and optimizer state."""
+def rank_report(engine: Engine, model, params, optimizer, host: str, gpu_peak: int | None = None) -> list[dict]:
+    """Per rank: where it ran, base bytes it holds, its GPU peak (``gpu_peak``, else the allocator's),
+    and digests of its adapter and optimizer state."""
     opt_tensors = [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
     dev = engine.info.device
+    if gpu_peak is None and dev.type == "cuda":
+        gpu_peak = torch.cuda.max_memory_allocated(dev)
     mine = {"rank": engine.info.rank, "host": host, "base_param_bytes": engine.local_param_bytes(model),
-            "gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "gpu_peak_allocated_bytes": gpu_peak,
             "host_peak_rss_bytes": host_peak_rss(),
             "adapter_elems": sum(p.numel() for p in params),
             "optimizer_state_elems": sum(v.numel() for v in opt_tensors)}

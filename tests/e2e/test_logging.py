@@ -43,3 +43,16 @@ def test_wandb_offline_and_tensorboard(tmp_path):
     for f in Path(out).rglob("*"):
         if f.is_file():
             assert SECRET.encode() not in f.read_bytes(), f
+
+
+def test_a_one_step_run_counts_its_adam_state(tmp_path):
+    """AdamW's moments appear at the optimizer's first step: a run of one step measures them after it
+    (it reported 0 bytes before), equal to the prediction."""
+    import json
+
+    out = tmp_path / "run"
+    run(train_cmd(1, tiny_overrides(out, BUILTIN, 1, 2)))
+    summary = {}
+    for line in (out / "train_log.jsonl").read_text().splitlines():
+        summary.update(json.loads(line).get("summary", {}))
+    assert summary["memory/optimizer_state_measured"] == summary["memory/optimizer_state_predicted"] > 0

@@ -240,7 +240,8 @@ def corrected(plan: Plan, measured: int, estimated: int, activations: int,
 
 
 def _corrected_why(measured: int, estimated: int, scale: float, now: int, budget: int) -> str:
-    return (f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB against an estimate of "
+    return (f"auto, corrected from step 1's measured peak ({measured / 2**30:.1f} GiB with the CUDA context "
+            f"allowance, against an estimate of "
             f"{estimated / 2**30:.1f}: activations x{scale:.2f}): now {now / 2**30:.1f} GiB within the "
             f"{budget / 2**30:.1f} GiB budget")
 

@@ -273,6 +273,7 @@ def test_estimate_matches_the_measured_activation_peaks():
     ("run1/h100", "bt128k", 131072, 31, 0, 0),  # the last layer whole: the final norm's backward is the peak
     ("run1/h100", "ck64k", 65536, 32, 0, 0),  # every layer recomputed: the last one's backward
     ("run2/long", "lc64k", 65536, 32, 4096, 32),  # tiled, every input in host memory
+    ("run3/long", "bt128k", 131072, 31, 4096, 0),  # auto at 128k on 80 GB: tiled
 ])
 def test_estimate_matches_whole_model_runs(run, job, seq, k, tile, off):
     """bigtrain train on an H100, the whole 32-layer Llama-2-7B: the run's peak (torch's
@@ -287,17 +288,25 @@ def test_estimate_matches_whole_model_runs(run, job, seq, k, tile, off):
 
 
 def test_estimate_at_256k_on_the_whole_model():
-    """256k tokens, 31 of 32 layers recomputed, MLP tiled, 25 inputs in host memory: step 1's peak on
-    the H100 (said by the run when it corrected its plan) is 5.5% above the estimate, the largest miss
-    measured; within 10%."""
+    """256k tokens on the whole Llama-2-7B (H100, auto: every layer recomputed, MLP tiled, 24 inputs in
+    host memory): the run's peak (step 1's, the run ended there) is 5.2% above the estimate, the
+    largest miss measured, within 10%. Four layers at 128k hold the moments as estimated (within
+    0.2%): what the whole model adds at 256k is not modelled (docs/long_context.md)."""
     from bigtrain.memory import Setup, estimate, model_shape
+    from bigtrain.presets import hf_config_for
 
-    log = (LEASE3 / "run2" / "long" / "bt256k" / "log.txt").read_text()
-    measured = float(re.search(r"corrected from step 1's measured peak \(([0-9.]+) GiB", log).group(1))
-    st = Setup(world_size=1, micro_batch=1, seq_len=262144, checkpoint_layers=31, lora_r=16, lora_targets=QKVO,
-               tiled_mlp=4096, offload_layers=25, include_context=False)
+    row = json.loads((LEASE3 / "run3" / "long" / "results.jsonl").read_text().splitlines()[0])
+    assert row["name"] == "bt256k" and "32 of 32" in row["plan"] and "first 24 in host memory" in row["plan"]
+    st = Setup(world_size=1, micro_batch=1, seq_len=262144, checkpoint_layers=32, lora_r=16, lora_targets=QKVO,
+               tiled_mlp=4096, offload_layers=24, include_context=False)
     est = estimate(model_shape("llama2-7b"), st)["lora"]["per_gpu_total"] / 2**30
-    assert measured == 74.7 and 0 < measured / est - 1 < 0.10, (measured, est)
+    assert 0.05 < row["peak_gib"] / est - 1 < 0.10, (row["peak_gib"], est)
+    shape = model_shape(hf_config_for("llama2-7b", num_layers=4))
+    for r in map(json.loads, (LEASE3 / "run3" / "peaks.jsonl").read_text().splitlines()):
+        st = Setup(world_size=1, micro_batch=1, seq_len=r["seq"], checkpoint_layers=3, lora_r=16, lora_targets=QKVO,
+                   tiled_mlp=4096 if "tile" in r["setting"] else 0, include_context=False)
+        c = estimate(shape, st)["lora"]["per_gpu"]
+        assert abs(r["measured_bytes"] / (c["activations"] + c["logits_loss"] + c["gradients"]) - 1) < 0.005
 
 
 def test_estimate_plan_shares_the_host_among_a_nodes_gpus():

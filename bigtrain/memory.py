@@ -527,10 +527,11 @@ def _act_bytes_per_layer(shape: ModelShape, s: int, b: int, act: int, lora: dict
 def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int, offloaded: int = 0) -> int:
     """Stored activations of ``layers`` decoder layers of which the first ``k`` are recomputed in
     backward (each keeps only its input, ``inp`` bytes) and the rest keep everything (``layer``
-    bytes). The peak is at the end of forward (k inputs and L-k whole layers), or, when every layer
-    is recomputed, while the last is recomputed (L inputs and one whole layer): the first layers'
-    recomputation comes after every later layer's activations are freed, which is why bigtrain
-    recomputes the first layers rather than the last. The inputs of the first ``offloaded`` of the k
+    bytes), at their most: at the end of forward (k inputs and L-k whole layers), or, when every
+    layer is recomputed, while the last is recomputed (L inputs and one whole layer): the first
+    layers' recomputation comes after every later layer's activations are freed, which is why
+    bigtrain recomputes the first layers rather than the last. What backward holds beyond these is
+    added by the LoRA estimate's moments (below). The inputs of the first ``offloaded`` of the k
     are in host memory (model.offload_activations); each comes back when its layer is recomputed,
     after every later layer's are freed, so the peak holds k - offloaded inputs."""
     k = max(0, min(k, layers))
@@ -538,7 +539,7 @@ def checkpointed_activation_bytes(layers: int, k: int, inp: int, layer: int, off
     return (k - o) * inp + max(layers - k, 1 if k else 0) * layer
 
 
-# What a LoRA step holds beyond its saved tensors, at the two moments that can set its peak. Measured
+# What a LoRA step holds beyond its saved tensors, at the three moments that can set its peak. Measured
 # with bench/activation_peaks.py on an H100 (4 Llama-2-7B layers at 16k and 32k tokens, every memory
 # setting; bench/results/long_context/h100_lease3/run2/peaks.jsonl): the estimate is within 2% (under
 # 1 byte per token per unit of hidden size) of each of the 18 peaks, and of whole-model runs at 64k
@@ -707,7 +708,7 @@ def _activations(shape: ModelShape, st: Setup, lora: bool) -> tuple[int, int]:
     if not lora:
         acts = checkpointed_activation_bytes(shape.layers, k, act * s * b * shape.hidden, layer)
         return acts, s * b * shape.vocab * (act + 4 + 4)
-    # LoRA: the larger of two moments (NORM_BACKWARD's comment above). bigtrain's loss projects the
+    # LoRA: the largest of three moments (NORM_BACKWARD's comment above). bigtrain's loss projects the
     # target positions through the head in chunks of at most CHUNK_LOGITS logits (bigtrain/losses.py).
     from .losses import CHUNK_LOGITS
 

@@ -14,7 +14,8 @@ the order given; a job starts only while its expected seconds fit in what is lef
   over the run); the run's own line comparing it with the estimate; the plan line it printed.
 * ``fsdp2``: bench/scaling.py's FSDP2 + PEFT worker (PEFT LoRA with the same r and targets, bf16
   base, ``fully_shard`` per layer, the model's own loss, HF non-reentrant activation checkpointing),
-  1 warm-up step then STEPS timed; peak = torch.cuda.max_memory_allocated after the build.
+  1 warm-up step then STEPS timed (``warmup=0`` among the extras: none, the one step timed cold);
+  peak = torch.cuda.max_memory_allocated after the build.
 
 Data (bigtrain): random words packed into rows of SEQ tokens (bench/scaling.py's write_data), written
 once for the largest job. The baseline draws random token ids.
@@ -66,8 +67,14 @@ def bigtrain_cmd(job: dict, model: str, data: Path, out: Path, cpu: bool, port: 
 
 
 def fsdp2_cmd(job: dict, model: str, out: Path, cpu: bool, port: int) -> list[str]:
+    warmup = 1
+    for kv in job["extra"]:  # warmup=0: one timed step only (a cold one), for a length that may not fit
+        key, _, value = kv.partition("=")
+        if key != "warmup":
+            raise SystemExit(f"fsdp2 job {job['name']}: unknown setting {kv!r} (only warmup=N)")
+        warmup = int(value)
     w = {"model": model, "contender": "fsdp2-peft", "gpus": 1, "ckpt": True, "mb": 1, "seq": job["seq"],
-         "steps": job["steps"], "warmup": 1, "cpu": cpu, "r": 16, "targets": TARGETS,
+         "steps": job["steps"], "warmup": warmup, "cpu": cpu, "r": 16, "targets": TARGETS,
          "layers": job["layers"] or None, "result_file": str(out / "result.json")}
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
             str(ROOT / "bench" / "scaling.py"), "--worker", json.dumps(w)]

@@ -25,7 +25,14 @@
 #          all, and 256k on all 32 layers (auto)
 #   verify (after the estimator's moments) the whole-layer moment on 4 layers at 128k, then 256k on
 #          all 32 layers (auto) and 128k (auto)
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify
+#   max    (a 139 GiB card) bigtrain at 512k on all 32 layers (auto: MLP tiled, 25 of 32 inputs in
+#          host memory): a step takes ~11 minutes, over one device command's 10, so the run starts
+#          in its own process session (setsid) writing to /tmp/lc_max, this call follows it for
+#          ~9.5 minutes, and `maxwait` (the next call, on the same warm machine) follows it to the
+#          end; both copy its logs, GPU memory (nvidia-smi) and host memory (free) samples to $OUT
+#   short  (a 139 GiB card) bigtrain and FSDP2 + PEFT at 32k and 128k, then FSDP2 + PEFT at 192k
+#          (one cold step: the longest it might fit) and 160k
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify|max|maxwait|short
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -33,7 +40,28 @@ OUT=${OUT:?set OUT}
   python3 -c "import torch, transformers, deepspeed, peft; print(torch.__version__, transformers.__version__, deepspeed.__version__, peft.__version__)"; } > "$OUT/env.txt" 2>&1
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 OFF8=4; [ "${MEM:-0}" -lt 100000 ] && OFF8=6  # an 80 GB card: 6 of the 8 inputs offloaded at 512k
+follow_max() {  # $1: seconds to follow the detached max run; then copy what it wrote so far
+  local t0=$SECONDS
+  while [ $((SECONDS - t0)) -lt "$1" ] && ! grep -q '"bt512k"' /tmp/lc_max/results.jsonl 2>/dev/null; do
+    { date +%T; nvidia-smi --query-gpu=memory.used --format=csv,noheader; free -g | sed -n 2p; } | tr '\n' ' ' >> /tmp/lc_max/samples.txt
+    echo >> /tmp/lc_max/samples.txt; sleep 15
+  done
+  mkdir -p "$OUT/max"; cp /tmp/lc_max/*.txt /tmp/lc_max/results.jsonl "$OUT/max/" 2>/dev/null
+  cp /tmp/lc_max/bt512k/* /tmp/bt_long_runs/bt512k/train_log.jsonl "$OUT/max/" 2>/dev/null; tail -5 /tmp/lc_max/samples.txt; tail -20 /tmp/lc_max/driver.txt
+}
 case "${1:-exact}" in
+  max)   mkdir -p /tmp/lc_max; cp "$OUT/env.txt" /tmp/lc_max/
+         setsid nohup python3 bench/long_context.py --out /tmp/lc_max --budget-s 1500 \
+           bt512k=bigtrain,524288,0,1,1200 > /tmp/lc_max/driver.txt 2>&1 < /dev/null &
+         follow_max ${FOLLOW_S:-570} ;;
+  maxwait) follow_max ${FOLLOW_S:-560} ;;
+  short) python3 bench/long_context.py --out "$OUT/short" --budget-s ${BUDGET_S:-570} \
+           bt32k=bigtrain,32768,0,3,55 \
+           fs32k=fsdp2,32768,0,2,45 \
+           bt128k=bigtrain,131072,0,2,130 \
+           fs128k=fsdp2,131072,0,1,130 \
+           fs192k=fsdp2,196608,0,1,140,warmup=0 \
+           fs160k=fsdp2,163840,0,1,110,warmup=0 ;;
   one)   python3 bench/long_context.py --out "$OUT/one" --budget-s 565 \
            offload8k=bigtrain,8192,4,2,35,model.gradient_checkpointing=true,model.offload_activations=true \
            plain8k=bigtrain,8192,4,2,35,model.gradient_checkpointing=true,model.offload_activations=false \

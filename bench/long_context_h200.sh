@@ -29,7 +29,9 @@
 #          host memory): a step takes ~11 minutes, over one device command's 10, so the run starts
 #          in its own process session (setsid) writing to /tmp/lc_max, this call follows it for
 #          ~9.5 minutes, and `maxwait` (the next call, on the same warm machine) follows it to the
-#          end; both copy its logs, GPU memory (nvidia-smi) and host memory (free) samples to $OUT
+#          end; both copy its logs, GPU memory (nvidia-smi) and host memory (free) samples to $OUT;
+#          `maxwait` then runs, in what is left of its call, FSDP2 + PEFT at 128k and 192k and both
+#          contenders at 32k (the `short` list, by priority)
 #   short  (a 139 GiB card) bigtrain and FSDP2 + PEFT at 32k and 128k, then FSDP2 + PEFT at 192k
 #          (one cold step: the longest it might fit) and 160k
 #   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify|max|maxwait|short
@@ -54,7 +56,14 @@ case "${1:-exact}" in
          setsid nohup python3 bench/long_context.py --out /tmp/lc_max --budget-s 1500 \
            bt512k=bigtrain,524288,0,1,1200 > /tmp/lc_max/driver.txt 2>&1 < /dev/null &
          follow_max ${FOLLOW_S:-570} ;;
-  maxwait) follow_max ${FOLLOW_S:-560} ;;
+  maxwait) follow_max ${FOLLOW_S:-560}  # then, in what is left of this call, the baselines by priority
+         left=$((${CALL_S:-575} - SECONDS))
+         [ "$left" -gt 60 ] && python3 bench/long_context.py --out "$OUT/after" --budget-s $left \
+           fs128k=fsdp2,131072,0,1,130 \
+           fs192k=fsdp2,196608,0,1,140,warmup=0 \
+           bt32k=bigtrain,32768,0,3,55 \
+           fs32k=fsdp2,32768,0,2,45 \
+           bt128k=bigtrain,131072,0,2,130 ;;
   short) python3 bench/long_context.py --out "$OUT/short" --budget-s ${BUDGET_S:-570} \
            bt32k=bigtrain,32768,0,3,55 \
            fs32k=fsdp2,32768,0,2,45 \

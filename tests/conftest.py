@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tokenised data is cached per content hash; the tests' cache is their own (not ~/.cache), shared by
 # the session (a test that counts tokenisations gives its run a fresh one)
 _OWN_CACHE = None
+# The stop-signal tests send SIGINT (Ctrl-C) to the processes they start. A shell without job control
+# starts `pytest ... &` with SIGINT ignored, the children inherit that, and a shell that inherits it
+# ignored cannot trap it: those tests then fail for the way pytest was started. Handled here, SIGINT
+# is back at its default in every child (exec resets handled signals; only ignored ones carry over).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if "BIGTRAIN_DATA_CACHE" not in os.environ:
     import tempfile
 

@@ -34,7 +34,10 @@
 #          contenders at 32k (the `short` list, by priority)
 #   short  (a 139 GiB card) bigtrain and FSDP2 + PEFT at 32k and 128k, then FSDP2 + PEFT at 192k
 #          (one cold step: the longest it might fit) and 160k
-#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify|max|maxwait|short
+#   h100max (an 80 GB card) bigtrain at 320k on all 32 layers (auto: the estimate says MLP tiled,
+#          30 of 32 inputs offloaded, 78 GiB of host memory), then FSDP2 + PEFT at 80k (between its
+#          64k that fits and 96k that does not)
+#   OUT=DIR bash bench/long_context_h200.sh one|two|exact|long|h200|h100|peaks|verify|max|maxwait|short|h100max
 set -uo pipefail
 OUT=${OUT:?set OUT}
 . bench/_device_env.sh
@@ -56,6 +59,9 @@ case "${1:-exact}" in
          setsid nohup python3 bench/long_context.py --out /tmp/lc_max --budget-s 1500 \
            bt512k=bigtrain,524288,0,1,1200 > /tmp/lc_max/driver.txt 2>&1 < /dev/null &
          follow_max ${FOLLOW_S:-570} ;;
+  h100max) python3 bench/long_context.py --out "$OUT/h100max" --budget-s ${BUDGET_S:-540} \
+           bt320k=bigtrain,327680,0,1,400 \
+           fs80k=fsdp2,81920,0,1,60 ;;
   maxwait) follow_max ${FOLLOW_S:-560}  # then, in what is left of this call, the baselines by priority
          left=$((${CALL_S:-575} - SECONDS))
          [ "$left" -gt 60 ] && python3 bench/long_context.py --out "$OUT/after" --budget-s $left \

@@ -30,10 +30,10 @@
 #          in its own process session (setsid) writing to /tmp/lc_max, this call follows it for
 #          ~9.5 minutes, and `maxwait` (the next call, on the same warm machine) follows it to the
 #          end; both copy its logs, GPU memory (nvidia-smi) and host memory (free) samples to $OUT;
-#          `maxwait` then runs, in what is left of its call, FSDP2 + PEFT at 128k and 192k and both
-#          contenders at 32k (the `short` list, by priority)
-#   short  (a 139 GiB card) bigtrain and FSDP2 + PEFT at 32k and 128k, then FSDP2 + PEFT at 192k
-#          (one cold step: the longest it might fit) and 160k
+#          `maxwait` then runs, in what is left of its call, the H200 baselines (H200_BASE, by
+#          priority: FSDP2 + PEFT at 128k and at 192k (one cold step: the longest it might fit),
+#          both contenders at 32k, bigtrain at 128k)
+#   short  (a 139 GiB card) the H200 baselines in a call of their own, then FSDP2 + PEFT at 160k
 #   h100max (an 80 GB card) bigtrain at 320k on all 32 layers (auto: the estimate says MLP tiled,
 #          30 of 32 inputs offloaded, 78 GiB of host memory), then FSDP2 + PEFT at 80k (between its
 #          64k that fits and 96k that does not)
@@ -45,6 +45,8 @@ OUT=${OUT:?set OUT}
   python3 -c "import torch, transformers, deepspeed, peft; print(torch.__version__, transformers.__version__, deepspeed.__version__, peft.__version__)"; } > "$OUT/env.txt" 2>&1
 MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 OFF8=4; [ "${MEM:-0}" -lt 100000 ] && OFF8=6  # an 80 GB card: 6 of the 8 inputs offloaded at 512k
+H200_BASE=(fs128k=fsdp2,131072,0,1,130 fs192k=fsdp2,196608,0,1,140,warmup=0 bt32k=bigtrain,32768,0,3,55
+           fs32k=fsdp2,32768,0,2,45 bt128k=bigtrain,131072,0,2,130)
 follow_max() {  # $1: seconds to follow the detached max run; then copy what it wrote so far
   local t0=$SECONDS
   while [ $((SECONDS - t0)) -lt "$1" ] && ! grep -q '"bt512k"' /tmp/lc_max/results.jsonl 2>/dev/null; do
@@ -55,7 +57,7 @@ follow_max() {  # $1: seconds to follow the detached max run; then copy what it 
   cp /tmp/lc_max/bt512k/* /tmp/bt_long_runs/bt512k/train_log.jsonl "$OUT/max/" 2>/dev/null; tail -5 /tmp/lc_max/samples.txt; tail -20 /tmp/lc_max/driver.txt
 }
 case "${1:-exact}" in
-  max)   mkdir -p /tmp/lc_max; cp "$OUT/env.txt" /tmp/lc_max/
+  max)   mkdir -p /tmp/lc_max
          setsid nohup python3 bench/long_context.py --out /tmp/lc_max --budget-s 1500 \
            bt512k=bigtrain,524288,0,1,1200 > /tmp/lc_max/driver.txt 2>&1 < /dev/null &
          follow_max ${FOLLOW_S:-570} ;;
@@ -64,18 +66,8 @@ case "${1:-exact}" in
            fs80k=fsdp2,81920,0,1,60 ;;
   maxwait) follow_max ${FOLLOW_S:-560}  # then, in what is left of this call, the baselines by priority
          left=$((${CALL_S:-575} - SECONDS))
-         [ "$left" -gt 60 ] && python3 bench/long_context.py --out "$OUT/after" --budget-s $left \
-           fs128k=fsdp2,131072,0,1,130 \
-           fs192k=fsdp2,196608,0,1,140,warmup=0 \
-           bt32k=bigtrain,32768,0,3,55 \
-           fs32k=fsdp2,32768,0,2,45 \
-           bt128k=bigtrain,131072,0,2,130 ;;
-  short) python3 bench/long_context.py --out "$OUT/short" --budget-s ${BUDGET_S:-570} \
-           bt32k=bigtrain,32768,0,3,55 \
-           fs32k=fsdp2,32768,0,2,45 \
-           bt128k=bigtrain,131072,0,2,130 \
-           fs128k=fsdp2,131072,0,1,130 \
-           fs192k=fsdp2,196608,0,1,140,warmup=0 \
+         [ "$left" -gt 60 ] && python3 bench/long_context.py --out "$OUT/after" --budget-s $left "${H200_BASE[@]}" ;;
+  short) python3 bench/long_context.py --out "$OUT/short" --budget-s ${BUDGET_S:-570} "${H200_BASE[@]}" \
            fs160k=fsdp2,163840,0,1,110,warmup=0 ;;
   one)   python3 bench/long_context.py --out "$OUT/one" --budget-s 565 \
            offload8k=bigtrain,8192,4,2,35,model.gradient_checkpointing=true,model.offload_activations=true \
